@@ -1,0 +1,14 @@
+"""newllm-kit: plugin-based toolkit for Context Vector Fixed-Point language-model experiments."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .hookspecs import hookimpl
+
+try:
+    __version__ = version("newllm-kit")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__", "hookimpl"]

@@ -1,0 +1,95 @@
+"""The registry of named components, computed from the plugins' `register_*` hooks.
+
+A TOML file names components (`architecture = "cvfp"`, `[solver] name = "cvfp"`); this module
+maps each (kind, name) to exactly one factory and remembers which plugin supplied it, so two
+plugins can never silently shadow each other.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import PluginError
+
+KINDS = ("architecture", "solver", "tokenizer", "embedding", "metric", "data_source", "runner")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered component: what a TOML name resolves to."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    settings: type[BaseModel] | None = None
+    description: str = ""
+
+
+@dataclass
+class Registry:
+    """Components by kind and name; duplicates and unknown names are user errors."""
+
+    components: dict[str, dict[str, Component]] = field(
+        default_factory=lambda: {kind: {} for kind in KINDS}
+    )
+
+    def add(self, component: Component) -> None:
+        if component.kind not in self.components:
+            raise PluginError(
+                f"plugin {component.plugin!r} registered unknown kind {component.kind!r}; "
+                f"kinds are {', '.join(KINDS)}"
+            )
+        if not component.name or not isinstance(component.name, str):
+            raise PluginError(f"plugin {component.plugin!r} registered a {component.kind} with an empty name")
+        if not callable(component.factory):
+            raise PluginError(
+                f"plugin {component.plugin!r} registered {component.kind} {component.name!r} "
+                f"with a factory that is not callable"
+            )
+        if component.settings is not None and not (
+            isinstance(component.settings, type) and issubclass(component.settings, BaseModel)
+        ):
+            raise PluginError(
+                f"plugin {component.plugin!r}: settings of {component.kind} {component.name!r} "
+                f"must be a pydantic BaseModel subclass"
+            )
+        existing = self.components[component.kind].get(component.name)
+        if existing is not None:
+            raise PluginError(
+                f"{component.kind} {component.name!r} is registered by both plugin "
+                f"{existing.plugin!r} and plugin {component.plugin!r}; uninstall or disable one "
+                f"(NEWLLM_KIT_DISABLE_PLUGINS={component.plugin})"
+            )
+        self.components[component.kind][component.name] = component
+
+    def get(self, kind: str, name: str, where: str = "") -> Component:
+        """The component called `name`, or a UserError with the closest valid names."""
+        found = self.components[kind].get(name)
+        if found is not None:
+            return found
+        choices = sorted(self.components[kind])
+        close = difflib.get_close_matches(name, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        prefix = f"{where}: " if where else ""
+        available = ", ".join(choices) or "none installed"
+        raise PluginError(
+            f"{prefix}unknown {kind.replace('_', ' ')} {name!r}{hint} (available: {available})"
+        )
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.components[kind])
+
+    def by_plugin(self, plugin: str) -> dict[str, list[str]]:
+        """Component names a plugin registered, by kind (for `newllm-kit plugins`)."""
+        out: dict[str, list[str]] = {}
+        for kind, comps in self.components.items():
+            names = sorted(c.name for c in comps.values() if c.plugin == plugin)
+            if names:
+                out[kind] = names
+        return out
