@@ -137,7 +137,30 @@ class Runner(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def micro_batch(self, batch: int) -> int:
+        """Micro-batch in force for a requested batch (smaller after an out-of-memory fallback);
+        callers accumulate gradients over ceil(batch / micro_batch) pieces so the step is unchanged."""
+        ...
+
+    def handle_oom(self, error: BaseException, batch: int) -> bool:
+        """Called after `torch.OutOfMemoryError`: True if the micro-batch was reduced (retry the
+        step), False if the caller must fail (the runner raises a UserError with a suggestion)."""
+        ...
+
+    def shard(self, n: int) -> range:
+        """The contiguous slice of an n-position stream this rank owns (all of it on one process)."""
+        ...
+
+    def neighbour_exchange(self, last_row: torch.Tensor) -> torch.Tensor:
+        """Send this shard's last row to the next rank; return the previous rank's last row
+        (rank 0 gets the last rank's: the stream's wrap-around). One process: returns its input."""
+        ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (identity on one process); returns the reduced tensor."""
+        ...
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor: ...
 
     def barrier(self) -> None: ...
 
