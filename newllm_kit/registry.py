@@ -38,6 +38,8 @@ class Registry:
     components: dict[str, dict[str, Component]] = field(
         default_factory=lambda: {kind: {} for kind in KINDS}
     )
+    conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     def add(self, component: Component) -> None:
         if component.kind not in self.components:
@@ -61,6 +63,8 @@ class Registry:
             )
         existing = self.components[component.kind].get(component.name)
         if existing is not None:
+            plugins = self.conflicts.setdefault((component.kind, component.name), [existing.plugin])
+            plugins.append(component.plugin)
             raise PluginError(
                 f"{component.kind} {component.name!r} is registered by both plugin "
                 f"{existing.plugin!r} and plugin {component.plugin!r}; uninstall or disable one "
@@ -70,17 +74,22 @@ class Registry:
 
     def get(self, kind: str, name: str, where: str = "") -> Component:
         """The component called `name`, or a UserError with the closest valid names."""
+        prefix = f"{where}: " if where else ""
+        label = kind.replace("_", " ")
+        if (kind, name) in self.conflicts:
+            both = " and ".join(repr(p) for p in self.conflicts[(kind, name)])
+            raise PluginError(
+                f"{prefix}{label} {name!r} is registered by plugins {both}; uninstall or disable all but one"
+            )
         found = self.components[kind].get(name)
         if found is not None:
             return found
         choices = sorted(self.components[kind])
         close = difflib.get_close_matches(name, choices, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        prefix = f"{where}: " if where else ""
         available = ", ".join(choices) or "none installed"
-        raise PluginError(
-            f"{prefix}unknown {kind.replace('_', ' ')} {name!r}{hint} (available: {available})"
-        )
+        broken = "".join(f"; plugin {p!r} failed to load ({why})" for p, why in self.unavailable.items())
+        raise PluginError(f"{prefix}unknown {label} {name!r}{hint} (available: {available}){broken}")
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])

@@ -1,0 +1,122 @@
+"""Frozen solve: `auto` against the best batch-1 sequential rollout, at the same max error.
+
+For each configuration: a random-init model (spec §2.1 init, random GPT-2-sized embedding), a
+stream of `--tokens` random ids, and
+
+* the sequential rollout's time per token, best of 1 and 2 threads (it is exactly linear in n,
+  so it is timed on `--sample` tokens and scaled to the stream: a full rollout of 32k tokens
+  would take minutes per configuration here);
+* `CVFPSolver.solve` with `solve = "auto"` over the whole stream, end to end (gain estimate,
+  burn-in scan, run-on checks, token projection included);
+* its max |error| against an fp32 sequential rollout of the first `--reference` tokens, and the
+  burn-in error it measured itself at every chunk start of the whole stream.
+
+When the block does not contract (ρ ≥ 1) `auto` is the sequential rollout plus a gain estimate;
+that case is run on `--sample` tokens only. Random-init gradual-reduction blocks (A, B) do not
+contract (ρ ≈ 1.28 and 1.13); Phase 1 makes them contract, so `--train-passes P` first trains
+the block for P Phase-1 passes (v2 settings, random iteration 0) on `--train-tokens` tokens.
+
+    python benchmarks/frozen_solve.py                 # configs A, B (v2) and A-every, B-every
+    python benchmarks/frozen_solve.py --json --tokens 65536 --configs A-every
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+import torch
+from _common import CONFIGS, BenchRunner, QuietProgress, cvfp_model, emit, machine, token_stream
+from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.frozen_solve import burn_in, estimate_gain, rollout
+
+TARGET_SPEEDUP = 3.0
+TOLERANCE = 1e-5
+
+
+def sequential_seconds_per_token(block: Any, projected: torch.Tensor, width: int) -> dict[str, float]:
+    """Best batch-1 rollout time per token over thread counts (projection excluded: it is batched)."""
+    saved, best = torch.get_num_threads(), {}
+    for threads in sorted({1, min(2, os.cpu_count() or 1), saved}):
+        torch.set_num_threads(threads)
+        rollout(block, projected[:64], width)  # warm-up
+        times = []
+        for _ in range(2):
+            started = time.perf_counter()
+            rollout(block, projected, width)
+            times.append(time.perf_counter() - started)
+        best[f"threads_{threads}"] = min(times) / projected.shape[0]
+    torch.set_num_threads(saved)
+    return best
+
+
+def run(config: str, tokens: int, sample: int, reference: int, train_passes: int,
+        train_tokens: int) -> dict[str, Any]:
+    model = cvfp_model(config)
+    if train_passes:
+        settings = CVFPSolverSettings(init="random", max_iterations=train_passes + 1, min_iterations=10**6)
+        torch.manual_seed(1)
+        training = token_stream(model, train_tokens, seed=1)
+        CVFPSolver(settings).fit(model, training, BenchRunner(), QuietProgress())
+    model.eval()
+    block, width = model.context_block, model.context_dim
+    stream = token_stream(model, tokens)
+    with torch.no_grad():
+        projected = block.project_tokens(stream)
+        per_token = sequential_seconds_per_token(block, projected[:sample], width)
+        gain = estimate_gain(block, projected, width)
+    contracting = gain.gain < 1
+    n = tokens if contracting else sample
+    solver = CVFPSolver(CVFPSolverSettings(solve="auto", solve_tolerance=TOLERANCE))
+    started = time.perf_counter()
+    result = solver.solve(model, stream[:n], BenchRunner())
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        truth = rollout(block, block.project_tokens(stream[:reference]), width)
+    error = max((h[:reference] - t).abs().max().item() for h, t in zip(result.layers, truth, strict=True))
+    sequential = min(per_token.values()) * n
+    return {
+        "config": config, "settings": CONFIGS[config], "phase1_passes": train_passes, "tokens": n,
+        "gain": gain.gain,
+        "burn_in_W": burn_in(gain, TOLERANCE) if contracting else None,
+        "method": result.method, "extra": {k: v for k, v in result.extra.items() if k != "modelled_seconds"},
+        "auto_seconds": seconds, "sequential_seconds_per_token": per_token,
+        "sequential_seconds": sequential, "speedup": sequential / seconds,
+        "max_error_vs_sequential_prefix": error, "reference_tokens": reference,
+        "measured_burn_in_error": result.max_change, "token_evaluations": result.token_evaluations,
+        "meets_target": contracting and gain.gain <= 0.9 and error <= TOLERANCE
+        and sequential / seconds >= TARGET_SPEEDUP,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="A,B,A-every,B-every")
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--sample", type=int, default=1024, help="tokens the sequential rollout is timed on")
+    parser.add_argument("--reference", type=int, default=2048, help="prefix checked against a full rollout")
+    parser.add_argument("--train-passes", type=int, default=0, help="Phase-1 passes before solving")
+    parser.add_argument("--train-tokens", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = [run(c, args.tokens, args.sample, args.reference, args.train_passes, args.train_tokens)
+               for c in args.configs.split(",")]
+    lines = [f"machine: {machine()}"]
+    for r in results:
+        lines.append(
+            f"{r['config']:8s} (+{r['phase1_passes']} Phase-1 passes) ρ={r['gain']:.3f} W={r['burn_in_W']} "
+            f"-> {r['method']:10s} n={r['tokens']:6d} "
+            f"auto {r['auto_seconds']:7.2f} s vs sequential {r['sequential_seconds']:7.2f} s "
+            f"= {r['speedup']:5.2f}x; max error {r['max_error_vs_sequential_prefix']:.2e} "
+            f"(measured at chunk starts {r['measured_burn_in_error']}) {r['extra']}")
+    emit({"machine": machine(), "target_speedup": TARGET_SPEEDUP, "tolerance": TOLERANCE, "results": results},
+         args.json, lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Phase-2 epoch throughput as a fraction of this machine's fp32 GEMM peak, and bf16 vs fp32.
+
+Builds the v2 config-A model (6L-768, gradual reduction, E = 768, V = 50,257, tied frozen head),
+feeds it random frozen contexts and runs `train_phase2` for one epoch (train + validation).
+FLOPs come from the layer shapes (`token_flops_per_token`: TokenBlock matmuls + 2·E·V for the
+head, forward); a training position costs 3× forward (the chunked loss recomputes the logits in
+backward instead of storing them, which makes the tied head's backward cost 2× its forward, so
+3× holds for it as well), a validation position 1×. The peak is the best rate of a
+[4096, 4096] @ [4096, 4096] fp32 matmul loop measured in the same process (before and after).
+
+bf16 runs under `torch.autocast(device, bfloat16)`. On CPUs without bf16 units (AVX2 only) torch's
+bf16 matmul is a slow fallback, so the bf16 epoch is shrunk to `--bf16-budget` seconds (estimated
+from a bf16 GEMM probe) and compared by achieved FLOP/s rather than by epoch time.
+
+    python benchmarks/phase2.py            # human-readable
+    python benchmarks/phase2.py --json     # one JSON object on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPModel, CVFPSettings, token_flops_per_token
+
+from newllm_kit.phase2 import Phase2Data, Phase2Settings, train_phase2
+
+VOCAB = 50257
+TARGET_FRACTION_OF_PEAK = 0.80
+TARGET_BF16_SPEEDUP = 2.5
+
+
+class BenchRunner:
+    """A one-process runner: the given device, optional bf16 autocast, no micro-batching."""
+
+    name, rank, world_size = "bench", 0, 1
+
+    def __init__(self, device: torch.device, bf16: bool) -> None:
+        self.device, self.bf16 = device, bf16
+        self.precision = "bf16" if bf16 else "fp32"
+
+    def setup(self) -> None: ...
+
+    def teardown(self) -> None: ...
+
+    def barrier(self) -> None: ...
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def batch_size(self, requested: int | None, bytes_per_item: int) -> int:
+        return requested or 1024
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "device": str(self.device), "precision": self.precision}
+
+    def micro_batch(self, batch: int) -> int:
+        return batch
+
+    def handle_oom(self, error: BaseException, batch: int) -> bool:
+        return False
+
+    def shard(self, n: int) -> range:
+        return range(n)
+
+    def neighbour_exchange(self, last_row: torch.Tensor) -> torch.Tensor:
+        return last_row
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        return tensor
+
+
+class Quiet:
+    def start(self, phase: str, total: int | None) -> None: ...
+
+    def advance(self, phase: str, **fields: float) -> None: ...
+
+    def finish(self, phase: str) -> None: ...
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, size: int, iterations: int) -> float:
+    """Best FLOP/s of a [size, size] @ [size, size] matmul loop."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up: thread pools, kernels
+    best = 0.0
+    for _ in range(iterations):
+        sync(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - started))
+    return best
+
+
+def build(device: torch.device) -> CVFPModel:
+    torch.manual_seed(0)
+    model = CVFPArchitecture(CVFPSettings(preset="6L-768")).build(VOCAB)
+    model.set_embedding(torch.randn(VOCAB, model.embedding_dim) * 0.02, freeze=True)
+    for p in model.param_groups()["phase1"]:
+        p.requires_grad_(False)
+    return model.to(device)
+
+
+def stream(model: CVFPModel, positions: int, seed: int, device: torch.device) -> Phase2Data:
+    """Random ids and contexts with the solver's shapes: one [n, d_j] tensor per layer, n = positions + 1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (positions + 1,), generator=g).to(device)
+    with torch.no_grad():
+        tokens = model.token_inputs(ids)
+    layers = [torch.randn(positions + 1, d, generator=g).to(device) for d in model.layer_widths]
+    return Phase2Data(layers, tokens, ids)
+
+
+def measure(model: CVFPModel, runner: BenchRunner, positions: int, val_positions: int, batch: int,
+            repeats: int) -> dict[str, Any]:
+    """Best wall time and FLOP/s of one full Phase-2 epoch (training + validation)."""
+    train = stream(model, positions, 1, runner.device)
+    val = stream(model, val_positions, 2, runner.device)
+    settings = Phase2Settings(epochs=1, batch_size=batch, restore_best=False)
+    warm = stream(model, 2, 3, runner.device)
+    train_phase2(model, warm, warm, settings, runner, Quiet())  # first-call costs (imports, allocator)
+    forward = token_flops_per_token(model, include_head=True)
+    flops = 3 * forward * train.positions + forward * val.positions
+    best = float("inf")
+    for _ in range(repeats):
+        sync(runner.device)
+        started = time.perf_counter()
+        train_phase2(model, train, val, settings, runner, Quiet())
+        sync(runner.device)
+        best = min(best, time.perf_counter() - started)
+    return {"train_positions": positions, "val_positions": val_positions, "batch_size": batch,
+            "epoch_flops": flops, "epoch_seconds": best, "flops_per_s": flops / best}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--train-positions", type=int, default=2048)
+    parser.add_argument("--val-positions", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1024, help="v2's Phase-2 batch")
+    parser.add_argument("--repeats", type=int, default=2, help="epochs timed per precision (best is kept)")
+    parser.add_argument("--gemm-iterations", type=int, default=3)
+    parser.add_argument("--bf16-budget", type=float, default=30.0,
+                        help="seconds; without bf16 units (slow bf16 matmuls) the bf16 epoch shrinks to fit")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    peak_before = gemm_rate(device, torch.float32, 4096, args.gemm_iterations)
+    bf16_gemm = gemm_rate(device, torch.bfloat16, 512 if device.type == "cpu" else 4096, args.gemm_iterations)
+    model = build(device)
+    forward = token_flops_per_token(model, include_head=True)
+    fp32 = measure(model, BenchRunner(device, bf16=False), args.train_positions, args.val_positions,
+                   args.batch_size, args.repeats)
+    # Predict the bf16 epoch rate (bf16 GEMM rate × the fp32 epoch's share of its GEMM peak) and shrink the
+    # bf16 epoch (same model, fewer positions) to fit the budget.
+    predicted = bf16_gemm * fp32["flops_per_s"] / peak_before
+    fits = int(args.bf16_budget * predicted / (3 * forward * args.repeats))
+    positions = max(8, min(args.train_positions, fits))
+    val_positions = max(1, args.val_positions * positions // args.train_positions)
+    bf16 = measure(model, BenchRunner(device, bf16=True), positions, val_positions,
+                   min(args.batch_size, positions), args.repeats)
+    peak = max(peak_before, gemm_rate(device, torch.float32, 4096, 2))  # the machine may be shared: best seen
+
+    for row in (fp32, bf16):
+        row["fraction_of_fp32_gemm_peak"] = row["flops_per_s"] / peak
+    speedup = bf16["flops_per_s"] / fp32["flops_per_s"]
+    report = {
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "model": "v2 config A: 6L-768 gradual-reduction, E=768, V=50257, tied frozen head",
+        "forward_flops_per_token": forward, "gemm_fp32_peak_flops_per_s": peak,
+        "gemm_bf16_flops_per_s": bf16_gemm, "fp32": fp32, "bf16": bf16, "bf16_speedup_over_fp32": speedup,
+        "targets": {"fp32_fraction_of_peak": TARGET_FRACTION_OF_PEAK, "bf16_speedup": TARGET_BF16_SPEEDUP},
+        "met": {"fp32_fraction_of_peak": fp32["fraction_of_fp32_gemm_peak"] >= TARGET_FRACTION_OF_PEAK,
+                "bf16_speedup": speedup >= TARGET_BF16_SPEEDUP},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"device {device} ({report['threads']} threads); GEMM fp32 peak {peak / 1e9:.1f} GFLOP/s, "
+          f"bf16 GEMM {bf16_gemm / 1e9:.2f} GFLOP/s")
+    for name, row in (("fp32", fp32), ("bf16", bf16)):
+        rate = row["flops_per_s"] / 1e9
+        print(f"{name}: {row['train_positions']} + {row['val_positions']} positions, "
+              f"batch {row['batch_size']}: epoch {row['epoch_seconds']:.2f} s, {rate:.2f} GFLOP/s = "
+              f"{row['fraction_of_fp32_gemm_peak']:.3f} of the fp32 GEMM peak")
+    print(f"bf16 / fp32 speed {speedup:.3f}x (target {TARGET_BF16_SPEEDUP}x); "
+          f"fp32 fraction of peak target {TARGET_FRACTION_OF_PEAK}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Experiment files: TOML -> validated, typed config, with `--set` overrides and provenance.
+
+Core keys live in the section models below; every other key of a section belongs to the
+component the section names (`[solver] name = "cvfp"` → the cvfp solver's settings model), so a
+third-party plugin's keys are validated exactly like the built-ins'. Defaults reproduce the
+seed's v2 experiment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .phase2 import Phase2Settings
+from .registry import Component, Registry
+
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 16
+TEXT_SCHEMES = ("first_turn", "first_turn_128", "all_turns", "all_turns_space_512")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Open(BaseModel):
+    """A section whose extra keys are the named component's settings."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class ExperimentSection(_Strict):
+    name: str = Field("experiment", description="Run directory name under the output root.")
+    description: str = Field("", description="Free text recorded in meta.json.")
+    samples: list[int] = Field([500, 1000], min_length=1, description="Training sizes (documents).")
+    seed: int = Field(42, ge=0, description="Seed for Python, NumPy and torch before each unit.")
+    metrics: list[str] = Field(
+        ["ppl", "accuracy", "effective_rank", "convergence_rate"], description="Metric plugins to report."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value) or ".." in value:
+            raise ValueError(
+                "must be letters, digits, '.', '_' or '-' (no '/', no '..'): it names a folder under the "
+                "output root, which a run may not leave"
+            )
+        return value
+
+    @field_validator("samples")
+    @classmethod
+    def _positive_unique(cls, value: list[int]) -> list[int]:
+        if any(v < 1 for v in value):
+            raise ValueError("every training size must be ≥ 1")
+        if len(set(value)) != len(value):
+            raise ValueError("training sizes must be distinct")
+        return value
+
+
+class ValRows(_Strict):
+    start: int = Field(1000, ge=0, description="First validation row of the corpus.")
+    count: int = Field(50, ge=1, description="Number of validation rows.")
+
+
+class DataSection(_Open):
+    source: str = Field("ultrachat", description="Data-source plugin name.")
+    text: Literal["first_turn", "first_turn_128", "all_turns", "all_turns_space_512"] = Field(
+        "first_turn", description="Text scheme (spec §1.2): T2, T1, T3, T4."
+    )
+    train_start: int = Field(0, ge=0, description="First training row; training = k rows from here.")
+    val: ValRows = Field(default_factory=lambda: ValRows())
+
+
+class TokenizerSection(_Open):
+    name: str = Field("gpt2", description="Tokenizer plugin name.")
+
+
+class EmbeddingSection(_Open):
+    source: str = Field("gpt2", description="Embedding plugin name (pretrained wte, or random).")
+    freeze: bool = Field(True, description="Keep the embedding (and the tied head) fixed.")
+
+
+class SolverSection(_Open):
+    name: str = Field("cvfp", description="Fixed-point solver plugin name (Phase 1).")
+
+
+class RunnerSection(_Open):
+    name: str = Field("auto", description="Runner plugin name: auto picks gpu when CUDA is available.")
+
+
+class ModelSection(_Open):
+    label: str = Field(..., min_length=1, description="Name of this model in tables and fits.")
+    architecture: str = Field("cvfp", description="Architecture plugin name.")
+
+
+class FileSchema(_Strict):
+    experiment: ExperimentSection = Field(default_factory=lambda: ExperimentSection())
+    data: DataSection = Field(default_factory=lambda: DataSection())
+    tokenizer: TokenizerSection = Field(default_factory=lambda: TokenizerSection())
+    embedding: EmbeddingSection = Field(default_factory=lambda: EmbeddingSection())
+    solver: SolverSection = Field(default_factory=lambda: SolverSection())
+    phase2: Phase2Settings = Field(default_factory=lambda: Phase2Settings())
+    runner: RunnerSection = Field(default_factory=lambda: RunnerSection())
+    models: list[ModelSection] = Field(..., min_length=1)
+
+
+@dataclass
+class Choice:
+    """A section resolved to its component and validated settings."""
+
+    key: str
+    component: Component
+    settings: BaseModel | None
+
+    def build(self) -> Any:
+        return self.component.factory(self.settings)
+
+
+@dataclass
+class ExperimentConfig:
+    path: Path
+    schema: FileSchema
+    data_source: Choice
+    tokenizer: Choice
+    embedding: Choice
+    solver: Choice
+    runner: Choice
+    models: list[tuple[str, Choice]]
+    metrics: list[Choice]
+    overrides: list[str] = field(default_factory=list)
+
+    def resolved(self) -> dict[str, Any]:
+        """Every key with its value in force (defaults filled), as plain TOML-able data."""
+        out = self.schema.model_dump(mode="json", exclude={"data", "tokenizer", "embedding", "solver",
+                                                           "runner", "models"})
+        sections = {"data": self.data_source, "tokenizer": self.tokenizer, "embedding": self.embedding,
+                    "solver": self.solver, "runner": self.runner}
+        for name, choice in sections.items():
+            section: BaseModel = getattr(self.schema, name)
+            core = section.model_dump(mode="json", exclude=set(section.model_extra or {}))
+            out[name] = {**core, **_settings_dict(choice)}
+        out["models"] = [
+            {"label": m.label, "architecture": m.architecture, **_settings_dict(choice)}
+            for m, (_, choice) in zip(self.schema.models, self.models, strict=True)
+        ]
+        return _drop_none(out)
+
+    def resolved_toml(self) -> str:
+        return tomli_w.dumps(self.resolved())
+
+
+def _settings_dict(choice: Choice) -> dict[str, Any]:
+    return choice.settings.model_dump(mode="json") if choice.settings is not None else {}
+
+
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: a None default is written by leaving the key out."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read experiment file ({error.strerror or error})") from None
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: file is {size:,} bytes; experiment files are limited to 1 MiB")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nesting too deep (limit {MAX_DEPTH} levels)") from None
+    _check_depth(path, data, 0)
+    return data
+
+
+def _check_depth(path: Path, value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{path}: nesting too deep (limit {MAX_DEPTH} levels)")
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for child in children:
+        _check_depth(path, child, depth + 1)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=<TOML literal>` -> (["a", "b", "0", "c"], value); a bare word is a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected dotted.key=<TOML value>, e.g. --set models.0.layers=4")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # the shell ate the quotes of a string: data.source=embedded
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], text: str) -> None:
+    parts, value = parse_override(text)
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {text!r}: {where}: no list element {part} (the list has {len(node)})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {text!r}: {'.'.join(parts[:depth])} is a value, not a table")
+
+
+def _format_error(path: Path, error: ValidationError, prefix: str, valid: list[str]) -> ConfigError:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in (prefix, *first["loc"]) if str(p) != "")
+    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        leaf = str(first["loc"][-1])
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+        return ConfigError(f"{path}: {key}: unknown key{hint}{more}")
+    value = first.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return ConfigError(f"{path}: {key}: {first['msg']}{shown}{more}")
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model that a validation error location points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or str(part) not in fields:
+            break
+        annotation = fields[str(part)].annotation
+        current = getattr(annotation, "__args__", (annotation,))[0] if str(part) == "models" else annotation
+    return list(getattr(current, "model_fields", {}).keys())
+
+
+def _choose(path: Path, registry: Registry, kind: str, key: str, name: str, section: BaseModel,
+            core: set[str]) -> Choice:
+    component = registry.get(kind, name, where=f"{path}: {key}")
+    extra = dict(section.model_extra or {})
+    if component.settings is None:
+        if extra:
+            bad = sorted(extra)[0]
+            raise ConfigError(f"{path}: {key}.{bad}: unknown key ({kind} {name!r} takes no settings)")
+        return Choice(key, component, None)
+    try:
+        settings = component.settings.model_validate(extra)
+    except ValidationError as error:
+        valid = sorted(set(component.settings.model_fields) | core)
+        raise _format_error(path, error, key, valid) from None
+    return Choice(key, component, settings)
+
+
+def load_config(path: Path, registry: Registry, overrides: list[str] | None = None) -> ExperimentConfig:
+    overrides = list(overrides or [])
+    data = read_toml(path)
+    for text in overrides:
+        apply_override(data, text)
+    _check_finite(path, data, "")
+    try:
+        schema = FileSchema.model_validate(data)
+    except ValidationError as error:
+        loc = error.errors()[0]["loc"]
+        raise _format_error(path, error, "", _valid_keys(FileSchema, loc)) from None
+
+    def core(model: type[BaseModel]) -> set[str]:
+        return set(model.model_fields)
+
+    models = []
+    labels: set[str] = set()
+    for index, model in enumerate(schema.models):
+        if model.label in labels:
+            raise ConfigError(f"{path}: models.{index}.label: duplicate label {model.label!r}")
+        labels.add(model.label)
+        choice = _choose(path, registry, "architecture", f"models.{index}", model.architecture, model,
+                         core(ModelSection))
+        models.append((model.label, choice))
+    metrics = [
+        Choice(f"experiment.metrics.{i}", registry.get("metric", name, where=f"{path}: experiment.metrics"),
+               None)
+        for i, name in enumerate(schema.experiment.metrics)
+    ]
+    for choice in metrics:
+        if choice.component.settings is not None:
+            choice.settings = choice.component.settings()
+    return ExperimentConfig(
+        path=path,
+        schema=schema,
+        data_source=_choose(path, registry, "data_source", "data", schema.data.source, schema.data,
+                            core(DataSection)),
+        tokenizer=_choose(path, registry, "tokenizer", "tokenizer", schema.tokenizer.name, schema.tokenizer,
+                          core(TokenizerSection)),
+        embedding=_choose(path, registry, "embedding", "embedding", schema.embedding.source,
+                          schema.embedding, core(EmbeddingSection)),
+        solver=_choose(path, registry, "solver", "solver", schema.solver.name, schema.solver,
+                       core(SolverSection)),
+        runner=_choose(path, registry, "runner", "runner", schema.runner.name, schema.runner,
+                       core(RunnerSection)),
+        models=models,
+        metrics=metrics,
+        overrides=overrides,
+    )
+
+
+def _check_finite(path: Path, value: Any, key: str) -> None:
+    """Plugin settings may accept plain floats; NaN and inf are never meaningful in an experiment."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: {key}: non-finite value {value!r}; use a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(path, v, f"{key}.{k}" if key else k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(path, v, f"{key}.{i}")

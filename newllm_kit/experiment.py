@@ -1,0 +1,314 @@
+"""Running an experiment: every model × training size, Phase 1 then Phase 2, resumable.
+
+One unit = one model at one training size. The corpus is read and tokenised once for the
+largest size (smaller sizes are prefixes of the same stream, so every size shares one
+tokenizer and one validation set, which keeps their PPLs comparable); then each unit is
+seeded, built, trained, evaluated and recorded. Checkpoints after Phase 1 and after every
+Phase-2 epoch let `--resume` continue a killed unit; finished units are never recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import ExperimentConfig
+from .corpus import Stream, load_streams
+from .errors import DataError, UserError
+from .phase2 import Phase2Data, Phase2State, train_phase2
+from .protocols import EvalOutputs, Runner
+from .rundir import RunDir, atomic_write_json
+from .scaling import Point, fit_all, report_to_json
+
+
+@dataclass(frozen=True)
+class Unit:
+    label: str
+    samples: int
+    index: int  # position of the model in [[models]]
+
+    @property
+    def id(self) -> str:
+        return f"{self.label}-{self.samples}"
+
+
+def plan(config: ExperimentConfig) -> list[Unit]:
+    sizes = sorted(config.schema.experiment.samples)
+    return [Unit(label, n, i) for i, (label, _) in enumerate(config.models) for n in sizes]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _prefix(stream: Stream, samples: int) -> torch.Tensor:
+    end = stream.boundaries[samples - 1][1]
+    return stream.ids[:end]
+
+
+class CorpusCache:
+    """The tokenised corpus for this experiment, built once for the largest training size."""
+
+    def __init__(self, config: ExperimentConfig, cache_dir: Path) -> None:
+        schema = config.schema
+        source = config.data_source.build()
+        largest = max(schema.experiment.samples)
+        train_rows = range(schema.data.train_start, schema.data.train_start + largest)
+        val_rows = range(schema.data.val.start, schema.data.val.start + schema.data.val.count)
+        self.train, self.val, self.tokenizer, self.fingerprints = load_streams(
+            source, schema.data.text, config.tokenizer.build(), train_rows, val_rows, cache_dir
+        )
+        self.source = source
+        if len(self.val.ids) < 2:
+            raise DataError(f"{config.path}: data.val: the validation rows hold {len(self.val.ids)} token(s); "
+                            f"need at least 2")
+
+    def train_ids(self, samples: int) -> torch.Tensor:
+        ids = _prefix(self.train, samples)
+        if len(ids) < 2:
+            raise DataError(f"training on {samples} sample(s) gives {len(ids)} token(s); need at least 2")
+        return ids
+
+
+def build_model(config: ExperimentConfig, unit: Unit, vocab_size: int, runner: Runner) -> Any:
+    """Seeded construction: the same seed gives the same weights on every machine."""
+    seed_everything(config.schema.experiment.seed)
+    architecture = config.models[unit.index][1].build()
+    model = architecture.build(vocab_size)
+    generator = torch.Generator().manual_seed(config.schema.experiment.seed)
+    weight = config.embedding.build().load(vocab_size, architecture.embedding_dim, generator)
+    model.set_embedding(weight, freeze=config.schema.embedding.freeze)
+    return model.to(runner.device)
+
+
+def _checkpoint_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """The model's state without the frozen embedding table (its source fingerprint rebuilds it)."""
+    table, _ = model.output_head()
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.shape == table.shape]
+    skip = {p.data_ptr() for p in frozen}
+    return {k: v for k, v in model.state_dict().items() if v.data_ptr() not in skip}
+
+
+def _metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, float]:
+    return {choice.component.name: float(choice.build().compute(outputs)) for choice in config.metrics}
+
+
+def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: Runner, run: RunDir,
+             progress: Any) -> dict[str, Any]:
+    schema = config.schema
+    vocab_size = corpus.tokenizer.vocab_size
+    model = build_model(config, unit, vocab_size, runner)
+    solver = config.solver.build()
+    train_ids = corpus.train_ids(unit.samples).to(runner.device)
+    val_ids = corpus.val.ids.to(runner.device)
+    with torch.no_grad():
+        train_tokens, val_tokens = model.token_inputs(train_ids), model.token_inputs(val_ids)
+
+    timings: dict[str, float] = {}
+    saved = run.load_checkpoint(unit.id)
+    phase2_start: Phase2State | None = None
+    if saved is None:
+        started = time.perf_counter()
+        report = solver.fit(model, train_tokens, runner, _Logged(progress, run, unit))
+        timings["phase1"] = time.perf_counter() - started
+        train_outputs = EvalOutputs(contexts=report.contexts, context_width=model.context_dim,
+                                    convergence_rate=report.convergence_rate, seed=schema.experiment.seed)
+        phase1 = {"iterations": report.iterations, "convergence_rate": report.convergence_rate,
+                  "token_evaluations": report.token_evaluations, "seconds": timings["phase1"],
+                  "train_er": _effective_rank_fraction(config, train_outputs)}
+        if runner.rank == 0:
+            run.save_checkpoint(unit.id, "phase1", _checkpoint_tensors(model), {"phase1": phase1})
+        runner.barrier()
+    else:
+        _, tensors, state = saved
+        model.load_state_dict(tensors, strict=False)
+        phase1 = state["phase1"]
+        phase2_start = state.get("phase2")
+        progress.message(f"{unit.id}: resumed from checkpoint ({'phase 2' if phase2_start else 'phase 1 done'})")
+
+    for parameter in model.param_groups()["phase1"]:
+        parameter.requires_grad_(False)
+    seed_everything(schema.experiment.seed + 1)  # solves after Phase 1 see the same RNG on resume
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_solve = solver.solve(model, train_tokens, runner)
+        val_solve = solver.solve(model, val_tokens, runner)
+    timings["solve"] = time.perf_counter() - started
+    notes = list(dict.fromkeys(str(w.message) for w in caught))
+    for note in notes:
+        progress.message(f"{unit.id}: {note}")
+
+    def checkpoint(state: Phase2State) -> None:
+        if runner.rank == 0:
+            run.save_checkpoint(unit.id, "phase2", _checkpoint_tensors(model),
+                                {"phase1": phase1, "phase2": state})
+        runner.barrier()
+
+    started = time.perf_counter()
+    report2 = train_phase2(
+        model,
+        Phase2Data(train_solve.layers, train_tokens, train_ids),
+        Phase2Data(val_solve.layers, val_tokens, val_ids),
+        schema.phase2, runner, _Logged(progress, run, unit), start=phase2_start, on_epoch_end=checkpoint,
+    )
+    timings["phase2"] = time.perf_counter() - started
+
+    val_outputs = report2.val
+    val_outputs.contexts = val_solve.layers[-1]
+    val_outputs.context_width = model.context_dim
+    val_outputs.convergence_rate = phase1["convergence_rate"]
+    val_outputs.seed = schema.experiment.seed
+    metrics = _metric_values(config, val_outputs)
+    counts = model.param_counts()
+    groups = model.param_groups()
+    record: dict[str, Any] = {
+        "model": unit.label,
+        "samples": unit.samples,
+        "train_tokens": int(train_ids.numel()),
+        "val_tokens": int(val_ids.numel()),
+        "val_ppl": metrics.get("ppl", float(np.exp(val_outputs.nll_sum / max(val_outputs.count, 1)))),
+        "val_acc": metrics.get("accuracy", val_outputs.correct / max(val_outputs.count, 1)),
+        "train_er": phase1["train_er"],
+        "val_er": metrics.get("effective_rank", _effective_rank_fraction(config, val_outputs)),
+        "phase1_iterations": phase1["iterations"],
+        "convergence_rate": phase1["convergence_rate"],
+        "phase1_token_evaluations": phase1["token_evaluations"],
+        "best_epoch": report2.best_epoch,
+        "epochs_run": report2.epochs_run,
+        "metrics": metrics,
+        "params": {**counts, "trainable": {k: sum(p.numel() for p in v) for k, v in groups.items()}},
+        "solve": {"method": train_solve.method, "gain": train_solve.gain, "iterations": train_solve.iterations},
+        "seconds": {"phase1": phase1["seconds"], "solve": timings["solve"], "phase2": timings["phase2"]},
+        "fingerprints": corpus.fingerprints,
+        "notes": notes,
+    }
+    bound = getattr(corpus.source, "best_token_ppl", None)
+    if callable(bound):
+        record["best_possible_ppl"] = float(bound(corpus.val.ids.numel(), corpus.val))
+    return record
+
+
+def _effective_rank_fraction(config: ExperimentConfig, outputs: EvalOutputs) -> float:
+    """Train ER uses the configured effective_rank metric (NaN when the file does not ask for it)."""
+    for choice in config.metrics:
+        if choice.component.name == "effective_rank":
+            return float(choice.build().compute(outputs))
+    return float("nan")
+
+
+class _Logged:
+    """Progress that also appends every advance to metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, inner: Any, run: RunDir, unit: Unit) -> None:
+        self.inner, self.run, self.unit = inner, run, unit
+
+    def start(self, phase: str, total: int | None) -> None:
+        self.inner.start(phase, total)
+
+    def advance(self, phase: str, **fields: float) -> None:
+        self.run.log_metrics({"unit": self.unit.id, "phase": phase, **fields})
+        self.inner.advance(phase, **fields)
+
+    def finish(self, phase: str) -> None:
+        self.inner.finish(phase)
+
+
+def meta(config: ExperimentConfig, runner: Runner, plugins: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "newllm_kit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "experiment": config.schema.experiment.name,
+        "config_file": str(config.path),
+        "config_sha256": hashlib.sha256(config.resolved_toml().encode()).hexdigest(),
+        "runner": runner.describe(),
+        "plugins": plugins,
+    }
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-model scaling fits (≥ 2 sizes), using the same fitter as `newllm-kit scaling`."""
+    points = [Point(r["model"], float(r["train_tokens"]), float(r["val_ppl"]),
+                    json.dumps(r.get("fingerprints"), sort_keys=True), "results.jsonl") for r in records]
+    by_model: dict[str, set[float]] = {}
+    for p in points:
+        by_model.setdefault(p.model, set()).add(p.tokens)
+    fittable = [p for p in points if len(by_model[p.model]) >= 2]
+    if not fittable:
+        return {"fits": [], "warnings": ["fewer than 2 training sizes per model: no scaling fit"]}
+    return report_to_json(fit_all(fittable, [], "power"))
+
+
+def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progress: Any,
+                   plugin_report: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run every unit not yet in results.jsonl; returns all records, in plan order."""
+    units = plan(config)
+    done = {(r["model"], r["samples"]): r for r in run.results()}
+    if runner.rank == 0:
+        atomic_write_json(run.path / "meta.json", {**meta(config, runner, plugin_report), "status": "running"})
+    progress.experiment(config.schema.experiment.name, len(units))
+    cache_dir = run.path.parent / ".cache"
+    corpus = CorpusCache(config, cache_dir)
+    for i, unit in enumerate(units, start=1):
+        if (unit.label, unit.samples) in done:
+            progress.begin_unit(unit.id, i, len(units))
+            progress.end_unit(unit.id, "(already finished)")
+            continue
+        progress.begin_unit(unit.id, i, len(units))
+        record = run_unit(config, unit, corpus, runner, run, progress)
+        done[(unit.label, unit.samples)] = record
+        if runner.rank == 0:
+            run.write_results([done[(u.label, u.samples)] for u in units if (u.label, u.samples) in done])
+            run.drop_checkpoint(unit.id)
+        runner.barrier()
+        progress.end_unit(unit.id, f"val_ppl={record['val_ppl']:.2f} val_acc={record['val_acc']:.4f}")
+    records = [done[(u.label, u.samples)] for u in units]
+    if runner.rank == 0:
+        summary = summarise(records)
+        atomic_write_json(run.path / "summary.json", {"results": records, "scaling": summary})
+        atomic_write_json(run.path / "meta.json",
+                          {**meta(config, runner, plugin_report), "status": "finished",
+                           "fingerprints": corpus.fingerprints})
+    return records
+
+
+def check_resume_compatible(saved_toml: str, config: ExperimentConfig) -> None:
+    """Refuse to mix results of two different configurations in one run directory."""
+    import tomllib
+
+    saved = _flatten(tomllib.loads(saved_toml))
+    now = _flatten(config.resolved())
+    differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differing:
+        shown = ", ".join(differing[:8]) + (" …" if len(differing) > 8 else "")
+        raise UserError(f"cannot resume: the configuration differs from the run's config.resolved.toml in "
+                        f"{shown}; start a new run instead")
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: value}

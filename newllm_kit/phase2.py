@@ -1,0 +1,299 @@
+"""Phase 2: next-token training of the TokenBlock (and any trainable head) over frozen contexts.
+
+The ContextBlock is frozen, so the caller solves both streams' contexts once and every epoch reuses
+them (spec §7.3). The walk is the reference's (§4.3–4.4): stream order, consecutive mini-batches,
+mean CE, clip, Adam, then validation and patience-based early stopping. The head's [b, V] logits
+are what ran out of memory (§7.4), so the loss never holds more than one [chunk, V] block of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple, cast
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .errors import DataError, RunFailed
+from .protocols import EvalOutputs, Model, Progress, Runner
+
+
+class Phase2Settings(BaseModel):
+    """The `[phase2]` section. Defaults are the v2 runs' (spec §4)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=10, ge=1, description="Maximum number of epochs.")
+    patience: int = Field(default=1, ge=1, description="Epochs without a lower val loss before stopping.")
+    learning_rate: float = Field(default=0.001, gt=0, allow_inf_nan=False, description="Adam learning rate.")
+    batch_size: int = Field(default=1024, ge=1, description="Positions per step, in stream order.")
+    eval_batch_size: int | None = Field(default=None, ge=1, description="Eval batch (None: batch_size).")
+    grad_clip: float = Field(default=1.0, gt=0, description="Max gradient norm over the trained parameters.")
+    restore_best: bool = Field(default=True, description="End on the best epoch's weights (False: on the "
+                                                         "last epoch's, as the original did).")
+    ce_chunk: int = Field(default=2048, ge=1, description="Rows per [chunk, vocab] logits block of the loss.")
+
+
+def _logit_blocks(ctx: Any, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                  ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(rows, their states, their logits in ≥ float32) chunk by chunk; matmuls in `ctx.dtype`."""
+    w, b = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
+    for start in range(0, states.shape[0], ctx.chunk):
+        rows = slice(start, start + ctx.chunk)
+        s = states[rows].to(ctx.dtype)
+        yield rows, s, F.linear(s, w, b).to(torch.promote_types(ctx.dtype, torch.float32))
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Summed CE of `states @ weight.T + bias`; backward recomputes the logits chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx: Any, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(states, weight, bias, targets)
+        kind, ctx.chunk = states.device.type, chunk  # matmuls in autocast's dtype when it is on
+        ctx.dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else states.dtype
+        loss = states.new_zeros((), dtype=torch.promote_types(ctx.dtype, torch.float32))
+        correct = torch.zeros((), dtype=torch.long, device=states.device)
+        for rows, _, z in _logit_blocks(ctx, states, weight, bias):
+            t = targets[rows]
+            correct += (z.argmax(-1) == t).sum()
+            picked, top = z.gather(1, t[:, None]).squeeze(1), z.amax(-1)
+            loss += (z.sub_(top[:, None]).exp_().sum(-1).log() + top - picked).sum()  # in place
+            del z  # the next block may take its memory
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
+        states, weight, bias, targets = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_states = torch.empty_like(states) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[2] else None
+        for rows, s, z in _logit_blocks(ctx, states, weight, bias):
+            t = targets[rows]
+            z.sub_(z.amax(-1, keepdim=True)).exp_()
+            z.div_(z.sum(-1, keepdim=True))  # softmax, in place
+            z[torch.arange(t.shape[0], device=t.device), t] -= 1
+            g = z.mul_(grad_loss).to(ctx.dtype)  # dCE/dlogits
+            del z
+            if grad_states is not None:
+                grad_states[rows] = g @ w
+            if grad_weight is not None:
+                grad_weight += g.T @ s
+            if grad_bias is not None:
+                grad_bias += g.sum(0)
+        return grad_states, grad_weight, grad_bias, None, None
+
+
+def head_cross_entropy(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       targets: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed CE, top-1 hits) of `states @ weight.T + bias`: `F.cross_entropy(..., reduction="sum")`
+    with at most one [chunk, V] logits block alive, forward and backward. Matmuls follow autocast."""
+    return _HeadCrossEntropy.apply(states, weight, bias, targets, chunk)
+
+
+@dataclass
+class Phase2Data:
+    """One stream for Phase 2: position i (contexts `layers[j][i]`, input `tokens[i]`) predicts ids[i + 1]."""
+
+    layers: list[torch.Tensor]
+    tokens: torch.Tensor
+    ids: torch.Tensor
+
+    @property
+    def positions(self) -> int:
+        return self.ids.numel() - 1
+
+    def batch(self, rows: range, to: torch.device) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Contexts, token inputs and targets of `rows` on device `to` (the cache may live on the CPU)."""
+        lo, hi = rows.start, rows.stop
+        layers = [h[lo:hi].to(to, non_blocking=True) for h in self.layers]
+        return layers, self.tokens[lo:hi].to(to, non_blocking=True), self.ids[lo + 1:hi + 1].to(to)
+
+
+@dataclass
+class Phase2State:
+    """What a checkpoint holds after a finished epoch: enough to continue bit-identically."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    counter: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable parameters only
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_val: EvalOutputs | None = None
+    rng: torch.Tensor | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Phase2Report:
+    best_epoch: int  # 1-based
+    epochs_run: int
+    history: list[dict[str, float]]
+    val: EvalOutputs  # at the best epoch
+    seconds: float
+
+
+class StopDecision(NamedTuple):
+    best: float
+    counter: int
+    improved: bool
+    stop: bool
+
+
+def early_stop_update(best: float, counter: int, val_loss: float, patience: int) -> StopDecision:
+    """Spec §4.4: only a strictly lower val loss resets the counter; stop once it reaches `patience`."""
+    if val_loss < best:
+        return StopDecision(val_loss, 0, True, False)
+    return StopDecision(best, counter + 1, False, counter + 1 >= patience)
+
+
+def _local(rows: range, runner: Runner) -> range:
+    """This rank's contiguous part of a global batch, so all ranks together take exactly one step."""
+    part = runner.shard(len(rows))
+    return range(rows.start + part.start, rows.start + part.stop)
+
+
+def _spans(rows: range, size: int) -> list[range]:
+    return [range(s, min(s + size, rows.stop)) for s in range(rows.start, rows.stop, max(size, 1))]
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _trainable(module: nn.Module, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """CPU copies of the trained parameters, by name: a checkpoint must not alias live weights."""
+    wanted = {id(p) for p in params}
+    return {name: p.detach().to("cpu", copy=True) for name, p in module.named_parameters() if id(p) in wanted}
+
+
+def _pass(model: Model, data: Phase2Data, rows: range, runner: Runner, chunk: int,
+          grad_scale: float | None) -> tuple[float, int]:
+    """NLL sum and hits over `rows` in micro-batches, backpropagating loss × `grad_scale` if given.
+    After an OOM the runner may shrink its micro-batch: then the whole pass is retried."""
+    while True:
+        try:
+            nll, hits = 0.0, 0
+            for span in _spans(rows, runner.micro_batch(len(rows))):
+                contexts, tokens, targets = data.batch(span, runner.device)
+                with runner.autocast():
+                    weight, bias = model.output_head()
+                    loss, correct = head_cross_entropy(model.token_states(contexts, tokens), weight, bias,
+                                                       targets, chunk)
+                if grad_scale is not None:
+                    (loss * grad_scale).backward()
+                nll, hits = nll + loss.item(), hits + int(correct.item())
+            return nll, hits
+        except torch.OutOfMemoryError as err:
+            if not runner.handle_oom(err, len(rows)):
+                raise
+            cast(nn.Module, model).zero_grad(set_to_none=True)  # drop the failed attempt's partial sums
+
+
+def _sum_over_ranks(params: list[nn.Parameter], loss_sum: float, runner: Runner) -> float:
+    """Sum gradients (each rank's already scaled by 1/global batch) and the loss over ranks."""
+    if runner.world_size == 1:
+        return loss_sum
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = runner.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    for p, piece in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = piece.view_as(p)
+    return float(runner.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64, device=runner.device)))
+
+
+@torch.no_grad()
+def evaluate(model: Model, data: Phase2Data, settings: Phase2Settings, runner: Runner) -> EvalOutputs:
+    """Summed NLL, top-1 hits and count over every position of `data`, in eval mode, summed over ranks."""
+    module = cast(nn.Module, model)
+    was_training = module.training
+    module.eval()
+    mine = runner.shard(data.positions)
+    spans = _spans(mine, settings.eval_batch_size or settings.batch_size)
+    sums = [(*_pass(model, data, rows, runner, settings.ce_chunk, None), len(rows)) for rows in spans]
+    module.train(was_training)
+    totals = torch.tensor(sums, dtype=torch.float64).reshape(-1, 3).sum(0)  # exact: float64 and ints
+    if runner.world_size > 1:
+        totals = runner.all_reduce_sum(totals.to(runner.device)).cpu()
+    return EvalOutputs(nll_sum=float(totals[0]), correct=int(totals[1]), count=int(totals[2]))
+
+
+def train_phase2(model: Model, train: Phase2Data, val: Phase2Data, settings: Phase2Settings, runner: Runner,
+                 progress: Progress, *, start: Phase2State | None = None,
+                 on_epoch_end: Callable[[Phase2State], None] | None = None) -> Phase2Report:
+    """Train `model.param_groups()["phase2"]` on frozen contexts; early-stop on validation loss.
+
+    `on_epoch_end` receives a self-contained `Phase2State` (CPU copies) after every epoch; passing
+    it back as `start` continues exactly where that epoch ended.
+    """
+    if train.positions < 1 or val.positions < 1:
+        raise DataError("phase 2 needs at least 2 tokens in both the training and the validation stream")
+    module = cast(nn.Module, model)
+    params = [p for p in model.param_groups()["phase2"] if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+    state = Phase2State() if start is None else replace(start, history=list(start.history))
+    if start is not None:
+        module.load_state_dict(start.model, strict=False)
+        optimizer.load_state_dict(start.optimizer)
+        if start.rng is not None:
+            torch.set_rng_state(start.rng)
+    batches = _spans(range(train.positions), settings.batch_size)
+    progress.start("phase2", settings.epochs)
+
+    for epoch in range(state.epoch + 1, settings.epochs + 1):
+        if state.counter >= settings.patience:
+            break  # resumed from the checkpoint of the epoch that decided to stop
+        started = time.perf_counter()
+        module.train()
+        train_nll = 0.0
+        for step, batch in enumerate(batches, start=1):
+            optimizer.zero_grad(set_to_none=True)
+            mine = _local(batch, runner)
+            batch_nll, _ = _pass(model, train, mine, runner, settings.ce_chunk, grad_scale=1 / len(batch))
+            batch_nll = _sum_over_ranks(params, batch_nll, runner)
+            if not math.isfinite(batch_nll):
+                raise RunFailed(f"phase 2, epoch {epoch}, batch {step}: non-finite loss {batch_nll}; lower "
+                                f"phase2.learning_rate or check the contexts for NaN/inf")
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            train_nll += batch_nll
+
+        outputs = evaluate(model, val, settings, runner)
+        val_loss = outputs.nll_sum / outputs.count
+        if not math.isfinite(val_loss):
+            raise RunFailed(f"phase 2, epoch {epoch}: non-finite validation loss {val_loss}")
+        decision = early_stop_update(state.best_val_loss, state.counter, val_loss, settings.patience)
+        train_loss = train_nll / train.positions
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch, "train_loss": train_loss, "train_ppl": _ppl(train_loss), "val_loss": val_loss,
+               "val_ppl": _ppl(val_loss), "val_acc": outputs.correct / outputs.count, "seconds": seconds}
+        state.history.append(row)
+        state.epoch, state.counter, state.best_val_loss = epoch, decision.counter, decision.best
+        state.seconds += seconds
+        if decision.improved:
+            state.best_epoch, state.best_val = epoch, outputs
+            state.best_weights = _trainable(module, params) if settings.restore_best else {}
+        progress.advance("phase2", **row)
+        if on_epoch_end is not None:
+            on_epoch_end(replace(state, history=list(state.history), model=_trainable(module, params),
+                                 optimizer=copy.deepcopy(optimizer.state_dict()), rng=torch.get_rng_state()))
+        if decision.stop:
+            break
+
+    progress.finish("phase2")
+    if settings.restore_best and state.best_weights:
+        module.load_state_dict(state.best_weights, strict=False)
+    assert state.best_val is not None, "phase 2 ran no epoch"
+    return Phase2Report(best_epoch=state.best_epoch, epochs_run=state.epoch, history=list(state.history),
+                        val=replace(state.best_val), seconds=state.seconds)

@@ -1,0 +1,181 @@
+"""Loading plugins safely: entry points one at a time, every failure attributed and reported.
+
+A broken plugin never takes the CLI down: it is recorded (name, distribution, one-line reason)
+and the others still load. `--strict-plugins` turns any such problem into an error.
+
+Environment switches (as in pytest):
+* `NEWLLM_KIT_DISABLE_PLUGIN_AUTOLOAD=1` — load no entry points except those named in
+  `NEWLLM_KIT_PLUGINS` (comma-separated entry-point names).
+* `NEWLLM_KIT_DISABLE_PLUGINS=a,b` — skip these entry points.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .registry import Component, Registry
+
+ENTRY_POINT_GROUP = "newllm_kit"
+
+# register_* hook name -> component kind it registers.
+REGISTRATION_HOOKS = {
+    "register_architectures": "architecture",
+    "register_solvers": "solver",
+    "register_tokenizers": "tokenizer",
+    "register_embeddings": "embedding",
+    "register_metrics": "metric",
+    "register_data_sources": "data_source",
+    "register_runners": "runner",
+}
+
+
+@dataclass
+class PluginInfo:
+    """What `newllm-kit plugins` shows for one plugin."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    status: str = "ok"  # ok | broken | conflict | disabled
+    error: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    components: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "status": self.status,
+            "error": self.error,
+            "hooks": self.hooks,
+            "components": self.components,
+        }
+
+
+@dataclass
+class Plugins:
+    """The loaded plugin manager, the registry computed from it, and a report per plugin."""
+
+    manager: pluggy.PluginManager
+    registry: Registry
+    infos: list[PluginInfo]
+
+    def problems(self) -> list[PluginInfo]:
+        return [i for i in self.infos if i.status in ("broken", "conflict")]
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _env_list(name: str) -> set[str]:
+    return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}
+
+
+def _selected_entry_points() -> Iterable[tuple[EntryPoint, bool]]:
+    """Entry points in a stable order, each with whether it is enabled."""
+    autoload = os.environ.get("NEWLLM_KIT_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
+    wanted, disabled = _env_list("NEWLLM_KIT_PLUGINS"), _env_list("NEWLLM_KIT_DISABLE_PLUGINS")
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        enabled = (autoload or ep.name in wanted) and ep.name not in disabled
+        yield ep, enabled
+
+
+def _unknown_hooks(manager: pluggy.PluginManager, plugin: object) -> list[str]:
+    """Hook implementations in `plugin` whose names match no hookspec (typos like register_solver)."""
+    known = set(REGISTRATION_HOOKS) | {"register_commands"}
+    found = []
+    for attr in dir(plugin):
+        if manager.parse_hookimpl_opts(plugin, attr) is not None and attr not in known:
+            close = difflib.get_close_matches(attr, sorted(known), n=1)
+            found.append(f"unknown hook {attr!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return found
+
+
+def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False) -> Plugins:
+    """Load entry-point plugins plus `extra` (name, object) pairs and build the registry.
+
+    With `strict`, the first broken plugin raises PluginError; otherwise problems are recorded
+    in the returned infos and in `registry.unavailable`.
+    """
+    manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    manager.add_hookspecs(hookspecs)
+    infos: list[PluginInfo] = []
+    candidates: list[tuple[PluginInfo, object | None]] = []
+    for ep, enabled in _selected_entry_points():
+        dist = ep.dist
+        info = PluginInfo(ep.name, dist.metadata["Name"] if dist else None, dist.version if dist else None)
+        infos.append(info)
+        if not enabled:
+            info.status = "disabled"
+            continue
+        try:
+            candidates.append((info, ep.load()))
+        except Exception as error:  # any import-time failure of third-party code
+            info.status, info.error = "broken", _one_line(error)
+    for name, obj in extra:
+        info = PluginInfo(name)
+        infos.append(info)
+        candidates.append((info, obj))
+
+    for info, obj in candidates:
+        typos = _unknown_hooks(manager, obj)
+        if typos:
+            info.status, info.error = "broken", "; ".join(typos)
+            continue
+        try:
+            manager.register(obj, name=info.name)
+        except Exception as error:  # pluggy validation (bad signatures) or a duplicate plugin name
+            info.status, info.error = "broken", _one_line(error)
+            continue
+        info.hooks = sorted(c.name for c in manager.get_hookcallers(obj) or [])
+    manager.check_pending()
+
+    registry = Registry()
+    by_name = {i.name: i for i in infos}
+    for hook_name, kind in REGISTRATION_HOOKS.items():
+        for impl in getattr(manager.hook, hook_name).get_hookimpls():
+            info = by_name[impl.plugin_name]
+            if info.status != "ok":
+                continue
+            _call_registration(impl.function, kind, info, registry)
+    for info in infos:
+        if info.status == "ok" or info.status == "conflict":
+            info.components = registry.by_plugin(info.name)
+        if info.status == "broken":
+            registry.unavailable[info.name] = info.error or "unknown error"
+            if manager.is_registered(manager.get_plugin(info.name)):
+                manager.unregister(name=info.name)
+    plugins = Plugins(manager, registry, infos)
+    if strict and plugins.problems():
+        first = plugins.problems()[0]
+        raise PluginError(f"plugin {first.name!r} ({first.distribution or 'local'}): {first.error}")
+    return plugins
+
+
+def _call_registration(function: Any, kind: str, info: PluginInfo, registry: Registry) -> None:
+    """Call one plugin's register_* hook with a callback that attributes components to it."""
+
+    def register(name: str, factory: Any, *, settings: Any = None, description: str = "") -> None:
+        registry.add(Component(kind, name, factory, info.name, settings, description))
+
+    try:
+        function(register=register)
+    except PluginError as error:
+        info.status, info.error = "conflict", str(error)
+    except Exception as error:  # a plugin's own bug inside its hook
+        info.status, info.error = "broken", f"{function.__name__} raised {_one_line(error)}"
+        for comps in registry.components.values():
+            for comp_name in [n for n, c in comps.items() if c.plugin == info.name]:
+                del comps[comp_name]

@@ -1,0 +1,365 @@
+"""Scaling-law fits of validation PPL against training tokens, with honest uncertainty.
+
+`PPL = A · tokens^α` is fitted by OLS in log space. Intervals are reported only when the data
+can support them (≥ 3 distinct token counts): two points always fit exactly. The offset form
+`PPL = E + A · tokens^α` (Huber loss in log space) is shown beside the power law, never instead.
+Everything here is pure; the CLI only formats and prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from scipy import optimize, stats
+
+from .errors import DataError, UserError
+
+HUBER_DELTA = 1e-3  # on log-PPL residuals, as in Chinchilla-style fits: nearly L1 beyond 0.1 %
+
+
+class Point(NamedTuple):
+    model: str
+    tokens: float
+    ppl: float
+    fingerprint: str | None
+    source: str
+
+
+@dataclass
+class Prediction:
+    tokens: float
+    ppl: float
+    pi: tuple[float, float] | None  # 95 % prediction interval; None when it cannot be estimated
+    extrapolation: float  # tokens / largest observed token count
+
+
+@dataclass
+class OffsetFit:
+    E: float
+    A: float
+    alpha: float
+    predictions: list[Prediction]
+
+
+@dataclass
+class Fit:
+    model: str
+    alpha: float
+    A: float
+    r2: float
+    points: int
+    doubling_reduction: float  # 1 − 2^α: the share of PPL removed by doubling the data
+    alpha_ci: tuple[float, float] | None
+    predictions: list[Prediction]
+    offset: OffsetFit | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScalingReport:
+    fits: list[Fit]
+    warnings: list[str]
+    form: str = "power"
+
+
+def _number(raw: Any, what: str, where: str) -> float:
+    """A finite, positive float, or a one-line DataError naming where it came from."""
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise ValueError(raw)
+        value = float(raw)
+    except ValueError:
+        raise DataError(f"{where}: {what} is not a number ({raw!r})") from None
+    if not math.isfinite(value) or value <= 0:
+        raise DataError(f"{where}: {what} must be finite and positive (got {raw!r})")
+    return value
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's BOM must not rename "model"
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+
+
+def _load_jsonl(path: Path, text: str) -> list[Point]:
+    points = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not {"model", "train_tokens", "val_ppl"} <= record.keys():
+            raise DataError(f"{where}: expected a JSON object with model, train_tokens and val_ppl")
+        prints = record.get("fingerprints")
+        points.append(Point(str(record["model"]), _number(record["train_tokens"], "train_tokens", where),
+                            _number(record["val_ppl"], "val_ppl", where),
+                            None if prints is None else json.dumps(prints, sort_keys=True), str(path)))
+    return points
+
+
+def _load_csv(path: Path, text: str) -> list[Point]:
+    reader = csv.DictReader(text.splitlines())
+    names = [name.strip() for name in reader.fieldnames or []]
+    missing = [c for c in ("model", "tokens", "val_ppl") if c not in names]
+    if names and missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (need model, tokens, val_ppl)")
+    points = []
+    for raw in reader:
+        row = {k.strip(): (v or "").strip() for k, v in raw.items() if isinstance(k, str)}
+        where = f"{path}: row {reader.line_num}"
+        if not row["model"]:
+            raise DataError(f"{where}: empty model name")
+        points.append(Point(row["model"], _number(row["tokens"], "tokens", where),
+                            _number(row["val_ppl"], "val_ppl", where), row.get("fingerprint") or None,
+                            str(path)))
+    return points
+
+
+def load_points(sources: list[Path]) -> tuple[list[Point], list[str]]:
+    """Read run directories, results.jsonl files and CSV tables into one list (plus warnings)."""
+    points: list[Point] = []
+    warnings: list[str] = []
+    done: set[Path] = set()
+    for source in sources:
+        path = source / "results.jsonl" if source.is_dir() else source
+        if source.is_dir() and not path.is_file():
+            raise DataError(f"{source}: no results.jsonl in this directory")
+        if path.resolve() in done:
+            warnings.append(f"{path} was given twice; read once")
+            continue
+        done.add(path.resolve())
+        text = _read(path)
+        is_jsonl = path.suffix in (".jsonl", ".json") or (path.suffix != ".csv" and text.lstrip()[:1] == "{")
+        loaded = _load_jsonl(path, text) if is_jsonl else _load_csv(path, text)
+        if not loaded:
+            raise DataError(f"{path}: empty (no data rows)")
+        points.extend(loaded)
+    return points, warnings
+
+
+def latest_run_dir(root: Path = Path("runs")) -> Path:
+    """The most recently modified `runs/<experiment>/<run>/` that has results."""
+    runs = [p.parent for p in root.glob("*/*/results.jsonl") if p.is_file()]
+    if not runs:
+        raise DataError(f"no results.jsonl under {root}/*/*/; pass a SOURCE or run `newllm-kit run` first")
+    return max(runs, key=lambda p: (p.stat().st_mtime, str(p)))
+
+
+def check_comparable(points: list[Point], allow_mixed: bool, warnings: list[str] | None = None) -> list[str]:
+    """Refuse to mix sources whose data fingerprints (corpus, tokenizer, split) differ.
+
+    Returns the warnings it adds; they are also appended to `warnings` when given.
+    """
+    first: dict[str, str] = {}  # fingerprint -> first source (in sorted order) that has it
+    for p in sorted(points, key=lambda p: (p.source, p.fingerprint or "")):
+        if p.fingerprint is not None:
+            first.setdefault(p.fingerprint, p.source)
+    sources, added = sorted(set(first.values())), []
+    unchecked = sorted({p.source for p in points if p.fingerprint is None})
+    if unchecked and len({p.source for p in points}) > 1:
+        added.append(f"{', '.join(unchecked)}: no data fingerprints, so comparability is not checked")
+    if len(first) > 1 and len(sources) > 1:
+        message = f"{sources[0]} and {sources[1]} have different data fingerprints and are not comparable"
+        if not allow_mixed:
+            raise UserError(f"{message}; pass --allow-mixed to combine them anyway")
+        added.append(f"{message}; combined anyway (--allow-mixed)")
+    if warnings is not None:
+        warnings.extend(added)
+    return added
+
+
+def fit_power(model: str, tokens: list[float], ppls: list[float], predict: list[float]) -> Fit:
+    """OLS of ln PPL on ln tokens; t-based intervals when ≥ 3 distinct token counts exist."""
+    x, y = np.log(np.asarray(tokens, float)), np.log(np.asarray(ppls, float))
+    n, distinct, top = len(x), len(set(tokens)), max(tokens)
+    if distinct < 2:
+        raise DataError(f"model {model}: needs at least 2 distinct token counts to fit (got {distinct})")
+    x_mean, xc = float(x.mean()), x - x.mean()
+    sxx = float(xc @ xc)
+    alpha = float(xc @ (y - y.mean())) / sxx
+    intercept = float(y.mean()) - alpha * x_mean
+    ss_res, ss_tot = float(np.sum((y - intercept - alpha * x) ** 2)), float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 if ss_tot == 0 or n == 2 else 1.0 - ss_res / ss_tot
+    warnings, alpha_ci, scale = [], None, 0.0  # scale: t quantile × residual standard error
+    if distinct >= 3:
+        scale = float(stats.t.ppf(0.975, n - 2)) * math.sqrt(ss_res / (n - 2))
+        alpha_ci = (alpha - scale / math.sqrt(sxx), alpha + scale / math.sqrt(sxx))
+    else:
+        why = "2 points, R² = 1 by construction" if n == 2 else "only 2 distinct token counts"
+        warnings.append(f"model {model}: {why}; no interval can be estimated")
+    predictions = []
+    for t in (_number(t, "token count", "--predict") for t in predict):
+        log_hat = intercept + alpha * math.log(t)
+        half = scale * math.sqrt(1 + 1 / n + (math.log(t) - x_mean) ** 2 / sxx)
+        pi = (math.exp(log_hat - half), math.exp(log_hat + half)) if alpha_ci else None
+        predictions.append(Prediction(t, math.exp(log_hat), pi, t / top))
+        if t > 10 * top:
+            warnings.append(f"model {model}: prediction at {t:,.0f} tokens is {t / top:,.0f}× the largest "
+                            f"observed count ({top:,.0f}); treat it as an extrapolation")
+    return Fit(model, alpha, math.exp(intercept), r2, n, 1 - 2**alpha, alpha_ci, predictions, None, warnings)
+
+
+def _huber(r: Any) -> float:
+    a = np.abs(r)
+    return float(np.where(a <= HUBER_DELTA, 0.5 * a * a, HUBER_DELTA * (a - 0.5 * HUBER_DELTA)).sum())
+
+
+def fit_offset(model: str, tokens: list[float], ppls: list[float], predict: list[float]) -> OffsetFit:
+    """`PPL = E + A·tokens^α`, E ≥ 0, by Huber loss on log residuals (robust to one bad run).
+
+    Starts: for a grid of E below the smallest PPL, log(PPL − E) is linear in log tokens, so OLS
+    gives A and α in closed form; the best few grid points are refined with least_squares.
+    """
+    if len(set(tokens)) < 4:
+        raise DataError(f"model {model}: --form offset needs at least 4 distinct token counts "
+                        f"(got {len(set(tokens))})")
+    x, y = np.log(np.asarray(tokens, float)), np.log(np.asarray(ppls, float))
+
+    def log_pred(theta: Any) -> tuple[Any, Any]:
+        with np.errstate(divide="ignore"):  # E = 0 is allowed: log 0 = −inf drops out of logaddexp
+            return theta[1] + theta[2] * x, np.logaddexp(np.log(theta[0]), theta[1] + theta[2] * x)
+
+    def jacobian(theta: Any) -> Any:  # d/d(E, log A, α) of log(E + A·t^α)
+        z, lq = log_pred(theta)
+        return np.column_stack([np.exp(-lq), np.exp(z - lq), x * np.exp(z - lq)])
+
+    e = np.linspace(0.0, 0.99, 100)[:, None] * min(ppls)
+    ly, xc = np.log(np.exp(y) - e), x - x.mean()
+    slopes = (ly - ly.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
+    starts = np.column_stack([e[:, 0], ly.mean(axis=1) - slopes * x.mean(), slopes])
+    costs = [_huber(log_pred(theta)[1] - y) for theta in starts]
+    best: Any = None
+    lower = [0.0, -np.inf, -np.inf]  # only E is bounded
+    for k in np.argsort(costs)[:3]:
+        result = optimize.least_squares(lambda theta: log_pred(theta)[1] - y, starts[k], jac=jacobian,
+                                        loss="huber", f_scale=HUBER_DELTA, bounds=(lower, np.inf), ftol=1e-12,
+                                        xtol=1e-12, gtol=1e-12, max_nfev=1000)
+        best = result if best is None or result.cost < best.cost else best
+    e_fit, log_a, alpha = (float(v) for v in best.x)
+    predictions = [Prediction(t, e_fit + math.exp(log_a) * t**alpha, None, t / max(tokens))
+                   for t in (_number(t, "token count", "--predict") for t in predict)]
+    return OffsetFit(e_fit, math.exp(log_a), alpha, predictions)
+
+
+def fit_all(points: list[Point], predict: list[float], form: str = "power") -> ScalingReport:
+    """One fit per model, sorted by name; points are sorted first so input order never matters."""
+    by_model: dict[str, list[Point]] = {}
+    for p in sorted(points, key=lambda p: (p.model, p.tokens, p.ppl)):
+        by_model.setdefault(p.model, []).append(p)
+    report = ScalingReport([], [], form)
+    for model, group in by_model.items():
+        tokens, ppls = [p.tokens for p in group], [p.ppl for p in group]
+        fit = fit_power(model, tokens, ppls, predict)
+        fit.offset = fit_offset(model, tokens, ppls, predict) if form == "offset" else None
+        report.fits.append(fit)
+        report.warnings.extend(fit.warnings)
+    return report
+
+
+def report_to_json(report: ScalingReport) -> dict[str, Any]:
+    """The `--json` document: one entry per model, then all warnings."""
+    def preds(items: list[Prediction]) -> list[dict[str, Any]]:
+        return [{"tokens": p.tokens, "ppl": p.ppl, "pi": list(p.pi) if p.pi else None,
+                 "extrapolation": p.extrapolation} for p in items]
+
+    fits = []
+    for f in report.fits:
+        entry: dict[str, Any] = {"model": f.model, "alpha": f.alpha, "A": f.A, "r2": f.r2, "points": f.points,
+                                 "doubling_reduction": f.doubling_reduction,
+                                 "alpha_ci": list(f.alpha_ci) if f.alpha_ci else None,
+                                 "predictions": preds(f.predictions)}
+        o = f.offset  # always present, so readers need not check the form; null for --form power
+        entry["offset"] = None if o is None else {"E": o.E, "A": o.A, "alpha": o.alpha,
+                                                  "predictions": preds(o.predictions)}
+        fits.append(entry)
+    return {"fits": fits, "warnings": list(report.warnings)}
+
+
+def render(report: ScalingReport, console: Console) -> None:
+    """Fit table, predictions with intervals, a short model comparison, then warnings."""
+    fits = Table(title="PPL = A · tokens^α (OLS in log space)")
+    for column in ("Model", "α", "A", "R²", "Points", "2× data → PPL", "α 95% CI"):
+        fits.add_column(column, justify="left" if column == "Model" else "right")
+    for f in report.fits:
+        ci = f"{f.alpha_ci[0]:.4f} … {f.alpha_ci[1]:.4f}" if f.alpha_ci else "—"
+        fits.add_row(f.model, f"{f.alpha:.4f}", f"{f.A:,.1f}", f"{f.r2:.4f}", str(f.points),
+                     f"−{100 * f.doubling_reduction:.1f}%", ci)
+    console.print(fits)
+    for f in report.fits:
+        if f.offset:
+            console.print(f"{f.model}: offset form PPL = {f.offset.E:,.1f} + {f.offset.A:,.1f} · "
+                          f"tokens^({f.offset.alpha:.4f})")
+    if report.fits and report.fits[0].predictions:
+        table = Table(title="Predicted PPL")
+        for column in ("Model", "Tokens", "PPL", "95% PI", "× largest observed",
+                       *(["Offset form"] if report.form == "offset" else [])):
+            table.add_column(column, justify="left" if column == "Model" else "right")
+        for f in report.fits:
+            for i, p in enumerate(f.predictions):
+                table.add_row(f.model, f"{p.tokens:,.0f}", f"{p.ppl:,.1f}",
+                              f"{p.pi[0]:,.1f} … {p.pi[1]:,.1f}" if p.pi else "—", f"{p.extrapolation:,.1f}",
+                              *([f"{f.offset.predictions[i].ppl:,.1f}"] if f.offset else []))
+        console.print(table)
+    if len(report.fits) > 1:
+        steep = min(report.fits, key=lambda f: f.alpha)
+        console.print(f"Steepest α: [bold]{steep.model}[/] ({steep.alpha:.4f}); compare the CIs before "
+                      f"calling it better.")
+        for i, p in enumerate(report.fits[0].predictions):
+            best = min(report.fits, key=lambda f: f.predictions[i].ppl)
+            console.print(f"At {p.tokens:,.0f} tokens the lowest predicted PPL is [bold]{best.model}[/] "
+                          f"({best.predictions[i].ppl:,.1f}).")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning: {warning}[/]")
+
+
+def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
+    """Log-log PNG: points, fitted lines up to the predictions, predictions with PI error bars."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'newllm-kit[plot]'") from None
+    figure = Figure(figsize=(7, 5))
+    FigureCanvasAgg(figure)  # the Agg backend, without touching pyplot's global state
+    ax = figure.add_subplot()
+    for f in report.fits:
+        own = [p for p in points if p.model == f.model]
+        label = f"{f.model} (α = {f.alpha:.3f})"
+        (dots,) = ax.plot([p.tokens for p in own], [p.ppl for p in own], "o", label=label)
+        seen = [p.tokens for p in own]
+        every = seen + [p.tokens for p in f.predictions]
+        lo, hi = min(seen), max(seen)
+        for start, stop, style in ((min(every), lo, "--"), (lo, hi, "-"), (hi, max(every), "--")):
+            line = np.geomspace(start, stop, 50)  # solid over the data, dashed where it extrapolates
+            ax.plot(line, f.A * line**f.alpha, style, color=dots.get_color())
+        for p in f.predictions:
+            err = [[p.ppl - p.pi[0]], [p.pi[1] - p.ppl]] if p.pi else None
+            ax.errorbar([p.tokens], [p.ppl], yerr=err, fmt="D", color=dots.get_color(), capsize=3, mfc="none")
+    ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation PPL")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    try:  # write a temporary file beside the target and rename: readers never see half a PNG
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise UserError(f"--plot: cannot write {path}: {error.strerror or error}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

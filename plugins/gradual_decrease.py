@@ -1,0 +1,115 @@
+"""The `gradual-decrease` solver: CVFP Phase 1 whose work per pass shrinks as tokens converge.
+
+Same objective, initialisation and stop rule as `cvfp`, but a token whose context has converged
+(mean_C (O^k − P^{k−1})² < τ) leaves the active set and keeps its context: later passes
+evaluate, and put in the loss, only the tokens still moving. Step size and context noise fall
+linearly ("arithmetically", 等差) over the pass budget, so late passes refine instead of shake.
+Frozen solves are the `cvfp` ones.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from newllm_kit import hookimpl
+from newllm_kit.protocols import Phase1Report, Progress, Runner
+
+from .fixed_point import (
+    CVFPSolver,
+    CVFPSolverSettings,
+    Sweep,
+    initial_contexts,
+    reduce_gradients,
+    sweep,
+    with_oom_retry,
+)
+
+
+class GradualDecreaseSettings(CVFPSolverSettings):
+    """`cvfp`'s keys plus where the linear learning-rate and noise schedules end."""
+
+    lr_end_fraction: float = Field(
+        default=0.1, gt=0, le=1,
+        description="Learning rate at the last pass of the budget, as a fraction of learning_rate.")
+    noise_end_fraction: float = Field(
+        default=0.1, ge=0, le=1,
+        description="Context noise at the last pass of the budget, as a fraction of context_noise.")
+
+
+class GradualDecreaseSolver(CVFPSolver):
+    """Phase 1 over a shrinking active set, with linearly decreasing step size and noise."""
+
+    settings: GradualDecreaseSettings
+
+    def __init__(self, settings: GradualDecreaseSettings | None = None) -> None:
+        super().__init__(settings if settings is not None else GradualDecreaseSettings())
+
+    def fit(self, model: Any, tokens: torch.Tensor, runner: Runner, progress: Progress) -> Phase1Report:
+        """Like `CVFPSolver.fit`; converged tokens retire once min_iterations passes are done.
+
+        Retirement waits for min_iterations because, after a rollout iteration 0, pass 1 reports
+        ≈100 % convergence (spec §3.3) and would otherwise retire every token untrained. Retired
+        tokens count as converged in the rate.
+        """
+        s, started = self.settings, time.perf_counter()
+        n, rows = tokens.shape[0], runner.shard(tokens.shape[0])
+        local = tokens[rows.start:rows.stop]
+        params = model.param_groups()["phase1"]
+        optimizer = torch.optim.Adam(params, lr=s.learning_rate)
+        model.train()
+        progress.start("phase1", s.max_iterations)
+        previous, first = initial_contexts(model, tokens, rows, s)
+        progress.advance("phase1", iteration=0, seconds=first["seconds"])
+        evaluations, rate, iterations, history = first["evaluations"], 0.0, 1, []
+        active = torch.arange(local.shape[0], device=local.device)  # local positions still being solved
+        retired = 0
+        for k in range(1, s.max_iterations):
+            tick = time.perf_counter()
+            fraction = (k - 1) / max(s.max_iterations - 2, 1)  # 0 at pass 1, 1 at the budget's last pass
+            lr = s.learning_rate * (1 - fraction * (1 - s.lr_end_fraction))
+            sigma = s.context_noise * (1 - fraction * (1 - s.noise_end_fraction))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            boundary = runner.neighbour_exchange(previous[-1:])
+            inputs = torch.where((active == 0).unsqueeze(1), boundary, previous[(active - 1).clamp(min=0)])
+            if sigma > 0:  # drawn for the active rows only: their count, not n, sets the cost
+                inputs = inputs + torch.randn(inputs.shape, device=inputs.device) * sigma
+
+            def work(inputs: torch.Tensor = inputs, targets: torch.Tensor = previous[active],
+                     rows: torch.Tensor = active, k: int = k) -> Sweep:
+                optimizer.zero_grad(set_to_none=True)
+                return sweep(model.context_block, local[rows], inputs, targets, s, runner, k)
+
+            result = with_oom_retry(runner, s.batch_size, optimizer, work)
+            reduce_gradients(params, runner)
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            if result.step:
+                optimizer.step()
+            previous[active] = result.outputs
+            evaluations, iterations = evaluations + result.tokens, k + 1
+            rate = (retired + result.converged) / n
+            if k + 1 >= s.min_iterations:
+                active = active[~(result.change < s.convergence_threshold)]  # NaN stays active
+                retired += result.converged
+            record = {"iteration": float(k), "loss": result.loss, "cvfp_loss": result.cvfp_loss,
+                      "diversity_loss": result.diversity_loss, "convergence_rate": rate,
+                      "active_tokens": float(result.tokens), "learning_rate": lr, "context_noise": sigma,
+                      "seconds": time.perf_counter() - tick}
+            history.append(record)
+            progress.advance("phase1", iteration=k, loss=result.loss, rate=rate, active=result.tokens,
+                             seconds=record["seconds"])
+            if k + 1 >= s.min_iterations and rate >= s.min_converged_ratio:
+                break
+        progress.finish("phase1")
+        return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started, previous,
+                            history, {"iteration0": first})
+
+
+@hookimpl
+def register_solvers(register: Any) -> None:
+    register("gradual-decrease", GradualDecreaseSolver, settings=GradualDecreaseSettings,
+             description="CVFP Phase 1 that retires converged tokens; step size and noise fall linearly")

@@ -1,0 +1,250 @@
+"""Single-process runners: `cpu`, `gpu`, and `auto` (gpu when CUDA is available, else cpu).
+
+A runner owns device placement, precision, batch sizing and the out-of-memory fallback, so
+phases and solvers never touch `torch.cuda`. Every CUDA call goes through `CudaBackend`, which
+tests replace with a fake to exercise the GPU logic on a machine without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from contextlib import AbstractContextManager
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from newllm_kit import hookimpl
+from newllm_kit.errors import UserError
+
+log = logging.getLogger("newllm_kit")
+
+CPU_BATCH = 512  # the seed's automatic batch on CPU (spec §4.3), where speed, not memory, is the limit
+
+
+class RunnerSettings(BaseModel):
+    """The `[runner]` keys, shared by cpu, gpu, auto and ddp; each description says where it applies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="all: fp32, or bf16 autocast for matmuls.")
+    threads: int | None = Field(
+        default=None, ge=1, description="all: torch CPU threads; None keeps torch's default.")
+    device_index: int = Field(default=0, ge=0, description="gpu/auto: CUDA device (ddp uses LOCAL_RANK).")
+    tf32: bool = Field(default=True, description="gpu/auto/ddp on CUDA: TF32 tensor cores for fp32 matmuls.")
+    auto_batch: bool = Field(
+        default=False, description="all: on out-of-memory halve the micro-batch (gradients accumulate, "
+                                   "same effective batch) instead of stopping with a suggestion.")
+    memory_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="gpu: share of (total − allocated) memory a batch may use.")
+    min_batch: int = Field(default=256, ge=1, description="all: smallest automatic batch.")
+    max_batch: int = Field(default=16384, ge=1, description="all: largest automatic batch.")
+    timeout_s: float = Field(
+        default=300, gt=0, description="ddp: seconds a collective may wait, so a dead rank fails the job.")
+
+    @model_validator(mode="after")
+    def _batch_range(self) -> RunnerSettings:
+        if self.min_batch > self.max_batch:
+            raise ValueError(f"min_batch {self.min_batch} is larger than max_batch {self.max_batch}")
+        return self
+
+
+class CudaBackend:
+    """The only door to `torch.cuda`; tests pass a subclass that fakes a device table."""
+
+    def is_available(self) -> bool:
+        return torch.cuda.is_available()
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def set_device(self, index: int) -> None:
+        torch.cuda.set_device(index)
+
+    def device_name(self, index: int) -> str:
+        return torch.cuda.get_device_name(index)
+
+    def mem_get_info(self, index: int) -> tuple[int, int]:
+        return torch.cuda.mem_get_info(index)  # (free as the driver sees it, total) in bytes
+
+    def memory_allocated(self, index: int) -> int:
+        return torch.cuda.memory_allocated(index)
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def set_tf32(self, enabled: bool) -> None:
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+
+
+class CPURunner:
+    """One process on the CPU, and the base of the gpu runner: autocast, batch rule, OOM fallback.
+
+    bf16 autocast is the main speed lever on a CPU with bf16 GEMMs (about 4× fp32).
+    """
+
+    name = "cpu"
+    resolved = "cpu"
+    rank = 0
+    world_size = 1
+
+    def __init__(self, settings: RunnerSettings | None = None) -> None:
+        self.settings = settings or RunnerSettings()
+        self.precision: str = self.settings.precision
+        self.device = torch.device("cpu")
+        self.oom_events: list[dict[str, int]] = []
+        self._micro_cap: int | None = None
+        self._saved_threads: int | None = None
+
+    def setup(self) -> None:
+        if self.settings.threads is not None:
+            self._saved_threads = torch.get_num_threads()
+            torch.set_num_threads(self.settings.threads)
+
+    def teardown(self) -> None:
+        if self._saved_threads is not None:
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = None
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def batch_size(self, requested: int | None, bytes_per_item: int) -> int:
+        """`requested` when given; otherwise the device's estimate clamped to [min_batch, max_batch]."""
+        if requested is not None:
+            if requested < 1:
+                raise UserError(f"batch size must be at least 1, got {requested}")
+            return requested
+        if bytes_per_item < 1:
+            raise ValueError(f"bytes_per_item must be positive, got {bytes_per_item}")
+        estimate = self._automatic_batch(bytes_per_item)
+        return max(self.settings.min_batch, min(self.settings.max_batch, estimate))
+
+    def _automatic_batch(self, bytes_per_item: int) -> int:
+        return CPU_BATCH
+
+    def micro_batch(self, batch: int) -> int:
+        return batch if self._micro_cap is None else min(batch, self._micro_cap)
+
+    def handle_oom(self, error: BaseException, batch: int) -> bool:
+        """Halve the micro-batch (auto_batch), or stop with the batch size to set instead."""
+        if not isinstance(error, torch.OutOfMemoryError):
+            return False
+        old = self.micro_batch(batch)
+        new = old // 2
+        if new < 1:
+            raise UserError(f"out of memory on {self.device} even with a micro-batch of 1: the model does "
+                            f'not fit; use a smaller model, runner.precision = "bf16", or a larger device'
+                            ) from error
+        if not self.settings.auto_batch:
+            raise UserError(f"out of memory on {self.device} at batch {old}: set phase2.batch_size = {new}, "
+                            f"or runner.auto_batch = true to halve the micro-batch automatically "
+                            f"(same effective batch)") from error
+        self._micro_cap = new
+        self.oom_events.append({"batch": batch, "old_micro": old, "new_micro": new})
+        log.warning("out of memory on %s at micro-batch %d: retrying with %d (gradients accumulated, "
+                    "effective batch %d unchanged)", self.device, old, new, batch)
+        return True
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device)
+
+    def shard(self, n: int) -> range:
+        return range(n)
+
+    def neighbour_exchange(self, last_row: torch.Tensor) -> torch.Tensor:
+        return last_row
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        return tensor
+
+    def barrier(self) -> None:
+        """One process: nothing to wait for."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "resolved": self.resolved, "device": str(self.device),
+                "precision": self.precision, "threads": torch.get_num_threads(),
+                "auto_batch": self.settings.auto_batch, "micro_batch_cap": self._micro_cap,
+                "oom_events": list(self.oom_events), "rank": self.rank, "world_size": self.world_size}
+
+
+class GPURunner(CPURunner):
+    """One CUDA device: TF32 on, optional bf16 autocast, batch sized from free device memory."""
+
+    name = "gpu"
+    resolved = "gpu"
+
+    def __init__(self, settings: RunnerSettings | None = None, cuda: CudaBackend | None = None) -> None:
+        super().__init__(settings)
+        self.cuda = cuda or CudaBackend()
+        self.index = self.settings.device_index
+        self.device = torch.device("cuda", self.index)
+
+    def setup(self) -> None:
+        if not self.cuda.is_available():
+            raise UserError('runner "gpu" needs CUDA, but none is available; use runner.name = "cpu"/"auto"')
+        count = self.cuda.device_count()
+        if self.index >= count:
+            raise UserError(f"CUDA device {self.index} was requested (runner.device_index, or LOCAL_RANK "
+                            f"under ddp), but only {count} exist (valid: 0..{count - 1})")
+        super().setup()
+        self.cuda.set_device(self.index)
+        self.cuda.set_tf32(self.settings.tf32)
+
+    def _automatic_batch(self, bytes_per_item: int) -> int:
+        """Cost model: ⌊(total − allocated) · memory_fraction / bytes_per_item⌋.
+
+        `total − allocated`, not the driver's free figure: memory the allocator has cached but not
+        handed out is reusable (spec §7.4). `bytes_per_item` is the caller's peak cost of one item,
+        e.g. Phase 2 ≈ V·4·3.5 bytes per token (fp32 logits plus backward).
+        """
+        free = max(self.cuda.mem_get_info(self.index)[1] - self.cuda.memory_allocated(self.index), 0)
+        batch = int(free * self.settings.memory_fraction) // bytes_per_item
+        log.info("automatic batch on %s: %.2f GiB free × %g / %d bytes per item = %d (before clamping)",
+                 self.device, free / 2**30, self.settings.memory_fraction, bytes_per_item, batch)
+        return batch
+
+    def handle_oom(self, error: BaseException, batch: int) -> bool:
+        self.cuda.empty_cache()  # hand the failed attempt's cached blocks back before any retry
+        return super().handle_oom(error, batch)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host tensors go through pinned memory so the copy overlaps with compute."""
+        if tensor.device.type == "cpu":
+            pinned = tensor if tensor.is_pinned() else tensor.pin_memory()
+            return pinned.to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        info = {**super().describe(), "tf32": self.settings.tf32}
+        if self.cuda.is_available() and self.index < self.cuda.device_count():
+            info["device_name"] = self.cuda.device_name(self.index)
+            info["memory_total"] = self.cuda.mem_get_info(self.index)[1]
+        return info
+
+
+def auto_runner(settings: RunnerSettings | None = None, cuda: CudaBackend | None = None) -> CPURunner:
+    """`gpu` when CUDA is available, else `cpu`; the choice is logged and kept in describe()."""
+    cuda = cuda or CudaBackend()
+    runner = GPURunner(settings, cuda) if cuda.is_available() else CPURunner(settings)
+    log.info("runner auto: CUDA is %savailable, using %s (%s)",
+             "" if runner.resolved == "gpu" else "not ", runner.resolved, runner.device)
+    runner.name = "auto"
+    return runner
+
+
+@hookimpl
+def register_runners(register: Any) -> None:
+    register("cpu", CPURunner, settings=RunnerSettings,
+             description="one process on the CPU; threads and optional bf16 autocast")
+    register("gpu", GPURunner, settings=RunnerSettings,
+             description="one CUDA device; TF32, optional bf16, memory-based batch, OOM fallback")
+    register("auto", auto_runner, settings=RunnerSettings,
+             description="gpu when CUDA is available, else cpu")

@@ -1,0 +1,104 @@
+"""Built-in evaluation metrics (spec §5): perplexity, accuracy, effective rank, convergence rate.
+
+Every metric reads only `EvalOutputs`, whose sums are exact (float64 NLL, integer counts), so a
+metric is a pure function of what the evaluation accumulated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from newllm_kit import hookimpl
+from newllm_kit.protocols import EvalOutputs
+
+
+def effective_rank(matrix: torch.Tensor, max_rows: int = 10_000, seed: int = 0) -> float:
+    """exp(entropy) of the normalised singular values of the uncentred [n, C] matrix (spec §5).
+
+    Above `max_rows` rows a random subset is used, drawn from a generator seeded with `seed` (the
+    original used the global RNG, so its number depended on everything run before it).
+    """
+    if matrix.ndim != 2 or matrix.numel() == 0:
+        raise ValueError(f"effective rank needs a non-empty [rows, width] matrix; got {tuple(matrix.shape)}")
+    rows = matrix.detach()
+    if rows.shape[0] > max_rows:
+        picked = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
+        rows = rows[picked.to(rows.device)]
+    s = torch.linalg.svdvals(rows.to("cpu", torch.float64))
+    if s.sum() == 0:
+        return 0.0  # the zero matrix spans nothing
+    p = s / s.sum()
+    return math.exp(float(-(p * torch.log(p + 1e-10)).sum()))
+
+
+class Perplexity:
+    """exp(mean NLL) over all predicted positions."""
+
+    name, direction, unit = "ppl", "min", "perplexity"
+
+    def __init__(self, settings: None = None) -> None:
+        pass
+
+    def compute(self, outputs: EvalOutputs) -> float:
+        if outputs.count == 0:
+            return math.nan
+        mean = outputs.nll_sum / outputs.count
+        return math.exp(mean) if mean < 700 else math.inf
+
+
+class Accuracy:
+    """Share of positions whose argmax logit is the next token."""
+
+    name, direction, unit = "accuracy", "max", "fraction"
+
+    def __init__(self, settings: None = None) -> None:
+        pass
+
+    def compute(self, outputs: EvalOutputs) -> float:
+        return outputs.correct / outputs.count if outputs.count else math.nan
+
+
+class EffectiveRankSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_rows: int = Field(default=10_000, ge=1, description="Rows sampled (seeded) before the SVD.")
+
+
+class EffectiveRank:
+    """Effective rank of the evaluated contexts as a fraction of the context width (the "ER %" column)."""
+
+    name, direction, unit = "effective_rank", "max", "fraction of width"
+
+    def __init__(self, settings: EffectiveRankSettings | None = None) -> None:
+        self.settings = settings if settings is not None else EffectiveRankSettings()
+
+    def compute(self, outputs: EvalOutputs) -> float:
+        if outputs.contexts is None or outputs.contexts.numel() == 0:
+            return math.nan
+        width = outputs.context_width or outputs.contexts.shape[-1]
+        return effective_rank(outputs.contexts, self.settings.max_rows, outputs.seed) / width
+
+
+class ConvergenceRate:
+    """Phase 1's final convergence rate (spec §3.3), passed through for the results table."""
+
+    name, direction, unit = "convergence_rate", "max", "fraction of tokens"
+
+    def __init__(self, settings: None = None) -> None:
+        pass
+
+    def compute(self, outputs: EvalOutputs) -> float:
+        return math.nan if outputs.convergence_rate is None else float(outputs.convergence_rate)
+
+
+@hookimpl
+def register_metrics(register: Any) -> None:
+    register("ppl", Perplexity, description="Perplexity: exp of the mean next-token NLL")
+    register("accuracy", Accuracy, description="Top-1 next-token accuracy")
+    register("effective_rank", EffectiveRank, settings=EffectiveRankSettings,
+             description="Effective rank of the contexts (exp entropy of singular values) / width")
+    register("convergence_rate", ConvergenceRate, description="Phase-1 share of converged tokens")

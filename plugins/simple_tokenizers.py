@@ -1,0 +1,134 @@
+"""Tokenizers that need no download: raw UTF-8 `bytes`, and a byte-level `bpe` trained per experiment.
+
+`bpe` learns its merges from the training texts it is handed (never from validation text) and
+caches the result under a name derived from those texts and its settings, so a rerun or a
+resumed run reloads the identical tokenizer instead of retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from newllm_kit import hookimpl
+from newllm_kit.errors import DataError
+from newllm_kit.rundir import atomic_write_text
+
+
+class BytesTokenizer:
+    """Each UTF-8 byte is a token: vocabulary 256, no training, no unknown tokens."""
+
+    vocab_size = 256
+    fingerprint = hashlib.sha256(b"newllm-kit bytes tokenizer: utf-8, 256 ids").hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # a sample truncated to N tokens may end inside a multi-byte character
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class BytesFactory:
+    expected_vocab_size = BytesTokenizer.vocab_size
+
+    def __init__(self, settings: None = None) -> None:
+        pass
+
+    def load(self, train_texts: Sequence[str], cache_dir: Path) -> BytesTokenizer:
+        return BytesTokenizer()
+
+
+class BPESettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(
+        default=2048, ge=256, description="Largest vocabulary: 256 byte tokens + learned merges.")
+    min_frequency: int = Field(
+        default=2, ge=1, description="A pair must occur this often in training text to merge.")
+
+
+class BPETokenizer:
+    """A `tokenizers` byte-level BPE; `fingerprint` hashes its JSON serialisation."""
+
+    def __init__(self, serialised: str) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_str(serialised)
+        self.vocab_size = self._tokenizer.get_vocab_size()
+        self.fingerprint = hashlib.sha256(serialised.encode("utf-8")).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(ids)))
+
+
+def texts_digest(texts: Sequence[str]) -> str:
+    """Order-sensitive hash of a list of texts (length-prefixed, so boundaries matter)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int) -> str:
+    """Train a byte-level BPE on `texts` and return its JSON serialisation (no special tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
+    return str(tokenizer.to_str())
+
+
+class BPEFactory:
+    """`bpe`: trained on the training texts, cached in `cache_dir/bpe-<key>.json`."""
+
+    def __init__(self, settings: BPESettings | None = None) -> None:
+        self.settings = settings if settings is not None else BPESettings()
+
+    @property
+    def expected_vocab_size(self) -> int:
+        """The configured size; training may learn fewer merges on a small corpus."""
+        return self.settings.vocab_size
+
+    def cache_path(self, train_texts: Sequence[str], cache_dir: Path) -> Path:
+        import tokenizers
+
+        key = {"texts": texts_digest(train_texts), "vocab_size": self.settings.vocab_size,
+               "min_frequency": self.settings.min_frequency, "tokenizers": tokenizers.__version__}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        return Path(cache_dir) / f"bpe-{digest[:32]}.json"
+
+    def load(self, train_texts: Sequence[str], cache_dir: Path) -> BPETokenizer:
+        if not any(train_texts):
+            raise DataError('tokenizer \'bpe\': no training text to learn merges from; select training rows '
+                            'with text, or set tokenizer.name = "bytes"')
+        path = self.cache_path(train_texts, cache_dir)
+        if path.is_file():
+            try:
+                return BPETokenizer(path.read_text(encoding="utf-8"))
+            except Exception:  # an unreadable cache entry is retrained and overwritten
+                pass
+        serialised = train_bpe(train_texts, self.settings.vocab_size, self.settings.min_frequency)
+        atomic_write_text(path, serialised)
+        return BPETokenizer(serialised)
+
+
+@hookimpl
+def register_tokenizers(register: Any) -> None:
+    register("bytes", BytesFactory, description="UTF-8 bytes, vocabulary 256")
+    register("bpe", BPEFactory, settings=BPESettings,
+             description="byte-level BPE trained on the training split with `tokenizers`, cached")

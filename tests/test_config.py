@@ -1,0 +1,181 @@
+"""Experiment files: validation messages, overrides, limits, and the resolved round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, Field
+
+from newllm_kit.config import apply_override, load_config, parse_override
+from newllm_kit.errors import ConfigError, PluginError
+from newllm_kit.registry import Component, Registry
+
+
+class ArchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    layers: int = Field(6, ge=1)
+    context_dim: int = Field(768, ge=1)
+    dropout: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class SolverSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    learning_rate: float = Field(0.002, gt=0)
+    max_iterations: int = Field(40, ge=1)
+    path: str | None = None
+
+
+def _registry() -> Registry:
+    registry = Registry()
+    def factory(settings: Any) -> Any:
+        return settings
+    for kind, name, model in [("architecture", "cvfp", ArchSettings), ("solver", "cvfp", SolverSettings),
+                              ("data_source", "ultrachat", SolverSettings), ("tokenizer", "gpt2", None),
+                              ("embedding", "gpt2", None), ("runner", "auto", None), ("metric", "ppl", None),
+                              ("metric", "accuracy", None), ("metric", "effective_rank", None),
+                              ("metric", "convergence_rate", None)]:
+        registry.add(Component(kind, name, factory, "test", model))
+    return registry
+
+
+MINIMAL = '[[models]]\nlabel = "A"\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "exp.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_reproduce_the_seed_v2_settings(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL), _registry())
+    resolved = config.resolved()
+    assert resolved["experiment"]["samples"] == [500, 1000]
+    assert resolved["data"]["val"] == {"start": 1000, "count": 50}
+    assert resolved["data"]["text"] == "first_turn"
+    assert resolved["phase2"]["patience"] == 1 and resolved["phase2"]["learning_rate"] == 0.001
+    assert resolved["models"][0] == {"label": "A", "architecture": "cvfp", "layers": 6, "context_dim": 768,
+                                     "dropout": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[experiment]\nsampels = [1]\n' + MINIMAL, r"experiment\.sampels: unknown key; did you mean 'samples'"),
+        ('[[models]]\nlabel = "A"\nlayerz = 4\n', r"models\.0\.layerz: unknown key; did you mean 'layers'"),
+        ('[[models]]\nlabel = "A"\nlayers = "six"\n', r"models\.0\.layers: .*integer.*'six'"),
+        ('[[models]]\nlabel = "A"\nlayers = 0\n', r"models\.0\.layers: .*greater than or equal to 1"),
+        ('[solver]\nlearning_rate = nan\n' + MINIMAL, r"solver\.learning_rate: non-finite value"),
+        ('[phase2]\nlearning_rate = inf\n' + MINIMAL, r"phase2\.learning_rate: non-finite"),
+        ('[phase2]\nepochs = -1\n' + MINIMAL, r"phase2\.epochs"),
+        ('[experiment]\nname = "../escape"\n' + MINIMAL, r"experiment\.name: .*no '\.\.'"),
+        ('[experiment]\nsamples = [10, 10]\n' + MINIMAL, r"experiment\.samples: .*distinct"),
+        ('[data]\ntext = "all"\n' + MINIMAL, r"data\.text: .*first_turn"),
+        (MINIMAL + '[[models]]\nlabel = "A"\n', r"models\.1\.label: duplicate label 'A'"),
+        ("[experiment]\n", r"models: Field required"),
+        ("models = [", r"invalid TOML"),
+    ],
+)
+def test_bad_input_gives_one_line_naming_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path, _registry())
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith(str(path))
+
+
+def test_unknown_component_name_is_a_plugin_error_with_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, '[solver]\nname = "cvpf"\n' + MINIMAL)
+    with pytest.raises(PluginError, match=r"solver: unknown solver 'cvpf'; did you mean 'cvfp'"):
+        load_config(path, _registry())
+
+
+def test_component_without_settings_rejects_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tokenizer\.vocab: unknown key \(tokenizer 'gpt2' takes no settings\)"):
+        load_config(write(tmp_path, '[tokenizer]\nvocab = 3\n' + MINIMAL), _registry())
+
+
+def test_large_files_and_deep_nesting_are_refused(tmp_path: Path) -> None:
+    big = write(tmp_path, "# " + "x" * (1 << 20) + "\n" + MINIMAL)
+    with pytest.raises(ConfigError, match="limited to 1 MiB"):
+        load_config(big, _registry())
+    deep = write(tmp_path, "a = " + "[" * 40 + "]" * 40 + "\n" + MINIMAL)
+    with pytest.raises(ConfigError, match="nesting too deep"):
+        load_config(deep, _registry())
+    deeper = write(tmp_path, "a = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nesting too deep|invalid TOML"):
+        load_config(deeper, _registry())
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read experiment file"):
+        load_config(tmp_path / "nope.toml", _registry())
+
+
+def test_overrides_reach_list_elements_and_create_tables(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL), _registry(),
+                         ["models.0.layers=4", 'data.source="ultrachat"', "phase2.epochs=3",
+                          "solver.path=some/dir"])
+    resolved = config.resolved()
+    assert resolved["models"][0]["layers"] == 4
+    assert resolved["phase2"]["epochs"] == 3
+    assert resolved["solver"]["path"] == "some/dir"
+
+
+@pytest.mark.parametrize("text", ["models.3.layers=4", "noequals", "=3", "a..b=1"])
+def test_bad_overrides(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match="--set"):
+        load_config(write(tmp_path, MINIMAL), _registry(), [text])
+
+
+def test_override_into_a_scalar_is_refused() -> None:
+    with pytest.raises(ConfigError, match="is a value, not a table"):
+        apply_override({"a": 1}, "a.b=2")
+
+
+def test_bare_words_are_strings_and_literals_are_typed() -> None:
+    assert parse_override("data.source=embedded") == (["data", "source"], "embedded")
+    assert parse_override("x=[1, 2]") == (["x"], [1, 2])
+    assert parse_override("x=1e-3") == (["x"], 0.001)
+
+
+overrides = st.fixed_dictionaries(
+    {},
+    optional={
+        "models.0.layers": st.integers(1, 64),
+        "models.0.context_dim": st.integers(1, 4096),
+        "models.0.dropout": st.floats(0, 1, allow_nan=False),
+        "solver.learning_rate": st.floats(1e-9, 10, allow_nan=False),
+        "solver.max_iterations": st.integers(1, 1000),
+        "solver.path": st.text(st.characters(blacklist_categories=("Cs",)), max_size=20),
+        "phase2.epochs": st.integers(1, 50),
+        "phase2.restore_best": st.booleans(),
+        "experiment.seed": st.integers(0, 2**31),
+        "experiment.samples": st.lists(st.integers(1, 10**6), min_size=1, max_size=5, unique=True),
+        "data.val.start": st.integers(0, 10**6),
+        "data.text": st.sampled_from(["first_turn", "first_turn_128", "all_turns", "all_turns_space_512"]),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=overrides)
+def test_resolved_config_round_trips(tmp_path: Path, values: dict[str, Any]) -> None:
+    import tomli_w
+
+    texts = [f"{key}={tomli_w.dumps({'v': value})[4:].strip()}" for key, value in values.items()]
+    registry = _registry()
+    config = load_config(write(tmp_path, MINIMAL), registry, texts)
+    again_path = tmp_path / "resolved.toml"
+    again_path.write_text(config.resolved_toml())
+    again = load_config(again_path, registry)
+    assert again.resolved() == config.resolved()
+    assert again.schema.experiment == config.schema.experiment
+    assert again.schema.phase2 == config.schema.phase2
+    for before, after in [(config.solver, again.solver), (config.data_source, again.data_source),
+                          (config.models[0][1], again.models[0][1])]:
+        assert after.settings == before.settings

@@ -1,0 +1,186 @@
+"""`newllm-kit run` end to end on tiny local data: run directory, determinism, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_cli import ROOT, cli
+
+from newllm_kit.errors import DataError, UserError
+from newllm_kit.plugins import load_plugins
+from newllm_kit.run import execute
+
+TINY = """
+[experiment]
+name = "tiny"
+samples = [12, 24]
+seed = 7
+
+[data]
+source = "synthetic"
+words_per_doc = 20
+docs = 400
+val = { start = 300, count = 12 }
+
+[tokenizer]
+name = "bytes"
+
+[embedding]
+source = "random"
+
+[solver]
+name = "cvfp"
+min_iterations = 2
+max_iterations = 4
+batch_size = 512
+
+[phase2]
+epochs = 3
+patience = 1
+batch_size = 128
+learning_rate = 0.01
+
+[runner]
+name = "cpu"
+
+[[models]]
+label = "A"
+variant = "gradual-reduction"
+layers = 2
+context_dim = 16
+embedding_dim = 16
+
+[[models]]
+label = "B"
+variant = "token-every-layer"
+layers = 1
+context_dim = 24
+embedding_dim = 16
+"""
+
+TIMING_KEYS = {"seconds"}
+
+
+def write_tiny(tmp_path: Path, text: str = TINY) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def without_timings(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def read_results(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("run")
+    result = execute(write_tiny(tmp), [], tmp / "runs", False, "none", load_plugins())
+    return {**result, "tmp": tmp}
+
+
+def test_run_directory_has_every_artifact(finished: dict[str, Any]) -> None:
+    run_dir = Path(finished["run_dir"])
+    assert run_dir.parent.name == "tiny"
+    for name in ("config.resolved.toml", "overrides.txt", "meta.json", "results.jsonl", "results.csv",
+                 "metrics.jsonl", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["status"] == "finished"
+    assert set(meta["fingerprints"]) >= {"corpus", "tokenizer", "split"}
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_results_records_hold_what_the_table_needs(finished: dict[str, Any]) -> None:
+    records = read_results(Path(finished["run_dir"]))
+    assert [(r["model"], r["samples"]) for r in records] == [("A", 12), ("A", 24), ("B", 12), ("B", 24)]
+    for r in records:
+        for key in ("train_tokens", "val_tokens", "val_ppl", "val_acc", "train_er", "val_er",
+                    "phase1_iterations", "convergence_rate", "best_epoch", "params", "seconds", "fingerprints"):
+            assert key in r, key
+        assert 2 <= r["phase1_iterations"] <= 4
+        assert 0 < r["val_er"] <= 1 and 0 < r["train_er"] <= 1
+        assert 1 <= r["best_epoch"] <= 3
+        assert r["val_ppl"] < 256  # far below the byte vocabulary: the model learnt something
+        assert r["best_possible_ppl"] < r["val_ppl"]
+    assert records[1]["train_tokens"] > records[0]["train_tokens"]
+    assert records[0]["val_tokens"] == records[1]["val_tokens"]  # one validation set for every size
+
+
+def test_summary_has_a_scaling_fit_per_model(finished: dict[str, Any]) -> None:
+    fits = {f["model"]: f for f in finished["scaling"]["fits"]}
+    assert set(fits) == {"A", "B"} and fits["A"]["points"] == 2
+
+
+def test_same_seed_same_results(finished: dict[str, Any], tmp_path: Path) -> None:
+    again = execute(write_tiny(tmp_path), [], tmp_path / "runs", False, "none", load_plugins())
+    assert without_timings(read_results(Path(again["run_dir"]))) == without_timings(
+        read_results(Path(finished["run_dir"])))
+
+
+def test_resume_of_a_finished_run_recomputes_nothing(finished: dict[str, Any]) -> None:
+    run_dir = Path(finished["run_dir"])
+    before = (run_dir / "metrics.jsonl").read_text()
+    result = execute(run_dir, [], run_dir.parent.parent, True, "none", load_plugins())
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert without_timings(result["results"]) == without_timings(read_results(run_dir))
+
+
+def test_resume_with_a_different_config_is_refused(finished: dict[str, Any]) -> None:
+    tmp = finished["tmp"]
+    with pytest.raises(UserError, match=r"differs .* phase2\.epochs"):
+        execute(write_tiny(tmp), ["phase2.epochs=5"], tmp / "runs", True, "none", load_plugins())
+
+
+def test_more_samples_than_the_corpus_has(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="400"):
+        execute(write_tiny(tmp_path), ["experiment.samples=[500]", "data.val.start=600"], tmp_path / "runs",
+                False, "none", load_plugins())
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_results(finished: dict[str, Any], tmp_path: Path) -> None:
+    path = write_tiny(tmp_path)
+    out = tmp_path / "runs"
+    env = {**os.environ, "NO_COLOR": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "newllm_kit", "run", str(path), "--out", str(out),
+                                "--progress", "plain"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    killed_mid_unit = False
+    while time.monotonic() < deadline and process.poll() is None:
+        runs = [p for p in out.glob("tiny/*") if (p / "config.resolved.toml").exists()]
+        if runs and (runs[0] / "results.jsonl").exists() and any((runs[0] / "checkpoints").glob("*/LATEST")):
+            os.kill(process.pid, signal.SIGKILL)  # one unit finished, the next one checkpointed
+            killed_mid_unit = True
+            break
+        time.sleep(0.05)
+    process.wait(timeout=30)
+    run_dir = next(p for p in out.glob("tiny/*") if (p / "config.resolved.toml").exists())
+    assert killed_mid_unit, "the run finished before it could be killed"
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "running"
+    resumed = cli("run", str(path), "--out", str(out), "--resume", "--progress", "plain")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from checkpoint" in resumed.stderr
+    assert without_timings(read_results(run_dir)) == without_timings(read_results(Path(finished["run_dir"])))
+
+
+def test_run_cli_prints_the_table_and_fit(tmp_path: Path) -> None:
+    result = cli("run", str(write_tiny(tmp_path)), "--out", str(tmp_path / "runs"), "--progress", "plain",
+                 "--set", "experiment.samples=[12, 24]", "--set", "models.1.layers=2")
+    assert result.returncode == 0, result.stderr
+    assert "Val PPL" in result.stdout and "PPL = " in result.stdout and "tokens^" in result.stdout
+    assert "A-12" in result.stderr  # plain progress lines go to stderr
+    json_run = cli("run", str(write_tiny(tmp_path)), "--out", str(tmp_path / "runs"), "--json")
+    assert json_run.returncode == 0
+    assert json.loads(json_run.stdout)["results"][0]["model"] == "A"

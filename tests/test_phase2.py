@@ -1,0 +1,401 @@
+"""Phase 2: the chunked head loss, the epoch loop's stopping/restoring rules, micro-batching, OOM
+retries, sharding over ranks, and bit-identical resume — on tiny float64 models on the CPU."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import threading
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from newllm_kit import phase2
+from newllm_kit.errors import RunFailed
+from newllm_kit.phase2 import (
+    Phase2Data,
+    Phase2Settings,
+    Phase2State,
+    early_stop_update,
+    evaluate,
+    head_cross_entropy,
+    train_phase2,
+)
+from newllm_kit.protocols import EvalOutputs
+
+V, T, WIDTHS = 11, 5, (3, 4)
+
+
+class CPURunner:
+    """The smallest `Runner`: one process on the CPU; `micro` caps the micro-batch (None: whole batch)."""
+
+    name, precision, rank, world_size = "test-cpu", "fp32", 0, 1
+    device = torch.device("cpu")
+
+    def __init__(self, micro: int | None = None, recover: bool = True) -> None:
+        self.micro, self.recover, self.ooms = micro, recover, 0
+
+    def setup(self) -> None: ...
+
+    def teardown(self) -> None: ...
+
+    def barrier(self) -> None: ...
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def batch_size(self, requested: int | None, bytes_per_item: int) -> int:
+        return requested or 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def micro_batch(self, batch: int) -> int:
+        return batch if self.micro is None else min(batch, self.micro)
+
+    def handle_oom(self, error: BaseException, batch: int) -> bool:
+        self.ooms += 1
+        self.micro = max(1, self.micro_batch(batch) // 2)
+        return self.recover
+
+    def shard(self, n: int) -> range:
+        return range(n)
+
+    def neighbour_exchange(self, last_row: torch.Tensor) -> torch.Tensor:
+        return last_row
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        return tensor
+
+
+class Silent:
+    def start(self, phase: str, total: int | None) -> None: ...
+
+    def advance(self, phase: str, **fields: float) -> None: ...
+
+    def finish(self, phase: str) -> None: ...
+
+
+class TinyModel(nn.Module):
+    """The Phase-2 surface of `protocols.Model`: a one-layer TokenBlock and an untied head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.mix = nn.Linear(sum(WIDTHS) + T, 6)
+        self.head = nn.Linear(6, V)
+        self.frozen = nn.Linear(2, 2).requires_grad_(False)
+        self.double()
+        self.oom_once_above: int | None = None  # raise one OutOfMemoryError for a larger micro-batch
+
+    def token_states(self, layer_contexts: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        if self.oom_once_above is not None and tokens.shape[0] > self.oom_once_above:
+            self.oom_once_above = None
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return torch.tanh(self.mix(torch.cat([*layer_contexts, tokens], dim=-1)))
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.head.weight, self.head.bias
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        phase2 = [*self.mix.parameters(), *self.head.parameters()]
+        return {"phase1": list(self.frozen.parameters()), "phase2": phase2}
+
+
+def make_data(n: int, seed: int) -> Phase2Data:
+    g = torch.Generator().manual_seed(seed)
+    layers = [torch.randn(n, w, generator=g, dtype=torch.float64) for w in WIDTHS]
+    tokens = torch.randn(n, T, generator=g, dtype=torch.float64)
+    return Phase2Data(layers, tokens, torch.randint(0, V, (n,), generator=g))
+
+
+TRAIN, VAL = make_data(61, 1), make_data(23, 2)
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def run(model: TinyModel | None = None, runner: Any = None, **keys: Any) -> tuple[TinyModel, Any]:
+    model = model or TinyModel()
+    options: dict[str, Any] = {"batch_size": 16, "epochs": 3, "patience": 5, "learning_rate": 0.01, **keys}
+    report = train_phase2(model, TRAIN, VAL, Phase2Settings(**options), runner or CPURunner(), Silent())
+    return model, report
+
+
+# -- the chunked loss -------------------------------------------------------------------------------
+
+def reference(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = F.linear(states, weight, bias)
+    return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), vocab=st.integers(2, 30), chunk=st.integers(1, 50), with_bias=st.booleans(),
+       train_head=st.booleans(), seed=st.integers(0, 2**16))
+def test_chunked_cross_entropy_matches_full(rows: int, vocab: int, chunk: int, with_bias: bool,
+                                            train_head: bool, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(rows, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, 7, generator=g, dtype=torch.float64).requires_grad_(train_head)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64).requires_grad_(train_head)
+    bias = bias if with_bias else None
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    inputs = [t for t in (states, weight, bias) if t is not None and t.requires_grad]
+
+    loss, correct = head_cross_entropy(states, weight, bias, targets, chunk)
+    grads = torch.autograd.grad(loss * 0.37, inputs)
+    ref_loss, ref_correct = reference(states, weight, bias, targets)
+    ref_grads = torch.autograd.grad(ref_loss * 0.37, inputs)
+
+    assert loss.dtype == torch.float64 and int(correct) == int(ref_correct)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_fp32() -> None:
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(64, 16, generator=g, requires_grad=True)
+    weight, targets = torch.randn(100, 16, generator=g) * 0.2, torch.randint(0, 100, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = head_cross_entropy(states, weight, None, targets, chunk=24)
+    (grad,) = torch.autograd.grad(loss, states)
+    ref_loss, _ = reference(states, weight, None, targets)
+    (ref_grad,) = torch.autograd.grad(ref_loss, states)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=5e-2, atol=5e-2)
+
+
+# -- early stopping ---------------------------------------------------------------------------------
+
+def stop_epoch(losses: list[float], patience: int) -> tuple[int, int]:
+    """(best epoch, epoch at which training stops) for a sequence of validation losses."""
+    best, counter, best_epoch = math.inf, 0, 0
+    for epoch, loss in enumerate(losses, start=1):
+        best, counter, improved, stop = early_stop_update(best, counter, loss, patience)
+        best_epoch = epoch if improved else best_epoch
+        if stop:
+            return best_epoch, epoch
+    return best_epoch, len(losses)
+
+
+@pytest.mark.parametrize(("losses", "patience", "expected"), [
+    ([3.0, 2.0, 2.5, 1.9, 2.0, 2.1], 1, (2, 3)),
+    ([3.0, 2.0, 2.5, 1.9, 2.0, 2.1], 2, (4, 6)),
+    ([2.0, 2.0, 1.0], 1, (1, 2)),  # equal is not an improvement (strict <)
+    ([5.0, 4.0, 3.0, 2.0], 1, (4, 4)),  # never stops early
+    ([1.0, 1.5, 1.2, 1.1], 3, (1, 4)),
+])
+def test_early_stop_update(losses: list[float], patience: int, expected: tuple[int, int]) -> None:
+    assert stop_epoch(losses, patience) == expected
+
+
+def scripted_eval(monkeypatch: pytest.MonkeyPatch, losses: list[float]) -> None:
+    """Replace validation by a script of losses (count 10, correct = epoch)."""
+    calls = iter(enumerate(losses, start=1))
+
+    def fake(model: Any, data: Phase2Data, settings: Phase2Settings, runner: Any) -> EvalOutputs:
+        epoch, loss = next(calls)
+        return EvalOutputs(nll_sum=loss * 10, correct=epoch, count=10)
+
+    monkeypatch.setattr(phase2, "evaluate", fake)
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_stops_with_patience_and_reports_the_best_epoch(monkeypatch: pytest.MonkeyPatch,
+                                                        restore_best: bool) -> None:
+    scripted_eval(monkeypatch, [3.0, 2.0, 2.5, 2.6, 1.0])
+    states: list[Phase2State] = []
+    model = TinyModel()
+    report = train_phase2(model, TRAIN, VAL, Phase2Settings(batch_size=16, epochs=5, patience=2,
+                                                            restore_best=restore_best),
+                          CPURunner(), Silent(), on_epoch_end=states.append)
+    assert (report.best_epoch, report.epochs_run, len(report.history)) == (2, 4, 4)
+    assert report.val == EvalOutputs(nll_sum=20.0, correct=2, count=10)
+    assert [round(h["val_loss"], 9) for h in report.history] == [3.0, 2.0, 2.5, 2.6]
+    assert report.history[1]["val_ppl"] == pytest.approx(math.exp(2.0))
+    kept = states[1].model if restore_best else states[3].model  # best epoch's weights, or the last's
+    for name, value in model.named_parameters():
+        if name in kept:
+            assert torch.equal(value.detach(), kept[name]), name
+    assert not torch.equal(states[1].model["head.weight"], states[3].model["head.weight"])
+
+
+# -- the loop on real numbers -----------------------------------------------------------------------
+
+def test_training_lowers_the_loss_and_leaves_frozen_weights_alone() -> None:
+    model = TinyModel()
+    frozen = model.frozen.weight.detach().clone()
+    _, report = run(model, epochs=4, learning_rate=0.05)
+    losses = [h["train_loss"] for h in report.history]
+    assert losses[-1] < losses[0]
+    assert torch.equal(model.frozen.weight, frozen)
+    assert report.history[0]["train_ppl"] == pytest.approx(math.exp(losses[0]))
+
+
+def test_evaluate_sums_every_position_exactly() -> None:
+    model = TinyModel()
+    out = evaluate(model, VAL, Phase2Settings(batch_size=7, eval_batch_size=5), CPURunner(micro=2))
+    with torch.no_grad():
+        states = model.token_states([h[:-1] for h in VAL.layers], VAL.tokens[:-1])
+        loss, correct = reference(states, model.head.weight, model.head.bias, VAL.ids[1:])
+    assert out.count == 22 and out.correct == int(correct)
+    assert out.nll_sum == pytest.approx(float(loss), rel=1e-12)
+    assert model.training
+
+
+def test_micro_batches_give_the_full_batch_step() -> None:
+    full, _ = run(runner=CPURunner(), epochs=2)
+    pieces, _ = run(runner=CPURunner(micro=3), epochs=2)
+    for name, value in params_of(full).items():
+        torch.testing.assert_close(params_of(pieces)[name], value, rtol=1e-9, atol=1e-9)
+
+
+def test_non_finite_loss_fails_naming_epoch_and_batch() -> None:
+    bad = copy.deepcopy(TRAIN)
+    bad.layers[0][20, 1] = math.nan  # position 20 lies in the second batch of 16
+    with pytest.raises(RunFailed, match=r"phase 2, epoch 1, batch 2: non-finite loss"):
+        train_phase2(TinyModel(), bad, VAL, Phase2Settings(batch_size=16), CPURunner(), Silent())
+
+
+def test_out_of_memory_halves_the_micro_batch_and_retries_the_step() -> None:
+    reference_model, reference_report = run()
+    model = TinyModel()
+    model.oom_once_above = 8
+    runner = CPURunner()
+    _, report = run(model, runner)
+    assert runner.ooms == 1 and runner.micro == 8
+    assert [h["val_loss"] for h in report.history] == pytest.approx(
+        [h["val_loss"] for h in reference_report.history], rel=1e-9)
+    for name, value in params_of(reference_model).items():
+        torch.testing.assert_close(params_of(model)[name], value, rtol=1e-9, atol=1e-9)
+
+
+def test_out_of_memory_is_re_raised_when_the_runner_gives_up() -> None:
+    model = TinyModel()
+    model.oom_once_above = 8
+    with pytest.raises(torch.OutOfMemoryError):
+        run(model, CPURunner(recover=False))
+
+
+# -- resume -----------------------------------------------------------------------------------------
+
+def without_seconds(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_resume_after_an_epoch_is_bit_identical(restore_best: bool) -> None:
+    keys = {"epochs": 4, "patience": 2, "learning_rate": 0.3, "restore_best": restore_best}
+    states: list[Phase2State] = []
+    whole = TinyModel()
+    report = train_phase2(whole, TRAIN, VAL, Phase2Settings(batch_size=16, **keys), CPURunner(), Silent(),
+                          on_epoch_end=states.append)
+    for k in range(len(states)):
+        buffer = io.BytesIO()
+        torch.save(states[k], buffer)  # what a checkpoint does
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=False)
+        resumed = TinyModel(seed=123)  # different initial weights: everything must come from the state
+        again = train_phase2(resumed, TRAIN, VAL, Phase2Settings(batch_size=16, **keys), CPURunner(),
+                             Silent(), start=saved)
+        assert without_seconds(again.history) == without_seconds(report.history)
+        assert (again.best_epoch, again.epochs_run) == (report.best_epoch, report.epochs_run)
+        assert again.val == report.val
+        for name, value in params_of(whole).items():
+            if name.startswith(("mix", "head")):
+                assert torch.equal(params_of(resumed)[name], value), (k, name)
+
+
+# -- ranks ------------------------------------------------------------------------------------------
+
+class ThreadRank(CPURunner):
+    """One of `world` ranks run as threads; all_reduce_sum sums through a shared board."""
+
+    def __init__(self, rank: int, world: int, board: dict[str, Any]) -> None:
+        super().__init__(micro=2)
+        self.rank, self.world_size, self.board = rank, world, board
+
+    def shard(self, n: int) -> range:
+        size = -(-n // self.world_size)
+        return range(min(n, self.rank * size), min(n, (self.rank + 1) * size))
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        barrier: threading.Barrier = self.board["barrier"]
+        self.board[self.rank] = tensor.clone()
+        barrier.wait()
+        total = sum(self.board[r] for r in range(self.world_size))
+        barrier.wait()
+        assert isinstance(total, torch.Tensor)
+        return total
+
+
+def test_ranks_in_lock_step_match_one_process() -> None:
+    single, single_report = run(epochs=3)
+    world = 3
+    board: dict[str, Any] = {"barrier": threading.Barrier(world)}
+    models = [TinyModel() for _ in range(world)]
+    reports: list[Any] = [None] * world
+
+    def rank(r: int) -> None:
+        reports[r] = train_phase2(models[r], TRAIN, VAL, Phase2Settings(batch_size=16, epochs=3, patience=5,
+                                                                        learning_rate=0.01),
+                                  ThreadRank(r, world, board), Silent())
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(r is not None for r in reports)
+    for r in range(world):
+        assert reports[r].val.count == single_report.val.count
+        assert reports[r].val.nll_sum == pytest.approx(single_report.val.nll_sum, rel=1e-9)
+        for name, value in params_of(single).items():
+            torch.testing.assert_close(params_of(models[r])[name], value, rtol=1e-9, atol=1e-9)
+
+
+# -- the real architecture --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tie_head", [True, False])
+def test_cvfp_model_trains_its_phase2_group(tie_head: bool) -> None:
+    from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
+
+    torch.manual_seed(0)
+    keys = {"layers": 2, "context_dim": 16, "embedding_dim": 8, "tie_head": tie_head}
+    model = CVFPArchitecture(CVFPSettings(**keys)).build(50)
+    model.double()
+    model.set_embedding(torch.randn(50, 8, dtype=torch.float64), freeze=True)
+    for p in model.param_groups()["phase1"]:
+        p.requires_grad_(False)
+
+    def stream(n: int, seed: int) -> Phase2Data:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 50, (n,), generator=g)
+        with torch.no_grad():
+            tokens = model.token_inputs(ids)
+            layers = model.context_block(torch.randn(n, 16, generator=g, dtype=torch.float64), tokens)
+        return Phase2Data(layers, tokens, ids)
+
+    before = params_of(model)
+    options = Phase2Settings(batch_size=32, epochs=3, patience=3, learning_rate=0.01, ce_chunk=7)
+    report = train_phase2(model, stream(200, 1), stream(40, 2), options, CPURunner(), Silent())
+    after = params_of(model)
+    assert report.history[-1]["train_loss"] < report.history[0]["train_loss"]
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any(name.startswith("token_block") for name in changed)
+    assert ("head.weight" in changed) is (not tie_head)
+    assert not any(name.startswith(("context_block", "embedding")) for name in changed)

@@ -1,0 +1,98 @@
+"""The plugin loader: built-ins through entry points, and every way a plugin can be broken."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import load_case
+
+from newllm_kit.errors import PluginError
+from newllm_kit.plugins import load_plugins
+
+
+def test_builtins_load_through_the_entry_point_group() -> None:
+    plugins = load_plugins()
+    ok = {i.name: i for i in plugins.infos if i.status == "ok"}
+    assert ok["cvfp"].distribution == "newllm-kit"
+    assert plugins.registry.names("architecture") == ["cvfp"] or "cvfp" in plugins.registry.names("architecture")
+    assert {"cvfp", "gradual-decrease"} <= set(plugins.registry.names("solver"))
+    assert {"ppl", "accuracy", "effective_rank", "convergence_rate"} <= set(plugins.registry.names("metric"))
+    assert {"cpu", "gpu", "auto", "ddp"} <= set(plugins.registry.names("runner"))
+    assert {"ultrachat", "text", "embedded", "synthetic"} <= set(plugins.registry.names("data_source"))
+    assert {"gpt2", "bpe", "bytes"} <= set(plugins.registry.names("tokenizer"))
+    assert not plugins.problems()
+
+
+def test_autoload_can_be_disabled(no_autoload: None) -> None:
+    plugins = load_plugins()
+    assert all(i.status == "disabled" for i in plugins.infos)
+    assert plugins.registry.names("architecture") == []
+
+
+def test_named_plugins_load_when_autoload_is_off(no_autoload: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWLLM_KIT_PLUGINS", "metrics")
+    plugins = load_plugins()
+    assert "ppl" in plugins.registry.names("metric")
+    assert plugins.registry.names("architecture") == []
+
+
+def test_disable_one_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NEWLLM_KIT_DISABLE_PLUGINS", "gradual_decrease")
+    plugins = load_plugins()
+    assert "gradual-decrease" not in plugins.registry.names("solver")
+    assert "cvfp" in plugins.registry.names("solver")
+
+
+def test_good_plugin_registers_with_attribution(no_autoload: None) -> None:
+    plugins = load_plugins(extra=[("good", load_case("good"))])
+    component = plugins.registry.get("metric", "constant")
+    assert component.plugin == "good"
+    assert plugins.infos[-1].components == {"metric": ["constant"]}
+
+
+def test_misspelt_hook_is_reported_with_a_suggestion(no_autoload: None) -> None:
+    plugins = load_plugins(extra=[("typo", load_case("typo_hook")), ("good", load_case("good"))])
+    typo = next(i for i in plugins.infos if i.name == "typo")
+    assert typo.status == "broken"
+    assert "register_solver" in (typo.error or "") and "register_solvers" in (typo.error or "")
+    assert "constant" in plugins.registry.names("metric")  # the others still load
+
+
+def test_duplicate_component_names_name_both_plugins(no_autoload: None) -> None:
+    plugins = load_plugins(extra=[("good", load_case("good")), ("dup", load_case("duplicate_name"))])
+    with pytest.raises(PluginError, match=r"'good' and 'dup'"):
+        plugins.registry.get("metric", "constant")
+    assert any(i.status == "conflict" for i in plugins.infos)
+
+
+def test_raising_hook_is_broken_and_leaves_nothing_behind(no_autoload: None) -> None:
+    plugins = load_plugins(extra=[("raiser", load_case("raising_hook"))])
+    info = plugins.infos[-1]
+    assert info.status == "broken" and "~/.half not found" in (info.error or "")
+    assert "half" not in plugins.registry.names("metric")
+    with pytest.raises(PluginError, match="raiser"):
+        plugins.registry.get("metric", "half")
+
+
+def test_strict_mode_raises_on_the_first_problem(no_autoload: None) -> None:
+    with pytest.raises(PluginError, match="typo"):
+        load_plugins(extra=[("typo", load_case("typo_hook"))], strict=True)
+
+
+def test_broken_import_is_reported_and_others_load(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real entry point whose module fails to import: name, distribution and reason are shown."""
+    from conftest import make_fake_dist
+
+    make_fake_dist(tmp_path, monkeypatch, "broken-dist", "1.2", {"broken": "newllm_broken_case"},
+                   {"newllm_broken_case.py": "import newllm_kit_missing_dependency\n"})
+    plugins = load_plugins()
+    info = next(i for i in plugins.infos if i.name == "broken")
+    assert info.status == "broken"
+    assert info.distribution == "broken-dist" and info.version == "1.2"
+    assert "newllm_kit_missing_dependency" in (info.error or "")
+    assert "cvfp" in plugins.registry.names("architecture")
+
+
+def test_unknown_component_suggests_the_closest_name() -> None:
+    plugins = load_plugins()
+    with pytest.raises(PluginError, match="did you mean 'gradual-decrease'"):
+        plugins.registry.get("solver", "gradual-decrese")

@@ -1,0 +1,288 @@
+"""Scaling-law fits: the seed's numbers, statistical properties, bad input, JSON shape, plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from newllm_kit import scaling
+from newllm_kit.errors import DataError, UserError
+from newllm_kit.scaling import Point
+
+SEED = Path(__file__).parent / "data" / "seed_tables.csv"
+
+
+def seed_report(predict: list[float] | None = None, form: str = "power") -> dict[str, dict]:
+    points, _ = scaling.load_points([SEED])
+    report = scaling.report_to_json(scaling.fit_all(points, predict or [], form))
+    return {f["model"]: f for f in report["fits"]}
+
+
+def synthetic(model: str, tokens: list[float], ppls: list[float], source: str = "mem") -> list[Point]:
+    return [Point(model, t, p, None, source) for t, p in zip(tokens, ppls, strict=True)]
+
+
+# -- the seed's tables -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("model", "alpha", "a", "r2"),
+    [
+        ("2025-11-27-3L", -0.7143, 2_264_935, 0.9818),
+        ("2025-11-27-6L", -0.7463, 3_022_654, 0.9908),
+        ("v2-A", -0.2926, 19_519, 1.0),
+        ("v2-B", -0.2887, 18_891, 1.0),
+        ("v1-A", -0.2877, 14_623, 1.0),
+        ("v1-B", -0.3846, 46_550, 1.0),
+    ],
+)
+def test_seed_fits_match_the_recomputed_values(model: str, alpha: float, a: float, r2: float) -> None:
+    fit = seed_report()[model]
+    assert fit["alpha"] == pytest.approx(alpha, abs=1e-4)
+    assert fit["A"] == pytest.approx(a, rel=1e-3)
+    assert fit["r2"] == pytest.approx(r2, abs=1e-4)
+
+
+def test_seed_doubling_reduction_and_v2_predictions_correct_the_summary() -> None:
+    fits = seed_report([5e5, 1e6, 5e6, 1e7])
+    v2a = fits["v2-A"]
+    assert round(100 * v2a["doubling_reduction"], 1) == 18.4  # the summary says 22 %
+    assert round(100 * fits["2025-11-27-3L"]["doubling_reduction"], 1) == 39.1
+    assert round(100 * fits["v1-B"]["doubling_reduction"], 1) == 23.4
+    ppl = [p["ppl"] for p in v2a["predictions"]]
+    assert ppl == pytest.approx([419.7, 342.7, 214.0, 174.7], rel=1e-3)  # the summary says 383 at 500k
+    assert all(p["pi"] is None for p in v2a["predictions"])
+    assert v2a["predictions"][0]["extrapolation"] == pytest.approx(5e5 / 183_620)
+
+
+def test_seed_interval_exists_only_with_three_or_more_token_counts() -> None:
+    fits = seed_report([5e5])
+    lo, hi = fits["2025-11-27-3L"]["alpha_ci"]
+    assert lo < fits["2025-11-27-3L"]["alpha"] < hi
+    pi = fits["2025-11-27-3L"]["predictions"][0]["pi"]
+    assert pi[0] < fits["2025-11-27-3L"]["predictions"][0]["ppl"] < pi[1]
+    assert fits["v2-A"]["alpha_ci"] is None
+
+
+# -- statistical properties --------------------------------------------------------------------
+exponents = st.lists(st.integers(0, 70), min_size=2, max_size=8, unique=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(exponents, st.floats(-2.0, -0.05), st.floats(1.0, 1e7))
+def test_exact_power_law_is_recovered(steps: list[int], alpha: float, a: float) -> None:
+    tokens = [10 ** (2 + k / 10) for k in steps]
+    fit = scaling.fit_power("m", tokens, [a * t**alpha for t in tokens], [])
+    assert fit.alpha == pytest.approx(alpha, rel=1e-9)
+    assert fit.A == pytest.approx(a, rel=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_permuting_rows_changes_nothing(rng: object) -> None:
+    points, _ = scaling.load_points([SEED])
+    shuffled = list(points)
+    rng.shuffle(shuffled)  # type: ignore[attr-defined]
+    predict = [5e5, 1e7]
+    assert (scaling.report_to_json(scaling.fit_all(shuffled, predict, "power"))
+            == scaling.report_to_json(scaling.fit_all(points, predict, "power")))
+
+
+def test_alpha_interval_has_nominal_coverage() -> None:
+    rng = np.random.default_rng(20251128)
+    tokens = [1e4, 3e4, 1e5, 3e5, 1e6]
+    alpha, a, sigma, runs = -0.3, 2e4, 0.05, 400
+    covered = 0
+    for _ in range(runs):
+        noise = rng.normal(0, sigma, len(tokens))
+        ppls = [a * t**alpha * math.exp(e) for t, e in zip(tokens, noise, strict=True)]
+        ci = scaling.fit_power("m", tokens, ppls, []).alpha_ci
+        assert ci is not None
+        covered += ci[0] <= alpha <= ci[1]
+    assert 0.90 <= covered / runs <= 0.99
+
+
+# -- warnings ------------------------------------------------------------------------------------
+def test_two_points_warn_that_r2_is_trivial() -> None:
+    report = scaling.fit_all(synthetic("x", [1e3, 2e3], [100.0, 80.0]), [], "power")
+    assert report.fits[0].r2 == 1.0 and report.fits[0].alpha_ci is None
+    assert "model x: 2 points, R² = 1 by construction; no interval can be estimated" in report.warnings
+
+
+def test_far_predictions_warn_about_extrapolation() -> None:
+    report = scaling.fit_all(synthetic("x", [1e3, 2e3, 4e3], [100.0, 80.0, 65.0]), [3e4, 5e4], "power")
+    assert len([w for w in report.warnings if "extrapolation" in w]) == 1
+    assert "50,000 tokens" in next(w for w in report.warnings if "extrapolation" in w)
+
+
+# -- offset form ---------------------------------------------------------------------------------
+def test_offset_form_recovers_exact_parameters() -> None:
+    e, a, alpha = 40.0, 3e4, -0.5
+    tokens = [1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6]
+    report = scaling.fit_all(synthetic("x", tokens, [e + a * t**alpha for t in tokens]), [1e7], "offset")
+    offset = report.fits[0].offset
+    assert offset is not None
+    assert offset.E == pytest.approx(e, rel=1e-2)
+    assert offset.A == pytest.approx(a, rel=1e-2)
+    assert offset.alpha == pytest.approx(alpha, rel=1e-2)
+    assert offset.predictions[0].ppl == pytest.approx(e + a * 1e7**alpha, rel=1e-2)
+
+
+def test_offset_form_is_robust_to_one_bad_run() -> None:
+    tokens = [1e3 * 2**k for k in range(8)]
+    ppls = [40 + 3e4 * t**-0.5 for t in tokens]
+    ppls[3] *= 1.3  # one run 30 % off: drags the least-squares power law, not the Huber offset fit
+    offset = scaling.fit_offset("x", tokens, ppls, [])
+    assert offset.alpha == pytest.approx(-0.5, rel=2e-2) and offset.E == pytest.approx(40, rel=5e-2)
+
+
+def test_offset_form_needs_four_token_counts() -> None:
+    points = synthetic("tiny", [1e3, 2e3, 4e3], [100.0, 80.0, 65.0])
+    with pytest.raises(DataError, match="tiny"):
+        scaling.fit_all(points, [], "offset")
+
+
+# -- JSON shape ----------------------------------------------------------------------------------
+def test_json_shape_is_exact() -> None:
+    points, _ = scaling.load_points([SEED])
+    power = scaling.report_to_json(scaling.fit_all(points, [1e6], "power"))
+    assert set(power) == {"fits", "warnings"}
+    fit = power["fits"][0]
+    keys = {"model", "alpha", "A", "r2", "points", "doubling_reduction", "alpha_ci", "predictions", "offset"}
+    assert set(fit) == keys and fit["offset"] is None
+    assert set(fit["predictions"][0]) == {"tokens", "ppl", "pi", "extrapolation"}
+    assert [f["model"] for f in power["fits"]] == sorted(f["model"] for f in power["fits"])
+    four = [p for p in points if p.model.startswith("2025")]
+    offset = scaling.report_to_json(scaling.fit_all(four, [1e6], "offset"))
+    assert set(offset["fits"][0]["offset"]) == {"E", "A", "alpha", "predictions"}
+    assert offset["fits"][0]["offset"]["predictions"][0]["pi"] is None
+    json.dumps(offset, allow_nan=False)
+
+
+# -- loading and bad input -------------------------------------------------------------------------
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("model,samples,val_ppl\nA,1,2\n", "missing column(s) tokens"),
+        ("model,tokens,val_ppl\nA,100,0\n", "row 2: val_ppl must be finite and positive"),
+        ("model,tokens,val_ppl\nA,100,5\nA,-3,5\n", "row 3: tokens must be finite and positive"),
+        ("model,tokens,val_ppl\nA,100,inf\n", "val_ppl must be finite"),
+        ("model,tokens,val_ppl\nA,many,5\n", "tokens is not a number"),
+        ("", "empty"),
+        ("model,tokens,val_ppl\n", "empty"),
+    ],
+)
+def test_bad_csv_is_one_line_naming_the_file(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(DataError) as caught:
+        scaling.load_points([write(tmp_path / "t.csv", text)])
+    message = str(caught.value)
+    assert needle in message and "t.csv" in message and "\n" not in message
+
+
+def test_csv_from_a_spreadsheet_with_bom_and_fingerprints(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_bytes("\ufeffmodel,tokens,val_ppl,fingerprint\nA,100,5,abc\nA,200,4,\n".encode())
+    points, _ = scaling.load_points([path])
+    expected = [("A", 100, 5, "abc"), ("A", 200, 4, None)]
+    assert [(p.model, p.tokens, p.ppl, p.fingerprint) for p in points] == expected
+
+
+def test_bad_jsonl_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "results.jsonl", '{"model": "A", "train_tokens": 10, "val_ppl": 3}\n{oops\n')
+    with pytest.raises(DataError, match=r"results.jsonl:2: not valid JSON"):
+        scaling.load_points([path])
+    write(path, '{"model": "A", "train_tokens": true, "val_ppl": 3}\n')
+    with pytest.raises(DataError, match=r":1: train_tokens is not a number"):
+        scaling.load_points([path])
+
+
+def test_unreadable_sources(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"cannot read .*nope\.csv"):
+        scaling.load_points([tmp_path / "nope.csv"])
+    with pytest.raises(DataError, match=r"no results\.jsonl"):
+        scaling.load_points([tmp_path])
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(DataError, match=r"cannot read .*bin\.csv"):
+        scaling.load_points([binary])
+
+
+def test_single_token_count_is_an_error_naming_the_model() -> None:
+    with pytest.raises(DataError, match="model flat: needs at least 2 distinct token counts"):
+        scaling.fit_all(synthetic("flat", [1e3, 1e3], [100.0, 90.0]), [], "power")
+
+
+def test_bad_prediction_count() -> None:
+    with pytest.raises(DataError, match="--predict"):
+        scaling.fit_all(synthetic("x", [1e3, 2e3], [100.0, 80.0]), [0.0], "power")
+
+
+def run_dir(root: Path, name: str, fingerprints: dict[str, str]) -> Path:
+    folder = root / "exp" / name
+    folder.mkdir(parents=True)
+    rows = [{"model": "A", "train_tokens": t, "val_ppl": p, "samples": 1, "fingerprints": fingerprints}
+            for t, p in ((1000, 90.0), (2000, 70.0))]
+    write(folder / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_run_dirs_fingerprints_and_latest(tmp_path: Path) -> None:
+    first = run_dir(tmp_path, "r1", {"corpus": "aaa", "tokenizer": "t"})
+    second = run_dir(tmp_path, "r2", {"tokenizer": "t", "corpus": "aaa"})
+    other = run_dir(tmp_path, "r3", {"corpus": "bbb", "tokenizer": "t"})
+    os.utime(first, (1, 1))
+    os.utime(second, (2, 2))
+    os.utime(other, (3, 3))
+    assert scaling.latest_run_dir(tmp_path) == other
+    points, warnings = scaling.load_points([first, second / "results.jsonl", first])
+    assert len(points) == 4 and warnings == [f"{first / 'results.jsonl'} was given twice; read once"]
+    assert scaling.check_comparable(points, allow_mixed=False) == []  # key order does not matter
+    mixed, _ = scaling.load_points([first, other])
+    with pytest.raises(UserError, match="not comparable; pass --allow-mixed"):
+        scaling.check_comparable(mixed, allow_mixed=False)
+    collected: list[str] = []
+    scaling.check_comparable(mixed, allow_mixed=True, warnings=collected)
+    assert len(collected) == 1 and "--allow-mixed" in collected[0]
+    with pytest.raises(DataError, match="run `newllm-kit run` first"):
+        scaling.latest_run_dir(tmp_path / "empty")
+
+
+# -- rendering and plotting --------------------------------------------------------------------------
+def test_render_shows_fits_predictions_comparison_and_warnings() -> None:
+    points, _ = scaling.load_points([SEED])
+    console = Console(record=True, width=160, color_system=None)
+    scaling.render(scaling.fit_all(points, [5e5], "power"), console)
+    text = console.export_text()
+    needles = ("v2-A", "−18.4%", "419.9", "Steepest α: 2025-11-27-6L", "lowest predicted PPL", "warning:")
+    for needle in needles:
+        assert needle in text, needle
+
+
+def test_plot_writes_a_png_atomically(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    points, _ = scaling.load_points([SEED])
+    target = tmp_path / "fit.png"
+    scaling.plot(scaling.fit_all(points, [5e5, 1e6], "power"), points, target)
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.png"]
+
+
+def test_plot_without_matplotlib_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    report = scaling.fit_all(synthetic("x", [1e3, 2e3], [100.0, 80.0]), [], "power")
+    with pytest.raises(UserError, match=r"pip install 'newllm-kit\[plot\]'"):
+        scaling.plot(report, [], tmp_path / "fit.png")
