@@ -69,6 +69,7 @@ def run(config: str, tokens: int, sample: int, reference: int, train_passes: int
         gain = estimate_gain(block, projected, width)
     contracting = gain.gain < 1
     n = tokens if contracting else sample
+    reference = min(reference, n)
     solver = CVFPSolver(CVFPSolverSettings(solve="auto", solve_tolerance=TOLERANCE))
     started = time.perf_counter()
     result = solver.solve(model, stream[:n], BenchRunner())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from newllm_kit import hookimpl
 from newllm_kit.errors import DataError
@@ -105,7 +105,8 @@ class GPT2TokenizerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name_or_path: str = Field(
-        default="gpt2", description="Hub repo id, or a local directory with tokenizer files.")
+        default="gpt2", validation_alias=AliasChoices("name_or_path", "path"),
+        description="Hub repo id, or a local directory with tokenizer files (alias: path).")
     cache_dir: str | None = Field(
         default=None, description="Hub download cache (default: huggingface_hub's).")
     expect_vocab: int | None = Field(
@@ -196,7 +197,8 @@ class GPT2EmbeddingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name_or_path: str = Field(
-        default="gpt2", description="Hub repo id, or a local directory with model.safetensors.")
+        default="gpt2", validation_alias=AliasChoices("name_or_path", "path"),
+        description="Hub repo id, or a local directory with model.safetensors (alias: path).")
     cache_dir: str | None = Field(
         default=None, description="Hub download cache (default: huggingface_hub's).")
 

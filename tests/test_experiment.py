@@ -184,3 +184,35 @@ def test_run_cli_prints_the_table_and_fit(tmp_path: Path) -> None:
     json_run = cli("run", str(write_tiny(tmp_path)), "--out", str(tmp_path / "runs"), "--json")
     assert json_run.returncode == 0
     assert json.loads(json_run.stdout)["results"][0]["model"] == "A"
+
+
+def test_v2_file_runs_its_real_code_path_offline_on_local_copies(tmp_path: Path) -> None:
+    """ultrachat parquet + GPT-2 tokenizer dir + GPT-2 model dir: the loaders the hub path uses."""
+    from fixtures import (
+        FIXTURE_GPT2_VOCAB,
+        make_gpt2_model_dir,
+        make_gpt2_tokenizer_dir,
+        make_ultrachat_parquet,
+    )
+
+    data = make_ultrachat_parquet(tmp_path / "ultrachat", 70)
+    tokenizer = make_gpt2_tokenizer_dir(tmp_path / "tokenizer")
+    model = make_gpt2_model_dir(tmp_path / "gpt2", FIXTURE_GPT2_VOCAB, 32)
+    overrides = [f"data.path={data}", f"tokenizer.path={tokenizer}", f"embedding.path={model}",
+                 f"tokenizer.expect_vocab={FIXTURE_GPT2_VOCAB}", "experiment.samples=[20, 40]",
+                 "data.val.start=50", "data.val.count=10", "solver.max_iterations=3", "phase2.epochs=2",
+                 "runner.name=cpu"]
+    for i, (layers, width) in enumerate([(2, 32), (1, 64)]):
+        overrides += [f"models.{i}.layers={layers}", f"models.{i}.context_dim={width}",
+                      f"models.{i}.embedding_dim=32"]
+    result = execute(ROOT / "experiments" / "v2.toml", overrides, tmp_path / "runs", False, "none",
+                     load_plugins())
+    records = result["results"]
+    assert [(r["model"], r["samples"]) for r in records] == [("A", 20), ("A", 40), ("B", 20), ("B", 40)]
+    # an untrained random GPT-2 table (std 0.02) tied to the head keeps logits near uniform: PPL ≈ vocab
+    assert all(1 < r["val_ppl"] < 1.5 * FIXTURE_GPT2_VOCAB for r in records)
+    assert records[0]["params"]["embedding"] == FIXTURE_GPT2_VOCAB * 32 + 2 * 32
+    meta = json.loads((Path(result["run_dir"]) / "meta.json").read_text())
+    assert meta["fingerprints"]["scheme"] == "first_turn"
+    resolved = (Path(result["run_dir"]) / "config.resolved.toml").read_text()
+    assert f'name_or_path = "{tokenizer}"' in resolved

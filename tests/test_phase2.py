@@ -165,6 +165,26 @@ def test_chunked_cross_entropy_matches_full(rows: int, vocab: int, chunk: int, w
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_hits_follow_argmax_when_logits_tie() -> None:
+    g = torch.Generator().manual_seed(0)  # small integers: every matmul order gives the same, exact logits
+    states = torch.randint(-3, 4, (40, 4), generator=g).float()
+    targets = torch.randint(0, 6, (40,), generator=g)
+    _, uniform = head_cross_entropy(states, torch.zeros(6, 4), torch.zeros(6), targets, chunk=7)
+    assert int(uniform) == int((targets == 0).sum())  # every logit ties: argmax is token 0
+    weight = torch.randint(-3, 4, (6, 4), generator=g).float()
+    weight[4] = weight[1]  # tokens 1 and 4 always tie; argmax can only ever pick 1
+    logits = states @ weight.T
+    targets = torch.cat([logits.argmax(-1)[:20], torch.full((10,), 4), torch.full((10,), 1)])
+    _, hits = head_cross_entropy(states, weight, None, targets, chunk=3)
+    assert int(hits) == int((logits.argmax(-1) == targets).sum()) and int(hits) >= 20
+    near = torch.tensor([[1e-3], [1e-3 - 2e-10], [5e-4]])  # distinct floats whose exp(z - max) rounds to 1
+    assert near[0, 0] != near[1, 0]
+    _, hit_first = head_cross_entropy(torch.ones(2, 1), near, None, torch.tensor([0, 1]))
+    assert int(hit_first) == 1
+    _, none = head_cross_entropy(states, weight, None, targets, count_correct=False)
+    assert int(none) == 0
+
+
 def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_fp32() -> None:
     g = torch.Generator().manual_seed(0)
     states = torch.randn(64, 16, generator=g, requires_grad=True)

@@ -13,7 +13,7 @@ def test_builtins_load_through_the_entry_point_group() -> None:
     plugins = load_plugins()
     ok = {i.name: i for i in plugins.infos if i.status == "ok"}
     assert ok["cvfp"].distribution == "newllm-kit"
-    assert plugins.registry.names("architecture") == ["cvfp"] or "cvfp" in plugins.registry.names("architecture")
+    assert "cvfp" in plugins.registry.names("architecture")
     assert {"cvfp", "gradual-decrease"} <= set(plugins.registry.names("solver"))
     assert {"ppl", "accuracy", "effective_rank", "convergence_rate"} <= set(plugins.registry.names("metric"))
     assert {"cpu", "gpu", "auto", "ddp"} <= set(plugins.registry.names("runner"))

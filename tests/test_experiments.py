@@ -1,0 +1,65 @@
+"""The shipped experiment files: valid, faithful to the seed's settings, exact parameter counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from newllm_kit.config import load_config
+from newllm_kit.experiment import plan
+from newllm_kit.params import count_params
+from newllm_kit.plugins import load_plugins
+from newllm_kit.registry import Registry
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+EXPECTED = {
+    "2025-11-27-3L.toml": {"3L": (3_545_856, 3_545_856, 84_338_257)},
+    "2025-11-27-6L.toml": {"6L": (7_091_712, 7_091_712, 91_429_969)},
+    "v1.toml": {"A": (10_630_656, 7_681_536, 56_911_104), "B": (14_169_600, 5_905_152, 58_673_664)},
+    "v2.toml": {"A": (15_394_304, 8_566_272, 62_559_488), "B": (20_730_880, 5_905_152, 65_234_944)},
+}
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    return load_plugins().registry
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_parameter_counts_are_the_seeds(registry: Registry, name: str) -> None:
+    rows = count_params(load_config(EXPERIMENTS / name, registry))
+    got = {r["label"]: (r["context_block"], r["token_block"], r["total"]) for r in rows}
+    assert got == EXPECTED[name]
+
+
+def test_untied_11_27_head_is_trained_in_phase_2(registry: Registry) -> None:
+    row = count_params(load_config(EXPERIMENTS / "2025-11-27-3L.toml", registry))[0]
+    assert row["head"] == 50257 * 768 + 50257
+    assert row["trainable"]["phase2"] == 42_193_489  # TokenBlock + head, as the 11/27 log printed
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_file_validates_and_opens_with_a_header(registry: Registry, path: Path) -> None:
+    config = load_config(path, registry)
+    assert plan(config)
+    assert path.read_text().startswith("# "), "each experiment opens with a comment header"
+
+
+def test_settings_follow_the_spec(registry: Registry) -> None:
+    def resolved(name: str) -> dict[str, Any]:
+        return load_config(EXPERIMENTS / name, registry).resolved()
+
+    v2, v1, l3 = resolved("v2.toml"), resolved("v1.toml"), resolved("2025-11-27-3L.toml")
+    assert v2["data"]["text"] == v1["data"]["text"] == "first_turn"
+    assert l3["data"]["text"] == "first_turn_128"
+    assert v2["data"]["val"] == {"start": 1000, "count": 50} and l3["data"]["val"] == {"start": 500, "count": 10}
+    assert (v2["solver"]["min_iterations"], v2["solver"]["max_iterations"], v2["solver"]["batch_size"]) == (5, 40, 8000)
+    assert (v1["solver"]["min_iterations"], v1["solver"]["max_iterations"], v1["solver"]["batch_size"]) == (3, 10, 4096)
+    assert l3["solver"]["loss_scope"] == "stream"
+    assert (v2["phase2"]["learning_rate"], v2["phase2"]["batch_size"], v2["phase2"]["patience"]) == (0.001, 1024, 1)
+    assert (v1["phase2"]["learning_rate"], v1["phase2"]["batch_size"], v1["phase2"]["patience"]) == (0.002, 512, 2)
+    assert [m["num_input_tokens"] for m in v1["models"]] == [2, 2]
+    assert l3["models"][0]["tie_head"] is False
