@@ -52,25 +52,26 @@ def best_seconds(work: Callable[[], Any], repeats: int = 3, sync: Callable[[], N
 
 
 def gemm_peak(dtype: torch.dtype, device: str = "cpu", budget_s: float = 3.0) -> dict[str, float]:
-    """Best FLOP/s of a square matmul: 2048² in fp32; bf16 shrinks the size when it is slow.
+    """Best FLOP/s of a square fp32 matmul, run the way the model runs it (bf16: under autocast).
 
-    On CPUs without bf16 units (AVX2 only) torch's bf16 matmul is a scalar fallback, hundreds of
-    times slower; the size is then chosen so the probe stays within `budget_s`.
+    2048² (4096² on CUDA). On CPUs without bf16 units (AVX2 only) torch's bf16 matmul is a slow
+    fallback; the size then shrinks until one product fits in a quarter of `budget_s`.
     """
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    precision = torch.autocast(device, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
     size = 4096 if device == "cuda" else 2048
-    while True:
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
-        started = time.perf_counter()
-        a @ b
-        sync()
-        once = time.perf_counter() - started
-        if once * 4 <= budget_s or size <= 256:
-            break
-        size //= 2
-    repeats = max(1, min(10, int(budget_s / max(once, 1e-6) / 2)))
-    seconds = best_seconds(lambda: a @ b, repeats, sync)
+    with precision:
+        while True:
+            a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+            started = time.perf_counter()
+            torch.mm(a, b)
+            sync()
+            once = time.perf_counter() - started
+            if once * 4 <= budget_s or size <= 256:
+                break
+            size //= 2
+        repeats = max(1, min(10, int(budget_s / max(once, 1e-6) / 2)))
+        seconds = best_seconds(lambda: torch.mm(a, b), repeats, sync)
     return {"gflops": 2 * size**3 / seconds / 1e9, "size": float(size)}
 
 

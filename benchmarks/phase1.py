@@ -61,7 +61,7 @@ def sweep_rate(config: str, tokens: int, passes: int, precision: str) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="A,B")
-    parser.add_argument("--tokens", type=int, default=16000, help="two v2 chunks of 8000")
+    parser.add_argument("--tokens", type=int, default=8000, help="one v2 chunk")
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--bf16-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
