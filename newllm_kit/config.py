@@ -235,10 +235,22 @@ def apply_override(data: dict[str, Any], text: str) -> None:
             raise ConfigError(f"--set {text!r}: {'.'.join(parts[:depth])} is a value, not a table")
 
 
+# Location parts pydantic adds for the members of a union (`int | "auto"`): not keys a user wrote.
+_UNION_MEMBER = re.compile(r"^(int|float|str|bool|none|constrained-\w+|.*\[.*\])$")
+
+
+def _key_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(p for p in loc if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
+
+
 def _format_error(path: Path, error: ValidationError, prefix: str, valid: list[str]) -> ConfigError:
-    first = error.errors()[0]
-    key = ".".join(str(p) for p in (prefix, *first["loc"]) if str(p) != "")
-    more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    errors = error.errors()
+    first = errors[0]
+    loc = _key_loc(first["loc"])
+    same_key = [e for e in errors if _key_loc(e["loc"]) == loc]  # one per union member
+    key = ".".join(str(p) for p in (prefix, *loc) if str(p) != "")
+    others = len(errors) - len(same_key)
+    more = f" (+{others} more)" if others else ""
     if first["type"] == "extra_forbidden":
         leaf = str(first["loc"][-1])
         close = difflib.get_close_matches(leaf, valid, n=1)
@@ -246,7 +258,8 @@ def _format_error(path: Path, error: ValidationError, prefix: str, valid: list[s
         return ConfigError(f"{path}: {key}: unknown key{hint}{more}")
     value = first.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return ConfigError(f"{path}: {key}: {first['msg']}{shown}{more}")
+    message = " or ".join(dict.fromkeys(e["msg"] for e in same_key))
+    return ConfigError(f"{path}: {key}: {message}{shown}{more}")
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -188,6 +188,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         "convergence_rate": phase1["convergence_rate"],
         "phase1_token_evaluations": phase1["token_evaluations"],
         "best_epoch": report2.best_epoch,
+        "phase2_batch_size": report2.batch_size,
         "epochs_run": report2.epochs_run,
         "metrics": metrics,
         "params": {**counts, "trainable": {k: sum(p.numel() for p in v) for k, v in groups.items()}},
@@ -263,7 +264,11 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
         atomic_write_json(run.path / "meta.json", {**meta(config, runner, plugin_report), "status": "running"})
     progress.experiment(config.schema.experiment.name, len(units))
     cache_dir = run.path.parent / ".cache"
-    corpus = CorpusCache(config, cache_dir)
+    # Rank 0 tokenises first and the others then read its cache: every rank gets the same tokenizer
+    # and streams, and no two processes train a tokenizer into the same file at once.
+    corpus = CorpusCache(config, cache_dir) if runner.rank == 0 else None
+    runner.barrier()
+    corpus = corpus or CorpusCache(config, cache_dir)
     for i, unit in enumerate(units, start=1):
         if (unit.label, unit.samples) in done:
             progress.begin_unit(unit.id, i, len(units))

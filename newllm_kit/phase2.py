@@ -13,11 +13,11 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import nn
 
 from .errors import DataError, RunFailed
@@ -32,8 +32,11 @@ class Phase2Settings(BaseModel):
     epochs: int = Field(default=10, ge=1, description="Maximum number of epochs.")
     patience: int = Field(default=1, ge=1, description="Epochs without a lower val loss before stopping.")
     learning_rate: float = Field(default=0.001, gt=0, allow_inf_nan=False, description="Adam learning rate.")
-    batch_size: int = Field(default=1024, ge=1, description="Positions per step, in stream order.")
-    eval_batch_size: int | None = Field(default=None, ge=1, description="Eval batch (None: batch_size).")
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        default=1024, description='Positions per step, in stream order; "auto": the runner sizes it from '
+                                  'device memory (gpu) or uses 512 (cpu), recorded in the results.')
+    eval_batch_size: PositiveInt | Literal["auto"] | None = Field(
+        default=None, description='Positions per evaluation pass (None: batch_size; "auto": the runner\'s size).')
     grad_clip: float = Field(default=1.0, gt=0, description="Max gradient norm over the trained parameters.")
     restore_best: bool = Field(default=True, description="End on the best epoch's weights (False: on the "
                                                          "last epoch's, as the original did).")
@@ -152,6 +155,7 @@ class Phase2Report:
     history: list[dict[str, float]]
     val: EvalOutputs  # at the best epoch
     seconds: float
+    batch_size: int = 0  # positions per step as run ("auto" resolved)
 
 
 class StopDecision(NamedTuple):
@@ -166,6 +170,19 @@ def early_stop_update(best: float, counter: int, val_loss: float, patience: int)
     if val_loss < best:
         return StopDecision(val_loss, 0, True, False)
     return StopDecision(best, counter + 1, False, counter + 1 >= patience)
+
+
+def bytes_per_position(data: Phase2Data) -> int:
+    """Cost model for an automatic batch: one position's contexts and token input in fp32, about five
+    times over (inputs, layer activations kept for backward, gradients). The [chunk, V] logits of the
+    loss are bounded by ce_chunk, not by the batch, so they are not part of it."""
+    width = sum(h.shape[1] for h in data.layers) + data.tokens.shape[1]
+    return 4 * 5 * width
+
+
+def resolve_batch(requested: int | Literal["auto"], data: Phase2Data, runner: Runner) -> int:
+    """A number from the file, or the runner's choice (a collective under ddp: every rank calls it)."""
+    return runner.batch_size(None if requested == "auto" else requested, bytes_per_position(data))
 
 
 def _spans(rows: range, size: int) -> list[range]:
@@ -223,7 +240,7 @@ def evaluate(model: Model, data: Phase2Data, settings: Phase2Settings, runner: R
     was_training = module.training
     module.eval()
     mine = runner.shard(data.positions)
-    spans = _spans(mine, settings.eval_batch_size or settings.batch_size)
+    spans = _spans(mine, resolve_batch(settings.eval_batch_size or settings.batch_size, data, runner))
     sums = [(*_pass(model, data, rows, runner, settings.ce_chunk, None), len(rows)) for rows in spans]
     module.train(was_training)
     totals = torch.tensor(sums, dtype=torch.float64).reshape(-1, 3).sum(0)  # exact: float64 and ints
@@ -248,7 +265,8 @@ def train_phase2(model: Model, train: Phase2Data, val: Phase2Data, settings: Pha
         optimizer.load_state_dict(start.optimizer)
         if start.rng is not None:
             torch.set_rng_state(start.rng)
-    batches = _spans(range(train.positions), settings.batch_size)
+    batch_size = resolve_batch(settings.batch_size, train, runner)
+    batches = _spans(range(train.positions), batch_size)
     progress.start("phase2", settings.epochs)
 
     for epoch in range(state.epoch + 1, settings.epochs + 1):
@@ -297,4 +315,4 @@ def train_phase2(model: Model, train: Phase2Data, val: Phase2Data, settings: Pha
         module.load_state_dict(state.best_weights, strict=False)
     assert state.best_val is not None, "phase 2 ran no epoch"
     return Phase2Report(best_epoch=state.best_epoch, epochs_run=state.epoch, history=list(state.history),
-                        val=replace(state.best_val), seconds=state.seconds)
+                        val=replace(state.best_val), seconds=state.seconds, batch_size=batch_size)

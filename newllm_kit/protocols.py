@@ -87,7 +87,7 @@ class Phase1Report:
     tokens: int
     token_evaluations: int
     seconds: float
-    contexts: torch.Tensor
+    contexts: torch.Tensor  # [n, C] for the whole stream on every rank (the Train ER is computed from it)
     history: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -98,7 +98,10 @@ class RunDir:
 
     def save_checkpoint(self, unit: str, stage: str, tensors: dict[str, torch.Tensor],
                         state: dict[str, Any]) -> None:
-        """Write a complete checkpoint folder, then publish it by rewriting LATEST atomically."""
+        """Write a complete checkpoint folder, then publish it by rewriting LATEST atomically.
+
+        A process killed mid-write leaves at most an unpublished folder, which LATEST never names
+        and the next save removes."""
         unit_dir = self._unit_dir(unit)
         unit_dir.mkdir(parents=True, exist_ok=True)
         final = unit_dir / f"{stage}-{secrets.token_hex(3)}"
@@ -107,10 +110,10 @@ class RunDir:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         os.replace(tmp, final)
-        previous = self._latest(unit)
         atomic_write_text(unit_dir / "LATEST", final.name)
-        if previous is not None and previous != final:
-            shutil.rmtree(previous, ignore_errors=True)
+        for stale in unit_dir.iterdir():  # the previous checkpoint, and leftovers of a killed writer
+            if stale.is_dir() and stale != final:
+                shutil.rmtree(stale, ignore_errors=True)
 
     def _latest(self, unit: str) -> Path | None:
         pointer = self._unit_dir(unit) / "LATEST"

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit import hookimpl
-from newllm_kit.errors import RunFailed
+from newllm_kit.errors import RunFailed, UserError
 from newllm_kit.protocols import Phase1Report, Progress, Runner, SolveResult
 
 from .frozen_solve import full_precision_matmuls, solve_frozen
@@ -186,6 +186,37 @@ def _backward_in_pieces(block: Any, x: torch.Tensor, c: torch.Tensor, target: to
     return out, per_token, cvfp.squeeze(0), diversity.squeeze(0), loss
 
 
+def stream_shard(n: int, settings: CVFPSolverSettings, runner: Runner) -> range:
+    """This rank's rows of the stream, cut at chunk boundaries.
+
+    Whole chunks per rank keep every chunk's loss (the diversity term depends on its rows) the
+    same as in one process, so a sharded run takes the same optimiser steps. The stream scope has
+    one global loss and is cut by position. Every rank must own rows: neighbour_exchange needs one.
+    """
+    if runner.world_size == 1:
+        return range(n)
+    if settings.loss_scope == "stream":
+        rows = runner.shard(n)
+    else:
+        size = settings.batch_size
+        chunks = runner.shard(-(-n // size))
+        rows = range(min(chunks.start * size, n), min(chunks.stop * size, n))
+    if len(rows) == 0:
+        raise UserError(f"phase 1: {n} tokens in chunks of solver.batch_size = {settings.batch_size} leave rank "
+                        f"{runner.rank} of {runner.world_size} without work; lower solver.batch_size to at "
+                        f"most {max(n // runner.world_size, 1)} or start fewer processes")
+    return rows
+
+
+def gather_rows(local: torch.Tensor, rows: range, n: int, runner: Runner) -> torch.Tensor:
+    """The whole stream's rows on every rank (a sum of zero-padded shards: exact, one collective)."""
+    if runner.world_size == 1:
+        return local
+    full = local.new_zeros(n, *local.shape[1:])
+    full[rows.start:rows.stop] = local
+    return runner.all_reduce_sum(full)
+
+
 def reduce_gradients(params: list[torch.nn.Parameter], runner: Runner) -> None:
     """Sum gradients over ranks in one collective (losses are already scaled to a global mean)."""
     if runner.world_size == 1:
@@ -207,9 +238,12 @@ def initial_contexts(model: Any, tokens: torch.Tensor, rows: range, settings: CV
     block = model.context_block
     with torch.no_grad(), full_precision_matmuls(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained block rarely contracts: the fallback is the original
-        result = solve_frozen(block, block.project_tokens(tokens[:rows.stop]), model.context_dim,
+        # The whole stream on every rank, not just up to this shard: a rank's share of the rollout
+        # would be as slow as the rollout (it is sequential), and the same solve everywhere gives
+        # every rank exactly the single-process iteration 0.
+        result = solve_frozen(block, block.project_tokens(tokens), model.context_dim,
                               settings.solve, settings.solve_tolerance, keep_all=False)
-    return result.layers[-1][rows.start:], {"init": "rollout", "method": result.method, "gain": result.gain,
+    return result.layers[-1][rows.start:rows.stop], {"init": "rollout", "method": result.method, "gain": result.gain,
                                             "evaluations": result.token_evaluations,
                                             "seconds": time.perf_counter() - started}
 
@@ -223,7 +257,8 @@ class CVFPSolver:
     def fit(self, model: Any, tokens: torch.Tensor, runner: Runner, progress: Progress) -> Phase1Report:
         """Iteration 0, then parallel passes with one Adam step each until the rate or the budget stops."""
         s, started = self.settings, time.perf_counter()
-        n, rows = tokens.shape[0], runner.shard(tokens.shape[0])
+        n = tokens.shape[0]
+        rows = stream_shard(n, s, runner)
         local = tokens[rows.start:rows.stop]
         params = model.param_groups()["phase1"]
         optimizer = torch.optim.Adam(params, lr=s.learning_rate)
@@ -257,8 +292,8 @@ class CVFPSolver:
             if k + 1 >= s.min_iterations and rate >= s.min_converged_ratio:
                 break
         progress.finish("phase1")
-        return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started, previous,
-                            history, {"iteration0": first})
+        return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started,
+                            gather_rows(previous, rows, n, runner), history, {"iteration0": first})
 
     def solve(self, model: Any, tokens: torch.Tensor, runner: Runner) -> SolveResult:
         """Every layer's output at every position, position 0 from a zero context (spec §4.2)."""

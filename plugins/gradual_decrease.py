@@ -22,8 +22,10 @@ from .fixed_point import (
     CVFPSolver,
     CVFPSolverSettings,
     Sweep,
+    gather_rows,
     initial_contexts,
     reduce_gradients,
+    stream_shard,
     sweep,
     with_oom_retry,
 )
@@ -56,7 +58,8 @@ class GradualDecreaseSolver(CVFPSolver):
         tokens count as converged in the rate.
         """
         s, started = self.settings, time.perf_counter()
-        n, rows = tokens.shape[0], runner.shard(tokens.shape[0])
+        n = tokens.shape[0]
+        rows = stream_shard(n, s, runner)
         local = tokens[rows.start:rows.stop]
         params = model.param_groups()["phase1"]
         optimizer = torch.optim.Adam(params, lr=s.learning_rate)
@@ -105,8 +108,8 @@ class GradualDecreaseSolver(CVFPSolver):
             if k + 1 >= s.min_iterations and rate >= s.min_converged_ratio:
                 break
         progress.finish("phase1")
-        return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started, previous,
-                            history, {"iteration0": first})
+        return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started,
+                            gather_rows(previous, rows, n, runner), history, {"iteration0": first})
 
 
 @hookimpl

@@ -76,6 +76,8 @@ def test_defaults_reproduce_the_seed_v2_settings(tmp_path: Path) -> None:
         ('[experiment]\nsamples = [10, 10]\n' + MINIMAL, r"experiment\.samples: .*distinct"),
         ('[data]\ntext = "all"\n' + MINIMAL, r"data\.text: .*first_turn"),
         (MINIMAL + '[[models]]\nlabel = "A"\n', r"models\.1\.label: duplicate label 'A'"),
+        ('[phase2]\nbatch_size = 0\n' + MINIMAL,
+         r"phase2\.batch_size: Input should be greater than 0 or Input should be 'auto' \(got 0\)$"),
         ("[experiment]\n", r"models: Field required"),
         ("models = [", r"invalid TOML"),
     ],

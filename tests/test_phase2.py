@@ -419,3 +419,19 @@ def test_cvfp_model_trains_its_phase2_group(tie_head: bool) -> None:
     assert any(name.startswith("token_block") for name in changed)
     assert ("head.weight" in changed) is (not tie_head)
     assert not any(name.startswith(("context_block", "embedding")) for name in changed)
+
+
+def test_auto_batch_asks_the_runner_with_the_per_position_cost() -> None:
+    asked: list[tuple[int | None, int]] = []
+
+    class SizingRunner(CPURunner):
+        def batch_size(self, requested: int | None, bytes_per_item: int) -> int:
+            asked.append((requested, bytes_per_item))
+            return 24 if requested is None else requested
+
+    report = train_phase2(TinyModel(), TRAIN, VAL, Phase2Settings(batch_size="auto", epochs=1), SizingRunner(),
+                          Silent())
+    width = sum(h.shape[1] for h in TRAIN.layers) + TRAIN.tokens.shape[1]
+    assert asked[0] == (None, 4 * 5 * width) and report.batch_size == 24
+    fixed = train_phase2(TinyModel(), TRAIN, VAL, Phase2Settings(batch_size=16, epochs=1), SizingRunner(), Silent())
+    assert fixed.batch_size == 16 and asked[-1][0] == 16  # a number in the file is used as it is

@@ -18,7 +18,7 @@ from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 from pydantic import ValidationError
 from torch import nn
 
-from newllm_kit.errors import RunFailed
+from newllm_kit.errors import RunFailed, UserError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -488,3 +488,30 @@ def test_gain_estimate_tracks_the_contraction() -> None:
         assert gain.scale == pytest.approx(2.0, rel=1e-3)  # LayerNorm output of width 4: norm √4
     expected = math.ceil(math.log(1e-5 / (4 * 2.0)) / math.log(0.5))  # ρ^W · scale ≤ tolerance / 4
     assert frozen_solve.burn_in(frozen_solve.Gain(0.5, 2.0, 0), 1e-5) == expected
+
+
+class RankView(CPURunner):
+    """Rank `rank` of `world` for the sharding arithmetic (no real group: sums are the identity)."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        super().__init__()
+        self.rank, self.world_size = rank, world
+
+    def shard(self, n: int) -> range:
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (1 if self.rank < extra else 0))
+
+
+@pytest.mark.parametrize(("n", "size", "world"), [(10_000, 1000, 2), (9_500, 1000, 3), (2_001, 1000, 3), (1_500, 1000, 3)])
+def test_phase1_shards_are_whole_chunks_covering_the_stream(n: int, size: int, world: int) -> None:
+    settings = CVFPSolverSettings(batch_size=size)
+    if -(-n // size) < world:
+        with pytest.raises(UserError, match=r"rank 2 of 3 without work; lower solver\.batch_size"):
+            fixed_point.stream_shard(n, settings, RankView(2, world))
+        return
+    shards = [fixed_point.stream_shard(n, settings, RankView(r, world)) for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(n))
+    assert all(s.start % size == 0 for s in shards)  # same chunks, hence same losses, as one process
+    stream = fixed_point.stream_shard(n, CVFPSolverSettings(batch_size=size, loss_scope="stream"), RankView(0, 2))
+    assert stream == range(0, n // 2 + n % 2)
