@@ -1,4 +1,4 @@
-"""GPU check: the frozen solves and a short Phase 1 on CUDA, compared with the CPU, with throughput.
+"""GPU check: the frozen solves, a short Phase 1 and Phase 2 on CUDA, compared with the CPU, with throughput.
 
 1. Frozen solves (sequential, jacobi, chunked, auto) of the v2-A-sized all-layer block (ρ ≈ 0.49)
    on `--solve-tokens` tokens, on CUDA and on the CPU: max |CUDA − CPU| per method (fp32, TF32
@@ -7,13 +7,18 @@
    devices see the same inputs) for `--passes` passes on `--phase1-tokens` tokens, CUDA vs CPU:
    max |Δ contexts| and per-pass losses; then CUDA throughput in fp32 and bf16 (autocast), as
    achieved TFLOP/s (context_flops_per_token × 3 × n per pass).
+3. Phase 2 of config A through the real `gpu` and `cpu` runners: two epochs on `--phase2-positions`
+   random-context positions from the same initial weights (TF32 off), val losses and TokenBlock
+   weights compared; then one `--phase2-long`-position epoch per precision (fp32 with TF32, bf16)
+   for positions/s and TFLOP/s.
 
 Exits with a message when CUDA is not available; `--device cpu` runs the same script on the CPU
 against itself (a dry run of the code path, with small sizes).
 
     python benchmarks/gpu_check.py
     python benchmarks/gpu_check.py --json
-    python benchmarks/gpu_check.py --device cpu --solve-tokens 512 --tokens 2048 --phase1-tokens 512
+    python benchmarks/gpu_check.py --device cpu --solve-tokens 512 --tokens 2048 --phase1-tokens 512 \
+        --phase2-positions 256 --phase2-long 512
 """
 
 from __future__ import annotations
@@ -79,6 +84,53 @@ def phase1(device: str, precision: str, tokens: int, passes: int) -> dict[str, A
             "tflops": flops / seconds / 1e12, "tokens_per_s": tokens / seconds}
 
 
+def phase2_check(device: str, positions: int, long_positions: int) -> dict[str, Any]:
+    """Phase 2 of v2 config A through the real runners: 2 epochs on CUDA (TF32 off) vs the CPU from the
+    same initial weights and data, then CUDA epoch throughput in fp32 (TF32 on) and bf16."""
+    import phase2 as bench  # benchmarks/phase2.py: the model and random-context streams it times
+    from newllm_kit_plugins.frozen_solve import full_precision_matmuls
+    from newllm_kit_plugins.local_runner import CPURunner, GPURunner, RunnerSettings
+
+    from newllm_kit.phase2 import Phase2Settings, train_phase2
+
+    def runner(dev: str, precision: str) -> Any:
+        built = (GPURunner if dev == "cuda" else CPURunner)(RunnerSettings(precision=precision))
+        built.setup()
+        return built
+
+    def run(dev: str, precision: str, n: int, epochs: int) -> tuple[Any, Any, float]:
+        model = bench.build(torch.device(dev))
+        train = bench.stream(model, n, 1, torch.device(dev))
+        val = bench.stream(model, max(n // 8, 64), 2, torch.device(dev))
+        settings = Phase2Settings(epochs=epochs, patience=epochs, batch_size=1024, restore_best=False)
+        sync(dev)
+        started = time.perf_counter()
+        report = train_phase2(model, train, val, settings, runner(dev, precision), QuietProgress())
+        sync(dev)
+        return model, report, time.perf_counter() - started
+
+    with full_precision_matmuls():
+        on_device, device_report, _ = run(device, "fp32", positions, 2)
+        on_cpu, cpu_report, _ = run("cpu", "fp32", positions, 2)
+    weight_diff = max((a.detach().cpu() - b.detach()).abs().max().item()
+                      for a, b in zip(on_device.token_block.parameters(), on_cpu.token_block.parameters(),
+                                      strict=True))
+    losses = [(d["val_loss"], c["val_loss"]) for d, c in zip(device_report.history, cpu_report.history,
+                                                             strict=True)]
+    out: dict[str, Any] = {"positions": positions, "val_losses_device_cpu": losses,
+                           "max_rel_diff_val_loss": max(abs(d - c) / abs(c) for d, c in losses),
+                           "max_abs_diff_token_block": weight_diff}
+    model = bench.build(torch.device(device))
+    forward = bench.token_flops_per_token(model, include_head=True)
+    for precision in ("fp32", "bf16"):
+        run(device, precision, 4096, 1)  # warm-up: kernels, allocator
+        _, _, seconds = run(device, precision, long_positions, 1)
+        flops = 3 * forward * long_positions + forward * max(long_positions // 8, 64)
+        out[precision] = {"positions": long_positions, "epoch_seconds": seconds,
+                          "positions_per_s": long_positions / seconds, "tflops": flops / seconds / 1e12}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -86,6 +138,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=262144, help="auto alone, on the device")
     parser.add_argument("--phase1-tokens", type=int, default=16000)
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--phase2-positions", type=int, default=2048, help="CUDA vs CPU comparison")
+    parser.add_argument("--phase2-long", type=int, default=65536, help="throughput epoch, on the device")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -97,14 +151,17 @@ def main() -> None:
     bf16 = phase1(args.device, "bf16", args.phase1_tokens, args.passes)
     phase1_diff = (fp32.pop("contexts") - cpu.pop("contexts")).abs().max().item()
     bf16.pop("contexts")
+    second = phase2_check(args.device, args.phase2_positions, args.phase2_long)
     lines = [f"machine: {machine()}"]
     for method, r in solved.items():
         lines.append(f"solve {method:10s}: {r}")
     lines += [f"phase 1 fp32 {args.device}: {fp32}", f"phase 1 fp32 cpu: {cpu}",
               f"phase 1 max |Δ contexts| {args.device} vs cpu after {args.passes} passes: {phase1_diff:.3e}",
-              f"phase 1 bf16 {args.device}: {bf16}"]
+              f"phase 1 bf16 {args.device}: {bf16}",
+              f"phase 2 {args.device} vs cpu: {second}"]
     emit({"machine": machine(), "device": args.device, "solves": solved,
-          "phase1": {"fp32": fp32, "cpu": cpu, "bf16": bf16, "max_abs_diff_contexts": phase1_diff}},
+          "phase1": {"fp32": fp32, "cpu": cpu, "bf16": bf16, "max_abs_diff_contexts": phase1_diff},
+          "phase2": second},
          args.json, lines)
 
 

@@ -122,7 +122,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
     phase2_start: Phase2State | None = None
     if saved is None:
         started = time.perf_counter()
-        report = solver.fit(model, train_tokens, runner, _Logged(progress, run, unit))
+        report = solver.fit(model, train_tokens, runner, _Logged(progress, run, unit, runner.rank == 0))
         timings["phase1"] = time.perf_counter() - started
         train_outputs = EvalOutputs(contexts=report.contexts, context_width=model.context_dim,
                                     convergence_rate=report.convergence_rate, seed=schema.experiment.seed)
@@ -163,7 +163,8 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         model,
         Phase2Data(train_solve.layers, train_tokens, train_ids),
         Phase2Data(val_solve.layers, val_tokens, val_ids),
-        schema.phase2, runner, _Logged(progress, run, unit), start=phase2_start, on_epoch_end=checkpoint,
+        schema.phase2, runner, _Logged(progress, run, unit, runner.rank == 0), start=phase2_start,
+        on_epoch_end=checkpoint,
     )
     timings["phase2"] = time.perf_counter() - started
 
@@ -212,16 +213,17 @@ def _effective_rank_fraction(config: ExperimentConfig, outputs: EvalOutputs) -> 
 
 
 class _Logged:
-    """Progress that also appends every advance to metrics.jsonl (rank 0 only)."""
+    """Progress that also appends every advance to metrics.jsonl (rank 0 only: one line per event)."""
 
-    def __init__(self, inner: Any, run: RunDir, unit: Unit) -> None:
-        self.inner, self.run, self.unit = inner, run, unit
+    def __init__(self, inner: Any, run: RunDir, unit: Unit, write: bool) -> None:
+        self.inner, self.run, self.unit, self.write = inner, run, unit, write
 
     def start(self, phase: str, total: int | None) -> None:
         self.inner.start(phase, total)
 
     def advance(self, phase: str, **fields: float) -> None:
-        self.run.log_metrics({"unit": self.unit.id, "phase": phase, **fields})
+        if self.write:
+            self.run.log_metrics({"unit": self.unit.id, "phase": phase, **fields})
         self.inner.advance(phase, **fields)
 
     def finish(self, phase: str) -> None:

@@ -203,7 +203,7 @@ class GPURunner(CPURunner):
 
         `total − allocated`, not the driver's free figure: memory the allocator has cached but not
         handed out is reusable (spec §7.4). `bytes_per_item` is the caller's peak cost of one item,
-        e.g. Phase 2 ≈ V·4·3.5 bytes per token (fp32 logits plus backward).
+        e.g. Phase 2's `bytes_per_position` (the logits are chunked, so they are not per item).
         """
         free = max(self.cuda.mem_get_info(self.index)[1] - self.cuda.memory_allocated(self.index), 0)
         batch = int(free * self.settings.memory_fraction) // bytes_per_item

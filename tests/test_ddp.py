@@ -134,7 +134,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ddp = _run(_torchrun(config, tmp / "ddp"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     return {"tmp": tmp, "config": config, "single": _results(tmp / "single"), "ddp": _results(tmp / "ddp"),
-            "ddp_out": tmp / "ddp", "ddp_stdout": ddp.stdout}
+            "ddp_out": tmp / "ddp", "ddp_stdout": ddp.stdout, "single_out": tmp / "single"}
 
 
 def test_two_gloo_ranks_match_one_process(runs: dict[str, Any]) -> None:
@@ -149,6 +149,8 @@ def test_only_rank_0_writes_and_meta_records_the_group(runs: dict[str, Any]) -> 
     assert meta["status"] == "finished"
     assert (meta["runner"]["name"], meta["runner"]["backend"], meta["runner"]["world_size"]) == ("ddp", "gloo", 2)
     assert runs["ddp_stdout"].count("ddp-quick —") == 1  # one results table, from rank 0
+    events = [len((_run_dir(runs[k]) / "metrics.jsonl").read_text().splitlines()) for k in ("ddp_out", "single_out")]
+    assert events[0] == events[1]  # every iteration and epoch logged once, not once per rank
 
 
 def _rank_pids(parent: int) -> dict[int, int]:

@@ -503,7 +503,8 @@ class RankView(CPURunner):
         return range(start, start + base + (1 if self.rank < extra else 0))
 
 
-@pytest.mark.parametrize(("n", "size", "world"), [(10_000, 1000, 2), (9_500, 1000, 3), (2_001, 1000, 3), (1_500, 1000, 3)])
+@pytest.mark.parametrize(("n", "size", "world"),
+                         [(10_000, 1000, 2), (9_500, 1000, 3), (2_001, 1000, 3), (1_500, 1000, 3)])
 def test_phase1_shards_are_whole_chunks_covering_the_stream(n: int, size: int, world: int) -> None:
     settings = CVFPSolverSettings(batch_size=size)
     if -(-n // size) < world:
