@@ -34,7 +34,8 @@ _state: dict[str, Any] = {"plugins": None, "traceback": False, "strict": False}
 
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a key: dotted.key=<TOML value>, e.g. models.0.layers=4. Repeatable."),
+    typer.Option("--set", metavar="KEY=VALUE",
+                 help="Override a key with a TOML value, e.g. `models.0.layers=4`. Repeatable."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 
@@ -102,7 +103,7 @@ def plugins_command(as_json: JsonOption = False) -> None:
 
 
 @app.command("validate")
-def validate_command(file: Annotated[Path, typer.Argument(help="Experiment TOML file.")],
+def validate_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file.")],
                      set_: SetOption = None) -> None:
     """Check an experiment file (and overrides) without running anything.
 
@@ -117,7 +118,7 @@ def validate_command(file: Annotated[Path, typer.Argument(help="Experiment TOML 
 
 
 @app.command("params")
-def params_command(file: Annotated[Path, typer.Argument(help="Experiment TOML file.")],
+def params_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file.")],
                    set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Parameter counts per model (built on the meta device: instant, no weights allocated).
 
@@ -143,12 +144,13 @@ def params_command(file: Annotated[Path, typer.Argument(help="Experiment TOML fi
 
 @app.command("run")
 def run_command(
-    file: Annotated[Path, typer.Argument(help="Experiment TOML file, or a run directory to resume.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file, or a run directory to resume.")],
     set_: SetOption = None,
-    out: Annotated[Path, typer.Option("--out", help="Root folder for run directories.")] = Path("runs"),
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Root folder for run directories.")] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run of this experiment "
                                          "(or the run directory given as FILE), skipping finished units.")] = False,
-    progress: Annotated[str, typer.Option("--progress", help="auto (rich on a terminal), plain, or none.")] = "auto",
+    progress: Annotated[str, typer.Option("--progress", metavar="auto|plain|none",
+                                          help="auto (rich on a terminal), plain, or none.")] = "auto",
     as_json: JsonOption = False,
 ) -> None:
     """Run every model × training size of an experiment: Phase 1, Phase 2, metrics, scaling fit.
@@ -174,13 +176,15 @@ def run_command(
 
 @app.command("scaling")
 def scaling_command(
-    sources: Annotated[list[Path] | None, typer.Argument(help="Run directories, results.jsonl or CSV files "
-                                                          "(default: the latest run under runs/).")] = None,
-    predict: Annotated[list[float] | None, typer.Option("--predict", help="Token count to predict PPL at. "
-                                                        "Repeatable.")] = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a log-log PNG here.")] = None,
-    form: Annotated[str, typer.Option("--form", help="power, or offset (PPL = E + A·tokens^α, ≥ 4 points) "
-                                      "reported beside the power law.")] = "power",
+    sources: Annotated[list[Path] | None, typer.Argument(
+        metavar="SOURCE...",
+        help="Run directories, results.jsonl or CSV files (default: the latest run under runs/).")] = None,
+    predict: Annotated[list[float] | None, typer.Option(
+        "--predict", metavar="TOKENS", help="Token count to predict PPL at. Repeatable.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Write a log-log PNG here.")] = None,
+    form: Annotated[str, typer.Option(
+        "--form", metavar="power|offset",
+        help="power, or offset (PPL = E + A·tokens^α, ≥ 4 points) reported beside the power law.")] = "power",
     allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="Combine sources whose corpus, tokenizer "
                                               "or validation split differ.")] = False,
     as_json: JsonOption = False,

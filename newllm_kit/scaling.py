@@ -291,13 +291,14 @@ def report_to_json(report: ScalingReport) -> dict[str, Any]:
 
 def render(report: ScalingReport, console: Console) -> None:
     """Fit table, predictions with intervals, a short model comparison, then warnings."""
-    fits = Table(title="PPL = A · tokens^α (OLS in log space)")
-    for column in ("Model", "α", "A", "R²", "Points", "2× data → PPL", "α 95% CI"):
-        fits.add_column(column, justify="left" if column == "Model" else "right")
+    fits = Table(title="PPL = A · tokens^α (OLS in log space)",
+                 caption="n: points; 2× data: PPL change when the tokens double (2^α − 1)")
+    for column in ("Model", "α", "A", "R²", "n", "2× data", "α 95% CI"):  # fits 80 columns
+        fits.add_column(column, justify="left" if column == "Model" else "right", no_wrap=column != "α 95% CI")
     for f in report.fits:
-        ci = f"{f.alpha_ci[0]:.4f} … {f.alpha_ci[1]:.4f}" if f.alpha_ci else "—"
-        fits.add_row(f.model, f"{f.alpha:.4f}", f"{f.A:,.1f}", f"{f.r2:.4f}", str(f.points),
-                     f"−{100 * f.doubling_reduction:.1f}%", ci)
+        ci = f"{f.alpha_ci[0]:.3f}…{f.alpha_ci[1]:.3f}" if f.alpha_ci else "—"
+        fits.add_row(f.model, f"{f.alpha:.4f}", f"{f.A:,.0f}" if f.A >= 1000 else f"{f.A:.1f}", f"{f.r2:.4f}",
+                     str(f.points), f"{-100 * f.doubling_reduction:+.1f}%", ci)
     console.print(fits)
     for f in report.fits:
         if f.offset:
@@ -307,7 +308,7 @@ def render(report: ScalingReport, console: Console) -> None:
         table = Table(title="Predicted PPL")
         for column in ("Model", "Tokens", "PPL", "95% PI", "× largest observed",
                        *(["Offset form"] if report.form == "offset" else [])):
-            table.add_column(column, justify="left" if column == "Model" else "right")
+            table.add_column(column, justify="left" if column == "Model" else "right", no_wrap=column != "95% PI")
         for f in report.fits:
             for i, p in enumerate(f.predictions):
                 table.add_row(f.model, f"{p.tokens:,.0f}", f"{p.ppl:,.1f}",

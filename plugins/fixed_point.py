@@ -243,9 +243,9 @@ def initial_contexts(model: Any, tokens: torch.Tensor, rows: range, settings: CV
         # every rank exactly the single-process iteration 0.
         result = solve_frozen(block, block.project_tokens(tokens), model.context_dim,
                               settings.solve, settings.solve_tolerance, keep_all=False)
-    return result.layers[-1][rows.start:rows.stop], {"init": "rollout", "method": result.method, "gain": result.gain,
-                                            "evaluations": result.token_evaluations,
-                                            "seconds": time.perf_counter() - started}
+    info = {"init": "rollout", "method": result.method, "gain": result.gain,
+            "evaluations": result.token_evaluations, "seconds": time.perf_counter() - started}
+    return result.layers[-1][rows.start:rows.stop], info
 
 
 class CVFPSolver:

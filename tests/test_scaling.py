@@ -265,8 +265,17 @@ def test_render_shows_fits_predictions_comparison_and_warnings() -> None:
     console = Console(record=True, width=160, color_system=None)
     scaling.render(scaling.fit_all(points, [5e5], "power"), console)
     text = console.export_text()
-    needles = ("v2-A", "−18.4%", "419.9", "Steepest α: 2025-11-27-6L", "lowest predicted PPL", "warning:")
+    needles = ("v2-A", "-18.4%", "419.9", "Steepest α: 2025-11-27-6L", "lowest predicted PPL", "warning:")
     for needle in needles:
+        assert needle in text, needle
+
+
+def test_render_fits_an_80_column_terminal_without_truncating() -> None:
+    points, _ = scaling.load_points([SEED])
+    console = Console(record=True, width=80, color_system=None)
+    scaling.render(scaling.fit_all(points, [5e5], "power"), console)
+    text = console.export_text()
+    for needle in ("2025-11-27-3L", "2,265,648", "-1.011…-0.418", "685.6"):
         assert needle in text, needle
 
 
