@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -14,14 +15,19 @@ def _pct(value: Any) -> str:
 
 def print_results(console: Console, result: dict[str, Any]) -> None:
     records = result["results"]
-    table = Table(title=f"{result['experiment']} — {result['run_dir']}")
-    for column in ("Model", "Samples", "Tokens", "Val PPL", "Val Acc", "Train ER", "Val ER", "Phase-1 it.",
-                   "Best epoch"):
-        table.add_column(column, justify="left" if column == "Model" else "right")
-    for r in records:
-        table.add_row(r["model"], f"{r['samples']:,}", f"{r['train_tokens']:,}", f"{r['val_ppl']:.2f}",
-                      _pct(r["val_acc"]), _pct(r["train_er"]), _pct(r["val_er"]), str(r["phase1_iterations"]),
-                      str(r["best_epoch"]))
+    headers = ("Model", "Samples", "Tokens", "Val PPL", "Val Acc", "Train ER", "Val ER", "Phase-1 it.", "Best epoch")
+    rows = [(r["model"], f"{r['samples']:,}", f"{r['train_tokens']:,}", f"{r['val_ppl']:.2f}", _pct(r["val_acc"]),
+             _pct(r["train_er"]), _pct(r["val_er"]), str(r["phase1_iterations"]), str(r["best_epoch"]))
+            for r in records]
+    table = Table(title=f"{result['experiment']} — {result['run_dir']}", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, collapse_padding=True)
+    for i, header in enumerate(headers):
+        # Numbers are never cut: each column keeps at least its widest cell and header word, and
+        # headers wrap at spaces instead (the seed-shaped table then fits 80 columns).
+        widest = max([len(row[i]) for row in rows] + [len(word) for word in header.split()])
+        table.add_column(header, justify="left" if i == 0 else "right", min_width=widest)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     bounds = {r["model"]: r["best_possible_ppl"] for r in records if "best_possible_ppl" in r}
     if bounds:
