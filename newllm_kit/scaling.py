@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from scipy import optimize, stats
 
 from .errors import DataError, UserError
 
@@ -196,6 +195,8 @@ def fit_power(model: str, tokens: list[float], ppls: list[float], predict: list[
     r2 = 1.0 if ss_tot == 0 or n == 2 else 1.0 - ss_res / ss_tot
     warnings, alpha_ci, scale = [], None, 0.0  # scale: t quantile × residual standard error
     if distinct >= 3:
+        from scipy import stats  # here, not at the top: importing it costs every `run` ~1.5 s
+
         scale = float(stats.t.ppf(0.975, n - 2)) * math.sqrt(ss_res / (n - 2))
         alpha_ci = (alpha - scale / math.sqrt(sxx), alpha + scale / math.sqrt(sxx))
     else:
@@ -227,6 +228,8 @@ def fit_offset(model: str, tokens: list[float], ppls: list[float], predict: list
     if len(set(tokens)) < 4:
         raise DataError(f"model {model}: --form offset needs at least 4 distinct token counts "
                         f"(got {len(set(tokens))})")
+    from scipy import optimize  # imported on use, like scipy.stats in fit_power
+
     x, y = np.log(np.asarray(tokens, float)), np.log(np.asarray(ppls, float))
 
     def log_pred(theta: Any) -> tuple[Any, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +26,18 @@ BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 FULL_HASH_LIMIT = 256 << 20  # bigger files: size + first and last MiB
 MIB = 1 << 20
 SAMPLE_ROWS = 8  # rows whose text enters the fingerprint, a check that the content is the same
+
+
+def _may_be_cached(dataset: str, cache_dir: str | None) -> bool:
+    """Whether an offline `load_dataset` could find anything: a `datasets` (Arrow) cache entry or a
+    hub download of `dataset`, or a non-empty `cache_dir`. False only when none of them exists."""
+    from huggingface_hub import constants
+
+    if cache_dir is not None and Path(cache_dir).is_dir() and any(Path(cache_dir).iterdir()):
+        return True
+    arrow_root = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    return ((arrow_root / dataset.replace("/", "___")).exists()
+            or (Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}").exists())
 
 
 class UltraChatSettings(BaseModel):
@@ -115,9 +128,12 @@ class UltraChat:
         return found
 
     def _load(self) -> Any:
+        s = self.settings
+        online = s.path is None and hub_reachable()
+        if s.path is None and not online and not _may_be_cached(s.dataset, s.cache_dir):
+            raise DataError(self._offline_message())  # at once: importing datasets alone takes ~1.5 s
         import datasets
 
-        s = self.settings
         if s.path is not None:
             files = self.files()
             was_enabled = datasets.is_progress_bar_enabled()
@@ -132,19 +148,20 @@ class UltraChat:
                 if was_enabled:
                     datasets.enable_progress_bars()
         else:
-            online = hub_reachable()
             try:
                 with nullcontext() if online else hub_offline():
                     dataset = datasets.load_dataset(s.dataset, split=s.split, revision=s.revision,
                                                     cache_dir=s.cache_dir)
             except Exception as error:  # offline miss, missing split, network failure: same remedy
-                reason = "offline or not cached" if not online else first_line(error)
-                raise DataError(f"data source 'ultrachat': cannot load {s.dataset} ({reason}); set data.path "
-                                f'to a local parquet/jsonl copy, or data.source = "embedded"') from error
+                raise DataError(self._offline_message(None if not online else first_line(error))) from error
             if "messages" not in dataset.column_names:
                 raise DataError(f"data source 'ultrachat': {s.dataset} split {s.split} has no column "
                                 f"'messages' (has: {', '.join(dataset.column_names)})")
         return dataset.select_columns(["messages"])
+
+    def _offline_message(self, reason: str | None = None) -> str:
+        return (f"data source 'ultrachat': cannot load {self.settings.dataset} ({reason or 'offline or not cached'}); "
+                f'set data.path to a local parquet/jsonl copy, or data.source = "embedded"')
 
     def _dataset(self) -> Any:
         if self._messages is None:

@@ -164,6 +164,22 @@ def test_hub_sources_fail_fast_and_in_one_line_when_offline(tmp_path: Path) -> N
         assert "\n" not in message and seconds < 5.0
 
 
+def test_offline_with_nothing_cached_fails_before_importing_datasets(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common offline case answers without `datasets` (whose import alone takes seconds); with a
+    cache entry present, `datasets` is still asked."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "arrow"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # importing it now raises ImportError
+    with pytest.raises(DataError) as caught:
+        UltraChat().size()
+    assert str(caught.value) == OFFLINE_MESSAGE
+    (tmp_path / "arrow" / "HuggingFaceH4___ultrachat_200k").mkdir(parents=True)
+    with pytest.raises(ImportError):
+        UltraChat().size()
+
+
 def test_unreachable_hub_is_detected_without_waiting_for_retries(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """HF_HUB_OFFLINE unset, but the endpoint refuses connections: the probe sends us to the cache."""

@@ -1,0 +1,27 @@
+"""Plain progress lines: what a log reader sees at the end of a run."""
+
+from __future__ import annotations
+
+import io
+
+from newllm_kit.progress import PlainProgress
+
+
+def _closing_line(ended: int) -> str:
+    stream = io.StringIO()
+    progress = PlainProgress(stream)
+    progress.experiment("v2", 2)
+    for i in range(ended):
+        progress.begin_unit(f"A-{i}", i + 1, 2)
+        progress.end_unit(f"A-{i}", "val_ppl=1.00")
+    progress.close()
+    return stream.getvalue().splitlines()[-1]
+
+
+def test_a_complete_run_says_finished() -> None:
+    assert "finished in" in _closing_line(2)
+
+
+def test_a_failed_run_says_how_far_it_got() -> None:
+    line = _closing_line(1)
+    assert "finished" not in line and "stopped after" in line and "1 of 2 unit(s) done" in line
