@@ -295,7 +295,7 @@ def report_to_json(report: ScalingReport) -> dict[str, Any]:
 def render(report: ScalingReport, console: Console) -> None:
     """Fit table, predictions with intervals, a short model comparison, then warnings."""
     fits = Table(title="PPL = A · tokens^α (OLS in log space)",
-                 caption="n: points; 2× data: PPL change when the tokens double (2^α − 1)")
+                 caption="n: points; 2× data: PPL change per doubling, 2^α − 1")
     for column in ("Model", "α", "A", "R²", "n", "2× data", "α 95% CI"):  # fits 80 columns
         fits.add_column(column, justify="left" if column == "Model" else "right", no_wrap=column != "α 95% CI")
     for f in report.fits:
