@@ -131,7 +131,7 @@ class UltraChat:
         s = self.settings
         online = s.path is None and hub_reachable()
         if s.path is None and not online and not _may_be_cached(s.dataset, s.cache_dir):
-            raise DataError(self._offline_message())  # at once: importing datasets alone takes ~1.5 s
+            raise DataError(self._cannot_load())  # at once: importing datasets alone takes ~1.5 s
         import datasets
 
         if s.path is not None:
@@ -153,13 +153,13 @@ class UltraChat:
                     dataset = datasets.load_dataset(s.dataset, split=s.split, revision=s.revision,
                                                     cache_dir=s.cache_dir)
             except Exception as error:  # offline miss, missing split, network failure: same remedy
-                raise DataError(self._offline_message(None if not online else first_line(error))) from error
+                raise DataError(self._cannot_load(first_line(error) if online else None)) from error
             if "messages" not in dataset.column_names:
                 raise DataError(f"data source 'ultrachat': {s.dataset} split {s.split} has no column "
                                 f"'messages' (has: {', '.join(dataset.column_names)})")
         return dataset.select_columns(["messages"])
 
-    def _offline_message(self, reason: str | None = None) -> str:
+    def _cannot_load(self, reason: str | None = None) -> str:
         return (f"data source 'ultrachat': cannot load {self.settings.dataset} ({reason or 'offline or not cached'}); "
                 f'set data.path to a local parquet/jsonl copy, or data.source = "embedded"')
 
