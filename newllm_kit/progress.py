@@ -42,7 +42,7 @@ class PlainProgress:
         self._pending: str | None = None
         self._totals: dict[str, int | None] = {}
         self._started = time.monotonic()
-        self._units = [0, 0]  # ended, total: a run that fails says so instead of "finished"
+        self._units_ended = self._units_total = 0  # a run that fails says so instead of "finished"
 
     def _emit(self, text: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -51,7 +51,7 @@ class PlainProgress:
         self._pending = None
 
     def experiment(self, name: str, units: int) -> None:
-        self._units[1] = units
+        self._units_total = units
         self._emit(f"experiment {name}: {units} unit(s)")
 
     def begin_unit(self, label: str, index: int, total: int) -> None:
@@ -59,7 +59,7 @@ class PlainProgress:
         self._emit(f"unit {index}/{total} {label}: start")
 
     def end_unit(self, label: str, summary: str) -> None:
-        self._units[0] += 1
+        self._units_ended += 1
         self._emit(f"unit {label}: done {summary}")
 
     def start(self, phase: str, total: int | None) -> None:
@@ -83,7 +83,7 @@ class PlainProgress:
 
     def close(self) -> None:
         seconds = time.monotonic() - self._started
-        ended, total = self._units
+        ended, total = self._units_ended, self._units_total
         self._emit(f"finished in {seconds:.1f} s" if ended == total else
                    f"stopped after {seconds:.1f} s with {ended} of {total} unit(s) done")
 
