@@ -30,3 +30,15 @@ class RunFailed(Exception):
     """The experiment ran but produced an unusable result (e.g. non-finite loss): exit code 1."""
 
     exit_code = 1
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a run; finished units are kept. Carries the run directory to resume."""
+
+    exit_code = 130
+
+    def __init__(self, run_dir: str, signal_name: str = "SIGINT") -> None:
+        super().__init__(f"interrupted ({signal_name}); finished units are kept, continue with "
+                         f"`newllm-kit run {run_dir}`")
+        self.run_dir = run_dir
+        self.signal_name = signal_name

@@ -13,7 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -80,7 +80,10 @@ class Sweep:
 
 
 def with_oom_retry(runner: Runner, batch: int, optimizer: torch.optim.Optimizer, work: Callable[[], T]) -> T:
-    """Redo `work` with the runner's smaller micro-batch after an out-of-memory error."""
+    """Redo `work` with the runner's smaller micro-batch after an out-of-memory error.
+
+    `work` contains collectives, so under ddp every rank must retry together: `oom_on_any_rank`
+    turns one rank's OOM into an OOM on all of them at the same point of the sweep."""
     while True:
         try:
             return work()
@@ -88,6 +91,28 @@ def with_oom_retry(runner: Runner, batch: int, optimizer: torch.optim.Optimizer,
             optimizer.zero_grad(set_to_none=True)
             if not runner.handle_oom(error, batch):
                 raise
+
+
+def oom_on_any_rank(runner: Runner, compute: Callable[[], T]) -> T:
+    """Run collective-free `compute` on every rank; if any rank ran out of memory, all raise it here.
+
+    A rank that retried on its own would re-enter the sweep's collectives out of step with the
+    others (mismatched all-reduces, or a hang until runner.timeout_s). Agreeing at this point,
+    before the next collective, lets every rank shrink its micro-batch and redo the sweep in step."""
+    failure: torch.OutOfMemoryError | None = None
+    result: T | None = None
+    try:
+        result = compute()
+    except torch.OutOfMemoryError as error:
+        failure = error
+    if runner.world_size > 1:
+        flag = torch.tensor([0.0 if failure is None else 1.0], device=runner.device)
+        if runner.all_reduce_sum(flag).item() > 0 and failure is None:
+            failure = torch.OutOfMemoryError(f"out of memory on another rank (retrying together on rank "
+                                             f"{runner.rank})")
+    if failure is not None:
+        raise failure
+    return cast(T, result)
 
 
 def shifted(previous: torch.Tensor, runner: Runner) -> torch.Tensor:
@@ -118,27 +143,34 @@ def sweep(block: Any, tokens: torch.Tensor, inputs: torch.Tensor, targets: torch
     micro = runner.micro_batch(settings.batch_size)
     outputs, change = targets.new_empty(m, width), targets.new_empty(m)
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # token-weighted losses, bad chunks, converged
-    first_bad = None
-    for j, (a, b) in enumerate(bounds):
-        x, c, target = tokens[a:b], inputs[a:b], targets[a:b]
-        if not stream and b - a <= micro:
-            with runner.autocast():
-                out = block.step(c, block.project_tokens(x))[-1].float()
-            per_token = (out - target).pow(2).mean(1)
-            cvfp, diversity = per_token.mean(), -(out - out.mean(0)).norm() / (b - a)
-            loss = (1 - w) * cvfp + w * diversity
-            if torch.isfinite(loss):
-                (loss / chunks).backward()
-        else:
-            out, per_token, cvfp, diversity, loss = _backward_in_pieces(block, x, c, target, w, micro, runner,
-                                                                       stream, chunks)
-        outputs[a:b], change[a:b] = out.detach(), per_token.detach()
-        finite = bool(torch.isfinite(loss))
-        first_bad = j if first_bad is None and not finite else first_bad
-        weight = b - a
-        converged = (change[a:b] < settings.convergence_threshold).sum()
-        parts = [loss * weight, cvfp * weight, diversity * weight, torch.tensor(float(not finite)), converged]
-        sums += torch.stack([t.detach().double().to(device) for t in parts])
+
+    def chunk_loop() -> int | None:
+        """Every chunk's forward and backward; the index of the first non-finite chunk."""
+        first_bad = None
+        for j, (a, b) in enumerate(bounds):
+            x, c, target = tokens[a:b], inputs[a:b], targets[a:b]
+            if not stream and b - a <= micro:
+                with runner.autocast():
+                    out = block.step(c, block.project_tokens(x))[-1].float()
+                per_token = (out - target).pow(2).mean(1)
+                cvfp, diversity = per_token.mean(), -(out - out.mean(0)).norm() / (b - a)
+                loss = (1 - w) * cvfp + w * diversity
+                if torch.isfinite(loss):
+                    (loss / chunks).backward()
+            else:
+                out, per_token, cvfp, diversity, loss = _backward_in_pieces(block, x, c, target, w, micro,
+                                                                            runner, stream, chunks)
+            outputs[a:b], change[a:b] = out.detach(), per_token.detach()
+            finite = bool(torch.isfinite(loss))
+            first_bad = j if first_bad is None and not finite else first_bad
+            weight = b - a
+            converged = (change[a:b] < settings.convergence_threshold).sum()
+            parts = [loss * weight, cvfp * weight, diversity * weight, torch.tensor(float(not finite)), converged]
+            sums.add_(torch.stack([t.detach().double().to(device) for t in parts]))
+        return first_bad
+
+    # The stream scope has collectives inside `_backward_in_pieces`, which agrees on OOMs itself.
+    first_bad = chunk_loop() if stream else oom_on_any_rank(runner, chunk_loop)
     sums = runner.all_reduce_sum(sums)
     n = runner.all_reduce_sum(torch.tensor([float(m)], device=device)).item()
     if sums[3] > 0 and settings.nonfinite == "stop":
@@ -162,12 +194,18 @@ def _backward_in_pieces(block: Any, x: torch.Tensor, c: torch.Tensor, target: to
     piece then back-propagates a surrogate with exactly that gradient. Costs one extra forward.
     """
     m, width = x.shape[0], target.shape[1]
-    with torch.no_grad():
+    # Only the stream scope has collectives here; the chunk scope's caller agrees on OOMs around it.
+    guard: Callable[[Callable[[], Any]], Any] = (lambda f: oom_on_any_rank(runner, f)) if stream else (lambda f: f())
+
+    def forward() -> torch.Tensor:
         pieces = []
         for a in range(0, m, micro):
             with runner.autocast():
                 pieces.append(block.step(c[a:a + micro], block.project_tokens(x[a:a + micro]))[-1].float())
-        out = torch.cat(pieces) if pieces else target.new_zeros(0, width)
+        return torch.cat(pieces) if pieces else target.new_zeros(0, width)
+
+    with torch.no_grad():
+        out = guard(forward)
         per_token = (out - target).pow(2).mean(1)
         reduce = runner.all_reduce_sum if stream else (lambda t: t)
         count = reduce(torch.tensor([float(m)], device=out.device)).item()
@@ -176,13 +214,17 @@ def _backward_in_pieces(block: Any, x: torch.Tensor, c: torch.Tensor, target: to
         cvfp = reduce(per_token.sum().reshape(1)) / count
         diversity = -spread / count
         loss = ((1 - w) * cvfp + w * diversity).squeeze(0)
-    if torch.isfinite(loss):
+
+    def backward() -> None:
         for a in range(0, m, micro):
             with runner.autocast():
                 o = block.step(c[a:a + micro], block.project_tokens(x[a:a + micro]))[-1].float()
             surrogate = ((1 - w) * (o - target[a:a + micro]).pow(2).sum() / (count * width)
                          - w * (o * (out[a:a + micro] - mean)).sum() / (spread.squeeze(0) * count))
             (surrogate / chunks).backward()
+
+    if torch.isfinite(loss):
+        guard(backward)
     return out, per_token, cvfp.squeeze(0), diversity.squeeze(0), loss
 
 

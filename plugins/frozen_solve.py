@@ -14,7 +14,8 @@ C ← F(shift(C), X), so it need not be a batch-1 loop (spec §7 item 8: 627 s o
   underestimated.
 * ``auto``: measure ρ, pick W with ρ^W · scale ≤ tolerance/4, then chunked (with the chunk
   length of lowest modelled cost) or sequential, whichever the cost model says is faster;
-  sequential with a warning when the block does not contract (ρ ≥ 1).
+  sequential with a warning when the block does not contract (ρ ≥ 1). An explicit ``jacobi``
+  measures ρ too (streams of ``MIN_AUTO_TOKENS`` or more) and falls back the same way.
 """
 
 from __future__ import annotations
@@ -257,7 +258,9 @@ def solve_frozen(block: Any, projected: torch.Tensor, width: int, method: str, t
     evaluations = window = chunk = 0
     if method == "auto" and n < MIN_AUTO_TOKENS:
         method, extra["reason"] = "sequential", f"stream shorter than {MIN_AUTO_TOKENS} tokens"
-    if method in ("auto", "chunked"):
+    # Jacobi needs the gain too: on a block that does not contract it would sweep n times (n² work)
+    # to reach what one sequential pass gives.
+    if method in ("auto", "chunked") or (method == "jacobi" and n >= MIN_AUTO_TOKENS):
         gain = estimate_gain(block, projected, width)
         evaluations += gain.evaluations
         extra["scale"] = gain.scale
@@ -266,7 +269,7 @@ def solve_frozen(block: Any, projected: torch.Tensor, width: int, method: str, t
                                 f"no parallel solve converges, falling back to the sequential rollout")
             warnings.warn(extra["warning"], RuntimeWarning, stacklevel=3)
             method = "sequential"
-        else:
+        elif method != "jacobi":
             window = burn_in(gain, tolerance)
             chosen, chunk, modelled = plan(block, n, window, projected.device)
             extra["modelled_seconds"] = modelled

@@ -468,6 +468,20 @@ def test_auto_falls_back_to_sequential_on_a_non_contracting_block() -> None:
                                atol=1e-4, rtol=1e-5)
 
 
+def test_explicit_jacobi_on_a_non_contracting_block_warns_and_rolls_out_once() -> None:
+    """Jacobi from zero needs n sweeps (n² evaluations) where ρ ≥ 1: the sequential rollout is cheaper and exact."""
+    torch.manual_seed(0)
+    rotation, _ = torch.linalg.qr(torch.randn(3, 3))
+    model = TinyModel(LinearBlock(3, a=1.01, rotation=rotation), 3)
+    x = torch.randn(300, 3)
+    with pytest.warns(RuntimeWarning, match="does not contract"):
+        result = CVFPSolver(CVFPSolverSettings(solve="jacobi")).solve(model, x, CPURunner())
+    assert result.method == "sequential" and result.iterations == x.shape[0]
+    assert result.token_evaluations < 4 * x.shape[0]  # the gain estimate plus one pass, not n sweeps (n²)
+    torch.testing.assert_close(result.layers[0].double(), reference_rollout(model.context_block, x, 3)[0],
+                               atol=1e-4, rtol=1e-5)
+
+
 def test_auto_uses_the_rollout_for_short_streams_and_iteration_zero_does_not_warn() -> None:
     model, x = tiny(n=50, damp=2.0)  # short and not contracting
     result = CVFPSolver(CVFPSolverSettings()).solve(model, x, CPURunner())
