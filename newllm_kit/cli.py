@@ -1,28 +1,54 @@
 """The `newllm-kit` command line: thin commands over the library, one error handler.
 
 Every user-caused error surfaces as one line on stderr with exit code 2 (`--traceback` shows
-the stack); a run whose numbers cannot be trusted exits 1. `--json` prints exactly one JSON
-document on stdout.
+the stack); a run whose numbers cannot be trusted exits 1, an interrupted one 130. Only a bug
+shows a traceback. `--json` prints exactly one JSON document on stdout.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
 import sys
 import traceback
+from difflib import get_close_matches
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from . import __version__
-from .errors import RunFailed, UserError
+from .errors import RunFailed, RunInterrupted, UserError
 from .plugins import Plugins, load_plugins
+
+
+def _did_you_mean(close: list[str]) -> str:
+    return f" (did you mean {' or '.join(sorted(close))}?)" if close else ""
+
+
+class _Commands(TyperGroup):
+    """Unknown command names fail like unknown options: one line with a did-you-mean."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            known = self.list_commands(ctx)
+            close = get_close_matches(name, known)
+            raise UserError(f"no such command {name}" + (_did_you_mean(close) if close else
+                                                           f"; the commands are {', '.join(known)}"))
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
     name="newllm-kit",
+    cls=_Commands,
     help="Plugin-based toolkit for Context Vector Fixed-Point (CVFP) language-model experiments.",
     no_args_is_help=True,
     add_completion=False,
@@ -93,12 +119,12 @@ def plugins_command(as_json: JsonOption = False) -> None:
     table = Table(title="newllm-kit plugins")
     for column in ("plugin", "distribution", "status", "components"):
         table.add_column(column)
-    for info in loaded.infos:
+    for info in loaded.infos:  # names and errors come from third-party code: escaped for rich
         comps = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in info.components.items())
-        status = {"ok": "[green]ok", "disabled": "[dim]disabled"}.get(info.status, f"[red]{info.status}")
+        status = {"ok": "[green]ok", "disabled": "[dim]disabled"}.get(info.status, f"[red]{escape(info.status)}")
         detail = comps if info.status == "ok" else (info.error or "")
         dist = f"{info.distribution} {info.version}" if info.distribution else "(registered directly)"
-        table.add_row(info.name, dist, status, detail)
+        table.add_row(escape(info.name), escape(dist), status, escape(detail))
     console.print(table)
 
 
@@ -113,7 +139,7 @@ def validate_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="
 
     config = _load(file, set_)
     units = plan(config)
-    console.print(f"[green]ok[/] {file}: {len(config.models)} model(s) × "
+    console.print(f"[green]ok[/] {escape(str(file))}: {len(config.models)} model(s) × "
                   f"{len(config.schema.experiment.samples)} training size(s) = {len(units)} unit(s)")
 
 
@@ -131,13 +157,13 @@ def params_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Ex
     if as_json:
         _print_json({"models": rows})
         return
-    table = Table(title=f"parameters: {file}")
+    table = Table(title=escape(f"parameters: {file}"))
     for column in ("model", "context_block", "token_block", "embedding", "head", "total", "phase 1 trains",
                    "phase 2 trains"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for row in rows:
-        table.add_row(row["label"], *(f"{row[k]:,}" for k in ("context_block", "token_block", "embedding",
-                                                               "head", "total")),
+        table.add_row(escape(row["label"]), *(f"{row[k]:,}" for k in ("context_block", "token_block",
+                                                                       "embedding", "head", "total")),
                       f"{row['trainable']['phase1']:,}", f"{row['trainable']['phase2']:,}")
     console.print(table)
 
@@ -210,7 +236,7 @@ def scaling_command(
     else:
         scaling.render(report, console)
         if plot is not None:
-            console.print(f"plot written to {plot}")
+            console.print(escape(f"plot written to {plot}"))
 
 
 def _register_plugin_commands() -> None:
@@ -218,25 +244,95 @@ def _register_plugin_commands() -> None:
     for impl in loaded.manager.hook.register_commands.get_hookimpls():
         try:
             impl.function(cli=app)
-        except Exception as error:  # a plugin's command registration must not take the CLI down
-            print(f"warning: plugin {impl.plugin_name!r}: register_commands failed: {error}", file=sys.stderr)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # sys.exit included: a plugin's registration must not take the CLI down
+            print(f"warning: plugin {impl.plugin_name!r}: register_commands failed: "
+                  f"{type(error).__name__}: {error}", file=sys.stderr)
+
+
+# What a user can do about an OSError that reaches the top; any other errno is a bug.
+_OS_HINTS = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.ENOTDIR: "part of the path is a file, not a folder; check the path",
+    errno.ENOSPC: "free some disk space or choose another place, then try again",
+    errno.EDQUOT: "free some disk space or choose another place, then try again",
+    errno.EROFS: "choose a writable place",
+}
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """Stop on SIGTERM (what Slurm and Kubernetes send before SIGKILL) exactly as on Ctrl-C, so a
+    run records that it stopped. The signal's name is the KeyboardInterrupt's argument; a second
+    SIGTERM kills at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _usage_message(error: typer.TyperException) -> str:
+    """One line for a command-line mistake (click's usage errors), instead of a usage box."""
+    ctx = getattr(error, "ctx", None)
+    see = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+    if hasattr(error, "possibilities"):  # no such option; click already picked the close matches
+        close = list(getattr(error, "possibilities", None) or [])
+        return f"no such option {getattr(error, 'option_name', '?')}" + (_did_you_mean(close) or see)
+    text = " ".join(error.format_message().split()).rstrip(".")
+    return text[:1].lower() + text[1:] + see
+
+
+def _explain(error: BaseException) -> tuple[int, str] | None:
+    """The exit code and one-line message for an error a user can cause or fix; None for a bug."""
+    if isinstance(error, UserError | RunFailed | RunInterrupted):
+        return error.exit_code, str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return 130, f"interrupted ({error.args[0] if error.args else 'SIGINT'})"
+    if isinstance(error, typer.TyperException):
+        return error.exit_code, _usage_message(error)
+    if isinstance(error, OSError) and error.errno in _OS_HINTS:
+        names = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        return 2, f"{names + ': ' if names else ''}{error.strerror}; {_OS_HINTS[error.errno]}"
+    return None
 
 
 def main() -> None:
     """Console-script entry point: run the app, map errors to one line and an exit code."""
     _state["traceback"] = "--traceback" in sys.argv
     _state["strict"] = "--strict-plugins" in sys.argv
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         _register_plugin_commands()
         for info in plugins().problems():
-            print(f"warning: plugin {info.name!r} ({info.distribution or 'local'}) not loaded: {info.error}",
-                  file=sys.stderr)
-        app()
-    except (UserError, RunFailed) as error:
+            where = f"{info.name!r} ({info.distribution or 'local'})"
+            if info.status == "conflict":  # loaded; only the clashing component is disabled
+                print(f"warning: plugin {where}: {info.error}", file=sys.stderr)
+                continue
+            if _state["traceback"] and info.traceback:
+                print(info.traceback, file=sys.stderr, end="" if info.traceback.endswith("\n") else "\n")
+            print(f"warning: plugin {where} not loaded: {info.error}", file=sys.stderr)
+        # Not `app()`: Typer's own main turns Ctrl-C into a silent exit 130 and usage errors into a box.
+        command = typer.main.get_command(app)
+        with command.make_context("newllm-kit", sys.argv[1:]) as ctx:
+            command.invoke(ctx)
+    except typer.Exit as done:  # --help, --version
+        sys.exit(done.exit_code)
+    except BrokenPipeError:  # `newllm-kit plugins | head` stopped reading: not worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except (Exception, KeyboardInterrupt) as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # no arguments: the help is the answer
+            if help_text := str(error):  # empty where rich has printed the help already
+                print(help_text, file=sys.stderr)
+            sys.exit(2)
+        explained = _explain(error)
+        if explained is None:
+            print(f"error: internal error in newllm-kit {__version__}; please report it with the traceback "
+                  f"below", file=sys.stderr)
+            raise
         if _state["traceback"]:
             traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted; finished units are kept, continue with --resume", file=sys.stderr)
-        sys.exit(130)
+        code, message = explained
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(code)

@@ -17,16 +17,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, PluginError, UserError
 from .phase2 import Phase2Settings
+from .protocols import PROTOCOLS, ContextBlock, Model, missing_members, missing_methods
 from .registry import Component, Registry
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 16
 TEXT_SCHEMES = ("first_turn", "first_turn_128", "all_turns", "all_turns_space_512")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Experiment names and model labels become folder and file names in the run directory: matched
+# with fullmatch (`$` would let a trailing newline through) and never containing '..'.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# numpy seeds modulo 2**32: a larger seed would silently repeat a smaller one's numpy stream.
+SEED_MAX = 2**32 - 1
+# Documents and rows: far beyond any corpus, far below where row arithmetic overflows int64.
+ROWS_MAX = 10**9
+INT64 = (-(2**63), 2**63 - 1)  # TOML integers are 64-bit; tomllib accepts any size
 
 
 class _Strict(BaseModel):
@@ -43,7 +52,7 @@ class ExperimentSection(_Strict):
     name: str = Field("experiment", description="Run directory name under the output root.")
     description: str = Field("", description="Free text recorded in meta.json.")
     samples: list[int] = Field([500, 1000], min_length=1, description="Training sizes (documents).")
-    seed: int = Field(42, ge=0, description="Seed for Python, NumPy and torch before each unit.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed for Python, NumPy and torch before each unit.")
     metrics: list[str] = Field(
         ["ppl", "accuracy", "effective_rank", "convergence_rate"], description="Metric plugins to report."
     )
@@ -51,26 +60,31 @@ class ExperimentSection(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value) or ".." in value:
-            raise ValueError(
-                "must be letters, digits, '.', '_' or '-' (no '/', no '..'): it names a folder under the "
-                "output root, which a run may not leave"
-            )
-        return value
+        return safe_name(value, "a folder under the output root")
 
     @field_validator("samples")
     @classmethod
     def _positive_unique(cls, value: list[int]) -> list[int]:
-        if any(v < 1 for v in value):
-            raise ValueError("every training size must be ≥ 1")
+        if any(not 1 <= v <= ROWS_MAX for v in value):
+            raise ValueError(f"every training size must be between 1 and {ROWS_MAX:,}")
         if len(set(value)) != len(value):
             raise ValueError("training sizes must be distinct")
         return value
 
 
+def safe_name(value: str, names: str) -> str:
+    """`value` if it can name a file or folder inside the run directory, else a ValueError."""
+    if not NAME_PATTERN.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"must be 1–100 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/', "
+            f"no '..'): it names {names}, which a run may not leave"
+        )
+    return value
+
+
 class ValRows(_Strict):
-    start: int = Field(1000, ge=0, description="First validation row of the corpus.")
-    count: int = Field(50, ge=1, description="Number of validation rows.")
+    start: int = Field(1000, ge=0, le=ROWS_MAX, description="First validation row of the corpus.")
+    count: int = Field(50, ge=1, le=ROWS_MAX, description="Number of validation rows.")
 
 
 class DataSection(_Open):
@@ -78,7 +92,7 @@ class DataSection(_Open):
     text: Literal["first_turn", "first_turn_128", "all_turns", "all_turns_space_512"] = Field(
         "first_turn", description="Text scheme (spec §1.2): T2, T1, T3, T4."
     )
-    train_start: int = Field(0, ge=0, description="First training row; training = k rows from here.")
+    train_start: int = Field(0, ge=0, le=ROWS_MAX, description="First training row; training = k rows from here.")
     val: ValRows = Field(default_factory=lambda: ValRows())
 
 
@@ -100,8 +114,13 @@ class RunnerSection(_Open):
 
 
 class ModelSection(_Open):
-    label: str = Field(..., min_length=1, description="Name of this model in tables and fits.")
+    label: str = Field(..., description="Name of this model in tables, fits and checkpoint names.")
     architecture: str = Field("cvfp", description="Architecture plugin name.")
+
+    @field_validator("label")
+    @classmethod
+    def _safe_label(cls, value: str) -> str:
+        return safe_name(value, "checkpoint files in the run directory")
 
 
 class FileSchema(_Strict):
@@ -122,9 +141,36 @@ class Choice:
     key: str
     component: Component
     settings: BaseModel | None
+    where: str = ""  # "exp.toml: models.0": what errors about this choice point at
 
     def build(self) -> Any:
-        return self.component.factory(self.settings)
+        """The component's object, checked against its protocol before anything uses it."""
+        c = self.component
+        try:
+            built = c.factory(self.settings)
+        except UserError:
+            raise
+        except Exception as error:  # a plugin's bug: name the plugin, keep the cause for --traceback
+            text = (str(error).strip().splitlines() or [""])[0]
+            raise PluginError(f"{self._prefix()}plugin {c.plugin!r}: building {c.kind.replace('_', ' ')} "
+                              f"{c.name!r} failed: {type(error).__name__}: {text}") from error
+        self.require(built, PROTOCOLS[c.kind], "returned")
+        return built
+
+    def require(self, obj: object, protocol: type, verb: str) -> None:
+        """A PluginError naming the plugin, the component and the first member of `protocol` that `obj`
+        lacks; of a class (no instance yet), only its methods can be checked."""
+        missing = missing_methods(obj, protocol) if isinstance(obj, type) else missing_members(obj, protocol)
+        if missing:
+            c, kind = self.component, self.component.kind.replace("_", " ")
+            what = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+            others = f" (also {', '.join(missing[1:])})" if missing[1:] else ""
+            raise PluginError(f"{self._prefix()}plugin {c.plugin!r}: {kind} {c.name!r} {verb} {what}, which lacks "
+                              f"{missing[0]!r}{others} required by newllm_kit.protocols.{protocol.__name__}; "
+                              f"fix the plugin or choose another {kind}")
+
+    def _prefix(self) -> str:
+        return f"{self.where}: " if self.where else ""
 
 
 @dataclass
@@ -184,8 +230,13 @@ def read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    except ValueError:  # int() refuses more than 4300 digits
+        raise ConfigError(f"{path}: invalid TOML: an integer with thousands of digits; TOML integers "
+                          f"are 64-bit") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as error:  # a folder, no read permission, an I/O error
+        raise ConfigError(f"{path}: cannot read experiment file ({error.strerror or error})") from None
     except RecursionError:
         raise ConfigError(f"{path}: nesting too deep (limit {MAX_DEPTH} levels)") from None
     _check_depth(path, data, 0)
@@ -208,7 +259,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {text!r}: expected dotted.key=<TOML value>, e.g. --set models.0.layers=4")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or an integer of thousands of digits
         value = raw.strip()  # the shell ate the quotes of a string: data.source=embedded
     return key.split("."), value
 
@@ -243,7 +294,38 @@ def _key_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(p for p in loc if not (isinstance(p, str) and _UNION_MEMBER.match(p)))
 
 
-def _format_error(path: Path, error: ValidationError, prefix: str, valid: list[str]) -> ConfigError:
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+_SYMBOLS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+
+
+def _allowed_range(model: Any, loc: tuple[Any, ...]) -> str | None:
+    """The range of a field at `loc` that declares both a lower and an upper bound, as in
+    "between 1 and 1,024", so an error states what is allowed and not only the bound crossed."""
+    info = None
+    for part in loc:
+        if isinstance(part, int):  # an element of a list of models: `models.0.…`
+            model = (getattr(model, "__args__", None) or (None,))[0]
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        info = fields[part]
+        model = info.annotation
+    if info is None:
+        return None
+    limits = {name: getattr(m, name) for m in info.metadata for name in _SYMBOLS
+              if getattr(m, name, None) is not None}
+    low = next((name for name in ("ge", "gt") if name in limits), None)
+    high = next((name for name in ("le", "lt") if name in limits), None)
+    if low is None or high is None:
+        return None
+    if (low, high) == ("ge", "le"):
+        return f"between {limits['ge']:,} and {limits['le']:,}"
+    return f"{_SYMBOLS[low]} {limits[low]:,} and {_SYMBOLS[high]} {limits[high]:,}"
+
+
+def _format_error(path: Path, error: ValidationError, prefix: str, valid: list[str],
+                  model: type[BaseModel]) -> ConfigError:
     errors = error.errors()
     first = errors[0]
     loc = _key_loc(first["loc"])
@@ -257,8 +339,12 @@ def _format_error(path: Path, error: ValidationError, prefix: str, valid: list[s
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
         return ConfigError(f"{path}: {key}: unknown key{hint}{more}")
     value = first.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    message = " or ".join(dict.fromkeys(e["msg"] for e in same_key))
+    text = repr(value)
+    shown = f" (got {text if len(text) <= 80 else text[:77] + '…'})" if not isinstance(value, dict) else ""
+    message = " or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in same_key))
+    allowed = _allowed_range(model, loc) if first["type"] in _BOUND_ERRORS else None
+    if allowed is not None:
+        message = f"must be {allowed}"
     return ConfigError(f"{path}: {key}: {message}{shown}{more}")
 
 
@@ -282,13 +368,13 @@ def _choose(path: Path, registry: Registry, kind: str, key: str, name: str, sect
         if extra:
             bad = sorted(extra)[0]
             raise ConfigError(f"{path}: {key}.{bad}: unknown key ({kind} {name!r} takes no settings)")
-        return Choice(key, component, None)
+        return Choice(key, component, None, f"{path}: {key}")
     try:
         settings = component.settings.model_validate(extra)
     except ValidationError as error:
         valid = sorted(set(component.settings.model_fields) | core)
-        raise _format_error(path, error, key, valid) from None
-    return Choice(key, component, settings)
+        raise _format_error(path, error, key, valid, component.settings) from None
+    return Choice(key, component, settings, f"{path}: {key}")
 
 
 def load_config(path: Path, registry: Registry, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -296,12 +382,12 @@ def load_config(path: Path, registry: Registry, overrides: list[str] | None = No
     data = read_toml(path)
     for text in overrides:
         apply_override(data, text)
-    _check_finite(path, data, "")
+    _check_numbers(path, data, "")
     try:
         schema = FileSchema.model_validate(data)
     except ValidationError as error:
         loc = error.errors()[0]["loc"]
-        raise _format_error(path, error, "", _valid_keys(FileSchema, loc)) from None
+        raise _format_error(path, error, "", _valid_keys(FileSchema, loc), FileSchema) from None
 
     def core(model: type[BaseModel]) -> set[str]:
         return set(model.model_fields)
@@ -317,13 +403,13 @@ def load_config(path: Path, registry: Registry, overrides: list[str] | None = No
         models.append((model.label, choice))
     metrics = [
         Choice(f"experiment.metrics.{i}", registry.get("metric", name, where=f"{path}: experiment.metrics"),
-               None)
+               None, f"{path}: experiment.metrics.{i}")
         for i, name in enumerate(schema.experiment.metrics)
     ]
     for choice in metrics:
         if choice.component.settings is not None:
             choice.settings = choice.component.settings()
-    return ExperimentConfig(
+    config = ExperimentConfig(
         path=path,
         schema=schema,
         data_source=_choose(path, registry, "data_source", "data", schema.data.source, schema.data,
@@ -340,15 +426,43 @@ def load_config(path: Path, registry: Registry, overrides: list[str] | None = No
         metrics=metrics,
         overrides=overrides,
     )
+    _check_components(config)
+    return config
 
 
-def _check_finite(path: Path, value: Any, key: str) -> None:
-    """Plugin settings may accept plain floats; NaN and inf are never meaningful in an experiment."""
+def _check_components(config: ExperimentConfig) -> None:
+    """Build every component and check it against its protocol, so `validate` catches a factory that
+    returns the wrong kind of object before any training. Runners are only checked by class: building
+    one may read torchrun's environment or touch CUDA. Models are built on the meta device (no memory)."""
+    if isinstance(config.runner.component.factory, type):
+        config.runner.require(config.runner.component.factory, PROTOCOLS["runner"], "is")
+    tokenizer = config.tokenizer.build()
+    for choice in (config.data_source, config.embedding, config.solver, *config.metrics):
+        choice.build()
+    declared = getattr(tokenizer, "expected_vocab_size", None)
+    vocab_size = declared if isinstance(declared, int) and declared >= 1 else 256
+    for _, choice in config.models:
+        architecture = choice.build()
+        try:
+            with torch.device("meta"):
+                model = architecture.build(vocab_size)
+        except Exception:  # an architecture that needs real tensors to build is checked when a run builds it
+            continue
+        choice.require(model, Model, "builds")
+        choice.require(model.context_block, ContextBlock, "builds a context_block")
+
+
+def _check_numbers(path: Path, value: Any, key: str) -> None:
+    """Plugin settings may accept plain floats and ints: NaN and inf are never meaningful in an
+    experiment, and an integer beyond 64 bits (which TOML forbids) would overflow in torch or numpy."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{path}: {key}: non-finite value {value!r}; use a finite number")
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        raise ConfigError(f"{path}: {key}: integer outside the 64-bit range TOML allows "
+                          f"(-2**63 … 2**63-1); use a smaller number")
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_finite(path, v, f"{key}.{k}" if key else k)
+            _check_numbers(path, v, f"{key}.{k}" if key else k)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_finite(path, v, f"{key}.{i}")
+            _check_numbers(path, v, f"{key}.{i}")

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from .errors import ConfigError, DataError
-from .protocols import DataSource, Tokenizer, TokenizerFactory
+from .errors import ConfigError, DataError, PluginError
+from .protocols import DataSource, Tokenizer, TokenizerFactory, missing_members
 from .rundir import atomic_write_bytes
 
 CACHE_FORMAT = 1
@@ -55,13 +56,71 @@ def get_scheme(name: str) -> TextScheme:
     return SCHEMES[name]
 
 
+def read_text(path: Path, source: str) -> str:
+    """A corpus file as text, or a one-line DataError naming the file and why it is not UTF-8 text."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"data source {source!r}: cannot read {path} ({error.strerror or error})") from None
+    if b"\0" in data:
+        raise DataError(f"data source {source!r}: {path} is binary (it holds NUL bytes), not text; remove it "
+                        f"or point the source at text files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"data source {source!r}: {path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                        f"convert the file to UTF-8, e.g. with iconv") from None
+
+
+def jsonl_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of a JSON Lines file; anything that is not UTF-8
+    JSON is a one-line DataError naming the file and the line."""
+    try:
+        handle = path.open("rb")
+    except OSError as error:
+        raise DataError(f"data source {source!r}: cannot read {path} ({error.strerror or error})") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):  # lines end at b"\n" only, as JSON Lines says
+            where = f"data source {source!r}: {path}:{number}"
+            if b"\0" in raw:
+                raise DataError(f"{where}: holds NUL bytes, so the file is binary, not JSON Lines text")
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                value = json.loads(line)
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8 text; convert the file to UTF-8, e.g. with iconv") from None
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: invalid JSON at column {error.colno} ({error.msg.removesuffix(' at')}); "
+                                f"fix or remove that line") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply; fix or remove that line") from None
+            yield number, value
+
+
 def scheme_texts(documents: Sequence[Sequence[str]], scheme: TextScheme, rows: Sequence[int]) -> list[str]:
-    """One text per document; `rows` only labels errors."""
+    """One text per document; `rows` only labels errors. Every text must be encodable as UTF-8, so a
+    data source's mistake surfaces here, named by row, and not inside a tokenizer."""
+    if len(documents) != len(rows):
+        raise DataError(f"data: the data source returned {len(documents)} documents for {len(rows)} rows; "
+                        f"the data-source plugin is inconsistent")
     texts = []
     for row, turns in zip(rows, documents, strict=True):
         if not turns:
             raise DataError(f"data: row {row} has no turns; every document needs at least one")
-        texts.append(scheme.text(turns))
+        bad = next((t for t in turns if not isinstance(t, str)), None)
+        if bad is not None:
+            raise DataError(f"data: row {row}: a turn is {type(bad).__name__}, not text; the data-source "
+                            f"plugin is inconsistent")
+        text = scheme.text(turns)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise DataError(f"data: row {row}: character {error.start} is {text[error.start]!r}, a lone "
+                            f"surrogate that is not text; fix that row of the corpus") from None
+        texts.append(text)
     return texts
 
 
@@ -190,6 +249,11 @@ def load_streams(
     train_texts = scheme_texts(source.documents(list(train_rows)), text_scheme, train_rows)
     val_texts = scheme_texts(source.documents(list(val_rows)), text_scheme, val_rows)
     tokenizer = tokenizer_factory.load(train_texts, Path(cache_dir))
+    missing = missing_members(tokenizer, Tokenizer)
+    if missing:
+        raise PluginError(f"tokenizer: {type(tokenizer_factory).__name__}.load() returned "
+                          f"{type(tokenizer).__name__}, which lacks {', '.join(map(repr, missing))} required by "
+                          f"newllm_kit.protocols.Tokenizer; fix the tokenizer plugin")
 
     def path(rows: range) -> Path:
         return _stream_cache_path(Path(cache_dir), corpus, text_scheme.name, tokenizer.fingerprint, rows)

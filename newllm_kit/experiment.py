@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import ExperimentConfig
+from .config import ExperimentConfig, read_toml
 from .corpus import Stream, load_streams
 from .errors import DataError, UserError
+from .params import check_model_fits
 from .phase2 import Phase2Data, Phase2State, train_phase2
 from .protocols import EvalOutputs, Runner
-from .rundir import RunDir, atomic_write_json
+from .rundir import Checkpoint, CheckpointUnreadable, RunDir
 from .scaling import Point, fit_all, report_to_json
 
 
@@ -85,6 +86,7 @@ class CorpusCache:
 
 def build_model(config: ExperimentConfig, unit: Unit, vocab_size: int, runner: Runner) -> Any:
     """Seeded construction: the same seed gives the same weights on every machine."""
+    check_model_fits(config, unit.index, vocab_size, runner.device)
     seed_everything(config.schema.experiment.seed)
     architecture = config.models[unit.index][1].build()
     model = architecture.build(vocab_size)
@@ -102,12 +104,90 @@ def _checkpoint_tensors(model: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.data_ptr() not in skip}
 
 
+PHASE1_KEYS = {"iterations", "convergence_rate", "token_evaluations", "seconds", "train_er"}
+
+
+def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+
+
+def _decode(model: Any, saved: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any], Phase2State | None]:
+    """Weights, Phase-1 summary and Phase-2 state of a checkpoint, checked against the model before
+    anything is loaded into it (KeyError, TypeError or ValueError when they do not fit)."""
+    _, groups, state = saved
+    weights, phase1 = groups["model"], state["phase1"]
+    if _shapes(weights) != _shapes(_checkpoint_tensors(model)):
+        raise ValueError("its weights do not fit the model")
+    if not PHASE1_KEYS <= set(phase1):
+        raise ValueError("its phase-1 summary is incomplete")
+    phase2 = Phase2State.from_checkpoint(groups["phase2"], state["phase2"]) if "phase2" in state else None
+    if phase2 is not None:
+        trained = _shapes(dict(model.named_parameters())).items()
+        if not (_shapes(phase2.model).items() <= trained and _shapes(phase2.best_weights).items() <= trained):
+            raise ValueError("its phase-2 weights do not fit the model")
+    return weights, phase1, phase2
+
+
+def _read_checkpoint(run: RunDir, unit: Unit, model: Any, runner: Runner, progress: Any) -> Checkpoint | None:
+    """The unit's checkpoint if it is whole and fits the model; a damaged one is reported and
+    removed, and the unit starts over."""
+    try:
+        saved = run.load_checkpoint(unit.id, runner.device)
+        if saved is not None:
+            _decode(model, saved)
+        return saved
+    except (CheckpointUnreadable, KeyError, TypeError, ValueError) as error:
+        progress.message(f"warning: {unit.id}: the checkpoint in {run.checkpoint_dir(unit.id)} is unreadable "
+                         f"({error}); starting the unit over")
+        run.drop_checkpoint(unit.id)
+        return None
+
+
+def share(runner: Runner, value: Any) -> Any:
+    """Rank 0's `value` (anything JSON holds) on every rank: one rank decides, so ranks cannot diverge."""
+    if runner.world_size == 1:
+        return value
+    data = json.dumps(value).encode() if runner.rank == 0 else b""
+    size = runner.broadcast(torch.tensor([len(data)], device=runner.device), 0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=runner.device)
+    if runner.rank == 0:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return json.loads(runner.broadcast(buffer, 0).cpu().numpy().tobytes())
+
+
+def _share_checkpoint(runner: Runner, saved: Checkpoint | None) -> Checkpoint | None:
+    """Rank 0's checkpoint on every rank (stage and state as JSON, then each tensor), so ranks on
+    machines without a shared --out continue from the same point."""
+    header = share(runner, None if saved is None else {
+        "stage": saved[0], "state": saved[2],
+        "tensors": {group: {name: [str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in values.items()}
+                    for group, values in saved[1].items()}})
+    if header is None:
+        return None
+    groups = saved[1] if saved is not None else {
+        group: {name: torch.empty(shape, dtype=getattr(torch, dtype), device=runner.device)
+                for name, (dtype, shape) in values.items()} for group, values in header["tensors"].items()}
+    for group in sorted(groups):
+        for name in sorted(groups[group]):
+            runner.broadcast(groups[group][name], 0)
+    return header["stage"], groups, header["state"]
+
+
+def _resume_point(run: RunDir, unit: Unit, model: Any, runner: Runner, progress: Any
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Phase2State | None] | None:
+    """Where a unit continues (None: from scratch). Rank 0 reads the checkpoint and every rank gets its copy."""
+    saved = _read_checkpoint(run, unit, model, runner, progress) if runner.rank == 0 else None
+    if runner.world_size > 1:
+        saved = _share_checkpoint(runner, saved)
+    return None if saved is None else _decode(model, saved)
+
+
 def _metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, float]:
     return {choice.component.name: float(choice.build().compute(outputs)) for choice in config.metrics}
 
 
 def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: Runner, run: RunDir,
-             progress: Any) -> dict[str, Any]:
+             progress: Any, attempt: int) -> dict[str, Any]:
     schema = config.schema
     vocab_size = corpus.tokenizer.vocab_size
     model = build_model(config, unit, vocab_size, runner)
@@ -118,11 +198,11 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         train_tokens, val_tokens = model.token_inputs(train_ids), model.token_inputs(val_ids)
 
     timings: dict[str, float] = {}
-    saved = run.load_checkpoint(unit.id)
+    resumed = _resume_point(run, unit, model, runner, progress)
     phase2_start: Phase2State | None = None
-    if saved is None:
+    if resumed is None:
         started = time.perf_counter()
-        report = solver.fit(model, train_tokens, runner, _Logged(progress, run, unit, runner.rank == 0))
+        report = solver.fit(model, train_tokens, runner, _Logged(progress, run, unit, attempt, runner.rank == 0))
         timings["phase1"] = time.perf_counter() - started
         train_outputs = EvalOutputs(contexts=report.contexts, context_width=model.context_dim,
                                     convergence_rate=report.convergence_rate, seed=schema.experiment.seed)
@@ -130,13 +210,11 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
                   "token_evaluations": report.token_evaluations, "seconds": timings["phase1"],
                   "train_er": _effective_rank_fraction(config, train_outputs)}
         if runner.rank == 0:
-            run.save_checkpoint(unit.id, "phase1", _checkpoint_tensors(model), {"phase1": phase1})
+            run.save_checkpoint(unit.id, "phase1", {"model": _checkpoint_tensors(model)}, {"phase1": phase1})
         runner.barrier()
     else:
-        _, tensors, state = saved
-        model.load_state_dict(tensors, strict=False)
-        phase1 = state["phase1"]
-        phase2_start = state.get("phase2")
+        weights, phase1, phase2_start = resumed
+        model.load_state_dict(weights, strict=False)
         progress.message(f"{unit.id}: resumed from checkpoint ({'phase 2' if phase2_start else 'phase 1 done'})")
 
     for parameter in model.param_groups()["phase1"]:
@@ -154,8 +232,9 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
 
     def checkpoint(state: Phase2State) -> None:
         if runner.rank == 0:
-            run.save_checkpoint(unit.id, "phase2", _checkpoint_tensors(model),
-                                {"phase1": phase1, "phase2": state})
+            tensors, data = state.to_checkpoint()
+            run.save_checkpoint(unit.id, "phase2", {"model": _checkpoint_tensors(model), "phase2": tensors},
+                                {"phase1": phase1, "phase2": data})
         runner.barrier()
 
     started = time.perf_counter()
@@ -163,7 +242,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         model,
         Phase2Data(train_solve.layers, train_tokens, train_ids),
         Phase2Data(val_solve.layers, val_tokens, val_ids),
-        schema.phase2, runner, _Logged(progress, run, unit, runner.rank == 0), start=phase2_start,
+        schema.phase2, runner, _Logged(progress, run, unit, attempt, runner.rank == 0), start=phase2_start,
         on_epoch_end=checkpoint,
     )
     timings["phase2"] = time.perf_counter() - started
@@ -215,15 +294,15 @@ def _effective_rank_fraction(config: ExperimentConfig, outputs: EvalOutputs) -> 
 class _Logged:
     """Progress that also appends every advance to metrics.jsonl (rank 0 only: one line per event)."""
 
-    def __init__(self, inner: Any, run: RunDir, unit: Unit, write: bool) -> None:
-        self.inner, self.run, self.unit, self.write = inner, run, unit, write
+    def __init__(self, inner: Any, run: RunDir, unit: Unit, attempt: int, write: bool) -> None:
+        self.inner, self.run, self.unit, self.attempt, self.write = inner, run, unit, attempt, write
 
     def start(self, phase: str, total: int | None) -> None:
         self.inner.start(phase, total)
 
     def advance(self, phase: str, **fields: float) -> None:
         if self.write:
-            self.run.log_metrics({"unit": self.unit.id, "phase": phase, **fields})
+            self.run.log_metrics({"unit": self.unit.id, "phase": phase, "attempt": self.attempt, **fields})
         self.inner.advance(phase, **fields)
 
     def finish(self, phase: str) -> None:
@@ -257,13 +336,37 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return report_to_json(fit_all(fittable, [], "power"))
 
 
+def _publish(run: RunDir, units: list[Unit], done: dict[tuple[str, int], dict[str, Any]]) -> None:
+    """results.jsonl, results.csv and summary.json of the finished units: one step, redone on every start."""
+    records = [done[(u.label, u.samples)] for u in units if (u.label, u.samples) in done]
+    run.write_results(records)
+    run.write_json("summary.json", {"results": records, "scaling": summarise(records)})
+
+
+def _start(run: RunDir, units: list[Unit], progress: Any, meta_now: dict[str, Any]
+           ) -> tuple[int, list[dict[str, Any]]]:
+    """Rank 0, before any unit: repair what a killed process left and mark the run running.
+    Returns this process's attempt number (1, then +1 per resume) and the finished records."""
+    records = run.results(progress.message)
+    done = {(r["model"], r["samples"]): r for r in records}
+    if records:
+        _publish(run, units, done)
+    run.repair({u.id for u in units if (u.label, u.samples) in done})
+    previous, attempt = run.read_json("meta.json"), 1
+    if isinstance(previous, dict):
+        attempt = previous["attempt"] + 1 if isinstance(previous.get("attempt"), int) else 2
+    run.write_json("meta.json", {**meta_now, "status": "running", "attempt": attempt})
+    return attempt, records
+
+
 def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progress: Any,
                    plugin_report: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run every unit not yet in results.jsonl; returns all records, in plan order."""
+    """Run every unit not yet in results.jsonl; returns all records, in plan order. Rank 0 decides
+    which units are finished and the other ranks follow, so they cannot diverge."""
     units = plan(config)
-    done = {(r["model"], r["samples"]): r for r in run.results()}
-    if runner.rank == 0:
-        atomic_write_json(run.path / "meta.json", {**meta(config, runner, plugin_report), "status": "running"})
+    attempt, finished = (_start(run, units, progress, meta(config, runner, plugin_report)) if runner.rank == 0
+                         else (0, []))
+    done = {(r["model"], r["samples"]): r for r in share(runner, finished)}
     progress.experiment(config.schema.experiment.name, len(units))
     cache_dir = run.path.parent / ".cache"
     # Rank 0 tokenises first and the others then read its cache: every rank gets the same tokenizer
@@ -272,33 +375,27 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
     runner.barrier()
     corpus = corpus or CorpusCache(config, cache_dir)
     for i, unit in enumerate(units, start=1):
+        progress.begin_unit(unit.id, i, len(units))
         if (unit.label, unit.samples) in done:
-            progress.begin_unit(unit.id, i, len(units))
             progress.end_unit(unit.id, "(already finished)")
             continue
-        progress.begin_unit(unit.id, i, len(units))
-        record = run_unit(config, unit, corpus, runner, run, progress)
+        record = run_unit(config, unit, corpus, runner, run, progress, attempt)
         done[(unit.label, unit.samples)] = record
         if runner.rank == 0:
-            run.write_results([done[(u.label, u.samples)] for u in units if (u.label, u.samples) in done])
+            _publish(run, units, done)
             run.drop_checkpoint(unit.id)
         runner.barrier()
         progress.end_unit(unit.id, f"val_ppl={record['val_ppl']:.2f} val_acc={record['val_acc']:.4f}")
-    records = [done[(u.label, u.samples)] for u in units]
     if runner.rank == 0:
-        summary = summarise(records)
-        atomic_write_json(run.path / "summary.json", {"results": records, "scaling": summary})
-        atomic_write_json(run.path / "meta.json",
-                          {**meta(config, runner, plugin_report), "status": "finished",
-                           "fingerprints": corpus.fingerprints})
-    return records
+        run.repair({u.id for u in units})  # nothing left to resume: no checkpoints/ either
+        run.write_json("meta.json", {**meta(config, runner, plugin_report), "status": "finished",
+                                     "attempt": attempt, "fingerprints": corpus.fingerprints})
+    return [done[(u.label, u.samples)] for u in units]
 
 
-def check_resume_compatible(saved_toml: str, config: ExperimentConfig) -> None:
+def check_resume_compatible(saved_file: Path, config: ExperimentConfig) -> None:
     """Refuse to mix results of two different configurations in one run directory."""
-    import tomllib
-
-    saved = _flatten(tomllib.loads(saved_toml))
+    saved = _flatten(read_toml(saved_file))
     now = _flatten(config.resolved())
     differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differing:

@@ -11,7 +11,16 @@ Each `register_*` hook receives a `register` callback. Call it once per componen
 * `name` is what an experiment file writes (`architecture = "cvfp"`). Two plugins registering
   the same name for the same kind is an error naming both.
 * `factory` is called by the core with the validated settings object as its only argument and
-  must return an object satisfying the matching Protocol in `newllm_kit.protocols`.
+  must return an object satisfying the matching Protocol in `newllm_kit.protocols`. Loading an
+  experiment file (`newllm-kit validate` included) calls every factory except the runner's and
+  checks the result's members by name, and builds each architecture's model on the meta device:
+  keep factories cheap (store the settings; read data, download or allocate in `load`,
+  `documents`, `build`). A missing member is an error naming the plugin, the component and the
+  member, before anything is trained.
+* To fail with a clean one-line message, raise an exception from `newllm_kit.errors`:
+  `ConfigError` (a setting is wrong), `DataError` (data missing or malformed), `PluginError`
+  (your plugin cannot work here), `UserError` (anything else the user can fix; all exit 2), or
+  `RunFailed` (the run produced an untrustworthy number; exit 1). Say what to change.
 * `settings` (optional) is a pydantic model: the keys a TOML section may hold for this
   component, with defaults. Unknown keys are rejected with a did-you-mean hint. Without it the
   component accepts no keys and its factory is called with `None`.

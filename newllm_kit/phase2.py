@@ -12,16 +12,18 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, NamedTuple, cast
+from dataclasses import dataclass, field, fields, replace
+from typing import Annotated, Any, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import DataError, RunFailed
 from .protocols import EvalOutputs, Model, Progress, Runner
+
+Positions = Annotated[int, Field(ge=1, le=10**9)]  # bounded so a typo fails validation, not an allocation
 
 
 class Phase2Settings(BaseModel):
@@ -29,18 +31,20 @@ class Phase2Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(default=10, ge=1, description="Maximum number of epochs.")
-    patience: int = Field(default=1, ge=1, description="Epochs without a lower val loss before stopping.")
+    epochs: int = Field(default=10, ge=1, le=100_000, description="Maximum number of epochs.")
+    patience: int = Field(default=1, ge=1, le=100_000,
+                          description="Epochs without a lower val loss before stopping.")
     learning_rate: float = Field(default=0.001, gt=0, allow_inf_nan=False, description="Adam learning rate.")
-    batch_size: PositiveInt | Literal["auto"] = Field(
+    batch_size: Positions | Literal["auto"] = Field(
         default=1024, description='Positions per step, in stream order; "auto": the runner sizes it from '
                                   'device memory (gpu) or uses 512 (cpu), recorded in the results.')
-    eval_batch_size: PositiveInt | Literal["auto"] | None = Field(
+    eval_batch_size: Positions | Literal["auto"] | None = Field(
         default=None, description='Positions per evaluation pass (None: batch_size; "auto": the runner\'s size).')
     grad_clip: float = Field(default=1.0, gt=0, description="Max gradient norm over the trained parameters.")
     restore_best: bool = Field(default=True, description="End on the best epoch's weights (False: on the "
                                                          "last epoch's, as the original did).")
-    ce_chunk: int = Field(default=2048, ge=1, description="Rows per [chunk, vocab] logits block of the loss.")
+    ce_chunk: int = Field(default=2048, ge=1, le=10**9,
+                          description="Rows per [chunk, vocab] logits block of the loss.")
 
 
 def _logit_blocks(ctx: Any, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -146,6 +150,45 @@ class Phase2State:
     best_val: EvalOutputs | None = None
     rng: torch.Tensor | None = None
     seconds: float = 0.0
+
+    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors for safetensors and the rest for JSON: a checkpoint holds data, never code."""
+        tensors = {f"model/{k}": v for k, v in self.model.items()}
+        tensors |= {f"best/{k}": v for k, v in self.best_weights.items()}
+        if self.rng is not None:
+            tensors["rng"] = self.rng
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entries in self.optimizer.get("state", {}).items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{index}/{key}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        best = None if self.best_val is None else {
+            f.name: getattr(self.best_val, f.name) for f in fields(EvalOutputs) if f.name != "contexts"}
+        data = {"epoch": self.epoch, "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
+                "counter": self.counter, "history": self.history, "seconds": self.seconds, "best_val": best,
+                "optimizer": {"param_groups": self.optimizer.get("param_groups", []), "state": scalars}}
+        return tensors, data
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> Phase2State:
+        """The inverse of `to_checkpoint`; tensors may be on any device (the RNG state goes to the CPU,
+        and so does Adam's step count, where the optimizer keeps it)."""
+        def group(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+        state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in data["optimizer"]["state"].items()}
+        for name, value in group("optimizer/").items():
+            index, key = name.split("/", 1)
+            state.setdefault(int(index), {})[key] = value.cpu() if key == "step" else value
+        best = data["best_val"]
+        return cls(epoch=int(data["epoch"]), best_epoch=int(data["best_epoch"]),
+                   best_val_loss=float(data["best_val_loss"]), counter=int(data["counter"]),
+                   history=[dict(row) for row in data["history"]], model=group("model/"),
+                   optimizer={"state": state, "param_groups": list(data["optimizer"]["param_groups"])},
+                   best_weights=group("best/"), best_val=None if best is None else EvalOutputs(**best),
+                   rng=tensors["rng"].cpu() if "rng" in tensors else None, seconds=float(data["seconds"]))
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
@@ -22,7 +23,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .registry import Component, Registry
+from .registry import Component, DuplicateComponent, Registry
 
 ENTRY_POINT_GROUP = "newllm_kit"
 
@@ -49,6 +50,7 @@ class PluginInfo:
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
     components: dict[str, list[str]] = field(default_factory=dict)
+    traceback: str | None = None  # the full stack behind `error`, for `--traceback`; not in to_json
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,8 +77,15 @@ class Plugins:
 
 
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return f"SystemExit: sys.exit({error.code!r}) was called"
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _mark_broken(info: PluginInfo, error: BaseException, prefix: str = "") -> None:
+    info.status, info.error = "broken", prefix + _one_line(error)
+    info.traceback = "".join(traceback.format_exception(error))
 
 
 def _env_list(name: str) -> set[str]:
@@ -122,22 +131,26 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False)
             continue
         try:
             candidates.append((info, ep.load()))
-        except Exception as error:  # any import-time failure of third-party code
-            info.status, info.error = "broken", _one_line(error)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # any import-time failure of third-party code, sys.exit included
+            _mark_broken(info, error)
     for name, obj in extra:
         info = PluginInfo(name)
         infos.append(info)
         candidates.append((info, obj))
 
     for info, obj in candidates:
-        typos = _unknown_hooks(manager, obj)
-        if typos:
-            info.status, info.error = "broken", "; ".join(typos)
-            continue
         try:
+            typos = _unknown_hooks(manager, obj)
+            if typos:
+                info.status, info.error = "broken", "; ".join(typos)
+                continue
             manager.register(obj, name=info.name)
-        except Exception as error:  # pluggy validation (bad signatures) or a duplicate plugin name
-            info.status, info.error = "broken", _one_line(error)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # pluggy validation (bad signatures), a duplicate plugin name, …
+            _mark_broken(info, error)
             continue
         info.hooks = sorted(c.name for c in manager.get_hookcallers(obj) or [])
     manager.check_pending()
@@ -168,14 +181,16 @@ def _call_registration(function: Any, kind: str, info: PluginInfo, registry: Reg
     """Call one plugin's register_* hook with a callback that attributes components to it."""
 
     def register(name: str, factory: Any, *, settings: Any = None, description: str = "") -> None:
-        registry.add(Component(kind, name, factory, info.name, settings, description))
+        try:
+            registry.add(Component(kind, name, factory, info.name, settings, description))
+        except DuplicateComponent as error:  # only this name is disabled; the plugin's other components load
+            info.status = "conflict"
+            info.error = f"{info.error}; {error}" if info.error else str(error)
 
     try:
         function(register=register)
-    except PluginError as error:
-        info.status, info.error = "conflict", str(error)
-    except Exception as error:  # a plugin's own bug inside its hook
-        info.status, info.error = "broken", f"{function.__name__} raised {_one_line(error)}"
-        for comps in registry.components.values():
-            for comp_name in [n for n, c in comps.items() if c.plugin == info.name]:
-                del comps[comp_name]
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # a plugin's own bug inside its hook, sys.exit included
+        _mark_broken(info, error, f"{function.__name__} raised ")
+        registry.drop_plugin(info.name)

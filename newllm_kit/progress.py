@@ -13,6 +13,7 @@ import time
 from typing import IO, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -89,7 +90,10 @@ class PlainProgress:
 
 
 class RichProgress:
-    """A live display: one bar for the units of the experiment, one for the current phase."""
+    """A live display: one bar for the units of the experiment, one for the current phase.
+
+    Names and messages are plain text (a model label may be `[/x]`), so they are escaped for rich.
+    """
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
@@ -110,7 +114,7 @@ class RichProgress:
         self.progress.start()
 
     def experiment(self, name: str, units: int) -> None:
-        self._units = self.progress.add_task(f"[bold]{name}", total=units, info="")
+        self._units = self.progress.add_task(f"[bold]{escape(name)}", total=units, info="")
 
     def begin_unit(self, label: str, index: int, total: int) -> None:
         self.unit = label
@@ -118,15 +122,15 @@ class RichProgress:
     def end_unit(self, label: str, summary: str) -> None:
         if self._units is not None:
             self.progress.advance(self._units)
-        self.console.print(f"[green]✓[/] {label} {summary}")
+        self.console.print(f"[green]✓[/] {escape(label)} {escape(summary)}")
 
     def start(self, phase: str, total: int | None) -> None:
-        self._phases[phase] = self.progress.add_task(f"  {self.unit} › {phase}", total=total, info="")
+        self._phases[phase] = self.progress.add_task(escape(f"  {self.unit} › {phase}"), total=total, info="")
 
     def advance(self, phase: str, **fields: float) -> None:
         task = self._phases.get(phase)
         if task is not None:
-            self.progress.update(task, advance=1, info=_fields_text(fields))
+            self.progress.update(task, advance=1, info=escape(_fields_text(fields)))
 
     def finish(self, phase: str) -> None:
         task = self._phases.pop(phase, None)
@@ -134,7 +138,7 @@ class RichProgress:
             self.progress.remove_task(task)
 
     def message(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(escape(text))
 
     def close(self) -> None:
         self.progress.stop()

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from typing_extensions import get_protocol_members
 
 
 class ContextBlock(Protocol):
@@ -228,3 +229,27 @@ class Metric(Protocol):
     unit: str
 
     def compute(self, outputs: EvalOutputs) -> float: ...
+
+
+# What a factory registered for each kind must return (see `newllm_kit.hookspecs`).
+PROTOCOLS: dict[str, type] = {
+    "architecture": Architecture,
+    "solver": Solver,
+    "tokenizer": TokenizerFactory,
+    "embedding": EmbeddingSource,
+    "metric": Metric,
+    "data_source": DataSource,
+    "runner": Runner,
+}
+
+
+def missing_members(obj: object, protocol: type) -> list[str]:
+    """Members of `protocol` that `obj` lacks, by name only: cheap enough to run before anything is
+    trained, and it catches a factory that returns the wrong kind of object."""
+    return sorted(name for name in get_protocol_members(protocol) if not hasattr(obj, name))
+
+
+def missing_methods(cls: type, protocol: type) -> list[str]:
+    """Methods of `protocol` that a class lacks: the check possible without an instance."""
+    return sorted(name for name in get_protocol_members(protocol)
+                  if callable(getattr(protocol, name, None)) and not callable(getattr(cls, name, None)))

@@ -19,6 +19,10 @@ from .errors import PluginError
 KINDS = ("architecture", "solver", "tokenizer", "embedding", "metric", "data_source", "runner")
 
 
+class DuplicateComponent(PluginError):
+    """A second plugin registered a (kind, name) already taken: that name is disabled, nothing else."""
+
+
 @dataclass(frozen=True)
 class Component:
     """One registered component: what a TOML name resolves to."""
@@ -65,7 +69,7 @@ class Registry:
         if existing is not None:
             plugins = self.conflicts.setdefault((component.kind, component.name), [existing.plugin])
             plugins.append(component.plugin)
-            raise PluginError(
+            raise DuplicateComponent(
                 f"{component.kind} {component.name!r} is registered by both plugin "
                 f"{existing.plugin!r} and plugin {component.plugin!r}; uninstall or disable one "
                 f"(NEWLLM_KIT_DISABLE_PLUGINS={component.plugin})"
@@ -89,7 +93,21 @@ class Registry:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         available = ", ".join(choices) or "none installed"
         broken = "".join(f"; plugin {p!r} failed to load ({why})" for p, why in self.unavailable.items())
-        raise PluginError(f"{prefix}unknown {label} {name!r}{hint} (available: {available}){broken}")
+        disabled = "".join(f"; {label} {n!r} is disabled: registered by plugins {' and '.join(map(repr, plugins))}"
+                           for (k, n), plugins in self.conflicts.items() if k == kind)
+        raise PluginError(f"{prefix}unknown {label} {name!r}{hint} (available: {available}){broken}{disabled}")
+
+    def drop_plugin(self, plugin: str) -> None:
+        """Forget every component `plugin` registered, and its claims in conflicts (it is broken)."""
+        for comps in self.components.values():
+            for name in [n for n, c in comps.items() if c.plugin == plugin]:
+                del comps[name]
+        for key, plugins in list(self.conflicts.items()):
+            remaining = [p for p in plugins if p != plugin]
+            if len(remaining) < len(plugins) and len(remaining) <= 1:
+                del self.conflicts[key]
+            else:
+                self.conflicts[key] = remaining
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])

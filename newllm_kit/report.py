@@ -1,4 +1,8 @@
-"""The end-of-run table in the seed's shape, and the per-model scaling fits."""
+"""The end-of-run table in the seed's shape, and the per-model scaling fits.
+
+Model labels, paths and warnings are the user's text, so they are escaped before rich sees them:
+a label `[/x]` prints as itself instead of failing as a markup tag.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -19,7 +24,7 @@ def print_results(console: Console, result: dict[str, Any]) -> None:
     rows = [(r["model"], f"{r['samples']:,}", f"{r['train_tokens']:,}", f"{r['val_ppl']:.2f}", _pct(r["val_acc"]),
              _pct(r["train_er"]), _pct(r["val_er"]), str(r["phase1_iterations"]), str(r["best_epoch"]))
             for r in records]
-    table = Table(title=f"{result['experiment']} — {result['run_dir']}", box=box.SIMPLE_HEAD, show_edge=False,
+    table = Table(title=escape(f"{result['experiment']} — {result['run_dir']}"), box=box.SIMPLE_HEAD, show_edge=False,
                   pad_edge=False, collapse_padding=True)
     for i, header in enumerate(headers):
         # Numbers are never cut: each column keeps at least its widest cell and header word, and
@@ -27,7 +32,7 @@ def print_results(console: Console, result: dict[str, Any]) -> None:
         widest = max([len(row[i]) for row in rows] + [len(word) for word in header.split()])
         table.add_column(header, justify="left" if i == 0 else "right", min_width=widest)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(escape(row[0]), *row[1:])
     console.print(table)
     bounds = {r["model"]: r["best_possible_ppl"] for r in records if "best_possible_ppl" in r}
     if bounds:
@@ -37,7 +42,7 @@ def print_results(console: Console, result: dict[str, Any]) -> None:
     for fit in fits:
         ci = fit.get("alpha_ci")
         interval = f" (95% CI {ci[0]:.4f} … {ci[1]:.4f})" if ci else ""
-        console.print(f"[bold]{fit['model']}[/]: PPL = {fit['A']:,.1f} · tokens^({fit['alpha']:.4f}){interval}; "
-                      f"R² = {fit['r2']:.4f}; 2× data → {100 * fit['doubling_reduction']:.1f}% lower PPL")
+        console.print(f"[bold]{escape(fit['model'])}[/]: PPL = {fit['A']:,.1f} · tokens^({fit['alpha']:.4f})"
+                      f"{interval}; R² = {fit['r2']:.4f}; 2× data → {100 * fit['doubling_reduction']:.1f}% lower PPL")
     for warning in result.get("scaling", {}).get("warnings", []):
-        console.print(f"[yellow]note:[/] {warning}")
+        console.print(f"[yellow]note:[/] {escape(warning)}")

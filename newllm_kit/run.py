@@ -1,19 +1,17 @@
-"""`newllm-kit run`: pick or create the run directory, set up the runner, run, report."""
+"""`newllm-kit run`: pick or create the run directory, lock it, set up the runner, run, report."""
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import ExperimentConfig, load_config
-from .errors import UserError
-from .experiment import check_resume_compatible, run_experiment
+from .errors import RunInterrupted, UserError
+from .experiment import check_resume_compatible, run_experiment, share
 from .plugins import Plugins
 from .progress import NullProgress, make_progress
-from .rundir import RunDir, atomic_write_json, atomic_write_text
+from .rundir import RunDir
 
 
 def _latest_run(out: Path, experiment: str) -> RunDir:
@@ -21,20 +19,21 @@ def _latest_run(out: Path, experiment: str) -> RunDir:
     candidates = sorted(p for p in root.glob("*") if (p / "config.resolved.toml").is_file()) if root.is_dir() else []
     if not candidates:
         raise UserError(f"--resume: no earlier run of {experiment!r} under {root}; run without --resume")
-    return RunDir(candidates[-1])
+    return RunDir.open(candidates[-1])
 
 
-def _share_path(runner: Any, path: str | None) -> str:
-    """Rank 0 names the run directory; the other ranks learn it through the runner."""
-    if runner.world_size == 1:
-        assert path is not None
-        return path
-    buffer = torch.zeros(1024, dtype=torch.uint8, device=runner.device)
-    if runner.rank == 0:
-        encoded = (path or "").encode()
-        buffer[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
-    shared = runner.broadcast(buffer, 0).cpu()
-    return bytes(shared[shared != 0].tolist()).decode()
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
+def _mark(run: RunDir, status: str, **fields: str) -> None:
+    """Record in meta.json how the run ended, where there is one and the disk still takes it."""
+    meta = run.read_json("meta.json")
+    if isinstance(meta, dict):
+        try:
+            run.write_json("meta.json", {**meta, "status": status, **fields})
+        except UserError:
+            pass  # e.g. the disk is full: the error already on its way says so
 
 
 def execute(file: Path, overrides: list[str], out: Path, resume: bool, progress_mode: str,
@@ -43,40 +42,47 @@ def execute(file: Path, overrides: list[str], out: Path, resume: bool, progress_
     existing: RunDir | None = None
     if file.is_dir():
         existing = RunDir.open(file)
-        config: ExperimentConfig = load_config(existing.path / "config.resolved.toml", registry, [])
+        saved = existing.path / "config.resolved.toml"
+        config: ExperimentConfig = load_config(saved, registry, [])
         if overrides:
-            check_resume_compatible((existing.path / "config.resolved.toml").read_text(),
-                                    load_config(existing.path / "config.resolved.toml", registry, overrides))
+            check_resume_compatible(saved, load_config(saved, registry, overrides))
     else:
         config = load_config(file, registry, overrides)
         if resume:
             existing = _latest_run(out, config.schema.experiment.name)
-            check_resume_compatible((existing.path / "config.resolved.toml").read_text(), config)
+            check_resume_compatible(existing.path / "config.resolved.toml", config)
 
     runner = config.runner.build()
     runner.setup()
+    mine: RunDir | None = None  # rank 0's, holding the lock
     try:
-        path = None
         if runner.rank == 0:
+            mine = existing or RunDir.create(out, config.schema.experiment.name)
+            mine.lock(_warn)  # before anything is written
             if existing is None:
-                existing = RunDir.create(out, config.schema.experiment.name)
-                atomic_write_text(existing.path / "config.resolved.toml", config.resolved_toml())
-                atomic_write_text(existing.path / "overrides.txt", "".join(f"{o}\n" for o in overrides))
-            path = str(existing.path)
-        run = RunDir(Path(_share_path(runner, path)))
+                mine.write_text("config.resolved.toml", config.resolved_toml())
+                mine.write_text("overrides.txt", "".join(f"{o}\n" for o in overrides))
+        path = share(runner, None if mine is None else str(mine.path))
+        run = mine or RunDir(Path(path))
         progress = make_progress(progress_mode) if runner.rank == 0 else NullProgress()
         plugin_report = [info.to_json() for info in plugins.infos]
         try:
             records = run_experiment(config, run, runner, progress, plugin_report)
+        except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM turned into one (named in its args)
+            signal_name = str(error.args[0]) if error.args else "SIGINT"
+            if mine is not None:
+                _mark(mine, "interrupted", signal=signal_name)
+            raise RunInterrupted(str(run.path), signal_name) from error
         except BaseException as error:
-            if runner.rank == 0 and (run.path / "meta.json").exists():
-                meta = json.loads((run.path / "meta.json").read_text())
-                atomic_write_json(run.path / "meta.json", {**meta, "status": "failed", "error": str(error)})
+            if mine is not None:
+                _mark(mine, "failed", error=str(error) or type(error).__name__)
             raise
         finally:
             progress.close()
-        summary = json.loads((run.path / "summary.json").read_text()) if runner.rank == 0 else {}
+        summary = run.read_json("summary.json") if runner.rank == 0 else {}
         return {"experiment": config.schema.experiment.name, "run_dir": str(run.path), "results": records,
                 "scaling": summary.get("scaling", {}), "rank": runner.rank}
     finally:
+        if mine is not None:
+            mine.unlock()
         runner.teardown()

@@ -1,30 +1,71 @@
-"""The run directory: atomic writes, per-unit checkpoints, and resume.
+"""The run directory: atomic writes, per-unit checkpoints, one writer, and repair on resume.
 
-Every file a reader may open is written to a temporary name in the same folder and renamed
-into place, so a run killed at any instant leaves either the old or the new version, never
-half a file. Checkpoints are folders, published by atomically rewriting a `LATEST` pointer.
+Every file a reader may open is written to a temporary name in the same folder, fsynced and
+renamed into place, so a run killed at any instant leaves either the old or the new version,
+never half a file. Checkpoints are folders of data (safetensors and JSON, never pickle),
+published by atomically rewriting a `LATEST` pointer. Every path written or deleted is checked
+to lie inside the run directory, and a lock file keeps a second process out.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from .errors import UserError
 
 RESULT_CSV_COLUMNS = ("model", "samples", "train_tokens", "val_tokens", "val_ppl", "val_acc", "train_er",
                       "val_er", "phase1_iterations", "convergence_rate", "best_epoch")
+LOCK = ".lock"
+
+# (stage, tensor groups by file name, JSON state) of one checkpoint
+Checkpoint = tuple[str, dict[str, dict[str, torch.Tensor]], dict[str, Any]]
+
+
+def _read_umask() -> int:
+    """Reading the umask means setting it: set a strict one for that instant, then put it back."""
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # what open() would give; mkstemp alone makes 0600 files
+
+
+def plain_name(name: str) -> bool:
+    """One path component, so a unit id or a LATEST pointer cannot lead out of its folder."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -32,6 +73,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -39,6 +81,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power cut
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -49,87 +92,263 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
+
+
+class CheckpointUnreadable(Exception):
+    """A checkpoint that is damaged or incomplete: the unit starts over."""
+
+
 class RunDir:
     """One run of one experiment file: `runs/<experiment>/<timestamp>-<id>/`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock: dict[str, Any] | None = None
 
     @classmethod
     def create(cls, root: Path, experiment: str) -> RunDir:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = root / experiment / f"{stamp}-{secrets.token_hex(3)}"
-        path.mkdir(parents=True, exist_ok=False)
+        if root.exists() and not root.is_dir():
+            raise UserError(f"--out {root}: a file, not a folder; pass a folder for the run directories")
+        path = root / experiment / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+        except OSError as error:
+            raise UserError(f"--out {root}: cannot create the run directory {path} "
+                            f"({error.strerror or error})") from error
         return cls(path)
 
     @classmethod
     def open(cls, path: Path) -> RunDir:
-        if not (path / "config.resolved.toml").is_file():
+        config = path / "config.resolved.toml"
+        if not config.is_file():
             raise UserError(f"{path}: not a run directory (no config.resolved.toml); pass the folder "
                             f"`newllm-kit run` printed, e.g. runs/<experiment>/<timestamp>-<id>")
+        try:
+            config.read_bytes()
+        except OSError as error:
+            raise UserError(f"{config}: cannot read ({error.strerror or error})") from error
         return cls(path)
 
+    # -- paths and writes ---------------------------------------------------------------------
+    def inside(self, path: Path) -> Path:
+        """`path` resolved, if it lies inside the run directory; every write and delete goes through here."""
+        root, resolved = self.path.resolve(), path.resolve()
+        if resolved == root or not resolved.is_relative_to(root):
+            raise UserError(f"{path}: outside the run directory {self.path}; refusing to write or delete it")
+        return resolved
+
+    def _write_error(self, file: Path, error: OSError) -> UserError:
+        """One line naming the file and how to go on."""
+        fix = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        return UserError(f"{file}: cannot write ({error.strerror or error}); {fix} and continue with "
+                         f"`newllm-kit run {self.path}`")
+
+    @contextmanager
+    def _writing(self, file: Path) -> Iterator[None]:
+        try:
+            yield
+        except OSError as error:
+            raise self._write_error(file, error) from error
+
+    def write_text(self, name: str, text: str) -> None:
+        file = self.inside(self.path / name)
+        with self._writing(file):
+            atomic_write_text(file, text)
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_text(name, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def read_json(self, name: str) -> Any:
+        """The file's JSON value, or None when it is missing or damaged (the caller rewrites it)."""
+        try:
+            return json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def _remove(self, path: Path) -> None:
+        self.inside(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    # -- one writer ---------------------------------------------------------------------------
+    def lock(self, notify: Callable[[str], None]) -> None:
+        """Make this process the run directory's only writer until `unlock`.
+
+        The lock file is created exclusively and names its holder, so a second process is told who
+        holds it; a holder that died on this host (kill -9) is found by its pid and replaced."""
+        file = self.inside(self.path / LOCK)
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        while True:
+            try:
+                fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self._take_over(file, notify)
+                continue
+            except OSError as error:
+                raise self._write_error(file, error) from error
+            with os.fdopen(fd, "w") as handle, self._writing(file):
+                handle.write(json.dumps(mine))
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._lock = mine
+            return
+
+    def _take_over(self, file: Path, notify: Callable[[str], None]) -> None:
+        """Remove the lock of a process that died on this host; refuse any other."""
+        try:
+            holder = json.loads(file.read_text(encoding="utf-8"))
+            pid, host, since = int(holder["pid"]), str(holder["host"]), holder.get("started", "?")
+        except FileNotFoundError:
+            return  # released meanwhile
+        except (OSError, ValueError, TypeError, KeyError):
+            raise UserError(f"{self.path}: locked by another process ({file} is unreadable); if no newllm-kit "
+                            f"run uses this folder, delete {file} and run again") from None
+        if host != socket.gethostname():
+            raise UserError(f"{self.path}: in use by pid {pid} on host {host} (since {since}); if that process "
+                            f"is gone, delete {file} and run again")
+        if pid > 0 and _alive(pid):
+            raise UserError(f"{self.path}: in use by another newllm-kit process (pid {pid} on {host}, since "
+                            f"{since}); wait for it to finish or stop it")
+        notify(f"{self.path}: taking over the lock of pid {pid} (since {since}), which is no longer running")
+        file.unlink(missing_ok=True)
+
+    def unlock(self) -> None:
+        """Release the lock if this process still holds it."""
+        if self._lock is None:
+            return
+        file = self.path / LOCK
+        with suppress(OSError, ValueError):
+            if json.loads(file.read_text(encoding="utf-8")) == self._lock:
+                file.unlink()
+        self._lock = None
+
     # -- records ------------------------------------------------------------------------------
-    def results(self) -> list[dict[str, Any]]:
+    def results(self, warn: Callable[[str], None]) -> list[dict[str, Any]]:
+        """The records of results.jsonl; a cut last line (a killed writer) is skipped with a warning."""
         file = self.path / "results.jsonl"
-        if not file.exists():
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
             return []
-        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"{file}: cannot read ({error})") from error
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and {"model", "samples"} <= record.keys():
+                records.append(record)
+            elif number == len(lines):
+                warn(f"warning: {file}:{number}: skipping a cut-off last line (left by a killed run)")
+            else:
+                raise UserError(f"{file}:{number}: not a result record; repair or delete that line")
+        return records
 
     def write_results(self, records: list[dict[str, Any]]) -> None:
         """Rewrite results.jsonl and results.csv whole (they are small) so neither is ever partial."""
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        atomic_write_text(self.path / "results.jsonl", lines)
+        self.write_text("results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(RESULT_CSV_COLUMNS), extrasaction="ignore",
                                 lineterminator="\n")
         writer.writeheader()
-        writer.writerows({**r, "model": r["model"]} for r in records)
-        atomic_write_text(self.path / "results.csv", buffer.getvalue())
+        writer.writerows(records)
+        self.write_text("results.csv", buffer.getvalue())
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        """Append one per-iteration/per-epoch line; a line cut by a kill is skipped on read."""
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        """Append one per-iteration/per-epoch line; `repair` cuts a line a kill left unfinished."""
+        file = self.inside(self.path / "metrics.jsonl")
+        with self._writing(file), open(file, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def repair(self, finished: set[str]) -> None:
+        """Finish what a killed process left half done (records are rewritten by the caller): remove
+        temporaries, the checkpoints of finished units and an empty checkpoints/, and cut an
+        unfinished last metrics line so the next append starts on a line of its own."""
+        for stray in [*self.path.glob(".*.tmp"), *self.path.glob("checkpoints/*/.*.tmp")]:
+            self._remove(stray)
+        for unit_dir in self.path.glob("checkpoints/*"):
+            if unit_dir.name in finished:
+                self._remove(unit_dir)
+        with suppress(OSError):
+            (self.path / "checkpoints").rmdir()  # only when empty
+        metrics = self.inside(self.path / "metrics.jsonl")
+        if metrics.is_file():
+            with self._writing(metrics), open(metrics, "rb+") as handle:
+                data = handle.read()
+                if data and not data.endswith(b"\n"):
+                    handle.truncate(data.rfind(b"\n") + 1)
+
     # -- checkpoints --------------------------------------------------------------------------
-    def _unit_dir(self, unit: str) -> Path:
-        return self.path / "checkpoints" / unit
+    def checkpoint_dir(self, unit: str) -> Path:
+        if not plain_name(unit):
+            raise UserError(f"unit {unit!r}: not usable as a folder name (no '/', '\\', '..'); rename the model")
+        return self.inside(self.path / "checkpoints" / unit)
 
-    def save_checkpoint(self, unit: str, stage: str, tensors: dict[str, torch.Tensor],
+    def save_checkpoint(self, unit: str, stage: str, tensors: dict[str, dict[str, torch.Tensor]],
                         state: dict[str, Any]) -> None:
-        """Write a complete checkpoint folder, then publish it by rewriting LATEST atomically.
-
-        A process killed mid-write leaves at most an unpublished folder, which LATEST never names
-        and the next save removes."""
-        unit_dir = self._unit_dir(unit)
-        unit_dir.mkdir(parents=True, exist_ok=True)
+        """Write a complete, fsynced folder (`<group>.safetensors` per tensor group, state.json), then
+        publish it by rewriting LATEST atomically. A kill mid-write leaves at most an unpublished folder,
+        which LATEST never names and the next save (or `repair`) removes."""
+        unit_dir = self.checkpoint_dir(unit)
         final = unit_dir / f"{stage}-{secrets.token_hex(3)}"
         tmp = unit_dir / f".{final.name}.tmp"
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        os.replace(tmp, final)
-        atomic_write_text(unit_dir / "LATEST", final.name)
+        with self._writing(tmp):
+            unit_dir.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            for group, values in tensors.items():
+                _write_synced(tmp / f"{group}.safetensors",
+                              save({k: v.detach().contiguous().cpu() for k, v in values.items()}))
+            _write_synced(tmp / "state.json", json.dumps(state).encode())
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(unit_dir)
+            _fsync_dir(unit_dir.parent)
+            atomic_write_text(unit_dir / "LATEST", final.name)
         for stale in unit_dir.iterdir():  # the previous checkpoint, and leftovers of a killed writer
             if stale.is_dir() and stale != final:
-                shutil.rmtree(stale, ignore_errors=True)
+                self._remove(stale)
 
-    def _latest(self, unit: str) -> Path | None:
-        pointer = self._unit_dir(unit) / "LATEST"
+    def load_checkpoint(self, unit: str, device: torch.device | str = "cpu") -> Checkpoint | None:
+        """The unit's published checkpoint, tensors on `device`; None when there is none.
+
+        Raises CheckpointUnreadable when it is damaged, and UserError for an older kit's pickle
+        checkpoint, which is never loaded: unpickling can run any code."""
+        unit_dir = self.checkpoint_dir(unit)
+        pointer = unit_dir / "LATEST"
         if not pointer.exists():
             return None
-        folder = self._unit_dir(unit) / pointer.read_text(encoding="utf-8").strip()
-        return folder if folder.is_dir() else None
-
-    def load_checkpoint(self, unit: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]] | None:
-        folder = self._latest(unit)
-        if folder is None:
-            return None
-        stage = folder.name.rsplit("-", 1)[0]
-        tensors = load_file(str(folder / "model.safetensors"))
-        state = torch.load(folder / "state.pt", weights_only=False)
-        return stage, tensors, state
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise CheckpointUnreadable(f"{pointer}: {error}") from error
+        folder = unit_dir / name
+        if not plain_name(name) or not folder.is_dir():
+            raise CheckpointUnreadable(f"{pointer} names {name!r}, not a checkpoint folder")
+        if (folder / "state.pt").exists() and not (folder / "state.json").exists():
+            raise UserError(f"{folder}: checkpoint written by an older newllm-kit (pickle state.pt, no longer "
+                            f"loaded for safety); delete {unit_dir} to restart that unit, finished units are kept")
+        try:
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            groups = {file.stem: load_file(file, device=str(device)) for file in folder.glob("*.safetensors")}
+        except (OSError, ValueError, SafetensorError) as error:
+            raise CheckpointUnreadable(f"{folder}: {error}") from error
+        if not isinstance(state, dict):
+            raise CheckpointUnreadable(f"{folder / 'state.json'}: not a JSON object")
+        return name.rsplit("-", 1)[0], groups, state
 
     def drop_checkpoint(self, unit: str) -> None:
-        shutil.rmtree(self._unit_dir(unit), ignore_errors=True)
+        self._remove(self.checkpoint_dir(unit))

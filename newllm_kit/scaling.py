@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import DataError, UserError
@@ -77,6 +78,8 @@ def _number(raw: Any, what: str, where: str) -> float:
         if isinstance(raw, bool) or not isinstance(raw, int | float | str):
             raise ValueError(raw)
         value = float(raw)
+    except OverflowError:  # an integer beyond float range, e.g. a JSON 1 followed by 400 zeros
+        raise DataError(f"{where}: {what} must be finite and positive (got a {len(str(raw))}-digit number)") from None
     except ValueError:
         raise DataError(f"{where}: {what} is not a number ({raw!r})") from None
     if not math.isfinite(value) or value <= 0:
@@ -86,9 +89,14 @@ def _number(raw: Any, what: str, where: str) -> float:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's BOM must not rename "model"
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        return data.decode("utf-8-sig")  # -sig: a spreadsheet's BOM must not rename "model"
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"cannot read {path}: line {line} is not UTF-8 text") from None
 
 
 def _load_jsonl(path: Path, text: str) -> list[Point]:
@@ -101,6 +109,8 @@ def _load_jsonl(path: Path, text: str) -> list[Point]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where}: not a results record (nested too deeply)") from None
         if not isinstance(record, dict) or not {"model", "train_tokens", "val_ppl"} <= record.keys():
             raise DataError(f"{where}: expected a JSON object with model, train_tokens and val_ppl")
         prints = record.get("fingerprints")
@@ -111,10 +121,13 @@ def _load_jsonl(path: Path, text: str) -> list[Point]:
 
 
 def _load_csv(path: Path, text: str) -> list[Point]:
+    """A table with model, tokens (or a run's `results.csv` name, train_tokens) and val_ppl columns."""
     reader = csv.DictReader(text.splitlines())
     names = [name.strip() for name in reader.fieldnames or []]
-    missing = [c for c in ("model", "tokens", "val_ppl") if c not in names]
+    tokens = "tokens" if "tokens" in names else "train_tokens"
+    missing = [c for c in ("model", tokens, "val_ppl") if c not in names]
     if names and missing:
+        missing = ["tokens (or train_tokens)" if c == tokens else c for c in missing]
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (need model, tokens, val_ppl)")
     points = []
     for raw in reader:
@@ -122,7 +135,7 @@ def _load_csv(path: Path, text: str) -> list[Point]:
         where = f"{path}: row {reader.line_num}"
         if not row["model"]:
             raise DataError(f"{where}: empty model name")
-        points.append(Point(row["model"], _number(row["tokens"], "tokens", where),
+        points.append(Point(row["model"], _number(row[tokens], tokens, where),
                             _number(row["val_ppl"], "val_ppl", where), row.get("fingerprint") or None,
                             str(path)))
     return points
@@ -147,7 +160,28 @@ def load_points(sources: list[Path]) -> tuple[list[Point], list[str]]:
         if not loaded:
             raise DataError(f"{path}: empty (no data rows)")
         points.extend(loaded)
-    return points, warnings
+    return _drop_repeats(points, warnings), warnings
+
+
+def _drop_repeats(points: list[Point], warnings: list[str]) -> list[Point]:
+    """Keep one copy of each result: the same model, tokens and PPL from the same data (equal or
+    missing fingerprints) is one measurement, and counting it twice would narrow every interval."""
+    kept: dict[tuple[str, float, float], list[Point]] = {}
+    repeats: dict[tuple[str, str], list[Point]] = {}  # (source, source of the kept copy) -> repeats
+    for p in points:
+        same = kept.setdefault((p.model, p.tokens, p.ppl), [])
+        twin = next((q for q in same if None in (p.fingerprint, q.fingerprint) or p.fingerprint == q.fingerprint),
+                    None)
+        if twin is None:
+            same.append(p)
+        else:
+            repeats.setdefault((p.source, twin.source), []).append(p)
+    for (source, original), extra in repeats.items():
+        names = ", ".join(f"{p.model} at {p.tokens:,.0f} tokens" for p in extra[:3])
+        names += f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        where = "more than once" if source == original else f"from {original} again"
+        warnings.append(f"{source} lists {len(extra)} point(s) {where} ({names}); each is counted once")
+    return [p for same in kept.values() for p in same]
 
 
 def latest_run_dir(root: Path = Path("runs")) -> Path:
@@ -293,19 +327,22 @@ def report_to_json(report: ScalingReport) -> dict[str, Any]:
 
 
 def render(report: ScalingReport, console: Console) -> None:
-    """Fit table, predictions with intervals, a short model comparison, then warnings."""
+    """Fit table, predictions with intervals, a short model comparison, then warnings.
+
+    Model names and warnings come from the user's files: escaped, so `[/x]` prints as itself.
+    """
     fits = Table(title="PPL = A · tokens^α (OLS in log space)",
                  caption="n: points; 2× data: PPL change per doubling, 2^α − 1")
     for column in ("Model", "α", "A", "R²", "n", "2× data", "α 95% CI"):  # fits 80 columns
         fits.add_column(column, justify="left" if column == "Model" else "right", no_wrap=column != "α 95% CI")
     for f in report.fits:
         ci = f"{f.alpha_ci[0]:.3f}…{f.alpha_ci[1]:.3f}" if f.alpha_ci else "—"
-        fits.add_row(f.model, f"{f.alpha:.4f}", f"{f.A:,.0f}" if f.A >= 1000 else f"{f.A:.1f}", f"{f.r2:.4f}",
+        fits.add_row(escape(f.model), f"{f.alpha:.4f}", f"{f.A:,.0f}" if f.A >= 1000 else f"{f.A:.1f}", f"{f.r2:.4f}",
                      str(f.points), f"{-100 * f.doubling_reduction:+.1f}%", ci)
     console.print(fits)
     for f in report.fits:
         if f.offset:
-            console.print(f"{f.model}: offset form PPL = {f.offset.E:,.1f} + {f.offset.A:,.1f} · "
+            console.print(f"{escape(f.model)}: offset form PPL = {f.offset.E:,.1f} + {f.offset.A:,.1f} · "
                           f"tokens^({f.offset.alpha:.4f})")
     if report.fits and report.fits[0].predictions:
         table = Table(title="Predicted PPL")
@@ -314,24 +351,28 @@ def render(report: ScalingReport, console: Console) -> None:
             table.add_column(column, justify="left" if column == "Model" else "right", no_wrap=column != "95% PI")
         for f in report.fits:
             for i, p in enumerate(f.predictions):
-                table.add_row(f.model, f"{p.tokens:,.0f}", f"{p.ppl:,.1f}",
+                table.add_row(escape(f.model), f"{p.tokens:,.0f}", f"{p.ppl:,.1f}",
                               f"{p.pi[0]:,.1f} … {p.pi[1]:,.1f}" if p.pi else "—", f"{p.extrapolation:,.1f}",
                               *([f"{f.offset.predictions[i].ppl:,.1f}"] if f.offset else []))
         console.print(table)
     if len(report.fits) > 1:
         steep = min(report.fits, key=lambda f: f.alpha)
-        console.print(f"Steepest α: [bold]{steep.model}[/] ({steep.alpha:.4f}); compare the CIs before "
+        console.print(f"Steepest α: [bold]{escape(steep.model)}[/] ({steep.alpha:.4f}); compare the CIs before "
                       f"calling it better.")
         for i, p in enumerate(report.fits[0].predictions):
             best = min(report.fits, key=lambda f: f.predictions[i].ppl)
-            console.print(f"At {p.tokens:,.0f} tokens the lowest predicted PPL is [bold]{best.model}[/] "
+            console.print(f"At {p.tokens:,.0f} tokens the lowest predicted PPL is [bold]{escape(best.model)}[/] "
                           f"({best.predictions[i].ppl:,.1f}).")
     for warning in report.warnings:
-        console.print(f"[yellow]warning: {warning}[/]")
+        console.print(f"[yellow]warning: {escape(warning)}[/]")
 
 
 def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
     """Log-log PNG: points, fitted lines up to the predictions, predictions with PI error bars."""
+    if path.is_dir():
+        raise UserError(f"--plot: {path} is a folder; give a file name such as {path / 'fit.png'}")
+    if not path.parent.is_dir():
+        raise UserError(f"--plot: folder {path.parent} does not exist; create it or choose another path")
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -356,14 +397,15 @@ def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation PPL")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    tmp = None
     try:  # write a temporary file beside the target and rename: readers never see half a PNG
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise UserError(f"--plot: cannot write {path}: {error.strerror or error}") from None
-    try:
         with os.fdopen(fd, "wb") as handle:
             figure.savefig(handle, format="png", dpi=120)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # no permission, a full disk
+            raise UserError(f"--plot: cannot write {path}: {error.strerror or error}") from None
         raise

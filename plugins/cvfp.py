@@ -23,8 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import nn
 
 from newllm_kit import hookimpl
+from newllm_kit.params import require_memory, weight_bytes
 
 PRESETS: dict[str, tuple[int, int]] = {"6L-768": (6, 768), "3L-1536": (3, 1536)}  # (layers, context_dim)
+# Upper bounds keep every weight's element count far inside int64 (torch's size type); whether a
+# model within them fits in memory is checked when it is built.
+MAX_LAYERS = 1024
+MAX_WIDTH = 1 << 20
+MAX_INPUT_TOKENS = 64
 
 
 class CVFPSettings(BaseModel):
@@ -38,13 +44,18 @@ class CVFPSettings(BaseModel):
         default="gradual-reduction",
         description="token-every-layer: token input into every ContextLayer, constant width C (11/27, v1); "
                     "gradual-reduction: token into layer 1 only, widths shrink from C+T to C (v2).")
-    layers: int = Field(default=6, ge=1, description="L: number of ContextLayers (and of TokenLayers).")
-    context_dim: int = Field(default=768, ge=1, description="C: context width handed from token to token.")
-    embedding_dim: int = Field(default=768, ge=1, description="E: token-embedding width (768 for GPT-2 wte).")
+    layers: int = Field(default=6, ge=1, le=MAX_LAYERS,
+                        description="L: number of ContextLayers (and of TokenLayers).")
+    context_dim: int = Field(default=768, ge=1, le=MAX_WIDTH,
+                             description="C: context width handed from token to token.")
+    embedding_dim: int = Field(default=768, ge=1, le=MAX_WIDTH,
+                               description="E: token-embedding width (768 for GPT-2 wte).")
     num_input_tokens: int = Field(
-        default=1, ge=1, description="N: token input = last N normalised embeddings, oldest first (T = N·E).")
+        default=1, ge=1, le=MAX_INPUT_TOKENS,
+        description="N: token input = last N normalised embeddings, oldest first (T = N·E).")
     num_context_splits: int = Field(
-        default=1, ge=1, description="S: independent ContextBlocks of width C/S, each reading all of T.")
+        default=1, ge=1, le=MAX_WIDTH,
+        description="S: independent ContextBlocks of width C/S, each reading all of T.")
     tie_head: bool = Field(
         default=True, description="True: logits use the embedding table; False: own Lin(E→V), zero init.")
 
@@ -313,6 +324,15 @@ class CVFPArchitecture:
         return self.settings.embedding_dim
 
     def build(self, vocab_size: int) -> CVFPModel:
+        """A fresh model on the default device; one whose weights cannot fit there is refused first."""
+        device = torch.get_default_device()
+        if device.type != "meta":
+            with torch.device("meta"):
+                needed = weight_bytes(CVFPModel(self.settings, vocab_size))
+            s = self.settings
+            require_memory(needed, device, "the cvfp model's weights",
+                           f"context_dim ({s.context_dim:,}), embedding_dim ({s.embedding_dim:,}) or layers "
+                           f"({s.layers}) in its [[models]] entry")
         return CVFPModel(self.settings, vocab_size)
 
 

@@ -25,6 +25,8 @@ from newllm_kit.protocols import Phase1Report, Progress, Runner, SolveResult
 from .frozen_solve import full_precision_matmuls, solve_frozen
 
 T = TypeVar("T")
+MAX_ITERATIONS = 1_000_000  # each pass sweeps the whole stream: far beyond any real budget
+MAX_BATCH = 10**9
 
 
 class CVFPSolverSettings(BaseModel):
@@ -33,8 +35,10 @@ class CVFPSolverSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     learning_rate: float = Field(default=0.002, gt=0, description="Adam step size (default betas, eps).")
-    min_iterations: int = Field(default=5, ge=1, description="Passes (iteration 0 included) before a stop.")
-    max_iterations: int = Field(default=40, ge=1, description="Most passes in total, iteration 0 included.")
+    min_iterations: int = Field(default=5, ge=1, le=MAX_ITERATIONS,
+                                description="Passes (iteration 0 included) before a stop.")
+    max_iterations: int = Field(default=40, ge=1, le=MAX_ITERATIONS,
+                                description="Most passes in total, iteration 0 included.")
     convergence_threshold: float = Field(
         default=0.03, ge=0, description="τ: a token has converged when mean_C (O^k − P^{k−1})² < τ.")
     min_converged_ratio: float = Field(
@@ -44,7 +48,8 @@ class CVFPSolverSettings(BaseModel):
     dist_reg_weight: float = Field(
         default=0.5, ge=0, le=1, description="w: loss = (1 − w)·cvfp + w·diversity.")
     batch_size: int = Field(
-        default=8000, ge=1, description="Phase-1 chunk: tokens per loss (the diversity term depends on it).")
+        default=8000, ge=1, le=MAX_BATCH,
+        description="Phase-1 chunk: tokens per loss (the diversity term depends on it).")
     grad_clip: float = Field(default=1.0, gt=0, description="Global gradient-norm clip before each step.")
     init: Literal["rollout", "random"] = Field(
         default="rollout",

@@ -110,7 +110,7 @@ class GPT2TokenizerSettings(BaseModel):
     cache_dir: str | None = Field(
         default=None, description="Hub download cache (default: huggingface_hub's).")
     expect_vocab: int | None = Field(
-        default=GPT2_VOCAB, ge=1,
+        default=GPT2_VOCAB, ge=1, le=1 << 24,
         description="Required vocabulary size (catches empty or wrong tokenizers); None: any.")
 
 

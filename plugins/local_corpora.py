@@ -8,7 +8,6 @@ its fingerprint changes with the Python version, which the run records.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import re
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit import hookimpl
+from newllm_kit.corpus import jsonl_rows, read_text
 from newllm_kit.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -81,11 +81,7 @@ class TextSettings(BaseModel):
                     "means its .txt/.jsonl files in name order.")
 
 
-def _jsonl_document(line: str, where: str) -> list[str]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"data source 'text': {where}: invalid JSON ({error.msg})") from None
+def _jsonl_document(row: Any, where: str) -> list[str]:
     if isinstance(row, dict) and isinstance(row.get("text"), str):
         return [row["text"]]
     messages = row.get("messages") if isinstance(row, dict) else None
@@ -124,13 +120,10 @@ class TextFiles(DocumentList):
     def _read(self) -> list[list[str]]:
         docs: list[list[str]] = []
         for path in self.files():
-            text = path.read_text(encoding="utf-8")
             if path.suffix == ".txt":
-                docs.extend([block] for block in paragraphs(text))
-                continue
-            for number, line in enumerate(text.splitlines(), start=1):
-                if line.strip():
-                    docs.append(_jsonl_document(line, f"{path}:{number}"))
+                docs.extend([block] for block in paragraphs(read_text(path, self.name)))
+            else:
+                docs.extend(_jsonl_document(row, f"{path}:{number}") for number, row in jsonl_rows(path, self.name))
         return docs
 
     def fingerprint(self) -> str:

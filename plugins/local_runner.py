@@ -31,18 +31,20 @@ class RunnerSettings(BaseModel):
     precision: Literal["fp32", "bf16"] = Field(
         default="fp32", description="all: fp32, or bf16 autocast for matmuls.")
     threads: int | None = Field(
-        default=None, ge=1, description="all: torch CPU threads; None keeps torch's default.")
-    device_index: int = Field(default=0, ge=0, description="gpu/auto: CUDA device (ddp uses LOCAL_RANK).")
+        default=None, ge=1, le=1024, description="all: torch CPU threads; None keeps torch's default.")
+    device_index: int = Field(default=0, ge=0, le=1023,
+                              description="gpu/auto: CUDA device (ddp uses LOCAL_RANK).")
     tf32: bool = Field(default=True, description="gpu/auto/ddp on CUDA: TF32 tensor cores for fp32 matmuls.")
     auto_batch: bool = Field(
         default=False, description="all: on out-of-memory halve the micro-batch (gradients accumulate, "
                                    "same effective batch) instead of stopping with a suggestion.")
     memory_fraction: float = Field(
         default=0.5, gt=0, le=1, description="gpu: share of (total − allocated) memory a batch may use.")
-    min_batch: int = Field(default=256, ge=1, description="all: smallest automatic batch.")
-    max_batch: int = Field(default=16384, ge=1, description="all: largest automatic batch.")
+    min_batch: int = Field(default=256, ge=1, le=10**9, description="all: smallest automatic batch.")
+    max_batch: int = Field(default=16384, ge=1, le=10**9, description="all: largest automatic batch.")
     timeout_s: float = Field(
-        default=300, gt=0, description="ddp: seconds a collective may wait, so a dead rank fails the job.")
+        default=300, gt=0, le=7 * 24 * 3600,
+        description="ddp: seconds a collective may wait, so a dead rank fails the job.")
 
     @model_validator(mode="after")
     def _batch_range(self) -> RunnerSettings:

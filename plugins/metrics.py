@@ -65,7 +65,7 @@ class Accuracy:
 class EffectiveRankSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_rows: int = Field(default=10_000, ge=1, description="Rows sampled (seeded) before the SVD.")
+    max_rows: int = Field(default=10_000, ge=1, le=10**9, description="Rows sampled (seeded) before the SVD.")
 
 
 class EffectiveRank:

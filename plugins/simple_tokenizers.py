@@ -48,9 +48,9 @@ class BPESettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vocab_size: int = Field(
-        default=2048, ge=256, description="Largest vocabulary: 256 byte tokens + learned merges.")
+        default=2048, ge=256, le=1 << 24, description="Largest vocabulary: 256 byte tokens + learned merges.")
     min_frequency: int = Field(
-        default=2, ge=1, description="A pair must occur this often in training text to merge.")
+        default=2, ge=1, le=2**32 - 1, description="A pair must occur this often in training text to merge.")
 
 
 class BPETokenizer:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -28,20 +29,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from newllm_kit import hookimpl
 from newllm_kit.corpus import Stream
 
-MAX_STATES_TIMES_VOCAB = 1 << 24
+MAX_STATES_TIMES_VOCAB = 1 << 24  # with vocab ≥ 2 this allows order ≤ 23 and vocab ≤ 4096
 DOCS_PER_BLOCK = 256  # documents are drawn in fixed blocks, so row i does not depend on `docs`
 
 
 class SyntheticSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    order: int = Field(default=1, ge=1, description="k: the next word depends on the previous k words.")
-    vocab: int = Field(default=64, ge=2, description="Number of word types (rendered w0, w1, …).")
+    order: int = Field(default=1, ge=1, le=23, description="k: the next word depends on the previous k words.")
+    vocab: int = Field(default=64, ge=2, le=1 << 12, description="Number of word types (rendered w0, w1, …).")
     branching: int = Field(
-        default=4, ge=1, description="Possible successors of each state (one of them is w0).")
-    docs: int = Field(default=2000, ge=1, description="Number of documents (rows).")
-    words_per_doc: int = Field(default=100, ge=1, description="Words per document.")
-    seed: int = Field(default=0, ge=0, description="Seed of the chain and of the documents.")
+        default=4, ge=1, le=1 << 12, description="Possible successors of each state (one of them is w0).")
+    docs: int = Field(default=2000, ge=1, le=10**7, description="Number of documents (rows).")
+    words_per_doc: int = Field(default=100, ge=1, le=10**6, description="Words per document.")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the chain and of the documents.")
 
     @model_validator(mode="after")
     def _consistent(self) -> SyntheticSettings:
@@ -117,8 +118,12 @@ class Synthetic(DocumentList):
     def __init__(self, settings: SyntheticSettings | None = None) -> None:
         super().__init__()
         self.settings = settings if settings is not None else SyntheticSettings()
-        chain_seed, self._docs_seed = np.random.SeedSequence(self.settings.seed).spawn(2)
-        self.chain = MarkovChain(self.settings, np.random.default_rng(chain_seed))
+        self._chain_seed, self._docs_seed = np.random.SeedSequence(self.settings.seed).spawn(2)
+
+    @cached_property
+    def chain(self) -> MarkovChain:
+        """Built on first use: `newllm-kit validate` constructs the source and should stay instant."""
+        return MarkovChain(self.settings, np.random.default_rng(self._chain_seed))
 
     def _read(self) -> list[list[str]]:
         s = self.settings

@@ -20,6 +20,7 @@ from newllm_kit_plugins.gpt2 import first_line, hub_offline, hub_reachable
 from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit import hookimpl
+from newllm_kit.corpus import jsonl_rows
 from newllm_kit.errors import DataError
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
@@ -72,22 +73,45 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _corrupt_parquet(path: Path, error: Exception) -> DataError:
+    return DataError(f"data source 'ultrachat': {path}: not a readable parquet file ({first_line(error)}); "
+                     f"download or export it again")
+
+
 def _columns(path: Path) -> list[str]:
     """Column names of a parquet file (its schema) or of a jsonl file (its first row)."""
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return list(pq.read_schema(path).names)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"data source 'ultrachat': {path}:{number}: invalid JSON "
-                                    f"({error.msg})") from None
-                return list(row) if isinstance(row, dict) else []
+        try:
+            return list(pq.read_schema(path).names)
+        except (pa.ArrowException, OSError) as error:
+            raise _corrupt_parquet(path, error) from None
+    for _, row in jsonl_rows(path, "ultrachat"):
+        return list(row) if isinstance(row, dict) else []
     return []
+
+
+def _check_readable(files: list[Path]) -> None:
+    """After `datasets` failed on a local copy: a DataError naming the first corrupt file, or the file
+    and line of the first bad JSON row (the loader's own error names neither)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in files:
+        if path.suffix == ".parquet":
+            try:
+                parquet = pq.ParquetFile(path)
+                for group in range(parquet.num_row_groups):
+                    parquet.read_row_group(group, columns=["messages"])
+            except (pa.ArrowException, OSError) as error:
+                raise _corrupt_parquet(path, error) from None
+            continue
+        for number, row in jsonl_rows(path, "ultrachat"):
+            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+                raise DataError(f"data source 'ultrachat': {path}:{number}: expected an object with a "
+                                f"'messages' list (ultrachat_200k schema); fix or remove that line")
 
 
 class UltraChat:
@@ -136,15 +160,18 @@ class UltraChat:
 
         if s.path is not None:
             files = self.files()
-            was_enabled = datasets.is_progress_bar_enabled()
+            was_enabled, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
             datasets.disable_progress_bars()  # noise for a local copy, which loads in about a second
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become ours, in one line
             try:
                 dataset = datasets.load_dataset(BUILDERS[files[0].suffix], data_files=[str(p) for p in files],
                                                 split="train", cache_dir=s.cache_dir)
             except Exception as error:
+                _check_readable(files)
                 raise DataError(f"data source 'ultrachat': cannot read {s.path} ({first_line(error)}); "
                                 f"check that it is in the ultrachat_200k schema") from error
             finally:
+                datasets.logging.set_verbosity(verbosity)
                 if was_enabled:
                     datasets.enable_progress_bars()
         else:

@@ -29,10 +29,24 @@ class SolverSettings(BaseModel):
     path: str | None = None
 
 
+class Anything:
+    """Has every member any protocol asks for: these tests are about settings, not components."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Anything()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return Anything()
+
+
 def _registry() -> Registry:
     registry = Registry()
+
     def factory(settings: Any) -> Any:
-        return settings
+        return Anything()
+
     for kind, name, model in [("architecture", "cvfp", ArchSettings), ("solver", "cvfp", SolverSettings),
                               ("data_source", "ultrachat", SolverSettings), ("tokenizer", "gpt2", None),
                               ("embedding", "gpt2", None), ("runner", "auto", None), ("metric", "ppl", None),
@@ -77,7 +91,7 @@ def test_defaults_reproduce_the_seed_v2_settings(tmp_path: Path) -> None:
         ('[data]\ntext = "all"\n' + MINIMAL, r"data\.text: .*first_turn"),
         (MINIMAL + '[[models]]\nlabel = "A"\n', r"models\.1\.label: duplicate label 'A'"),
         ('[phase2]\nbatch_size = 0\n' + MINIMAL,
-         r"phase2\.batch_size: Input should be greater than 0 or Input should be 'auto' \(got 0\)$"),
+         r"phase2\.batch_size: Input should be greater than or equal to 1 or Input should be 'auto' \(got 0\)$"),
         ("[experiment]\n", r"models: Field required"),
         ("models = [", r"invalid TOML"),
     ],
@@ -181,3 +195,122 @@ def test_resolved_config_round_trips(tmp_path: Path, values: dict[str, Any]) -> 
     for before, after in [(config.solver, again.solver), (config.data_source, again.data_source),
                           (config.models[0][1], again.models[0][1])]:
         assert after.settings == before.settings
+
+
+@pytest.mark.parametrize("label", ["../../../../tmp/victim", "a/b", "..", "a..b", ".hidden", "a\x00b", "A\n",
+                                   "x" * 101, "", "two words"])
+def test_model_labels_cannot_leave_the_run_directory(tmp_path: Path, label: str) -> None:
+    import tomli_w
+
+    path = write(tmp_path, tomli_w.dumps({"models": [{"label": "A"}, {"label": label}]}))
+    with pytest.raises(ConfigError, match=r"models\.1\.label: must be 1–100 letters") as caught:
+        load_config(path, _registry())
+    assert "\n" not in str(caught.value)
+
+
+def test_experiment_name_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"experiment\.name: must be"):
+        load_config(write(tmp_path, '[experiment]\nname = "runs\\n"\n' + MINIMAL), _registry())
+    assert load_config(write(tmp_path, MINIMAL), _registry(), ["models.0.label=" + "x" * 100])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("experiment.seed=4294967296", r"experiment\.seed: must be between 0 and 4,294,967,295 \(got 4294967296\)"),
+    ("experiment.samples=[10, 10000000000]", r"experiment\.samples: .*between 1 and 1,000,000,000"),
+    ("data.train_start=1000000001", r"data\.train_start: must be between 0 and 1,000,000,000"),
+    ("data.val.start=99999999999", r"data\.val\.start: must be between 0 and 1,000,000,000"),
+    ("data.val.count=9223372036854775807", r"data\.val\.count: must be between 1 and 1,000,000,000"),
+    ("solver.max_iterations=9223372036854775808", r"solver\.max_iterations: integer outside the 64-bit range"),
+    ("phase2.epochs=-99999999999999999999999", r"phase2\.epochs: integer outside the 64-bit range"),
+])
+def test_numbers_that_would_overflow_later_are_refused_with_their_range(tmp_path: Path, override: str,
+                                                                          message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, MINIMAL), _registry(), [override])
+
+
+def test_an_integer_of_thousands_of_digits_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"invalid TOML: an integer with thousands of digits"):
+        load_config(write(tmp_path, "[experiment]\nseed = " + "9" * 5000 + "\n" + MINIMAL), _registry())
+    with pytest.raises(ConfigError, match=r"experiment\.seed: .*\(got '99999.*…\)$"):
+        load_config(write(tmp_path, MINIMAL), _registry(), ["experiment.seed=" + "9" * 5000])
+
+
+@pytest.fixture(scope="module")
+def builtins() -> Registry:
+    from newllm_kit.plugins import load_plugins
+
+    return load_plugins().registry
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("models.0.layers=100000", r"models\.0\.layers: must be between 1 and 1,024 \(got 100000\)"),
+    ("models.0.context_dim=1099511627776", r"models\.0\.context_dim: must be between 1 and 1,048,576"),
+    ("models.0.num_input_tokens=1000", r"models\.0\.num_input_tokens: must be between 1 and 64"),
+    ("solver.max_iterations=1000000000000", r"solver\.max_iterations: must be between 1 and 1,000,000"),
+    ("solver.batch_size=10000000000", r"solver\.batch_size: must be between 1 and 1,000,000,000"),
+    ("solver.min_converged_ratio=2.0", r"solver\.min_converged_ratio: must be between 0 and 1 \(got 2\.0\)"),
+    ("tokenizer.expect_vocab=1000000000000", r"tokenizer\.expect_vocab: must be between 1 and 16,777,216"),
+    ("experiment.metrics=['effective_rank']", None),
+])
+def test_builtin_integer_settings_have_upper_bounds(tmp_path: Path, builtins: Registry, override: str,
+                                                    message: str | None) -> None:
+    if message is None:
+        load_config(write(tmp_path, MINIMAL), builtins, [override])
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, MINIMAL), builtins, [override])
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('data = { source = "synthetic", order = 10000000000 }', r"data\.order: must be between 1 and 23"),
+    ('data = { source = "synthetic", seed = 4294967296 }', r"data\.seed: must be between 0 and 4,294,967,295"),
+    ('data = { source = "synthetic", docs = 100000000000 }', r"data\.docs: must be between 1 and 10,000,000"),
+    ('tokenizer = { name = "bpe", vocab_size = 100000000000 }', r"tokenizer\.vocab_size: must be between 256"),
+    ('tokenizer = { name = "bpe", min_frequency = 18446744073709551 }', r"tokenizer\.min_frequency: must be"),
+])
+def test_plugin_integer_settings_have_upper_bounds(tmp_path: Path, builtins: Registry, text: str,
+                                                   message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text + "\n" + MINIMAL), builtins)
+
+
+def wrong_kind_registry() -> Registry:
+    from conftest import load_case
+
+    from newllm_kit.plugins import load_plugins
+
+    return load_plugins(extra=[("wrong_kind", load_case("wrong_kind"))]).registry
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[[models]]\nlabel = "H"\narchitecture = "hollow"\n',
+     r"exp\.toml: models\.0: plugin 'wrong_kind': architecture 'hollow' builds HollowModel, which lacks "
+     r"'param_counts' required by newllm_kit\.protocols\.Model"),
+    ('[solver]\nname = "fit-only"\n' + MINIMAL,
+     r"exp\.toml: solver: plugin 'wrong_kind': solver 'fit-only' returned FitOnly, which lacks 'solve' "
+     r"required by newllm_kit\.protocols\.Solver"),
+    ('[runner]\nname = "lazy"\n' + MINIMAL,
+     r"exp\.toml: runner: plugin 'wrong_kind': runner 'lazy' is Lazy, which lacks 'all_reduce_sum' \(also "
+     r"autocast, barrier, .*teardown\) required by newllm_kit\.protocols\.Runner"),
+    ('[data]\nsource = "broken"\n' + MINIMAL,
+     r"exp\.toml: data: plugin 'wrong_kind': building data source 'broken' failed: ValueError: cannot parse"),
+])
+def test_a_factory_returning_the_wrong_kind_of_object_is_caught_when_loading(tmp_path: Path, text: str,
+                                                                             message: str) -> None:
+    with pytest.raises(PluginError, match=message) as caught:
+        load_config(write(tmp_path, text), wrong_kind_registry())
+    assert "\n" not in str(caught.value)
+
+
+def test_validate_catches_a_model_missing_a_protocol_member(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import HERE, make_fake_dist
+    from test_cli import cli
+
+    make_fake_dist(tmp_path, monkeypatch, "hollow-dist", "0.1", {"wrong_kind": "newllm_wrong_kind"},
+                   {"newllm_wrong_kind.py": (HERE / "plugin_cases" / "wrong_kind.py").read_text()})
+    path = write(tmp_path, '[[models]]\nlabel = "H"\narchitecture = "hollow"\n')
+    result = cli("validate", str(path), env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.count("\n") == 1 and "lacks 'param_counts'" in result.stderr

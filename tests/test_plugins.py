@@ -96,3 +96,46 @@ def test_unknown_component_suggests_the_closest_name() -> None:
     plugins = load_plugins()
     with pytest.raises(PluginError, match="did you mean 'gradual-decrease'"):
         plugins.registry.get("solver", "gradual-decrese")
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("exiting_hook", "register_metrics raised SystemExit: sys.exit(4) was called"),
+    ("base_exception_hook", "register_solvers raised Escape: escaped the Exception hierarchy"),
+])
+def test_a_hook_that_exits_or_raises_base_exception_is_broken_not_fatal(no_autoload: None, case: str,
+                                                                         reason: str) -> None:
+    plugins = load_plugins(extra=[(case, load_case(case)), ("good", load_case("good"))])
+    info = next(i for i in plugins.infos if i.name == case)
+    assert info.status == "broken" and info.error == reason
+    assert info.traceback is not None and info.traceback.startswith("Traceback") and case in info.traceback
+    assert "quits" not in plugins.registry.names("metric")
+    assert "constant" in plugins.registry.names("metric")  # the others still load
+
+
+def test_a_module_that_exits_at_import_is_broken_and_the_cli_still_works(tmp_path, monkeypatch) -> None:
+    from conftest import make_fake_dist
+    from test_cli import cli
+
+    make_fake_dist(tmp_path, monkeypatch, "exit-dist", "0.1", {"exits": "newllm_exit_case"},
+                   {"newllm_exit_case.py": "import sys\nsys.exit('no GPU here')\n"})
+    plugins = load_plugins()
+    info = next(i for i in plugins.infos if i.name == "exits")
+    assert info.status == "broken" and info.error == "SystemExit: sys.exit('no GPU here') was called"
+    assert "newllm_exit_case.py" in (info.traceback or "")
+    assert "cvfp" in plugins.registry.names("architecture")
+    result = cli("--version", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout.startswith("newllm-kit ")
+    assert "exits" in result.stderr and "\n" not in result.stderr.strip()
+
+
+def test_a_duplicate_disables_only_that_name(no_autoload: None) -> None:
+    plugins = load_plugins(extra=[("good", load_case("good")), ("dup", load_case("duplicate_and_more"))])
+    dup = next(i for i in plugins.infos if i.name == "dup")
+    assert dup.status == "conflict" and "'constant'" in (dup.error or "")
+    assert plugins.registry.get("metric", "also-here").plugin == "dup"
+    assert dup.components == {"metric": ["also-here"]}
+    with pytest.raises(PluginError, match=r"registered by plugins 'good' and 'dup'"):
+        plugins.registry.get("metric", "constant")
+    with pytest.raises(PluginError, match=r"unknown metric 'constnt'.*metric 'constant' is disabled: "
+                                          r"registered by plugins 'good' and 'dup'"):
+        plugins.registry.get("metric", "constnt")

@@ -180,6 +180,9 @@ def write(path: Path, text: str) -> Path:
         ("model,tokens,val_ppl\nA,100,5\nA,-3,5\n", "row 3: tokens must be finite and positive"),
         ("model,tokens,val_ppl\nA,100,inf\n", "val_ppl must be finite"),
         ("model,tokens,val_ppl\nA,many,5\n", "tokens is not a number"),
+        ("model,tokens,val_ppl\nA,100,5\nA," + "9" * 400 + ",4\n", "row 3: tokens must be finite"),
+        ("model,tokens,val_ppl\nA,nan,5\n", "row 2: tokens must be finite"),
+        ("model,train_tokens,val_ppl\nA,1e999,5\n", "row 2: train_tokens must be finite"),
         ("", "empty"),
         ("model,tokens,val_ppl\n", "empty"),
     ],
@@ -208,6 +211,59 @@ def test_bad_jsonl_names_the_line(tmp_path: Path) -> None:
         scaling.load_points([path])
 
 
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"model": "A", "train_tokens": 1' + "0" * 400 + ', "val_ppl": 3}', ":2: train_tokens must be finite"),
+        ("[" * 100_000, ":2: not a results record (nested too deeply)"),
+        ('{"model": "A", "train_to', ":2: not valid JSON"),
+    ],
+)
+def test_damaged_jsonl_names_the_file_and_line(tmp_path: Path, line: str, needle: str) -> None:
+    path = write(tmp_path / "results.jsonl", '{"model": "A", "train_tokens": 10, "val_ppl": 3}\n' + line + "\n")
+    with pytest.raises(DataError) as caught:
+        scaling.load_points([path])
+    assert f"{path}{needle}" in str(caught.value)
+
+
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(b'{"model": "A", "train_tokens": 10, "val_ppl": 3}\n{"model": "\xff"}\n')
+    with pytest.raises(DataError, match=r"cannot read .*results\.jsonl: line 2 is not UTF-8 text"):
+        scaling.load_points([path])
+
+
+def test_a_runs_results_csv_is_a_source(tmp_path: Path) -> None:
+    path = write(tmp_path / "results.csv", "model,samples,train_tokens,val_tokens,val_ppl,val_acc\n"
+                                           "A,10,1000,50,90.5,0.1\nA,20,2000,50,70.25,0.2\n")
+    points, _ = scaling.load_points([path])
+    assert [(p.model, p.tokens, p.ppl) for p in points] == [("A", 1000, 90.5), ("A", 2000, 70.25)]
+
+
+def test_repeated_points_are_counted_once_with_a_warning(tmp_path: Path) -> None:
+    rows = "model,tokens,val_ppl\nA,1000,90\nA,2000,70\nA,4000,55\n"
+    first, second = write(tmp_path / "a.csv", rows), write(tmp_path / "b.csv", rows + "A,8000,45\n")
+    points, warnings = scaling.load_points([first, second])
+    assert sorted(p.tokens for p in points) == [1000, 2000, 4000, 8000]
+    assert all(p.source == str(first) for p in points if p.tokens < 8000)
+    assert warnings == [f"{second} lists 3 point(s) from {first} again (A at 1,000 tokens, A at 2,000 tokens, "
+                        f"A at 4,000 tokens); each is counted once"]
+    same = write(tmp_path / "c.csv", rows + "A,1000,90\n")
+    points, warnings = scaling.load_points([same])
+    assert len(points) == 3 and warnings == [f"{same} lists 1 point(s) more than once (A at 1,000 tokens); "
+                                             f"each is counted once"]
+
+
+def test_a_run_directory_and_its_results_csv_are_one_source(tmp_path: Path) -> None:
+    folder = run_dir(tmp_path, "r1", {"corpus": "aaa"})
+    rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    write(folder / "results.csv", "model,samples,train_tokens,val_ppl\n" + "".join(
+        f"{r['model']},{r['samples']},{r['train_tokens']},{r['val_ppl']}\n" for r in rows))
+    points, warnings = scaling.load_points([folder, folder / "results.csv"])
+    assert len(points) == 2 and len(warnings) == 1 and "counted once" in warnings[0]
+    assert scaling.check_comparable(points, allow_mixed=False) == []
+
+
 def test_unreadable_sources(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"cannot read .*nope\.csv"):
         scaling.load_points([tmp_path / "nope.csv"])
@@ -229,18 +285,18 @@ def test_bad_prediction_count() -> None:
         scaling.fit_all(synthetic("x", [1e3, 2e3], [100.0, 80.0]), [0.0], "power")
 
 
-def run_dir(root: Path, name: str, fingerprints: dict[str, str]) -> Path:
+def run_dir(root: Path, name: str, fingerprints: dict[str, str], ppls: tuple[float, float] = (90.0, 70.0)) -> Path:
     folder = root / "exp" / name
     folder.mkdir(parents=True)
     rows = [{"model": "A", "train_tokens": t, "val_ppl": p, "samples": 1, "fingerprints": fingerprints}
-            for t, p in ((1000, 90.0), (2000, 70.0))]
+            for t, p in zip((1000, 2000), ppls, strict=True)]
     write(folder / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
 
 def test_run_dirs_fingerprints_and_latest(tmp_path: Path) -> None:
     first = run_dir(tmp_path, "r1", {"corpus": "aaa", "tokenizer": "t"})
-    second = run_dir(tmp_path, "r2", {"tokenizer": "t", "corpus": "aaa"})
+    second = run_dir(tmp_path, "r2", {"tokenizer": "t", "corpus": "aaa"}, (91.0, 71.0))  # another run's numbers
     other = run_dir(tmp_path, "r3", {"corpus": "bbb", "tokenizer": "t"})
     os.utime(first, (1, 1))
     os.utime(second, (2, 2))
@@ -270,6 +326,16 @@ def test_render_shows_fits_predictions_comparison_and_warnings() -> None:
         assert needle in text, needle
 
 
+def test_render_prints_model_names_and_warnings_as_text_not_markup() -> None:
+    points = [*synthetic("[/x]", [1e3, 2e3], [100.0, 80.0]), *synthetic("[bold red]X", [1e3, 2e3], [100.0, 90.0])]
+    console = Console(record=True, width=160, color_system=None)
+    scaling.render(scaling.fit_all(points, [5e3], "power"), console)
+    text = console.export_text()
+    for needle in ("│ [/x]", "│ [bold red]X", "Steepest α: [/x]", "lowest predicted PPL is [/x]",
+                   "warning: model [bold red]X: 2 points"):
+        assert needle in text, needle
+
+
 def test_render_fits_an_80_column_terminal_without_truncating() -> None:
     points, _ = scaling.load_points([SEED])
     console = Console(record=True, width=80, color_system=None)
@@ -295,3 +361,11 @@ def test_plot_without_matplotlib_is_a_user_error(tmp_path: Path, monkeypatch: py
     report = scaling.fit_all(synthetic("x", [1e3, 2e3], [100.0, 80.0]), [], "power")
     with pytest.raises(UserError, match=r"pip install 'newllm-kit\[plot\]'"):
         scaling.plot(report, [], tmp_path / "fit.png")
+
+
+@pytest.mark.parametrize("target", [".", "missing/fit.png"])
+def test_plot_to_a_folder_or_into_a_missing_folder_is_a_user_error(tmp_path: Path, target: str) -> None:
+    report = scaling.fit_all(synthetic("x", [1e3, 2e3], [100.0, 80.0]), [], "power")
+    with pytest.raises(UserError, match=r"^--plot: .*(is a folder|does not exist)"):
+        scaling.plot(report, [], tmp_path / target)
+    assert list(tmp_path.iterdir()) == []

@@ -289,6 +289,10 @@ def test_preset_fills_layers_and_width_unless_given() -> None:
     ({"preset": "9L-512"}, "preset"),
     ({"variant": "gradual"}, "variant"),
     ({"hidden_dim": 3}, "hidden_dim"),
+    ({"layers": 1025}, "layers"),
+    ({"context_dim": 2**40}, "context_dim"),
+    ({"embedding_dim": 2**40}, "embedding_dim"),
+    ({"num_input_tokens": 65}, "num_input_tokens"),
 ])
 def test_invalid_settings_name_the_field(keys: dict[str, Any], field: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -311,3 +315,57 @@ def test_plugin_registers_the_architecture() -> None:
     assert architecture.embedding_dim == 8
     model = architecture.build(11)
     assert (model.vocab_size, model.context_dim, model.token_width, model.layer_widths) == (11, 4, 8, (4,))
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from newllm_kit import params
+    from newllm_kit.errors import ConfigError
+
+    monkeypatch.setattr(params, "available_bytes", lambda device: 16 << 30)
+    architecture = CVFPArchitecture(CVFPSettings(layers=3, context_dim=1_000_000))
+    with pytest.raises(ConfigError, match=r"^the cvfp model's weights need ([\d,]+) bytes \(21\.9 TiB\) but cpu "
+                                          r"has 17,179,869,184 bytes \(16\.0 GiB\) available; lower context_dim "
+                                          r"\(1,000,000\), embedding_dim \(768\) or layers \(3\)") as caught:
+        architecture.build(V)
+    needed = int(caught.value.args[0].split(" need ")[1].split(" bytes")[0].replace(",", ""))
+    assert needed == 4 * meta_model(layers=3, context_dim=1_000_000).param_counts()["total"]
+    with torch.device("meta"):  # counting parameters allocates nothing, so it is never refused
+        assert architecture.build(V).context_dim == 1_000_000
+
+
+def test_check_model_fits_names_the_model_the_bytes_and_the_keys(tmp_path: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from newllm_kit import params
+    from newllm_kit.config import load_config
+    from newllm_kit.errors import ConfigError
+    from newllm_kit.plugins import load_plugins
+
+    path = tmp_path / "exp.toml"
+    path.write_text('[[models]]\nlabel = "A"\ncontext_dim = 4096\nlayers = 2\n')
+    config = load_config(path, load_plugins().registry)
+    total = meta_model(vocab_size=256, context_dim=4096, layers=2).param_counts()["total"]
+    original = params.available_bytes
+    monkeypatch.setattr(params, "available_bytes", lambda device: 4 * total)
+    params.check_model_fits(config, 0, 256, torch.device("cpu"))
+    monkeypatch.setattr(params, "available_bytes", lambda device: 4 * total - 1)
+    with pytest.raises(ConfigError, match=rf"exp\.toml: models\.0 \('A'\): its weights alone need {4 * total:,} "
+                                          rf"bytes .* but cpu has .* lower models\.0\.context_dim \(4,096\) or "
+                                          rf"models\.0\.embedding_dim \(768\)$"):
+        params.check_model_fits(config, 0, 256, torch.device("cpu"))
+    monkeypatch.setattr(params, "available_bytes", original)
+    monkeypatch.setattr(params, "_cpu_available", lambda: 1 << 50)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * total - 1, 1 << 40))
+    with pytest.raises(ConfigError, match=r"but cuda:0 has [\d,]+ bytes"):  # then moved to the runner's device
+        params.check_model_fits(config, 0, 256, torch.device("cuda", 0))
+
+
+def test_run_with_an_unallocatable_width_ends_in_one_line(tmp_path: Any) -> None:
+    from test_cli import cli
+
+    path = tmp_path / "exp.toml"
+    path.write_text('[experiment]\nsamples = [5]\n[data]\nsource = "embedded"\nval = { start = 100, count = 2 }\n'
+                    '[tokenizer]\nname = "bytes"\n[embedding]\nsource = "random"\n'
+                    '[[models]]\nlabel = "A"\nlayers = 3\ncontext_dim = 1000000\n')
+    result = cli("run", str(path), "--out", str(tmp_path / "runs"), "--progress", "none")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "bytes" in result.stderr and "context_dim (1,000,000)" in result.stderr

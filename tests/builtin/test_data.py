@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from newllm_kit import corpus
 from newllm_kit.corpus import Split, build_stream, load_streams
-from newllm_kit.errors import DataError
+from newllm_kit.errors import DataError, PluginError
 
 ROWS = 60
 OFFLINE_MESSAGE = ("data source 'ultrachat': cannot load HuggingFaceH4/ultrachat_200k (offline or not "
@@ -400,3 +400,94 @@ def test_random_embedding_is_seeded_normal() -> None:
     assert torch.equal(a, b) and a.shape == (1000, 32)
     assert a.std().item() == pytest.approx(0.02, rel=0.05)
     assert source.fingerprint() != RandomEmbedding(RandomEmbeddingSettings(std=0.1)).fingerprint()
+
+
+# --- files that are not what they claim to be: one line naming the file (and line) ---------------------
+
+
+CHAT = json.dumps({"messages": [{"content": "q", "role": "user"}, {"content": "a", "role": "assistant"}]})
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("latin1.txt", "Caf\xe9 au lait.\n\nSecond.\n".encode("latin-1"), r"latin1\.txt:1: not UTF-8 text \(byte 0xe9\)"),
+    ("late.txt", b"Fine.\n\nStill fine.\n\xff\n", r"late\.txt:4: not UTF-8 text \(byte 0xff\)"),
+    ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"image\.txt is binary \(it holds NUL bytes\)"),
+    ("bad.jsonl", f"{CHAT}\n\n{{\"text\": \"unterminated\n{CHAT}\n".encode(), r"bad\.jsonl:3: invalid JSON at column"),
+    ("cp1252.jsonl", f'{CHAT}\n{{"text": "caf\xe9"}}\n'.encode("cp1252"), r"cp1252\.jsonl:2: not UTF-8 text"),
+    ("deep.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", r"deep\.jsonl:1: JSON nested too deeply"),
+    ("binary.jsonl", bytes(range(256)) * 4, r"binary\.jsonl:1: holds NUL bytes, so the file is binary"),
+])
+def test_text_source_refuses_files_that_are_not_utf8_text(tmp_path: Path, name: str, content: bytes,
+                                                          message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^data source 'text': .*{message}") as caught:
+        TextFiles(TextSettings(paths=[str(path)])).size()
+    assert "\n" not in str(caught.value)
+
+
+def test_jsonl_lines_end_only_at_newline(tmp_path: Path) -> None:
+    """U+2028 is legal inside a JSON string; str.splitlines() would cut the row there."""
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert TextFiles(TextSettings(paths=[str(path)])).documents([0]) == [["one\u2028two"]]
+
+
+def test_a_lone_surrogate_is_named_by_row_before_the_tokenizer_sees_it(tmp_path: Path) -> None:
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["fine", "also fine", "bad \ud800 here", "ok"]))
+    source = TextFiles(TextSettings(paths=[str(path)]))
+    with pytest.raises(DataError, match=r"data: row 2: character 4 is '\\ud800', a lone surrogate"):
+        load_streams(source, "first_turn", BytesFactory(), range(0, 3), range(3, 4), tmp_path)
+
+
+def test_documents_that_are_not_text_are_named_by_row() -> None:
+    scheme = corpus.get_scheme("all_turns")
+    with pytest.raises(DataError, match=r"data: row 8: a turn is int, not text"):
+        corpus.scheme_texts([["a"], ["b", 3]], scheme, [7, 8])  # type: ignore[list-item]
+    with pytest.raises(DataError, match=r"returned 1 documents for 2 rows"):
+        corpus.scheme_texts([["a"]], scheme, [7, 8])
+
+
+def test_a_tokenizer_factory_returning_the_wrong_object_is_named(tmp_path: Path) -> None:
+    class Broken:
+        def load(self, train_texts: Sequence[str], cache_dir: Path) -> object:
+            return "not a tokenizer"
+
+    source = Memory([["one two"], ["three four"]])
+    with pytest.raises(PluginError, match=r"Broken\.load\(\) returned str, which lacks 'decode', 'fingerprint', "
+                                          r"'vocab_size' required by newllm_kit\.protocols\.Tokenizer"):
+        load_streams(source, "first_turn", Broken(), range(0, 1), range(1, 2), tmp_path)  # type: ignore[arg-type]
+
+
+def _corrupt_pages(path: Path) -> Path:
+    """Overwrite the first half of the column data; the footer (schema) stays readable."""
+    data = bytearray(path.read_bytes())
+    data[100:len(data) // 2] = b"\x55" * (len(data) // 2 - 100)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: (d / "x.parquet").write_bytes(b"PAR1" + b"\x00 garbage" * 100) and d / "x.parquet",
+     r"x\.parquet: not a readable parquet file \(ArrowInvalid: Parquet magic bytes not found"),
+    (lambda d: _corrupt_pages(make_ultrachat_parquet(d, 40)),
+     r"train_sft-00000-of-00001\.parquet: not a readable parquet file"),
+    (lambda d: (d / "train_sft.jsonl").write_text(f"{CHAT}\n{CHAT}\n{CHAT[:-3]}\n{CHAT}\n") and d / "train_sft.jsonl",
+     r"train_sft\.jsonl:3: invalid JSON at column"),
+    (lambda d: (d / "train_sft.jsonl").write_bytes(f"{CHAT}\n{CHAT}\n".encode() + b'{"messages": "\xff"}\n')
+     and d / "train_sft.jsonl", r"train_sft\.jsonl:3: not UTF-8 text"),
+    (lambda d: (d / "train_sft.jsonl").write_bytes(b'{"messages": "\xe9t\xe9"}\n') and d / "train_sft.jsonl",
+     r"train_sft\.jsonl:1: not UTF-8 text"),
+    (lambda d: (d / "train_sft.jsonl").write_text(f"{CHAT}\n[1, 2]\n{CHAT}\n") and d / "train_sft.jsonl",
+     r"train_sft\.jsonl:2: expected an object with a 'messages' list"),
+])
+def test_ultrachat_copy_that_cannot_be_read_names_the_file_and_line(
+        tmp_path: Path, make: Callable[[Path], Path], message: str, capfd: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    path = make(folder)
+    with pytest.raises(DataError, match=rf"^data source 'ultrachat': .*{message}") as caught:
+        local_ultrachat(path, tmp_path).size()
+    assert "\n" not in str(caught.value)
+    assert "Failed to" not in capfd.readouterr().err  # the datasets logger stays quiet: ours is the message

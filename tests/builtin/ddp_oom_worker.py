@@ -1,0 +1,75 @@
+"""One rank of test_ddp_oom.py's two-process check, run as a script (torchrun's variables in the
+environment): Phase 1 on a tiny block, optionally with one injected out-of-memory error."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from newllm_kit_plugins.ddp_runner import DDPRunner
+from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.local_runner import RunnerSettings
+from torch import nn
+
+
+class Block(nn.Module):
+    """F(c, x) = LayerNorm(W c + x): contracting, with parameters for Phase 1 to train."""
+
+    def __init__(self, fail_on_rank: int | None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        with torch.no_grad():
+            self.linear.weight.mul_(0.3)
+        self.fail_on_rank, self.failed = fail_on_rank, False
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def step(self, context: torch.Tensor, projected: torch.Tensor) -> list[torch.Tensor]:
+        rank = int(os.environ["RANK"])
+        if self.fail_on_rank == rank and torch.is_grad_enabled() and not self.failed:
+            self.failed = True
+            raise torch.OutOfMemoryError("injected: out of memory")
+        return [self.norm(self.linear(context) + projected)]
+
+
+class Model(nn.Module):
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        self.context_block, self.context_dim = block, 4
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"phase1": list(self.context_block.parameters()), "phase2": []}
+
+
+class Quiet:
+    def start(self, phase: str, total: int | None) -> None: ...
+
+    def advance(self, phase: str, **fields: float) -> None: ...
+
+    def finish(self, phase: str) -> None: ...
+
+
+def main(rank: int, fail_on_rank: int | None, out: str) -> None:
+    """Phase 1 on this rank (the torchrun variables come from the environment); writes rank<r>.json."""
+    torch.set_num_threads(1)
+    runner = DDPRunner(RunnerSettings(auto_batch=True, timeout_s=30))
+    runner.setup()
+    try:
+        torch.manual_seed(0)
+        model, tokens = Model(Block(fail_on_rank)), torch.randn(64, 4)
+        settings = CVFPSolverSettings(batch_size=16, min_iterations=3, max_iterations=3)
+        report = CVFPSolver(settings).fit(model, tokens, runner, Quiet())
+        result = {"contexts": report.contexts.tolist(), "oom_events": runner.describe()["oom_events"]}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        runner.barrier()  # neither rank tears the group down while the other still talks to it
+    finally:
+        runner.teardown()
+
+
+if __name__ == "__main__":
+    main(int(os.environ["RANK"]), None if sys.argv[1] == "none" else int(sys.argv[1]), sys.argv[2])
