@@ -28,7 +28,7 @@ from .corpus import Stream, load_streams
 from .errors import DataError, UserError
 from .params import check_model_fits
 from .phase2 import Phase2Data, Phase2State, train_phase2
-from .protocols import EvalOutputs, Runner
+from .protocols import EvalOutputs, Phase1Report, Runner, SolveResult
 from .rundir import Checkpoint, CheckpointUnreadable, RunDir
 from .scaling import Point, fit_all, report_to_json
 
@@ -182,6 +182,28 @@ def _resume_point(run: RunDir, unit: Unit, model: Any, runner: Runner, progress:
     return None if saved is None else _decode(model, saved)
 
 
+def _stopped_by(report: Phase1Report) -> str | None:
+    """"converged" or "max_iterations" (None when the solver does not say)."""
+    return None if report.converged is None else "converged" if report.converged else "max_iterations"
+
+
+NON_CONTRACTING = "the ContextBlock does not contract"
+
+
+def _solve_notes(messages: list[str], solves: dict[str, SolveResult]) -> list[str]:
+    """The frozen solves' warnings, one line per kind: the non-contracting fallback is expected for
+    trained CVFP blocks and changes nothing in the numbers, so it is said once, with what it means."""
+    gains = {name: s.gain for name, s in solves.items() if s.gain is not None and not s.gain < 1}
+    notes = []
+    if gains:
+        measured = ", ".join(f"{gain:.3g} on {name}" for name, gain in gains.items())
+        notes.append(f"the frozen ContextBlock does not contract (gain {measured} >= 1), so no parallel solve "
+                     f"converges; its contexts come from the sequential rollout, the reference method: exact, "
+                     f"only slower")
+    notes += [m for m in dict.fromkeys(messages) if not m.startswith(NON_CONTRACTING)]
+    return notes
+
+
 def _metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, float]:
     return {choice.component.name: float(choice.build().compute(outputs)) for choice in config.metrics}
 
@@ -208,7 +230,12 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
                                     convergence_rate=report.convergence_rate, seed=schema.experiment.seed)
         phase1 = {"iterations": report.iterations, "convergence_rate": report.convergence_rate,
                   "token_evaluations": report.token_evaluations, "seconds": timings["phase1"],
-                  "train_er": _effective_rank_fraction(config, train_outputs)}
+                  "train_er": _effective_rank_fraction(config, train_outputs),
+                  "stopped_by": _stopped_by(report), "target_rate": report.target_rate}
+        if report.converged is False:
+            progress.message(f"{unit.id}: Phase 1 stopped at max_iterations ({report.iterations}) with "
+                             f"{report.convergence_rate:.0%} of tokens converged (target "
+                             f"{report.target_rate:.0%}); its contexts are not at a fixed point")
         if runner.rank == 0:
             run.save_checkpoint(unit.id, "phase1", {"model": _checkpoint_tensors(model)}, {"phase1": phase1})
         runner.barrier()
@@ -226,7 +253,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         train_solve = solver.solve(model, train_tokens, runner)
         val_solve = solver.solve(model, val_tokens, runner)
     timings["solve"] = time.perf_counter() - started
-    notes = list(dict.fromkeys(str(w.message) for w in caught))
+    notes = _solve_notes([str(w.message) for w in caught], {"train": train_solve, "val": val_solve})
     for note in notes:
         progress.message(f"{unit.id}: {note}")
 
@@ -266,6 +293,8 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         "val_er": metrics.get("effective_rank", _effective_rank_fraction(config, val_outputs)),
         "phase1_iterations": phase1["iterations"],
         "convergence_rate": phase1["convergence_rate"],
+        "phase1_stopped_by": phase1.get("stopped_by"),
+        "phase1_target_rate": phase1.get("target_rate"),
         "phase1_token_evaluations": phase1["token_evaluations"],
         "best_epoch": report2.best_epoch,
         "phase2_batch_size": report2.batch_size,

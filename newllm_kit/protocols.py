@@ -91,6 +91,9 @@ class Phase1Report:
     contexts: torch.Tensor  # [n, C] for the whole stream on every rank (the Train ER is computed from it)
     history: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The solver's own target, so a run can say "stopped at max_iterations, 11 % converged":
+    target_rate: float | None = None  # the convergence rate the solver stops at
+    converged: bool | None = None  # True: stopped on reaching target_rate; False: ran out of iterations
 
 
 @dataclass

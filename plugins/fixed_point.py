@@ -340,7 +340,9 @@ class CVFPSolver:
                 break
         progress.finish("phase1")
         return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started,
-                            gather_rows(previous, rows, n, runner), history, {"iteration0": first})
+                            gather_rows(previous, rows, n, runner), history, {"iteration0": first},
+                            target_rate=s.min_converged_ratio,
+                            converged=iterations >= s.min_iterations and rate >= s.min_converged_ratio)
 
     def solve(self, model: Any, tokens: torch.Tensor, runner: Runner) -> SolveResult:
         """Every layer's output at every position, position 0 from a zero context (spec §4.2)."""

@@ -109,7 +109,9 @@ class GradualDecreaseSolver(CVFPSolver):
                 break
         progress.finish("phase1")
         return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started,
-                            gather_rows(previous, rows, n, runner), history, {"iteration0": first})
+                            gather_rows(previous, rows, n, runner), history, {"iteration0": first},
+                            target_rate=s.min_converged_ratio,
+                            converged=iterations >= s.min_iterations and rate >= s.min_converged_ratio)
 
 
 @hookimpl

@@ -114,6 +114,12 @@ def test_results_records_hold_what_the_table_needs(finished: dict[str, Any]) -> 
         assert 1 <= r["best_epoch"] <= 3
         assert r["val_ppl"] < 256  # far below the byte vocabulary: the model learnt something
         assert r["best_possible_ppl"] < r["val_ppl"]
+        # the record says whether Phase 1 reached its target or ran out of iterations
+        assert r["phase1_target_rate"] == 0.95
+        expected = "converged" if r["convergence_rate"] >= 0.95 else "max_iterations"
+        assert r["phase1_stopped_by"] == expected
+        if expected == "max_iterations":
+            assert r["phase1_iterations"] == 4
     assert records[1]["train_tokens"] > records[0]["train_tokens"]
     assert records[0]["val_tokens"] == records[1]["val_tokens"]  # one validation set for every size
 
@@ -216,3 +222,20 @@ def test_v2_file_runs_its_real_code_path_offline_on_local_copies(tmp_path: Path)
     assert meta["fingerprints"]["scheme"] == "first_turn"
     resolved = (Path(result["run_dir"]) / "config.resolved.toml").read_text()
     assert f'name_or_path = "{tokenizer}"' in resolved
+
+
+def test_non_contracting_solves_are_reported_once_per_unit_with_what_they_mean() -> None:
+    from newllm_kit.experiment import _solve_notes
+    from newllm_kit.protocols import SolveResult
+
+    def solved(gain: float | None) -> SolveResult:
+        return SolveResult([], "sequential", 1, 1, 0.0, gain=gain)
+
+    messages = ["the ContextBlock does not contract (measured gain 1.03 >= 1): no parallel solve converges",
+                "the ContextBlock does not contract (measured gain 1.04 >= 1): no parallel solve converges",
+                "neighbouring chunks did not agree: using the sequential rollout"]
+    notes = _solve_notes(messages, {"train": solved(1.03), "val": solved(1.04)})
+    assert len(notes) == 2
+    assert "1.03 on train, 1.04 on val" in notes[0] and "exact, only slower" in notes[0]
+    assert notes[1].startswith("neighbouring chunks")
+    assert _solve_notes([], {"train": solved(0.5), "val": solved(None)}) == []

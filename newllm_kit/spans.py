@@ -1,0 +1,20 @@
+"""Token inputs for a span of a stream, computed from the ids alone.
+
+At scale no [n, T] tensor of token inputs may exist: solvers and Phase 2 compute each chunk's
+or batch's inputs when they need them. A model whose input at position i reads the N tokens
+i−N+1 … i (`num_input_tokens`, 1 when absent) needs N−1 ids before the span; at the stream start
+those are the zeros `token_inputs` pads with, so a span equals the same rows of the whole stream's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def token_span(model: Any, ids: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop−1 of `model.token_inputs(ids)`, computed from ids[start − N + 1 : stop] only."""
+    history = int(getattr(model, "num_input_tokens", 1)) - 1
+    first = max(start - history, 0)
+    return model.token_inputs(ids[first:stop])[start - first:]
