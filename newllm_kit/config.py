@@ -230,11 +230,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    except UnicodeDecodeError:  # before ValueError, its base class
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except ValueError:  # int() refuses more than 4300 digits
         raise ConfigError(f"{path}: invalid TOML: an integer with thousands of digits; TOML integers "
                           f"are 64-bit") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as error:  # a folder, no read permission, an I/O error
         raise ConfigError(f"{path}: cannot read experiment file ({error.strerror or error})") from None
     except RecursionError:

@@ -314,3 +314,17 @@ def test_validate_catches_a_model_missing_a_protocol_member(tmp_path: Path,
     result = cli("validate", str(path), env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2, result.stdout
     assert result.stderr.count("\n") == 1 and "lacks 'param_counts'" in result.stderr
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe[experiment]\n", b"[experiment]\nname = \"\xe9\"\n"])
+def test_a_file_that_is_not_utf8_is_named_as_such(tmp_path: Path, data: bytes) -> None:
+    """UnicodeDecodeError is a ValueError: it must not be reported as an oversized integer."""
+    path = tmp_path / "exp.toml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=r"exp\.toml: not UTF-8 text$"):
+        load_config(path, Registry(), [])
+
+
+def test_a_folder_given_as_experiment_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read experiment file"):
+        load_config(tmp_path, Registry(), [])
