@@ -5,13 +5,14 @@ stream of `--tokens` random ids, and
 
 * the sequential rollout's time per token, best of 1 and 2 threads (it is exactly linear in n,
   so it is timed on `--sample` tokens and scaled to the stream: a full rollout of 32k tokens
-  would take minutes per configuration here);
+  would take minutes per configuration here; its token projection, one batch per block, is
+  included);
 * `CVFPSolver.solve` with `solve = "auto"` over the whole stream, end to end (gain estimate,
   burn-in scan, run-on checks, token projection included);
-* the max |error| of `auto` and of the fp32 sequential rollout against a float64 rollout over
-  the first `--reference` tokens ("same max error": fp32 rounding alone puts a trained block's
-  rollout ~1e-5 from the exact one), and the burn-in error `auto` measured itself at every
-  chunk start of the whole stream.
+* the max |error| of `auto` and of the fp32 sequential rollout (final-layer contexts, the ones a
+  solve keeps) against a float64 rollout over the first `--reference` tokens ("same max error":
+  fp32 rounding alone puts a trained block's rollout ~1e-5 from the exact one), and the burn-in
+  error `auto` measured itself at every chunk start of the whole stream.
 
 When the block does not contract (ρ ≥ 1) `auto` is the sequential rollout plus a gain estimate;
 that case is run on `--sample` tokens only. Random-init gradual-reduction blocks (A, B) do not
@@ -31,26 +32,49 @@ import time
 from typing import Any
 
 import torch
-from _common import CONFIGS, BenchRunner, QuietProgress, cvfp_model, emit, machine, token_stream
+from _common import CONFIGS, VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, machine
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
-from newllm_kit_plugins.frozen_solve import burn_in, estimate_gain, rollout
+from newllm_kit_plugins.frozen_solve import Tokens, burn_in, estimate_gain, rollout
 
 TARGET_SPEEDUP = 3.0
 TOLERANCE = 1e-5
 
 
-def sequential_seconds_per_token(block: Any, projected: torch.Tensor, width: int) -> dict[str, float]:
-    """Best batch-1 rollout time per token over thread counts (projection excluded: it is batched)."""
+def token_ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+class Float64Block:
+    """The model's token inputs (fp32, as the kit computes them) into a float64 copy of its ContextBlock."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.context_dim = model, model.context_dim
+        self.num_input_tokens = model.num_input_tokens
+        self.context_block = copy.deepcopy(model.context_block).double()
+
+    def token_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.token_inputs(ids).double()
+
+
+def rolled_out(model: Any, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sequential rollout's contexts (in float64 for the reference)."""
+    out = torch.empty(ids.shape[0], model.context_dim, dtype=dtype)
+    rollout(model.context_block, Tokens(model, ids), out)
+    return out
+
+
+def sequential_seconds_per_token(model: Any, ids: torch.Tensor) -> dict[str, float]:
+    """Best batch-1 rollout time per token over thread counts."""
     saved, best = torch.get_num_threads(), {}
     for threads in sorted({1, min(2, os.cpu_count() or 1), saved}):
         torch.set_num_threads(threads)
-        rollout(block, projected[:64], width)  # warm-up
+        rolled_out(model, ids[:64])  # warm-up
         times = []
         for _ in range(2):
             started = time.perf_counter()
-            rollout(block, projected, width)
+            rolled_out(model, ids)
             times.append(time.perf_counter() - started)
-        best[f"threads_{threads}"] = min(times) / projected.shape[0]
+        best[f"threads_{threads}"] = min(times) / ids.shape[0]
     torch.set_num_threads(saved)
     return best
 
@@ -61,15 +85,12 @@ def run(config: str, tokens: int, sample: int, reference: int, train_passes: int
     if train_passes:
         settings = CVFPSolverSettings(init="random", max_iterations=train_passes + 1, min_iterations=10**6)
         torch.manual_seed(1)
-        training = token_stream(model, train_tokens, seed=1)
-        CVFPSolver(settings).fit(model, training, BenchRunner(), QuietProgress())
+        CVFPSolver(settings).fit(model, token_ids(train_tokens, seed=1), BenchRunner(), QuietProgress())
     model.eval()
-    block, width = model.context_block, model.context_dim
-    stream = token_stream(model, tokens)
+    stream = token_ids(tokens)
     with torch.no_grad():
-        projected = block.project_tokens(stream)
-        per_token = sequential_seconds_per_token(block, projected[:sample], width)
-        gain = estimate_gain(block, projected, width)
+        per_token = sequential_seconds_per_token(model, stream[:sample])
+        gain = estimate_gain(model.context_block, Tokens(model, stream), model.context_dim)
     contracting = gain.gain < 1
     n = tokens if contracting else sample
     reference = min(reference, n)
@@ -77,13 +98,12 @@ def run(config: str, tokens: int, sample: int, reference: int, train_passes: int
     started = time.perf_counter()
     result = solver.solve(model, stream[:n], BenchRunner())
     seconds = time.perf_counter() - started
-    exact = copy.deepcopy(block).double()
     with torch.no_grad():
-        fp32 = rollout(block, block.project_tokens(stream[:reference]), width)
-        truth = rollout(exact, exact.project_tokens(stream[:reference].double()), width)
+        fp32 = rolled_out(model, stream[:reference])
+        truth = rolled_out(Float64Block(model), stream[:reference], torch.float64)
 
-    def error(layers: list[torch.Tensor]) -> float:
-        return max((h[:reference].double() - t).abs().max().item() for h, t in zip(layers, truth, strict=True))
+    def error(contexts: torch.Tensor) -> float:
+        return (contexts[:reference].double() - truth).abs().max().item()
     sequential = min(per_token.values()) * n
     return {
         "config": config, "settings": CONFIGS[config], "phase1_passes": train_passes, "tokens": n,
@@ -92,11 +112,11 @@ def run(config: str, tokens: int, sample: int, reference: int, train_passes: int
         "method": result.method, "extra": {k: v for k, v in result.extra.items() if k != "modelled_seconds"},
         "auto_seconds": seconds, "sequential_seconds_per_token": per_token,
         "sequential_seconds": sequential, "speedup": sequential / seconds,
-        "max_error_auto_vs_float64": error(result.layers), "max_error_sequential_vs_float64": error(fp32),
+        "max_error_auto_vs_float64": error(result.layers[0]), "max_error_sequential_vs_float64": error(fp32),
         "reference_tokens": reference,
         "measured_burn_in_error": result.max_change, "token_evaluations": result.token_evaluations,
         "meets_target": contracting and sequential / seconds >= TARGET_SPEEDUP
-        and error(result.layers) <= max(TOLERANCE, error(fp32)),
+        and error(result.layers[0]) <= max(TOLERANCE, error(fp32)),
     }
 
 

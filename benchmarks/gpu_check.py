@@ -11,6 +11,10 @@
    random-context positions from the same initial weights (TF32 off), val losses and TokenBlock
    weights compared; then one `--phase2-long`-position epoch per precision (fp32 with TF32, bf16)
    for positions/s and TFLOP/s.
+4. Device memory of whole CLI runs (`benchmarks/scale.py`'s runs: synthetic corpus, 6 layers at
+   C = E = 256, 2 Phase-1 passes, one epoch) at the two `--memory-tokens` stream lengths, once per
+   context store the kit accepts (device, host): `torch.cuda.max_memory_allocated` of each run and
+   its growth per training token, which a host store should keep near 0. On the CPU: peak RSS.
 
 Exits with a message when CUDA is not available; `--device cpu` runs the same script on the CPU
 against itself (a dry run of the code path, with small sizes).
@@ -18,18 +22,20 @@ against itself (a dry run of the code path, with small sizes).
     python benchmarks/gpu_check.py
     python benchmarks/gpu_check.py --json
     python benchmarks/gpu_check.py --device cpu --solve-tokens 512 --tokens 2048 --phase1-tokens 512 \
-        --phase2-positions 256 --phase2-long 512
+        --phase2-positions 256 --phase2-long 512 --memory-tokens 2000,4000
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
-from _common import BenchRunner, QuietProgress, cvfp_model, emit, machine, token_stream
+from _common import VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, machine
 from newllm_kit_plugins.cvfp import context_flops_per_token
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 
@@ -41,9 +47,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def random_ids(n: int, device: str) -> torch.Tensor:
+    """n seeded GPT-2 ids: the same stream on every device."""
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(0)).to(device)
+
+
 def timed_solve(config: str, device: str, tokens: int, method: str) -> tuple[list[torch.Tensor], Any, float]:
     model = cvfp_model(config, device=device)
-    stream = token_stream(model, tokens)
+    stream = random_ids(tokens, device)
     solver = CVFPSolver(CVFPSolverSettings(solve=method))
     solver.solve(model, stream[: min(tokens, 256)], BenchRunner(device))  # warm-up (kernels, allocator)
     sync(device)
@@ -70,7 +81,7 @@ def solves(device: str, tokens: int, long_tokens: int) -> dict[str, Any]:
 
 def phase1(device: str, precision: str, tokens: int, passes: int) -> dict[str, Any]:
     model = cvfp_model("A", device=device)
-    stream = token_stream(model, tokens)
+    stream = random_ids(tokens, device)
     settings = CVFPSolverSettings(init="random", context_noise=0.0, max_iterations=passes + 1,
                                   min_iterations=passes + 1)
     torch.manual_seed(1)
@@ -131,6 +142,25 @@ def phase2_check(device: str, positions: int, long_positions: int) -> dict[str, 
     return out
 
 
+def device_memory(device: str, sizes: list[int]) -> dict[str, Any]:
+    """Peak device memory (peak RSS on the CPU) of CLI runs at each stream length, per context store,
+    and its least-squares growth in bytes per training token."""
+    import scale  # benchmarks/scale.py: the experiment files and the measured CLI runs
+
+    key = "device_peak" if device == "cuda" else "peak_rss"
+    out: dict[str, Any] = {"measured": key}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as temporary:
+        root = Path(temporary)
+        configs = scale.write_configs(root, sizes, iterations=2, runner="gpu" if device == "cuda" else "cpu")
+        choices: list[str | None] = [*scale.accepted_stores(configs[0], ["device", "host"], [])] or [None]
+        for store in choices:
+            runs = scale.sweep(configs, root, store, [])
+            tokens, peaks = [r["tokens"] for r in runs], [r[key] for r in runs]
+            out[store or "default"] = {"tokens": tokens, "peak_bytes": peaks,
+                                       "bytes_per_token": scale.slope(tokens, peaks)[0]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -140,6 +170,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--phase2-positions", type=int, default=2048, help="CUDA vs CPU comparison")
     parser.add_argument("--phase2-long", type=int, default=65536, help="throughput epoch, on the device")
+    parser.add_argument("--memory-tokens", default="8000,32000", help="two stream lengths of the memory check")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -152,16 +183,17 @@ def main() -> None:
     phase1_diff = (fp32.pop("contexts") - cpu.pop("contexts")).abs().max().item()
     bf16.pop("contexts")
     second = phase2_check(args.device, args.phase2_positions, args.phase2_long)
+    memory = device_memory(args.device, sorted(int(n) for n in args.memory_tokens.split(",")))
     lines = [f"machine: {machine()}"]
     for method, r in solved.items():
         lines.append(f"solve {method:10s}: {r}")
     lines += [f"phase 1 fp32 {args.device}: {fp32}", f"phase 1 fp32 cpu: {cpu}",
               f"phase 1 max |Δ contexts| {args.device} vs cpu after {args.passes} passes: {phase1_diff:.3e}",
               f"phase 1 bf16 {args.device}: {bf16}",
-              f"phase 2 {args.device} vs cpu: {second}"]
+              f"phase 2 {args.device} vs cpu: {second}", f"memory of CLI runs: {memory}"]
     emit({"machine": machine(), "device": args.device, "solves": solved,
           "phase1": {"fp32": fp32, "cpu": cpu, "bf16": bf16, "max_abs_diff_contexts": phase1_diff},
-          "phase2": second},
+          "phase2": second, "memory": memory},
          args.json, lines)
 
 

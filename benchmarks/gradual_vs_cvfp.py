@@ -20,28 +20,31 @@ import time
 from typing import Any
 
 import torch
-from _common import BenchRunner, QuietProgress, cvfp_model, emit, machine, token_stream
+from _common import VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, machine
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 from newllm_kit_plugins.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
+
+from newllm_kit.spans import token_span
 
 TARGET_RATIO = 2.0
 RATES = (0.5, 0.8, 0.9, 0.95)
 
 
-def check_rate(model: Any, stream: torch.Tensor, contexts: torch.Tensor, sigma: float, tau: float) -> float:
+def check_rate(model: Any, ids: torch.Tensor, contexts: torch.Tensor, sigma: float, tau: float) -> float:
     """Share of tokens whose context moves less than τ in one more (wrapped, noisy) pass."""
     torch.manual_seed(123)
     block = model.context_block
     with torch.no_grad():
         incoming = torch.cat([contexts[-1:], contexts[:-1]]) + sigma * torch.randn_like(contexts)
-        out = torch.cat([block.step(incoming[a:a + 8000], block.project_tokens(stream[a:a + 8000]))[-1]
-                         for a in range(0, stream.shape[0], 8000)])
+        out = torch.cat([block.step(incoming[a:a + 8000],
+                                    block.project_tokens(token_span(model, ids, a, a + 8000)))[-1]
+                         for a in range(0, ids.shape[0], 8000)])
     return ((out - contexts).pow(2).mean(1) < tau).float().mean().item()
 
 
 def run(name: str, config: str, tokens: int, keys: dict[str, Any]) -> dict[str, Any]:
     model = cvfp_model(config)
-    stream = token_stream(model, tokens)
+    stream = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0))
     solver: Any = (GradualDecreaseSolver(GradualDecreaseSettings(**keys)) if name == "gradual-decrease"
                    else CVFPSolver(CVFPSolverSettings(**keys)))
     torch.manual_seed(1)

@@ -1,8 +1,9 @@
 """Phase-1 sweep throughput as a fraction of this machine's GEMM peak, fp32 and bf16.
 
 Runs `CVFPSolver.fit` (random iteration 0, so no rollout, v2 settings otherwise: 8000-token
-chunks, noise 0.1, one Adam step per pass) for `--passes` passes over `--tokens` random tokens of
-the v2 configurations and takes the fastest pass. FLOPs per pass = `context_flops_per_token` ×
+chunks, noise 0.1, one Adam step per pass) for `--passes` passes over `--tokens` random token ids
+of the v2 configurations and takes the fastest pass (token inputs included: they are computed
+per chunk from the ids). FLOPs per pass = `context_flops_per_token` ×
 3 × n (forward + backward, as nanoGPT counts). That slightly over-counts: layer 1's inputs (the
 detached contexts and the token inputs) need no input gradient, so the exact matmul count is
 also printed ("exact"). The peak is the best square-matmul rate measured in the same process
@@ -12,17 +13,28 @@ bf16 runs the same sweep under `torch.autocast(bfloat16)`. On a CPU without bf16
 only) torch's bf16 matmul is a scalar fallback hundreds of times slower than fp32: the bf16 sweep
 then uses `--bf16-tokens` tokens and is compared with the same-run bf16 GEMM rate.
 
+`--memory N1,N2` instead measures the peak RSS of one whole Phase-1 fit (rollout iteration 0 and
+one pass, one thread) of the first config at each stream length, each in a fresh process
+(`resource` ru_maxrss: torch's allocations are invisible to tracemalloc), and prints the bytes per
+token, (RSS₂ − RSS₁)/(N₂ − N₁): one fp32 context per token (4·C) plus the ids. Take both lengths
+above a chunk (8000): below it the chunk's activations grow with the stream too.
+
     python benchmarks/phase1.py
     python benchmarks/phase1.py --json --configs A --tokens 16000
+    python benchmarks/phase1.py --configs S --memory 40000,160000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import subprocess
+import sys
 from typing import Any
 
 import torch
-from _common import BenchRunner, QuietProgress, cvfp_model, emit, gemm_peak, machine, token_stream
+from _common import VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, gemm_peak, machine
 from newllm_kit_plugins.cvfp import context_flops_per_token
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 from torch import nn
@@ -44,7 +56,7 @@ def exact_flops_per_token(model: Any) -> int:
 
 def sweep_rate(config: str, tokens: int, passes: int, precision: str) -> dict[str, Any]:
     model = cvfp_model(config)
-    stream = token_stream(model, tokens)
+    stream = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0))
     settings = CVFPSolverSettings(init="random", max_iterations=passes + 1, min_iterations=passes + 1)
     progress = QuietProgress()
     torch.manual_seed(1)
@@ -58,6 +70,26 @@ def sweep_rate(config: str, tokens: int, passes: int, precision: str) -> dict[st
             "loss": report.history[-1]["loss"]}
 
 
+def fit_peak_rss(config: str, tokens: int) -> dict[str, Any]:
+    """One fit in this (fresh) process: peak RSS before and after (ru_maxrss is in KiB on Linux)."""
+    torch.set_num_threads(1)
+    model = cvfp_model(config)
+    ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    settings = CVFPSolverSettings(init="rollout", solve="sequential", max_iterations=2, min_iterations=2)
+    torch.manual_seed(1)
+    CVFPSolver(settings).fit(model, ids, BenchRunner(), QuietProgress())
+    return {"tokens": tokens, "rss_before_fit": before,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def memory_slope(config: str, lengths: list[int]) -> dict[str, Any]:
+    runs = [json.loads(subprocess.run([sys.executable, __file__, "--rss-child", config, str(n)], check=True,
+                                      capture_output=True, text=True).stdout) for n in lengths]
+    slope = (runs[-1]["peak_rss"] - runs[0]["peak_rss"]) / (lengths[-1] - lengths[0])
+    return {"config": config, "runs": runs, "bytes_per_token": slope}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="A,B")
@@ -66,7 +98,19 @@ def main() -> None:
     parser.add_argument("--bf16-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--memory", default=None, help="N1,N2: peak RSS per token of a fit instead")
+    parser.add_argument("--rss-child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rss_child:
+        print(json.dumps(fit_peak_rss(args.rss_child[0], int(args.rss_child[1]))))
+        return
+    if args.memory:
+        result = memory_slope(args.configs.split(",")[0], [int(n) for n in args.memory.split(",")])
+        peaks = ", ".join(f"{r['tokens']:,} tokens: {r['peak_rss'] / 2**20:,.0f} MiB" for r in result["runs"])
+        emit({"machine": machine(), **result}, args.json, [
+            f"machine: {machine()}",
+            f"{result['config']}: {result['bytes_per_token']:,.0f} bytes of peak RSS per token ({peaks})"])
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     results, lines = [], [f"machine: {machine()}"]

@@ -15,8 +15,15 @@ bf16 runs under `torch.autocast(device, bfloat16)`. On CPUs without bf16 units (
 bf16 matmul is a slow fallback, so the bf16 epoch is shrunk to `--bf16-budget` seconds (estimated
 from a bf16 GEMM probe) and compared by achieved FLOP/s rather than by epoch time.
 
+Phase 2 keeps one context per position and recomputes each batch's per-layer contexts with one
+ContextBlock step. The fp32 epoch is also timed with every layer's contexts and the token inputs
+precomputed and stored (how Phase 2 ran before), in the same run, alternating with the recompute
+epochs: `recompute_overhead` is the extra epoch time (target ≤ 20 %), next to the modelled share
+(ContextBlock forward FLOPs over the TokenBlock's and head's forward + backward).
+
     python benchmarks/phase2.py            # human-readable
     python benchmarks/phase2.py --json     # one JSON object on stdout
+    python benchmarks/phase2.py --no-bf16  # only fp32: recompute vs stored
 """
 
 from __future__ import annotations
@@ -26,16 +33,25 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any
 
 import torch
-from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPModel, CVFPSettings, token_flops_per_token
+from newllm_kit_plugins.cvfp import (
+    CVFPArchitecture,
+    CVFPModel,
+    CVFPSettings,
+    context_flops_per_token,
+    token_flops_per_token,
+)
 
 from newllm_kit.phase2 import Phase2Data, Phase2Settings, train_phase2
+from newllm_kit.protocols import Model
 
 VOCAB = 50257
 TARGET_FRACTION_OF_PEAK = 0.80
 TARGET_BF16_SPEEDUP = 2.5
+TARGET_RECOMPUTE_OVERHEAD = 0.20
 
 
 class BenchRunner:
@@ -131,35 +147,56 @@ def build(device: torch.device) -> CVFPModel:
     return model.to(device)
 
 
+class StoredLayers(Phase2Data):
+    """The same stream with every layer's contexts and the token inputs precomputed and kept: the
+    baseline the recompute is measured against (Σ d_j + T floats per position instead of C)."""
+
+    def __init__(self, data: Phase2Data, model: CVFPModel) -> None:
+        super().__init__(data.contexts, data.ids)
+        everything = super().batch(model, range(0, data.ids.numel() - 1), data.ids.device)
+        self.layers, self.tokens = everything[0], everything[1]
+
+    def batch(self, model: Model, rows: range, to: torch.device
+              ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        lo, hi = rows.start, rows.stop
+        return [h[lo:hi] for h in self.layers], self.tokens[lo:hi], self.ids[lo + 1:hi + 1]
+
+
 def stream(model: CVFPModel, positions: int, seed: int, device: torch.device) -> Phase2Data:
-    """Random ids and contexts with the solver's shapes: one [n, d_j] tensor per layer, n = positions + 1."""
+    """Random ids and final-layer contexts with the solver's shapes: [n] and [n, C], n = positions + 1."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (positions + 1,), generator=g).to(device)
-    with torch.no_grad():
-        tokens = model.token_inputs(ids)
-    layers = [torch.randn(positions + 1, d, generator=g).to(device) for d in model.layer_widths]
-    return Phase2Data(layers, tokens, ids)
+    return Phase2Data(torch.randn(positions + 1, model.context_dim, generator=g).to(device), ids)
 
 
-def measure(model: CVFPModel, runner: BenchRunner, positions: int, val_positions: int, batch: int,
-            repeats: int, ce_chunk: int, peak: Gemm) -> dict[str, Any]:
-    """Best time and FLOP/s of one full Phase-2 epoch (training + validation), by both clocks.
-    A peak matmul runs after every epoch: both sides of the ratio get the same chances of a quiet CPU."""
-    train = stream(model, positions, 1, runner.device)
-    val = stream(model, val_positions, 2, runner.device)
+def measure(model: CVFPModel, runners: dict[str, BenchRunner], positions: int, val_positions: int, batch: int,
+            repeats: int, ce_chunk: int, peak: Gemm, stored: bool = False) -> dict[str, dict[str, Any]]:
+    """Best time and FLOP/s of one full Phase-2 epoch (training + validation) per runner, by both clocks;
+    with `stored`, also of the fp32 epoch over stored layers ("stored"). The variants alternate and a
+    peak matmul runs after every epoch: all get the same chances of a quiet CPU."""
+    device = next(iter(runners.values())).device
+    train, val = stream(model, positions, 1, device), stream(model, val_positions, 2, device)
+    variants = {name: (runner, train, val) for name, runner in runners.items()}
+    if stored:
+        variants["stored"] = (runners["fp32"], StoredLayers(train, model), StoredLayers(val, model))
     settings = Phase2Settings(epochs=1, batch_size=batch, restore_best=False, ce_chunk=ce_chunk)
-    warm = stream(model, 2, 3, runner.device)
-    train_phase2(model, warm, warm, settings, runner, Quiet())  # first-call costs (imports, allocator)
+    warm = stream(model, 2, 3, device)
+    for runner in runners.values():
+        train_phase2(model, warm, warm, settings, runner, Quiet())  # first-call costs (imports, allocator)
     forward = token_flops_per_token(model, include_head=True)
     flops = 3 * forward * train.positions + forward * val.positions
-    times = []
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(repeats):
-        times.append(timed(lambda: train_phase2(model, train, val, settings, runner, Quiet()), runner.device))
-        peak.run()
-    wall, cpu = best_rates(flops, times)
-    return {"train_positions": positions, "val_positions": val_positions, "batch_size": batch,
-            "epoch_flops": flops, "epoch_seconds": min(w for w, _ in times), "flops_per_s": wall,
-            "flops_per_cpu_s": cpu}
+        for name, (runner, t, v) in variants.items():
+            times[name].append(timed(partial(train_phase2, model, t, v, settings, runner, Quiet()), device))
+            peak.run()
+    rows = {}
+    for name, seen in times.items():
+        wall, cpu = best_rates(flops, seen)
+        rows[name] = {"train_positions": positions, "val_positions": val_positions, "batch_size": batch,
+                      "epoch_flops": flops, "epoch_seconds": min(w for w, _ in seen),
+                      "epoch_cpu_seconds": min(c for _, c in seen), "flops_per_s": wall, "flops_per_cpu_s": cpu}
+    return rows
 
 
 def main() -> None:
@@ -175,6 +212,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--bf16-budget", type=float, default=30.0,
                         help="seconds; without bf16 units (slow bf16 matmuls) the bf16 epoch shrinks to fit")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 epoch")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -186,45 +224,59 @@ def main() -> None:
     bf16_gemm, _ = Gemm(device, torch.bfloat16, probe).run(args.gemm_iterations)
     model = build(device)
     forward = token_flops_per_token(model, include_head=True)
-    fp32 = measure(model, BenchRunner(device, bf16=False), args.train_positions, args.val_positions,
-                   args.batch_size, args.repeats, args.ce_chunk, peak_gemm)
-    # Predict the bf16 epoch rate (bf16 GEMM rate × the fp32 epoch's share of its GEMM peak) and shrink the
-    # bf16 epoch (same model, fewer positions) to fit the budget.
-    predicted = bf16_gemm * fp32["flops_per_s"] / peak_before
-    fits = int(args.bf16_budget * predicted / (3 * forward * args.repeats))
-    positions = max(8, min(args.train_positions, fits))
-    val_positions = max(1, args.val_positions * positions // args.train_positions)
-    bf16 = measure(model, BenchRunner(device, bf16=True), positions, val_positions,
-                   min(args.batch_size, positions), args.repeats, args.ce_chunk, peak_gemm)
+    fp32_runs = measure(model, {"fp32": BenchRunner(device, bf16=False)}, args.train_positions,
+                        args.val_positions, args.batch_size, args.repeats, args.ce_chunk, peak_gemm, stored=True)
+    fp32, stored = fp32_runs["fp32"], fp32_runs["stored"]
+    rows = {"fp32": fp32, "stored": stored}
+    if not args.no_bf16:
+        # Predict the bf16 epoch rate (bf16 GEMM rate × the fp32 epoch's share of its GEMM peak) and shrink
+        # the bf16 epoch (same model, fewer positions) to fit the budget.
+        predicted = bf16_gemm * fp32["flops_per_s"] / peak_before
+        fits = int(args.bf16_budget * predicted / (3 * forward * args.repeats))
+        positions = max(8, min(args.train_positions, fits))
+        val_positions = max(1, args.val_positions * positions // args.train_positions)
+        rows["bf16"] = measure(model, {"bf16": BenchRunner(device, bf16=True)}, positions, val_positions,
+                               min(args.batch_size, positions), args.repeats, args.ce_chunk, peak_gemm)["bf16"]
     peak, peak_cpu = peak_gemm.run(args.gemm_iterations)
 
-    for row in (fp32, bf16):
+    for row in rows.values():
         row["fraction_of_fp32_gemm_peak"] = row["flops_per_s"] / peak
         row["fraction_of_fp32_gemm_peak_cpu_clock"] = row["flops_per_cpu_s"] / peak_cpu
-    speedup = bf16["flops_per_s"] / fp32["flops_per_s"]
+    overhead = fp32["epoch_seconds"] / stored["epoch_seconds"] - 1
+    overhead_cpu = fp32["epoch_cpu_seconds"] / stored["epoch_cpu_seconds"] - 1
+    context = context_flops_per_token(model)
+    modelled = context * (fp32["train_positions"] + fp32["val_positions"]) / fp32["epoch_flops"]
+    speedup = rows["bf16"]["flops_per_s"] / fp32["flops_per_s"] if "bf16" in rows else None
     report = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "model": "v2 config A: 6L-768 gradual-reduction, E=768, V=50257, tied frozen head",
-        "ce_chunk": args.ce_chunk, "forward_flops_per_token": forward,
+        "ce_chunk": args.ce_chunk, "forward_flops_per_token": forward, "context_flops_per_token": context,
         "gemm_fp32_peak_flops_per_s": peak, "gemm_fp32_peak_flops_per_cpu_s": peak_cpu,
-        "gemm_bf16_flops_per_s": bf16_gemm, "fp32": fp32, "bf16": bf16, "bf16_speedup_over_fp32": speedup,
-        "targets": {"fp32_fraction_of_peak": TARGET_FRACTION_OF_PEAK, "bf16_speedup": TARGET_BF16_SPEEDUP},
+        "gemm_bf16_flops_per_s": bf16_gemm, **rows, "bf16_speedup_over_fp32": speedup,
+        "recompute_overhead": overhead, "recompute_overhead_cpu_clock": overhead_cpu,
+        "recompute_modelled_share": modelled,
+        "targets": {"fp32_fraction_of_peak": TARGET_FRACTION_OF_PEAK, "bf16_speedup": TARGET_BF16_SPEEDUP,
+                    "recompute_overhead": TARGET_RECOMPUTE_OVERHEAD},
         "met": {"fp32_fraction_of_peak": fp32["fraction_of_fp32_gemm_peak"] >= TARGET_FRACTION_OF_PEAK,
-                "bf16_speedup": speedup >= TARGET_BF16_SPEEDUP},
+                "bf16_speedup": None if speedup is None else speedup >= TARGET_BF16_SPEEDUP,
+                "recompute_overhead": overhead <= TARGET_RECOMPUTE_OVERHEAD},
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return
     print(f"device {device} ({report['threads']} threads); fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s "
           f"({peak_cpu / 1e9:.1f} per CPU-second), bf16 GEMM {bf16_gemm / 1e9:.2f} GFLOP/s")
-    for name, row in (("fp32", fp32), ("bf16", bf16)):
+    for name, row in rows.items():
         rate = row["flops_per_s"] / 1e9
         print(f"{name}: {row['train_positions']} + {row['val_positions']} positions, "
               f"batch {row['batch_size']}: epoch {row['epoch_seconds']:.2f} s, {rate:.2f} GFLOP/s = "
               f"{row['fraction_of_fp32_gemm_peak']:.3f} of the fp32 GEMM peak "
               f"({row['fraction_of_fp32_gemm_peak_cpu_clock']:.3f} by the CPU clock)")
-    print(f"bf16 / fp32 speed {speedup:.3f}x (target {TARGET_BF16_SPEEDUP}x); "
-          f"fp32 fraction of peak target {TARGET_FRACTION_OF_PEAK}")
+    print(f"recompute vs stored layers: {overhead:+.1%} epoch time ({overhead_cpu:+.1%} by the CPU clock; "
+          f"modelled {modelled:.1%}); target ≤ {TARGET_RECOMPUTE_OVERHEAD:.0%}")
+    if speedup is not None:
+        print(f"bf16 / fp32 speed {speedup:.3f}x (target {TARGET_BF16_SPEEDUP}x); "
+              f"fp32 fraction of peak target {TARGET_FRACTION_OF_PEAK}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from . import __version__
 from .errors import RunFailed, RunInterrupted, UserError
@@ -33,8 +33,43 @@ def _did_you_mean(close: list[str]) -> str:
     return f" (did you mean {' or '.join(sorted(close))}?)" if close else ""
 
 
+class _Argument(TyperArgument):
+    """Help names an argument as click does (`FILE`, `[SOURCE]...`) instead of Typer's `{FILE}`,
+    `[SOURCE...]...` and a type column (`<path>`, `<list[Path]>`) that repeats what the help says."""
+
+    def get_usage_pieces(self, ctx: Any) -> list[str]:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return [name + ("..." if self.nargs != 1 else "")]
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+class _Option(TyperOption):
+    """A flag takes no value, so help shows no `<bool>` placeholder after it."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None if self.is_flag else super().display_type_rich(ctx)
+
+
+def _plain_help(params: list[Any]) -> list[Any]:
+    """Typer builds the parameters; they are given the help above before any help is shown."""
+    plain: dict[type, type] = {TyperArgument: _Argument, TyperOption: _Option}
+    for param in params:
+        param.__class__ = plain.get(type(param), type(param))
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_help(super().get_params(ctx))
+
+
 class _Commands(TyperGroup):
     """Unknown command names fail like unknown options: one line with a did-you-mean."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_help(super().get_params(ctx))
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         name = args[0] if args else ""
@@ -106,7 +141,7 @@ def _load(file: Path, overrides: list[str] | None) -> Any:
     return load_config(file, plugins().registry, overrides or [])
 
 
-@app.command("plugins")
+@app.command("plugins", cls=_Command)
 def plugins_command(as_json: JsonOption = False) -> None:
     """List installed plugins, their distribution and version, and the components each registered.
 
@@ -128,7 +163,7 @@ def plugins_command(as_json: JsonOption = False) -> None:
     console.print(table)
 
 
-@app.command("validate")
+@app.command("validate", cls=_Command)
 def validate_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file.")],
                      set_: SetOption = None) -> None:
     """Check an experiment file (and overrides) without running anything.
@@ -143,7 +178,37 @@ def validate_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="
                   f"{len(config.schema.experiment.samples)} training size(s) = {len(units)} unit(s)")
 
 
-@app.command("params")
+PARAM_LINES = (("ContextBlock", "context_block"), ("TokenBlock", "token_block"), ("embedding", "embedding"),
+               ("head", "head"), ("total", "total"), ("Phase 1 trains", "phase1"), ("Phase 2 trains", "phase2"))
+
+
+def _params_tables(title: str, rows: list[dict[str, Any]], width: int) -> list[Table]:
+    """One column per model, so every count keeps all its digits at 80 columns; models that do not
+    fit beside each other go into further tables."""
+    groups: list[list[tuple[str, list[str]]]] = []
+    used = width
+    for row in rows:
+        counts = {**row, **row["trainable"]}
+        cells = [f"{counts[key]:,}" for _, key in PARAM_LINES]
+        need = max(len(row["label"]), *map(len, cells)) + 3  # padding and border
+        if used + need > width:
+            groups.append([])
+            used = len(PARAM_LINES[-1][0]) + 4
+        groups[-1].append((row["label"], cells))
+        used += need
+    tables = []
+    for group in groups:
+        table = Table(title=title)
+        table.add_column("")
+        for label, _ in group:
+            table.add_column(escape(label), justify="right")
+        for i, (name, _) in enumerate(PARAM_LINES):
+            table.add_row(name, *(cells[i] for _, cells in group))
+        tables.append(table)
+    return tables
+
+
+@app.command("params", cls=_Command)
 def params_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file.")],
                    set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Parameter counts per model (built on the meta device: instant, no weights allocated).
@@ -157,18 +222,11 @@ def params_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Ex
     if as_json:
         _print_json({"models": rows})
         return
-    table = Table(title=escape(f"parameters: {file}"))
-    for column in ("model", "context_block", "token_block", "embedding", "head", "total", "phase 1 trains",
-                   "phase 2 trains"):
-        table.add_column(column, justify="right" if column != "model" else "left")
-    for row in rows:
-        table.add_row(escape(row["label"]), *(f"{row[k]:,}" for k in ("context_block", "token_block",
-                                                                       "embedding", "head", "total")),
-                      f"{row['trainable']['phase1']:,}", f"{row['trainable']['phase2']:,}")
-    console.print(table)
+    for table in _params_tables(escape(f"parameters: {file}"), rows, console.width):
+        console.print(table)
 
 
-@app.command("run")
+@app.command("run", cls=_Command)
 def run_command(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file, or a run directory to resume.")],
     set_: SetOption = None,
@@ -200,11 +258,12 @@ def run_command(
         print_results(console, result)
 
 
-@app.command("scaling")
+@app.command("scaling", cls=_Command)
 def scaling_command(
     sources: Annotated[list[Path] | None, typer.Argument(
-        metavar="SOURCE...",
-        help="Run directories, results.jsonl or CSV files (default: the latest run under runs/).")] = None,
+        metavar="SOURCE",
+        help="Run directories, results.jsonl or CSV files (default: the latest run under runs/ that finished "
+             "a unit and did not fail).")] = None,
     predict: Annotated[list[float] | None, typer.Option(
         "--predict", metavar="TOKENS", help="Token count to predict PPL at. Repeatable.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png", help="Write a log-log PNG here.")] = None,
@@ -224,13 +283,20 @@ def scaling_command(
 
     if form not in ("power", "offset"):
         raise UserError(f"--form: expected power or offset (got {form!r})")
-    paths = list(sources or []) or [scaling.latest_run_dir()]
+    notes: list[str] = []
+    if sources:
+        paths = list(sources)
+    else:
+        latest, notes = scaling.latest_run_dir()
+        paths = [latest]
     points, warnings = scaling.load_points(paths)
     scaling.check_comparable(points, allow_mixed, warnings)
     report = scaling.fit_all(points, list(predict or []), form)
-    report.warnings[:0] = warnings
+    report.warnings[:0] = notes + warnings
     if plot is not None:
-        scaling.plot(report, points, plot)
+        from .scaling_plot import plot as write_plot
+
+        write_plot(report, points, plot)
     if as_json:
         _print_json(scaling.report_to_json(report))
     else:

@@ -4,27 +4,32 @@ The reference runs differ in how a conversation becomes text (spec §1.2: first 
 truncated or not), and the seed lost track of which one produced which number (spec §7.1). Here
 the scheme is an explicit name, it is part of every cache key, and the corpus, tokenizer, scheme
 and split fingerprints are returned so the run directory records exactly what was trained on.
+A stream is cached as raw int32 ids, written a batch of documents at a time and memory-mapped when
+used, so tokenising and holding 10M tokens takes 40 MB, not the 0.4 GB of a list of Python ints.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from safetensors.torch import save as save_tensors
 
 from .errors import ConfigError, DataError, PluginError
 from .protocols import DataSource, Tokenizer, TokenizerFactory, missing_members
-from .rundir import atomic_write_bytes
+from .rundir import atomic_write_bytes, atomic_writer
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: raw int32 ids + .npy boundaries, memory-mapped; format 1 files are never read
+ENCODE_BATCH = 1024  # documents tokenised per write: bounds the ids held as Python objects
+DOCUMENT_BATCH = 4096  # rows asked of the data source at once: bounds the turns held before the scheme picks
+INT32_LIMIT = 2**31
 
 
 @dataclass(frozen=True)
@@ -128,36 +133,59 @@ def scheme_texts(documents: Sequence[Sequence[str]], scheme: TextScheme, rows: S
 class Stream:
     """Samples tokenised one by one and concatenated, nothing in between (spec §1.3).
 
-    `boundaries[i]` is the `(start, end)` slice of sample i in `ids`; an empty sample has start == end.
+    `ids` is int32 (what nn.Embedding and index tensors accept) over a memory map of the cache file,
+    so a stream costs 4 B per token and only its pages in use. `boundaries[i]` is the `(start, end)`
+    slice of sample i in `ids` (an int64 [samples, 2] array); an empty sample has start == end.
     """
 
     ids: torch.Tensor
-    boundaries: list[tuple[int, int]]
+    boundaries: np.ndarray
 
     def __len__(self) -> int:
         return int(self.ids.numel())
 
 
-def build_stream(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int | None) -> Stream:
-    """Tokenise each text on its own (cut to its first `max_tokens` ids) and concatenate."""
+def _bounds_path(ids_path: Path) -> Path:
+    return ids_path.with_name(ids_path.name.removesuffix(".ids") + ".bounds.npy")
+
+
+def _encoded(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int | None) -> tuple[np.ndarray, list[int]]:
+    """The ids of `texts` concatenated, each cut to its first `max_tokens`, as int32, and each one's length."""
+    samples = [tokenizer.encode(text)[:max_tokens] for text in texts]
+    lengths = [len(sample) for sample in samples]
+    ids = np.fromiter(chain.from_iterable(samples), dtype=np.int64, count=sum(lengths))
+    low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    if low < 0 or high >= tokenizer.vocab_size:
+        raise DataError(f"tokenizer produced id {low if low < 0 else high} outside its vocab_size "
+                        f"{tokenizer.vocab_size}; the tokenizer plugin is inconsistent")
+    return ids.astype("<i4"), lengths
+
+
+def build_stream(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int | None, path: Path) -> Stream:
+    """Tokenise each text on its own (cut to its first `max_tokens` ids), concatenate, and write the
+    ids to `path` as raw little-endian int32 with the boundaries beside it. Ids reach the file
+    `ENCODE_BATCH` documents at a time: memory grows by one length per document, not per token."""
     if not texts:
         raise DataError("data: no documents to tokenise; select at least one row")
-    ids: list[int] = []
-    boundaries: list[tuple[int, int]] = []
-    for text in texts:
-        sample = tokenizer.encode(text)
-        if max_tokens is not None:
-            sample = sample[:max_tokens]
-        boundaries.append((len(ids), len(ids) + len(sample)))
-        ids.extend(sample)
-    if not ids:
-        raise DataError(f"data: the {len(texts)} selected document(s) tokenise to 0 tokens; "
-                        f"select other rows")
-    tensor = torch.tensor(ids, dtype=torch.long)
-    if int(tensor.min()) < 0 or int(tensor.max()) >= tokenizer.vocab_size:
-        raise DataError(f"tokenizer produced id {int(tensor.max())} outside its vocab_size "
-                        f"{tokenizer.vocab_size}; the tokenizer plugin is inconsistent")
-    return Stream(tensor, boundaries)
+    if tokenizer.vocab_size > INT32_LIMIT:
+        raise DataError(f"tokenizer: vocab_size {tokenizer.vocab_size} does not fit int32 ids; "
+                        f"the tokenizer plugin is inconsistent")
+    lengths: list[int] = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_writer(path) as handle:
+        for start in range(0, len(texts), ENCODE_BATCH):
+            ids, batch = _encoded(texts[start:start + ENCODE_BATCH], tokenizer, max_tokens)
+            handle.write(ids.tobytes())
+            lengths += batch
+        if not any(lengths):
+            raise DataError(f"data: the {len(texts)} selected document(s) tokenise to 0 tokens; "
+                            f"select other rows")
+    ends = np.cumsum(lengths, dtype=np.int64)
+    boundaries = np.stack([ends - lengths, ends], axis=1)
+    buffer = io.BytesIO()
+    np.save(buffer, boundaries, allow_pickle=False)
+    atomic_write_bytes(_bounds_path(path), buffer.getvalue())
+    return Stream(torch.from_numpy(np.memmap(path, dtype="<i4", mode="c")), boundaries)
 
 
 def _show(rows: range) -> str:
@@ -200,32 +228,43 @@ def _stream_cache_path(cache_dir: Path, corpus: str, scheme: str, tokenizer: str
     payload = {"format": CACHE_FORMAT, "corpus": corpus, "scheme": scheme, "tokenizer": tokenizer,
                "rows": [rows.start, rows.stop]}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    return cache_dir / f"stream-{key[:32]}.safetensors"
+    return cache_dir / f"stream-{key[:32]}.ids"
 
 
-def _read_cached(path: Path) -> Stream | None:
-    """A cached stream, or None when absent or unreadable (it is then rebuilt and overwritten)."""
-    if not path.is_file():
-        return None
+def read_stream(path: Path, samples: int, vocab_size: int) -> Stream | None:
+    """The stream cached at `path`, or None when it is absent or does not hold `samples` consistent
+    boundaries and in-vocabulary ids (it is then rebuilt and overwritten). Never unpickles."""
     try:
-        tensors = load_file(path)
-        ids, bounds = tensors["ids"], tensors["boundaries"]
-    except (SafetensorError, KeyError, OSError):
+        boundaries = np.load(_bounds_path(path), allow_pickle=False)
+        size = path.stat().st_size
+    except (OSError, ValueError, EOFError):
         return None
-    if ids.dim() != 1 or bounds.dim() != 2 or bounds.shape[1] != 2:
+    if boundaries.dtype != np.int64 or boundaries.shape != (samples, 2) or samples == 0:
         return None
-    return Stream(ids.long(), [(int(a), int(b)) for a, b in bounds.tolist()])
+    starts, ends = boundaries[:, 0], boundaries[:, 1]
+    if (starts[0] != 0 or (starts[1:] != ends[:-1]).any() or (ends < starts).any()
+            or ends[-1] == 0 or size != 4 * int(ends[-1])):
+        return None
+    ids = np.memmap(path, dtype="<i4", mode="c")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        return None
+    return Stream(torch.from_numpy(ids), boundaries)
 
 
 def cached_stream(texts: Sequence[str], tokenizer: Tokenizer, scheme: TextScheme, path: Path) -> Stream:
-    """`build_stream`, reusing the file at `path` when one was written for the same key."""
-    stream = _read_cached(path)
-    if stream is not None and len(stream.boundaries) == len(texts):
-        return stream
-    stream = build_stream(texts, tokenizer, scheme.max_tokens)
-    bounds = torch.tensor(stream.boundaries, dtype=torch.long).reshape(-1, 2)
-    atomic_write_bytes(path, save_tensors({"ids": stream.ids.contiguous(), "boundaries": bounds}))
-    return stream
+    """`build_stream`, reusing the files at `path` when they were written for the same key."""
+    stream = read_stream(path, len(texts), tokenizer.vocab_size)
+    return stream if stream is not None else build_stream(texts, tokenizer, scheme.max_tokens, path)
+
+
+def _texts(source: DataSource, scheme: TextScheme, rows: range) -> list[str]:
+    """Each row's text, read `DOCUMENT_BATCH` rows at a time: a document's other turns (most of an
+    UltraChat row under the first-turn schemes) are dropped before the next batch is read."""
+    texts: list[str] = []
+    for start in range(rows.start, rows.stop, DOCUMENT_BATCH):
+        batch = range(start, min(start + DOCUMENT_BATCH, rows.stop))
+        texts += scheme_texts(source.documents(list(batch)), scheme, batch)
+    return texts
 
 
 def load_streams(
@@ -246,8 +285,7 @@ def load_streams(
     split = Split(train_rows, val_rows)
     split.check(source.size())
     corpus = source.fingerprint()
-    train_texts = scheme_texts(source.documents(list(train_rows)), text_scheme, train_rows)
-    val_texts = scheme_texts(source.documents(list(val_rows)), text_scheme, val_rows)
+    train_texts, val_texts = _texts(source, text_scheme, train_rows), _texts(source, text_scheme, val_rows)
     tokenizer = tokenizer_factory.load(train_texts, Path(cache_dir))
     missing = missing_members(tokenizer, Tokenizer)
     if missing:

@@ -13,8 +13,11 @@ import hashlib
 import json
 import platform
 import random
+import shutil
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,11 @@ import torch
 
 from . import __version__
 from .config import ExperimentConfig, read_toml
+from .context_store import StorePlan, context_stores, is_out_of_memory, out_of_memory_message, plan_stores
 from .corpus import Stream, load_streams
-from .errors import DataError, UserError
+from .errors import DataError, RunFailed, UserError
 from .params import check_model_fits
-from .phase2 import Phase2Data, Phase2State, train_phase2
+from .phase2 import Phase2Data, Phase2State, input_weights, train_phase2, weights_as
 from .protocols import EvalOutputs, Phase1Report, Runner, SolveResult
 from .rundir import Checkpoint, CheckpointUnreadable, RunDir
 from .scaling import Point, fit_all, report_to_json
@@ -104,6 +108,7 @@ def _checkpoint_tensors(model: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.data_ptr() not in skip}
 
 
+STORE_DIR = "store"  # disk context stores, one file per stream of the running unit
 PHASE1_KEYS = {"iterations", "convergence_rate", "token_evaluations", "seconds", "train_er"}
 
 
@@ -208,6 +213,39 @@ def _metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, 
     return {choice.component.name: float(choice.build().compute(outputs)) for choice in config.metrics}
 
 
+def _phase1(config: ExperimentConfig, unit: Unit, model: Any, solver: Any, ids: torch.Tensor, runner: Runner,
+            progress: Any) -> dict[str, Any]:
+    """Phase 1 and its summary. The [n, C] training contexts are needed only for the Train ER, so they
+    are dropped here, before any Phase-2 store exists."""
+    started = time.perf_counter()
+    report = solver.fit(model, ids, runner, progress)
+    seconds = time.perf_counter() - started
+    train_outputs = EvalOutputs(contexts=report.contexts, context_width=model.context_dim,
+                                convergence_rate=report.convergence_rate, seed=config.schema.experiment.seed)
+    phase1 = {"iterations": report.iterations, "convergence_rate": report.convergence_rate,
+              "token_evaluations": report.token_evaluations, "seconds": seconds,
+              "train_er": _effective_rank_fraction(config, train_outputs),
+              "stopped_by": _stopped_by(report), "target_rate": report.target_rate}
+    if report.converged is False:
+        progress.message(f"{unit.id}: Phase 1 stopped at max_iterations ({report.iterations}) with "
+                         f"{report.convergence_rate:.0%} of tokens converged (target "
+                         f"{report.target_rate:.0%}); its contexts are not at a fixed point")
+    del report, train_outputs
+    return phase1
+
+
+@contextmanager
+def out_of_memory(unit: Unit, phase: str, plan: StorePlan, fix: str) -> Iterator[None]:
+    """Out of memory in `phase` ends the run in one line: the phase, what the context stores take,
+    and the settings that lower it."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise RunFailed(out_of_memory_message(unit.id, phase, error, plan, fix)) from error
+
+
 def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: Runner, run: RunDir,
              progress: Any, attempt: int) -> dict[str, Any]:
     schema = config.schema
@@ -216,26 +254,13 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
     solver = config.solver.build()
     train_ids = corpus.train_ids(unit.samples).to(runner.device)
     val_ids = corpus.val.ids.to(runner.device)
-    with torch.no_grad():
-        train_tokens, val_tokens = model.token_inputs(train_ids), model.token_inputs(val_ids)
+    logged = _Logged(progress, run, unit, attempt, runner.rank == 0)
+    inputs = input_weights(model, train_ids)  # before a Phase-2 checkpoint may load trained ones
 
-    timings: dict[str, float] = {}
     resumed = _resume_point(run, unit, model, runner, progress)
     phase2_start: Phase2State | None = None
     if resumed is None:
-        started = time.perf_counter()
-        report = solver.fit(model, train_tokens, runner, _Logged(progress, run, unit, attempt, runner.rank == 0))
-        timings["phase1"] = time.perf_counter() - started
-        train_outputs = EvalOutputs(contexts=report.contexts, context_width=model.context_dim,
-                                    convergence_rate=report.convergence_rate, seed=schema.experiment.seed)
-        phase1 = {"iterations": report.iterations, "convergence_rate": report.convergence_rate,
-                  "token_evaluations": report.token_evaluations, "seconds": timings["phase1"],
-                  "train_er": _effective_rank_fraction(config, train_outputs),
-                  "stopped_by": _stopped_by(report), "target_rate": report.target_rate}
-        if report.converged is False:
-            progress.message(f"{unit.id}: Phase 1 stopped at max_iterations ({report.iterations}) with "
-                             f"{report.convergence_rate:.0%} of tokens converged (target "
-                             f"{report.target_rate:.0%}); its contexts are not at a fixed point")
+        phase1 = _phase1(config, unit, model, solver, train_ids, runner, logged)
         if runner.rank == 0:
             run.save_checkpoint(unit.id, "phase1", {"model": _checkpoint_tensors(model)}, {"phase1": phase1})
         runner.barrier()
@@ -246,40 +271,42 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
 
     for parameter in model.param_groups()["phase1"]:
         parameter.requires_grad_(False)
+    folder = run.inside(run.path / STORE_DIR)
+    sizes = {"train": train_ids.numel(), "val": val_ids.numel()}
+    plan = plan_stores(runner, sum(sizes.values()), model.context_dim, folder)
+    progress.message(f"{unit.id}: {plan.describe()}")
     seed_everything(schema.experiment.seed + 1)  # solves after Phase 1 see the same RNG on resume
-    started = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train_solve = solver.solve(model, train_tokens, runner)
-        val_solve = solver.solve(model, val_tokens, runner)
-    timings["solve"] = time.perf_counter() - started
-    notes = _solve_notes([str(w.message) for w in caught], {"train": train_solve, "val": val_solve})
-    for note in notes:
-        progress.message(f"{unit.id}: {note}")
+    with context_stores(plan, sizes, model.context_dim, runner, unit.id, folder) as stores:
+        started = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught, weights_as(model, inputs):  # OOM: the solver says
+            warnings.simplefilter("always")
+            train_solve = solver.solve(model, train_ids, runner, out=stores["train"])
+            val_solve = solver.solve(model, val_ids, runner, out=stores["val"])
+        solve_seconds = time.perf_counter() - started
+        notes = _solve_notes([str(w.message) for w in caught], {"train": train_solve, "val": val_solve})
+        for note in notes:
+            progress.message(f"{unit.id}: {note}")
 
-    def checkpoint(state: Phase2State) -> None:
-        if runner.rank == 0:
-            tensors, data = state.to_checkpoint()
-            run.save_checkpoint(unit.id, "phase2", {"model": _checkpoint_tensors(model), "phase2": tensors},
-                                {"phase1": phase1, "phase2": data})
-        runner.barrier()
+        def checkpoint(state: Phase2State) -> None:
+            if runner.rank == 0:
+                tensors, data = state.to_checkpoint()
+                run.save_checkpoint(unit.id, "phase2", {"model": _checkpoint_tensors(model), "phase2": tensors},
+                                    {"phase1": phase1, "phase2": data})
+            runner.barrier()
 
-    started = time.perf_counter()
-    report2 = train_phase2(
-        model,
-        Phase2Data(train_solve.layers, train_tokens, train_ids),
-        Phase2Data(val_solve.layers, val_tokens, val_ids),
-        schema.phase2, runner, _Logged(progress, run, unit, attempt, runner.rank == 0), start=phase2_start,
-        on_epoch_end=checkpoint,
-    )
-    timings["phase2"] = time.perf_counter() - started
+        started = time.perf_counter()
+        with out_of_memory(unit, "phase 2", plan, plan.fix("phase2.batch_size lower")):
+            report2 = train_phase2(model, Phase2Data(train_solve.layers[-1], train_ids, inputs),
+                                   Phase2Data(val_solve.layers[-1], val_ids, inputs), schema.phase2, runner,
+                                   logged, start=phase2_start, on_epoch_end=checkpoint)
+        phase2_seconds = time.perf_counter() - started
 
-    val_outputs = report2.val
-    val_outputs.contexts = val_solve.layers[-1]
-    val_outputs.context_width = model.context_dim
-    val_outputs.convergence_rate = phase1["convergence_rate"]
-    val_outputs.seed = schema.experiment.seed
-    metrics = _metric_values(config, val_outputs)
+        val_outputs = report2.val  # the val ER reads the same store Phase 2 evaluated
+        val_outputs.contexts = val_solve.layers[-1]
+        val_outputs.context_width = model.context_dim
+        val_outputs.convergence_rate = phase1["convergence_rate"]
+        val_outputs.seed = schema.experiment.seed
+        metrics = _metric_values(config, val_outputs)
     counts = model.param_counts()
     groups = model.param_groups()
     record: dict[str, Any] = {
@@ -290,7 +317,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         "val_ppl": metrics.get("ppl", float(np.exp(val_outputs.nll_sum / max(val_outputs.count, 1)))),
         "val_acc": metrics.get("accuracy", val_outputs.correct / max(val_outputs.count, 1)),
         "train_er": phase1["train_er"],
-        "val_er": metrics.get("effective_rank", _effective_rank_fraction(config, val_outputs)),
+        "val_er": metrics.get("effective_rank", float("nan")),
         "phase1_iterations": phase1["iterations"],
         "convergence_rate": phase1["convergence_rate"],
         "phase1_stopped_by": phase1.get("stopped_by"),
@@ -302,7 +329,8 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         "metrics": metrics,
         "params": {**counts, "trainable": {k: sum(p.numel() for p in v) for k, v in groups.items()}},
         "solve": {"method": train_solve.method, "gain": train_solve.gain, "iterations": train_solve.iterations},
-        "seconds": {"phase1": phase1["seconds"], "solve": timings["solve"], "phase2": timings["phase2"]},
+        "seconds": {"phase1": phase1["seconds"], "solve": solve_seconds, "phase2": phase2_seconds},
+        "context_store": plan.to_json(),
         "fingerprints": corpus.fingerprints,
         "notes": notes,
     }
@@ -336,6 +364,9 @@ class _Logged:
 
     def finish(self, phase: str) -> None:
         self.inner.finish(phase)
+
+    def message(self, text: str) -> None:
+        self.inner.message(text)
 
 
 def meta(config: ExperimentConfig, runner: Runner, plugins: list[dict[str, Any]]) -> dict[str, Any]:
@@ -381,6 +412,7 @@ def _start(run: RunDir, units: list[Unit], progress: Any, meta_now: dict[str, An
     if records:
         _publish(run, units, done)
     run.repair({u.id for u in units if (u.label, u.samples) in done})
+    shutil.rmtree(run.inside(run.path / STORE_DIR), ignore_errors=True)  # disk stores of a killed unit
     previous, attempt = run.read_json("meta.json"), 1
     if isinstance(previous, dict):
         attempt = previous["attempt"] + 1 if isinstance(previous.get("attempt"), int) else 2
@@ -408,7 +440,12 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
         if (unit.label, unit.samples) in done:
             progress.end_unit(unit.id, "(already finished)")
             continue
-        record = run_unit(config, unit, corpus, runner, run, progress, attempt)
+        try:
+            record = run_unit(config, unit, corpus, runner, run, progress, attempt)
+        except RunFailed as error:  # name the unit, once
+            if str(error).startswith(f"{unit.id}:"):
+                raise
+            raise RunFailed(f"{unit.id}: {error}") from error
         done[(unit.label, unit.samples)] = record
         if runner.rank == 0:
             _publish(run, units, done)
@@ -417,8 +454,10 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
         progress.end_unit(unit.id, f"val_ppl={record['val_ppl']:.2f} val_acc={record['val_acc']:.4f}")
     if runner.rank == 0:
         run.repair({u.id for u in units})  # nothing left to resume: no checkpoints/ either
+        stores = {u.id: done[(u.label, u.samples)].get("context_store") for u in units}
         run.write_json("meta.json", {**meta(config, runner, plugin_report), "status": "finished",
-                                     "attempt": attempt, "fingerprints": corpus.fingerprints})
+                                     "attempt": attempt, "fingerprints": corpus.fingerprints,
+                                     "context_stores": stores})
     return [done[(u.label, u.samples)] for u in units]
 
 

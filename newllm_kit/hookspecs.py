@@ -74,9 +74,11 @@ def register_architectures(register: Register) -> None:
 def register_solvers(register: Register) -> None:
     """Register fixed-point solvers (kind `solver`, TOML `[solver] name = NAME`).
 
-    `factory(settings)` returns a `Solver`: `fit(model, tokens, runner, progress)` trains the
-    ContextBlock (Phase 1) and returns a `Phase1Report`; `solve(model, tokens, runner)` returns
-    the frozen block's per-layer contexts for a whole stream as a `SolveResult`.
+    `factory(settings)` returns a `Solver`: `fit(model, ids, runner, progress)` trains the
+    ContextBlock (Phase 1) over a stream of token ids and returns a `Phase1Report`;
+    `solve(model, ids, runner, out=None)` returns the frozen block's final-layer context of every
+    position as a `SolveResult` (written into `out` when given). Compute token inputs per chunk
+    from the ids (`newllm_kit.spans.token_span`): nothing of size [n, T] for a whole stream.
 
     Example::
 

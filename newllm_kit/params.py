@@ -72,7 +72,7 @@ def available_bytes(device: torch.device) -> int | None:
     return _cpu_available() if device.type == "cpu" else None
 
 
-def _human(size: int) -> str:
+def human_bytes(size: int) -> str:
     value, unit = float(size), "bytes"
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if value < 1024 or unit == "PiB":
@@ -89,8 +89,8 @@ def require_memory(needed: int, device: torch.device, what: str, lower: str) -> 
     """
     free = available_bytes(device)
     if free is not None and needed > free:
-        raise ConfigError(f"{what} need {needed:,} bytes ({_human(needed)}) but {device} has {free:,} bytes "
-                          f"({_human(free)}) available; lower {lower}")
+        raise ConfigError(f"{what} need {needed:,} bytes ({human_bytes(needed)}) but {device} has {free:,} bytes "
+                          f"({human_bytes(free)}) available; lower {lower}")
 
 
 def _size_keys(choice: Choice, index: int) -> str:

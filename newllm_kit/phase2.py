@@ -1,9 +1,12 @@
 """Phase 2: next-token training of the TokenBlock (and any trainable head) over frozen contexts.
 
 The ContextBlock is frozen, so the caller solves both streams' contexts once and every epoch reuses
-them (spec §7.3). The walk is the reference's (§4.3–4.4): stream order, consecutive mini-batches,
-mean CE, clip, Adam, then validation and patience-based early stopping. The head's [b, V] logits
-are what ran out of memory (§7.4), so the loss never holds more than one [chunk, V] block of them.
+them (spec §7.3). Only the final-layer context of each position is kept; a batch's per-layer
+contexts are one batched ContextBlock step away, c_{i−1} → h_1..h_L(i), so a stream costs C floats
+per position instead of Σ d_j + T. The walk is the reference's (§4.3–4.4): stream order,
+consecutive mini-batches, mean CE, clip, Adam, then validation and patience-based early stopping.
+The head's [b, V] logits are what ran out of memory (§7.4), so the loss never holds more than one
+[chunk, V] block of them.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any, Literal, NamedTuple, cast
 
@@ -22,6 +26,7 @@ from torch import nn
 
 from .errors import DataError, RunFailed
 from .protocols import EvalOutputs, Model, Progress, Runner
+from .spans import token_span
 
 Positions = Annotated[int, Field(ge=1, le=10**9)]  # bounded so a typo fails validation, not an allocation
 
@@ -116,23 +121,64 @@ def head_cross_entropy(states: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return _HeadCrossEntropy.apply(states, weight, bias, targets, chunk, count_correct)
 
 
+def input_weights(model: Model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Copies of the trainable weights the token inputs read, by name (a tied, unfrozen embedding table).
+
+    Phase 2 trains such a table as the output head, but the contexts were solved from token inputs
+    of its values now: the per-batch token inputs and contexts must keep those values. Autograd
+    finds the weights, whatever the architecture; usually there are none and nothing is copied."""
+    named = {name: p for name, p in cast(nn.Module, model).named_parameters() if p.requires_grad}
+    with torch.enable_grad():
+        probe = model.token_inputs(ids[:1])
+    if not named or not probe.requires_grad:
+        return {}
+    used = torch.autograd.grad(probe.sum(), list(named.values()), allow_unused=True)
+    return {name: p.detach().clone() for (name, p), g in zip(named.items(), used, strict=True) if g is not None}
+
+
+@contextmanager
+def weights_as(module: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """`module`'s named parameters hold `values` inside the block (swapped in, not copied)."""
+    params = dict(module.named_parameters())
+    saved = {name: params[name].data for name in values}
+    try:
+        for name, value in values.items():
+            params[name].data = value
+        yield
+    finally:
+        for name, value in saved.items():
+            params[name].data = value
+
+
 @dataclass
 class Phase2Data:
-    """One stream for Phase 2: position i (contexts `layers[j][i]`, input `tokens[i]`) predicts ids[i + 1]."""
+    """One stream for Phase 2: position i reads context `contexts[i − 1]` (zeros for i = 0) and token i,
+    and predicts ids[i + 1]. `contexts` is the frozen rollout's final layer, [n, C] on any device, in
+    any dtype (a pinned host tensor or a memory-mapped file for long streams); `input_weights` are
+    the weights the contexts were solved with, where Phase 2 trains them (see `input_weights`)."""
 
-    layers: list[torch.Tensor]
-    tokens: torch.Tensor
+    contexts: torch.Tensor
     ids: torch.Tensor
+    input_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def positions(self) -> int:
         return self.ids.numel() - 1
 
-    def batch(self, rows: range, to: torch.device) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Contexts, token inputs and targets of `rows` on device `to` (the cache may live on the CPU)."""
+    @torch.no_grad()
+    def batch(self, model: Model, rows: range, to: torch.device
+              ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per-layer contexts, token inputs and targets of `rows` on `to`: the token inputs from the ids
+        and every layer from one batched step of the frozen block, h_1..h_L(i) = F(c_{i−1}, x_i)."""
         lo, hi = rows.start, rows.stop
-        layers = [h[lo:hi].to(to, non_blocking=True) for h in self.layers]
-        return layers, self.tokens[lo:hi].to(to, non_blocking=True), self.ids[lo + 1:hi + 1].to(to)
+        block = model.context_block
+        with weights_as(cast(nn.Module, model), self.input_weights):
+            tokens = token_span(model, self.ids, lo, hi)
+        previous = self.contexts[max(lo - 1, 0):hi - 1].to(to, non_blocking=True).to(tokens.dtype)
+        if lo == 0:
+            previous = torch.cat([previous.new_zeros(1, previous.shape[1]), previous])
+        layers = block.step(previous, block.project_tokens(tokens))
+        return layers, tokens, self.ids[lo + 1:hi + 1].to(to, torch.long)
 
 
 @dataclass
@@ -215,17 +261,16 @@ def early_stop_update(best: float, counter: int, val_loss: float, patience: int)
     return StopDecision(best, counter + 1, False, counter + 1 >= patience)
 
 
-def bytes_per_position(data: Phase2Data) -> int:
-    """Cost model for an automatic batch: one position's contexts and token input in fp32, about five
-    times over (inputs, layer activations kept for backward, gradients). The [chunk, V] logits of the
-    loss are bounded by ce_chunk, not by the batch, so they are not part of it."""
-    width = sum(h.shape[1] for h in data.layers) + data.tokens.shape[1]
-    return 4 * 5 * width
+def bytes_per_position(model: Model) -> int:
+    """Cost model for an automatic batch: one position's per-layer contexts and token input in fp32,
+    about five times over (recomputed inputs, layer activations kept for backward, gradients). The
+    [chunk, V] logits of the loss are bounded by ce_chunk, not by the batch, so they are not part of it."""
+    return 4 * 5 * (sum(model.layer_widths) + model.token_width)
 
 
-def resolve_batch(requested: int | Literal["auto"], data: Phase2Data, runner: Runner) -> int:
+def resolve_batch(requested: int | Literal["auto"], model: Model, runner: Runner) -> int:
     """A number from the file, or the runner's choice (a collective under ddp: every rank calls it)."""
-    return runner.batch_size(None if requested == "auto" else requested, bytes_per_position(data))
+    return runner.batch_size(None if requested == "auto" else requested, bytes_per_position(model))
 
 
 def _spans(rows: range, size: int) -> list[range]:
@@ -250,7 +295,7 @@ def _pass(model: Model, data: Phase2Data, rows: range, runner: Runner, chunk: in
         try:
             nll, hits = 0.0, 0
             for span in _spans(rows, runner.micro_batch(len(rows))):
-                contexts, tokens, targets = data.batch(span, runner.device)
+                contexts, tokens, targets = data.batch(model, span, runner.device)
                 with runner.autocast():
                     weight, bias = model.output_head()
                     loss, correct = head_cross_entropy(model.token_states(contexts, tokens), weight, bias,
@@ -283,7 +328,7 @@ def evaluate(model: Model, data: Phase2Data, settings: Phase2Settings, runner: R
     was_training = module.training
     module.eval()
     mine = runner.shard(data.positions)
-    spans = _spans(mine, resolve_batch(settings.eval_batch_size or settings.batch_size, data, runner))
+    spans = _spans(mine, resolve_batch(settings.eval_batch_size or settings.batch_size, model, runner))
     sums = [(*_pass(model, data, rows, runner, settings.ce_chunk, None), len(rows)) for rows in spans]
     module.train(was_training)
     totals = torch.tensor(sums, dtype=torch.float64).reshape(-1, 3).sum(0)  # exact: float64 and ints
@@ -308,7 +353,7 @@ def train_phase2(model: Model, train: Phase2Data, val: Phase2Data, settings: Pha
         optimizer.load_state_dict(start.optimizer)
         if start.rng is not None:
             torch.set_rng_state(start.rng)
-    batch_size = resolve_batch(settings.batch_size, train, runner)
+    batch_size = resolve_batch(settings.batch_size, model, runner)
     batches = _spans(range(train.positions), batch_size)
     progress.start("phase2", settings.epochs)
 

@@ -88,7 +88,7 @@ class Phase1Report:
     tokens: int
     token_evaluations: int
     seconds: float
-    contexts: torch.Tensor  # [n, C] for the whole stream on every rank (the Train ER is computed from it)
+    contexts: torch.Tensor  # [n, C] fp32 final contexts, whole stream on every rank (the Train ER; freed after)
     history: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     # The solver's own target, so a run can say "stopped at max_iterations, 11 % converged":
@@ -98,10 +98,11 @@ class Phase1Report:
 
 @dataclass
 class SolveResult:
-    """Contexts of a frozen ContextBlock for a whole stream.
+    """Contexts of a frozen ContextBlock for a whole stream: one per position.
 
-    `layers[j][i]` is layer j's output at position i, computed from the final-layer output of
-    position i−1 (zeros for position 0), exactly as a sequential rollout would.
+    `layers == [contexts]`: contexts[i] = c_i = h_L(i), the final layer's output at position i
+    from c_{i−1} (c_{−1} = 0), as a sequential rollout gives it. The per-layer contexts of any
+    positions are one batched `step(c_{i−1}, project_tokens(x_i))`, recomputed where needed.
     """
 
     layers: list[torch.Tensor]
@@ -172,11 +173,23 @@ class Runner(Protocol):
 
 
 class Solver(Protocol):
-    """A fixed-point solver: trains the ContextBlock (Phase 1) and evaluates it frozen."""
+    """A fixed-point solver: trains the ContextBlock (Phase 1) and evaluates it frozen.
 
-    def fit(self, model: Any, tokens: torch.Tensor, runner: Runner, progress: Progress) -> Phase1Report: ...
+    Both read a stream as its [n] token ids (int64 or int32, on runner.device), never as [n, T]
+    token inputs: at scale no tensor of T or more floats per position may exist for the whole
+    stream, so a solver computes the inputs of each chunk it works on with
+    `newllm_kit.spans.token_span(model, ids, start, stop)`.
+    """
 
-    def solve(self, model: Any, tokens: torch.Tensor, runner: Runner) -> SolveResult: ...
+    def fit(self, model: Any, ids: torch.Tensor, runner: Runner, progress: Progress) -> Phase1Report:
+        """Train the ContextBlock (its "phase1" parameters) towards a fixed point over the stream."""
+        ...
+
+    def solve(self, model: Any, ids: torch.Tensor, runner: Runner, out: torch.Tensor | None = None) -> SolveResult:
+        """The frozen block's final-layer context of every position, written into `out` ([n, C], fp32
+        or bf16, any device: pinned host memory, a memory-mapped file) block by block when given,
+        else into a new fp32 tensor on runner.device; returned as `layers[0]`."""
+        ...
 
 
 @runtime_checkable

@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -70,6 +68,7 @@ class ScalingReport:
     fits: list[Fit]
     warnings: list[str]
     form: str = "power"
+    sources: list[str] = field(default_factory=list)  # the files the points came from
 
 
 def _number(raw: Any, what: str, where: str) -> float:
@@ -141,6 +140,31 @@ def _load_csv(path: Path, text: str) -> list[Point]:
     return points
 
 
+def _status(run: Path) -> str | None:
+    """A run directory's `status` from meta.json (None when there is no readable one)."""
+    try:
+        meta = json.loads((run / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    status = meta.get("status") if isinstance(meta, dict) else None
+    return status if isinstance(status, str) else None
+
+
+def _has_results(run: Path) -> bool:
+    path = run / "results.jsonl"  # written once the first unit finishes, never empty after that
+    return path.is_file() and path.stat().st_size > 0
+
+
+def _why_empty(run: Path) -> str:
+    """What a run directory without finished units says about itself, from meta.json."""
+    status = _status(run)
+    if status == "failed":
+        return "this run failed before any unit finished (see meta.json)"
+    if status in ("running", "interrupted"):
+        return f"no unit of this run has finished yet (status {status!r} in meta.json)"
+    return "no results.jsonl in this directory"
+
+
 def load_points(sources: list[Path]) -> tuple[list[Point], list[str]]:
     """Read run directories, results.jsonl files and CSV tables into one list (plus warnings)."""
     points: list[Point] = []
@@ -148,8 +172,10 @@ def load_points(sources: list[Path]) -> tuple[list[Point], list[str]]:
     done: set[Path] = set()
     for source in sources:
         path = source / "results.jsonl" if source.is_dir() else source
-        if source.is_dir() and not path.is_file():
-            raise DataError(f"{source}: no results.jsonl in this directory")
+        if source.is_dir() and not _has_results(source):
+            raise DataError(f"{source}: {_why_empty(source)}")
+        if source.is_dir() and _status(source) == "failed":
+            warnings.append(f"{source}: this run failed (see meta.json); fitting the units it finished")
         if path.resolve() in done:
             warnings.append(f"{path} was given twice; read once")
             continue
@@ -184,12 +210,23 @@ def _drop_repeats(points: list[Point], warnings: list[str]) -> list[Point]:
     return [p for same in kept.values() for p in same]
 
 
-def latest_run_dir(root: Path = Path("runs")) -> Path:
-    """The most recently modified `runs/<experiment>/<run>/` that has results."""
-    runs = [p.parent for p in root.glob("*/*/results.jsonl") if p.is_file()]
-    if not runs:
-        raise DataError(f"no results.jsonl under {root}/*/*/; pass a SOURCE or run `newllm-kit run` first")
-    return max(runs, key=lambda p: (p.stat().st_mtime, str(p)))
+def latest_run_dir(root: Path = Path("runs")) -> tuple[Path, list[str]]:
+    """The most recently modified `runs/<experiment>/<run>/` with finished units that did not fail,
+    and a note for each newer run passed over (a user who just saw a run fail must not be shown
+    an older run's fit without being told)."""
+    runs = [p for p in root.glob("*/*") if (p / "config.resolved.toml").is_file() or (p / "results.jsonl").is_file()]
+    notes = []
+    for run in sorted(runs, key=lambda p: (p.stat().st_mtime, str(p)), reverse=True):
+        if not _has_results(run):
+            notes.append(f"skipped {run}: {_why_empty(run)}")
+        elif _status(run) == "failed":
+            notes.append(f"skipped {run}: this run failed (see meta.json); pass it as a SOURCE to fit the units "
+                         f"it finished")
+        else:
+            return run, notes
+    latest = f" (the latest, {notes[0].removeprefix('skipped ')})" if notes else ""
+    raise DataError(f"no run with finished units under {root}/*/*/{latest}; pass a SOURCE or run "
+                    f"`newllm-kit run` first")
 
 
 def check_comparable(points: list[Point], allow_mixed: bool, warnings: list[str] | None = None) -> list[str]:
@@ -235,7 +272,7 @@ def fit_power(model: str, tokens: list[float], ppls: list[float], predict: list[
         alpha_ci = (alpha - scale / math.sqrt(sxx), alpha + scale / math.sqrt(sxx))
     else:
         why = "2 points, R² = 1 by construction" if n == 2 else "only 2 distinct token counts"
-        warnings.append(f"model {model}: {why}; no interval can be estimated")
+        warnings.append(f"model {model}: {why}; no interval can be estimated (a third training size gives one)")
     predictions = []
     for t in (_number(t, "token count", "--predict") for t in predict):
         log_hat = intercept + alpha * math.log(t)
@@ -297,7 +334,7 @@ def fit_all(points: list[Point], predict: list[float], form: str = "power") -> S
     by_model: dict[str, list[Point]] = {}
     for p in sorted(points, key=lambda p: (p.model, p.tokens, p.ppl)):
         by_model.setdefault(p.model, []).append(p)
-    report = ScalingReport([], [], form)
+    report = ScalingReport([], [], form, sorted({p.source for p in points}))
     for model, group in by_model.items():
         tokens, ppls = [p.tokens for p in group], [p.ppl for p in group]
         fit = fit_power(model, tokens, ppls, predict)
@@ -323,7 +360,12 @@ def report_to_json(report: ScalingReport) -> dict[str, Any]:
         entry["offset"] = None if o is None else {"E": o.E, "A": o.A, "alpha": o.alpha,
                                                   "predictions": preds(o.predictions)}
         fits.append(entry)
-    return {"fits": fits, "warnings": list(report.warnings)}
+    return {"sources": list(report.sources), "fits": fits, "warnings": list(report.warnings)}
+
+
+def doubling_text(reduction: float) -> str:
+    """`18.4% lower PPL` or `19.1% higher PPL`: the sign in words, never a negative "lower"."""
+    return f"{100 * abs(reduction):.1f}% {'lower' if reduction >= 0 else 'higher'} PPL"
 
 
 def render(report: ScalingReport, console: Console) -> None:
@@ -331,6 +373,8 @@ def render(report: ScalingReport, console: Console) -> None:
 
     Model names and warnings come from the user's files: escaped, so `[/x]` prints as itself.
     """
+    if report.sources:
+        console.print(escape(f"source{'s' if len(report.sources) > 1 else ''}: {', '.join(report.sources)}"))
     fits = Table(title="PPL = A · tokens^α (OLS in log space)",
                  caption="n: points; 2× data: PPL change per doubling, 2^α − 1")
     for column in ("Model", "α", "A", "R²", "n", "2× data", "α 95% CI"):  # fits 80 columns
@@ -357,55 +401,12 @@ def render(report: ScalingReport, console: Console) -> None:
         console.print(table)
     if len(report.fits) > 1:
         steep = min(report.fits, key=lambda f: f.alpha)
-        console.print(f"Steepest α: [bold]{escape(steep.model)}[/] ({steep.alpha:.4f}); compare the CIs before "
-                      f"calling it better.")
+        advice = ("compare the CIs before calling it better" if all(f.alpha_ci for f in report.fits) else
+                  "not every α has an interval, so the ranking is untested; a third training size gives one")
+        console.print(f"Steepest α: [bold]{escape(steep.model)}[/] ({steep.alpha:.4f}); {advice}.")
         for i, p in enumerate(report.fits[0].predictions):
             best = min(report.fits, key=lambda f: f.predictions[i].ppl)
             console.print(f"At {p.tokens:,.0f} tokens the lowest predicted PPL is [bold]{escape(best.model)}[/] "
                           f"({best.predictions[i].ppl:,.1f}).")
     for warning in report.warnings:
         console.print(f"[yellow]warning: {escape(warning)}[/]")
-
-
-def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
-    """Log-log PNG: points, fitted lines up to the predictions, predictions with PI error bars."""
-    if path.is_dir():
-        raise UserError(f"--plot: {path} is a folder; give a file name such as {path / 'fit.png'}")
-    if not path.parent.is_dir():
-        raise UserError(f"--plot: folder {path.parent} does not exist; create it or choose another path")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'newllm-kit[plot]'") from None
-    figure = Figure(figsize=(7, 5))
-    FigureCanvasAgg(figure)  # the Agg backend, without touching pyplot's global state
-    ax = figure.add_subplot()
-    for f in report.fits:
-        own = [p for p in points if p.model == f.model]
-        label = f"{f.model} (α = {f.alpha:.3f})"
-        (dots,) = ax.plot([p.tokens for p in own], [p.ppl for p in own], "o", label=label)
-        seen = [p.tokens for p in own]
-        every = seen + [p.tokens for p in f.predictions]
-        lo, hi = min(seen), max(seen)
-        for start, stop, style in ((min(every), lo, "--"), (lo, hi, "-"), (hi, max(every), "--")):
-            line = np.geomspace(start, stop, 50)  # solid over the data, dashed where it extrapolates
-            ax.plot(line, f.A * line**f.alpha, style, color=dots.get_color())
-        for p in f.predictions:
-            err = [[p.ppl - p.pi[0]], [p.pi[1] - p.ppl]] if p.pi else None
-            ax.errorbar([p.tokens], [p.ppl], yerr=err, fmt="D", color=dots.get_color(), capsize=3, mfc="none")
-    ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation PPL")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    tmp = None
-    try:  # write a temporary file beside the target and rename: readers never see half a PNG
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException as error:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):  # no permission, a full disk
-            raise UserError(f"--plot: cannot write {path}: {error.strerror or error}") from None
-        raise

@@ -4,7 +4,12 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for ever
 runner reads them, puts rank r on cuda:LOCAL_RANK with NCCL (or on the CPU with gloo when there is
 no CUDA) and provides the few collectives the solvers need: a contiguous shard of the stream, the
 boundary row of the previous shard, sums and broadcasts. Device concerns (precision, batch size,
-out-of-memory fallback) are delegated to the single-device runner of the same machine.
+out-of-memory fallback, where the context stores live) are delegated to the single-device runner of
+the same machine.
+
+Every rank holds the whole Phase-2 context store of each stream ([n, C], wherever
+`context_store` puts it): a rank trains on its slice of every batch, and those slices span the
+stream, so no contiguous part of it would do. A disk store is one file per rank.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The rollout c_i = F(c_{i−1}, x_i), c_{−1} = 0, is the fixed point of the shifted parallel update
 C ← F(shift(C), X), so it need not be a batch-1 loop (spec §7 item 8: 627 s on an L4):
 
-* ``sequential``: the batch-1 loop itself, with the token half precomputed once. The reference.
+* ``sequential``: the batch-1 loop itself. The reference.
 * ``jacobi``: sweeps of the shifted update from zero contexts. After s sweeps position i holds
   the rollout started s tokens earlier from a zero context, so the error falls like ρ^s (ρ the
   block's per-token contraction gain); it is exact after n sweeps, which caps it.
@@ -16,6 +16,12 @@ C ← F(shift(C), X), so it need not be a batch-1 loop (spec §7 item 8: 627 s o
   length of lowest modelled cost) or sequential, whichever the cost model says is faster;
   sequential with a warning when the block does not contract (ρ ≥ 1). An explicit ``jacobi``
   measures ρ too (streams of ``MIN_AUTO_TOKENS`` or more) and falls back the same way.
+
+Every method keeps one context per position, the final layer's c_i = h_L(i) (a position's
+per-layer contexts are one batched `step` from c_{i−1}, recomputed by whoever needs them), and
+projects the token inputs from the ids a block at a time: no [n, P] or per-layer tensor of the
+whole stream exists. The [n, C] result may live anywhere (device, pinned host memory, a
+memory-mapped file) in fp32 or bf16; the arithmetic stays fp32 on the ids' device.
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from typing import Any
 import torch
 
 from newllm_kit.protocols import SolveResult
+from newllm_kit.spans import token_span
 
 METHODS = ("auto", "sequential", "jacobi", "chunked")
-JACOBI_BATCH = 8192  # rows per Jacobi forward: bounds activation memory, large enough for full GEMM speed
+BLOCK = 8192  # rows per batched forward or token projection: bounds memory, large enough for full GEMM speed
 MIN_AUTO_TOKENS = 256  # below this the gain estimate costs about as much as the rollout
 SETTLE = 8  # run-on steps after which a chunk only has to agree within the tolerance
 
@@ -72,49 +79,84 @@ def full_precision_matmuls() -> Iterator[None]:
         torch.set_float32_matmul_precision(saved)
 
 
-def rollout(block: Any, projected: torch.Tensor, width: int, keep_all: bool = True) -> list[torch.Tensor]:
-    """The batch-1 sequential loop: position 0 from a zero context, each next one from the last output."""
-    n = projected.shape[0]
-    context = projected.new_zeros(1, width)
-    out: list[torch.Tensor] = []
-    for i in range(n):
-        layers = block.step(context, projected[i:i + 1])
-        kept = layers if keep_all else layers[-1:]
-        if not out:
-            out = [h.new_empty(n, h.shape[1]) for h in kept]
-        for buffer, h in zip(out, kept, strict=True):
-            buffer[i] = h[0]
-        context = layers[-1]
-    return out
+def token_rows(model: Any, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Token inputs at any positions of a stream (a gather, where `token_span` takes a span).
+
+    Row p reads only ids p−N+1 … p, so each row is the last row of its own N-id window; positions
+    whose window reaches before the stream start take the stream's first rows, which hold the zeros.
+    """
+    history = int(getattr(model, "num_input_tokens", 1)) - 1
+    if history == 0:
+        return model.token_inputs(ids[positions])
+    windows = positions.unsqueeze(1) + torch.arange(-history, 1, device=positions.device)
+    x = model.token_inputs(ids[windows.clamp(min=0)].flatten())[history::history + 1]
+    early = positions < history
+    if bool(early.any()):
+        x[early] = token_span(model, ids, 0, min(history, ids.shape[0]))[positions[early]]
+    return x
 
 
-def _batched_step(block: Any, contexts: torch.Tensor, projected: torch.Tensor,
-                  keep_all: bool) -> list[torch.Tensor]:
-    """F for many positions at once, in row batches of JACOBI_BATCH."""
-    pieces = [block.step(contexts[a:a + JACOBI_BATCH], projected[a:a + JACOBI_BATCH])
-              for a in range(0, contexts.shape[0], JACOBI_BATCH)]
-    kept = [p if keep_all else p[-1:] for p in pieces]
-    return [torch.cat(layer, dim=0) for layer in zip(*kept, strict=True)]
+class Tokens:
+    """A stream's projected token inputs, computed from its ids on demand (a span or a gather)."""
+
+    def __init__(self, model: Any, ids: torch.Tensor) -> None:
+        self.model, self.ids, self.block = model, ids, model.context_block
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def span(self, start: int, stop: int) -> torch.Tensor:
+        return self.block.project_tokens(token_span(self.model, self.ids, start, stop))
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.block.project_tokens(token_rows(self.model, self.ids, positions))
 
 
-def jacobi(block: Any, projected: torch.Tensor, width: int, tolerance: float,
-           keep_all: bool = True) -> tuple[list[torch.Tensor], int, float]:
+def rollout(block: Any, tokens: Tokens, out: torch.Tensor, first: int = 0) -> None:
+    """The batch-1 loop from a zero context at position 0; positions first … first + len(out) − 1
+    land in `out`. Tokens are projected BLOCK at a time, and each block is copied out at once."""
+    stop, width = first + out.shape[0], out.shape[1]
+    context: torch.Tensor | None = None
+    for a in range(0, stop, BLOCK):
+        b = min(a + BLOCK, stop)
+        projected = tokens.span(a, b)
+        context = projected.new_zeros(1, width) if context is None else context
+        rows = projected.new_empty(b - a, width)
+        for i in range(b - a):
+            context = block.step(context, projected[i:i + 1])[-1]
+            rows[i] = context[0]
+        if b > first:
+            kept = max(a, first)
+            out[kept - first:b - first].copy_(rows[kept - a:])
+
+
+def jacobi(block: Any, tokens: Tokens, out: torch.Tensor, first: int, tolerance: float) -> tuple[int, float]:
     """Shifted sweeps from zero (position 0 always gets the zero context) until the error is below tolerance.
 
+    Each sweep overwrites the contexts block by block, after reading them and keeping the previous
+    value of the block's last row for the next block's first input, so it needs no second copy.
     With r the contraction of the max change Δ per sweep (geometric mean over the last 8 sweeps:
     single ratios are noisy), the remaining error is at most Δ·r/(1 − r); a plain Δ < tolerance
     can leave several times more when ρ is near 1. Once Δ stops shrinking (r ≥ 1: the fp32
     rounding floor, or no contraction) Δ < tolerance has to do; n + 1 sweeps are exact anyway.
+    Sweeps run on an fp32 copy when `out` is narrower or starts after position 0.
     """
-    n = projected.shape[0]
-    last = projected.new_zeros(n, width)
-    zero = projected.new_zeros(1, width)
-    layers: list[torch.Tensor] = []
+    stop, width, device = first + out.shape[0], out.shape[1], tokens.ids.device
+    direct = first == 0 and out.dtype == torch.float32
+    work = out.zero_() if direct else torch.zeros(stop, width, device=out.device)
     changes: list[float] = []
-    while len(changes) <= n:  # sweep n + 1 changes nothing: the rollout is exact
-        layers = _batched_step(block, torch.cat([zero, last[:-1]]), projected, keep_all)
-        changes.append((layers[-1] - last).abs().max().item())
-        last, change = layers[-1], changes[-1]
+    while len(changes) <= stop:  # sweep n + 1 changes nothing: the rollout is exact
+        carry = torch.zeros(1, width, device=device)
+        largest = torch.zeros((), device=device)
+        for a in range(0, stop, BLOCK):
+            b = min(a + BLOCK, stop)
+            previous = work[a:b].to(device)
+            new = block.step(torch.cat([carry, previous[:-1]]), tokens.span(a, b))[-1]
+            largest = torch.maximum(largest, (new - previous).abs().max())
+            carry = previous[-1:].clone()
+            work[a:b].copy_(new)
+        changes.append(largest.item())
+        change = changes[-1]
         if change == 0:
             break
         if len(changes) > 1 and change < tolerance:
@@ -122,60 +164,81 @@ def jacobi(block: Any, projected: torch.Tensor, width: int, tolerance: float,
             ratio = (change / changes[-1 - back]) ** (1 / back) if changes[-1 - back] > 0 else 0.0
             if ratio >= 1 or change * ratio / (1 - ratio) < tolerance:
                 break
-    return layers, len(changes), changes[-1]
+    if not direct:
+        out.copy_(work[first:])
+    return len(changes), changes[-1]
 
 
-def chunked(block: Any, projected: torch.Tensor, width: int, window: int, chunk: int, tolerance: float,
-            keep_all: bool = True) -> tuple[list[torch.Tensor], int, float] | None:
+def _write(out: torch.Tensor, first: int, positions: torch.Tensor, contexts: torch.Tensor) -> None:
+    """out[p − first] = context for every position p that `out` holds (the rest are dropped)."""
+    kept = (positions >= first) & (positions < first + out.shape[0])
+    rows = (positions[kept] - first).to(out.device)
+    out.index_copy_(0, rows, contexts[kept].to(out.device, out.dtype))
+
+
+def chunked(block: Any, tokens: Tokens, out: torch.Tensor, first: int, window: int, chunk: int,
+            tolerance: float) -> tuple[int, float] | None:
     """Burn-in scan: every chunk starts `window` tokens early from zero; all roll forward as one batch.
 
     Then every chunk's row runs on into the next chunk, where its history is longer than that
-    chunk's own burn-in, overwriting the stored contexts until the two agree (every layer) within
-    tolerance/2, or within tolerance after SETTLE steps (fp32 rounding alone keeps two rollouts of
-    a trained block ~1e-5 apart). The first gap measures each chunk's burn-in error; the run-on
-    repairs chunks where the gain was underestimated. Returns (layers, F evaluations, largest
-    first gap), or None when a row runs on for another window + chunk tokens without agreeing.
+    chunk's own burn-in, overwriting the stored contexts until the two agree within tolerance/2,
+    or within tolerance after SETTLE steps (fp32 rounding alone keeps two rollouts of a trained
+    block ~1e-5 apart); a narrower `out` widens that by its own rounding. The first gap measures
+    each chunk's burn-in error; the run-on repairs chunks where the gain was underestimated. Only
+    the chunks `out` needs are scanned (plus the one before, whose row runs on into them); a
+    row still before `first` has nothing stored to agree with and runs on. Returns (F
+    evaluations, largest first gap), or None when a row runs on for another window + chunk
+    tokens without agreeing.
     """
-    n = projected.shape[0]
-    chunks = -(-n // chunk)
-    starts = (torch.arange(chunks) * chunk - window).to(projected.device)
-    context = projected.new_zeros(chunks, width)
-    out: list[torch.Tensor] = []
-    for t in range(window + chunk):
-        position = starts + t
-        context = torch.where((position >= 1).unsqueeze(1), context, 0.0)  # position 0 and the pad read zeros
-        layers = block.step(context, projected[position.clamp(0, n - 1)])
-        context = layers[-1]
-        kept = layers if keep_all else layers[-1:]
-        if not out:
-            out = [h.new_empty(chunks * chunk, h.shape[1]) for h in kept]
-        if t >= window:
-            for buffer, h in zip(out, kept, strict=True):
-                buffer.view(chunks, chunk, -1)[:, t - window] = h
-    evaluations, first_gap = chunks * (window + chunk), 0.0
-    position, context = starts[:-1] + window + chunk, context[:-1]  # each row's first token of the next chunk
-    for t in range(window + chunk + 1):
-        inside = position < n
+    n, width, device = len(tokens), out.shape[1], tokens.ids.device
+    stop, steps = first + out.shape[0], window + chunk
+    low = max(first // chunk - 1, 0)
+    rows = -(-stop // chunk) - low
+    starts = torch.arange(low, low + rows, device=device) * chunk - window
+    context = torch.zeros(rows, width, device=device)
+    per_block = max(1, BLOCK // rows)  # time steps whose tokens are projected together
+    for t0 in range(0, steps, per_block):
+        positions = starts.unsqueeze(1) + torch.arange(t0, min(t0 + per_block, steps), device=device)
+        projected = tokens.at(positions.clamp(0, n - 1).flatten()).view(rows, positions.shape[1], -1)
+        kept = []
+        for t in range(t0, t0 + positions.shape[1]):
+            position = positions[:, t - t0]
+            context = torch.where((position >= 1).unsqueeze(1), context, 0.0)  # position 0 and the pad read zeros
+            context = block.step(context, projected[:, t - t0])[-1]
+            if t >= window:
+                kept.append(context)
+        if kept:
+            _write(out, first, positions[:, -len(kept):], torch.stack(kept, dim=1))
+    evaluations, first_gap = rows * steps, 0.0
+    slack = 0.0 if out.dtype == torch.float32 else torch.finfo(out.dtype).eps
+    position, context = starts[:-1] + steps, context[:-1]  # each row's first token of the next chunk
+    for t in range(steps + 1):
+        inside = position < stop
         position, context = position[inside], context[inside]
         if position.numel() == 0:
-            return [b[:n] for b in out], evaluations, first_gap
-        if t == window + chunk:
+            return evaluations, first_gap
+        if t == steps:
             return None
-        layers = block.step(context, projected[position])
-        context, evaluations = layers[-1], evaluations + position.numel()
-        kept = layers if keep_all else layers[-1:]
-        gap = torch.stack([(h - b[position]).abs().amax(dim=1) for h, b in zip(kept, out, strict=True)]).amax(0)
-        first_gap = max(first_gap, gap.max().item()) if t == 0 else first_gap
-        for buffer, h in zip(out, kept, strict=True):
-            buffer[position] = h
+        context = block.step(context, tokens.at(position))[-1]
+        evaluations += position.numel()
+        stored = position >= first
+        index = (position[stored] - first).to(out.device)
+        previous = out[index].to(device, torch.float32)
+        gap = torch.full_like(position, math.inf, dtype=context.dtype)
+        gap[stored] = (context[stored] - previous).abs().amax(dim=1)
+        if t == 0 and previous.shape[0]:
+            first_gap = max(first_gap, gap[stored].max().item())
+        out.index_copy_(0, index, context[stored].to(out.device, out.dtype))
         # Half the tolerance leaves room for the stored tokens after this one; after SETTLE steps
         # the stored burn-in is long enough that what is left is rounding, so the tolerance will do.
-        moving = gap >= (tolerance if t >= SETTLE else tolerance / 2)
+        limit = torch.full_like(gap, tolerance if t >= SETTLE else tolerance / 2)
+        limit[stored] += slack * previous.abs().amax(dim=1)
+        moving = gap >= limit
         position, context = position[moving] + 1, context[moving]
     return None
 
 
-def estimate_gain(block: Any, projected: torch.Tensor, width: int, windows: int = 8, warmup: int = 16,
+def estimate_gain(block: Any, tokens: Tokens, width: int, windows: int = 8, warmup: int = 16,
                   steps: int = 32) -> Gain:
     """ρ by power iteration on finite differences along the real stream.
 
@@ -183,13 +246,14 @@ def estimate_gain(block: Any, projected: torch.Tensor, width: int, windows: int 
     perturbation's growth is recorded and it is renormalised (so it aligns with the most slowly
     contracting direction). ρ = geometric-mean growth over the last 3/4 of the steps, worst window.
     """
-    n = projected.shape[0]
-    starts = torch.linspace(0, max(n - warmup - steps, 0), windows).round().long().unique()
-    starts = starts.to(projected.device)
+    n, device = len(tokens), tokens.ids.device
+    starts = torch.linspace(0, max(n - warmup - steps, 0), windows).round().long().unique().to(device)
     rows = starts.shape[0]
+    positions = (starts.unsqueeze(1) + torch.arange(warmup + steps, device=device)).clamp(max=n - 1)
+    projected = tokens.at(positions.flatten()).view(rows, warmup + steps, -1)
     context = projected.new_zeros(rows, width)
     for t in range(warmup):
-        context = block.step(context, projected[(starts + t).clamp(max=n - 1)])[-1]
+        context = block.step(context, projected[:, t])[-1]
     generator = torch.Generator().manual_seed(0)  # private: the caller's RNG stream is untouched
     direction = torch.randn(rows, width, generator=generator).to(projected)
     size = 1e-3 * context.norm(dim=1, keepdim=True).clamp_min(1e-3)
@@ -197,7 +261,7 @@ def estimate_gain(block: Any, projected: torch.Tensor, width: int, windows: int 
     scale = context.norm(dim=1).max().item()
     logs = []
     for t in range(warmup, warmup + steps):
-        x = projected[(starts + t).clamp(max=n - 1)]
+        x = projected[:, t]
         both = block.step(torch.cat([context, context + delta]), torch.cat([x, x]))[-1]
         context, diff = both[:rows], both[rows:] - both[:rows]
         norm = diff.norm(dim=1, keepdim=True)
@@ -220,7 +284,8 @@ def plan(block: Any, n: int, window: int, device: torch.device) -> tuple[str, in
     """Sequential or chunked, by a deterministic cost model: (method, chunk length, modelled seconds).
 
     Jacobi is never picked: for the same error it needs ≈ W·n evaluations against chunked's
-    n·(1 + W/Lc), and it cannot check each chunk's error the way chunked does.
+    n·(1 + W/Lc), and it cannot check each chunk's error the way chunked does. Chunks are at least
+    n/BLOCK long, so one step's batch (all chunks), and its memory, stays within BLOCK rows.
     """
     cost = COSTS.get(device.type, COSTS["cuda"])
     params = list(block.parameters())
@@ -232,7 +297,7 @@ def plan(block: Any, n: int, window: int, device: torch.device) -> tuple[str, in
 
     modelled = {"sequential": n * step(1)}
     best_chunk, best = 0, math.inf
-    chunk = 2
+    chunk = max(2, -(-n // BLOCK))
     while chunk < n:  # a single chunk would just be the sequential rollout
         seconds = (window + chunk + 1) * step(-(-n // chunk))
         if seconds < best:
@@ -244,15 +309,22 @@ def plan(block: Any, n: int, window: int, device: torch.device) -> tuple[str, in
     return method, best_chunk, modelled
 
 
-def solve_frozen(block: Any, projected: torch.Tensor, width: int, method: str, tolerance: float,
-                 keep_all: bool = True) -> SolveResult:
-    """Per-layer contexts of every position (only the last layer unless keep_all); no grad, no noise."""
+def solve_frozen(model: Any, ids: torch.Tensor, method: str, tolerance: float, out: torch.Tensor | None = None,
+                 first: int = 0) -> SolveResult:
+    """The final-layer context of every position (no grad, no noise), as `SolveResult.layers == [contexts]`.
+
+    `out` receives positions first … first + len(out) − 1 (default: a new fp32 [n, C] tensor on
+    the ids' device). Every position's value is the whole stream's, whatever `first` is: ranks
+    that share a stream each write their own rows.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown solve method {method!r}; choose one of {', '.join(METHODS)}")
     started = time.perf_counter()
-    n = projected.shape[0]
+    n, block, width = ids.shape[0], model.context_block, model.context_dim
     if n == 0:
         raise ValueError("cannot solve an empty stream")
+    out = torch.empty(n - first, width, device=ids.device) if out is None else out
+    tokens = Tokens(model, ids)
     extra: dict[str, Any] = {}
     gain: Gain | None = None
     evaluations = window = chunk = 0
@@ -261,7 +333,7 @@ def solve_frozen(block: Any, projected: torch.Tensor, width: int, method: str, t
     # Jacobi needs the gain too: on a block that does not contract it would sweep n times (n² work)
     # to reach what one sequential pass gives.
     if method in ("auto", "chunked") or (method == "jacobi" and n >= MIN_AUTO_TOKENS):
-        gain = estimate_gain(block, projected, width)
+        gain = estimate_gain(block, tokens, width)
         evaluations += gain.evaluations
         extra["scale"] = gain.scale
         if not gain.gain < 1:
@@ -271,23 +343,25 @@ def solve_frozen(block: Any, projected: torch.Tensor, width: int, method: str, t
             method = "sequential"
         elif method != "jacobi":
             window = burn_in(gain, tolerance)
-            chosen, chunk, modelled = plan(block, n, window, projected.device)
+            chosen, chunk, modelled = plan(block, n, window, ids.device)
             extra["modelled_seconds"] = modelled
             method = chosen if method == "auto" else ("chunked" if chunk else "sequential")
+    measured = gain.gain if gain else None
     if method == "chunked":
-        solved = chunked(block, projected, width, window, chunk, tolerance, keep_all)
+        solved = chunked(block, tokens, out, first, window, chunk, tolerance)
         if solved is not None:
-            layers, used, gap = solved
+            used, gap = solved
             extra.update(window=window, chunk=chunk, burn_in_error=gap)
-            return SolveResult(layers, "chunked", window + chunk, evaluations + used,
-                               time.perf_counter() - started, gap, gain.gain if gain else None, extra)
+            return SolveResult([out], "chunked", window + chunk, evaluations + used,
+                               time.perf_counter() - started, gap, measured, extra)
         extra["warning"] = "neighbouring chunks did not agree: using the sequential rollout"
         warnings.warn(extra["warning"], RuntimeWarning, stacklevel=2)
         method = "sequential"
+    stop = first + out.shape[0]
     if method == "jacobi":
-        layers, sweeps, change = jacobi(block, projected, width, tolerance, keep_all)
-        return SolveResult(layers, "jacobi", sweeps, evaluations + sweeps * n, time.perf_counter() - started,
-                           change, gain.gain if gain else None, extra)
-    layers = rollout(block, projected, width, keep_all)
-    return SolveResult(layers, "sequential", n, evaluations + n, time.perf_counter() - started, None,
-                       gain.gain if gain else None, extra)
+        sweeps, change = jacobi(block, tokens, out, first, tolerance)
+        return SolveResult([out], "jacobi", sweeps, evaluations + sweeps * stop, time.perf_counter() - started,
+                           change, measured, extra)
+    rollout(block, tokens, out, first)
+    return SolveResult([out], "sequential", stop, evaluations + stop, time.perf_counter() - started, None,
+                       measured, extra)

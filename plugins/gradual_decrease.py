@@ -21,12 +21,13 @@ from newllm_kit.protocols import Phase1Report, Progress, Runner
 from .fixed_point import (
     CVFPSolver,
     CVFPSolverSettings,
-    Sweep,
+    InPlacePass,
+    Rows,
     gather_rows,
     initial_contexts,
-    reduce_gradients,
+    phase1_oom,
     stream_shard,
-    sweep,
+    take_step,
     with_oom_retry,
 )
 
@@ -50,25 +51,28 @@ class GradualDecreaseSolver(CVFPSolver):
     def __init__(self, settings: GradualDecreaseSettings | None = None) -> None:
         super().__init__(settings if settings is not None else GradualDecreaseSettings())
 
-    def fit(self, model: Any, tokens: torch.Tensor, runner: Runner, progress: Progress) -> Phase1Report:
+    def fit(self, model: Any, ids: torch.Tensor, runner: Runner, progress: Progress) -> Phase1Report:
         """Like `CVFPSolver.fit`; converged tokens retire once min_iterations passes are done.
 
         Retirement waits for min_iterations because, after a rollout iteration 0, pass 1 reports
         ≈100 % convergence (spec §3.3) and would otherwise retire every token untrained. Retired
-        tokens count as converged in the rate.
+        tokens count as converged in the rate. Chunks are batch_size consecutive active tokens;
+        the noise is drawn per block of positions (`context_noise`), so a late pass over scattered
+        active tokens still draws the blocks they fall in: at most one pass's worth, small next to
+        the block's forward and backward.
         """
         s, started = self.settings, time.perf_counter()
-        n = tokens.shape[0]
+        n, seed = ids.shape[0], torch.initial_seed()
         rows = stream_shard(n, s, runner)
-        local = tokens[rows.start:rows.stop]
         params = model.param_groups()["phase1"]
         optimizer = torch.optim.Adam(params, lr=s.learning_rate)
         model.train()
         progress.start("phase1", s.max_iterations)
-        previous, first = initial_contexts(model, tokens, rows, s)
+        contexts, first = initial_contexts(model, ids, rows, s, runner)
         progress.advance("phase1", iteration=0, seconds=first["seconds"])
         evaluations, rate, iterations, history = first["evaluations"], 0.0, 1, []
-        active = torch.arange(local.shape[0], device=local.device)  # local positions still being solved
+        active = torch.ones(len(rows), dtype=torch.bool, device=contexts.device)  # local rows still being solved
+        converged = torch.zeros_like(active)
         retired = 0
         for k in range(1, s.max_iterations):
             tick = time.perf_counter()
@@ -77,26 +81,20 @@ class GradualDecreaseSolver(CVFPSolver):
             sigma = s.context_noise * (1 - fraction * (1 - s.noise_end_fraction))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            boundary = runner.neighbour_exchange(previous[-1:])
-            inputs = torch.where((active == 0).unsqueeze(1), boundary, previous[(active - 1).clamp(min=0)])
-            if sigma > 0:  # drawn for the active rows only: their count, not n, sets the cost
-                inputs = inputs + torch.randn(inputs.shape, device=inputs.device) * sigma
-
-            def work(inputs: torch.Tensor = inputs, targets: torch.Tensor = previous[active],
-                     rows: torch.Tensor = active, k: int = k) -> Sweep:
-                optimizer.zero_grad(set_to_none=True)
-                return sweep(model.context_block, local[rows], inputs, targets, s, runner, k)
-
-            result = with_oom_retry(runner, s.batch_size, optimizer, work)
-            reduce_gradients(params, runner)
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            if result.step:
-                optimizer.step()
-            previous[active] = result.outputs
+            remaining = active.nonzero().squeeze(1)
+            chunks: list[Rows] = ([remaining] if s.loss_scope == "stream" else
+                                  [remaining[a:a + s.batch_size] for a in range(0, len(remaining), s.batch_size)])
+            optimizer.zero_grad(set_to_none=True)
+            converged.zero_()
+            sweep = InPlacePass(model, ids, contexts, rows.start, chunks, s, runner, k, sigma, seed, params,
+                                converged)
+            result = with_oom_retry(runner, s.batch_size, sweep.run,
+                                    lambda: phase1_oom(model, contexts, s.batch_size, runner))
+            take_step(params, optimizer, runner, s, result)
             evaluations, iterations = evaluations + result.tokens, k + 1
             rate = (retired + result.converged) / n
             if k + 1 >= s.min_iterations:
-                active = active[~(result.change < s.convergence_threshold)]  # NaN stays active
+                active &= ~converged  # NaN stays active
                 retired += result.converged
             record = {"iteration": float(k), "loss": result.loss, "cvfp_loss": result.cvfp_loss,
                       "diversity_loss": result.diversity_loss, "convergence_rate": rate,
@@ -109,7 +107,7 @@ class GradualDecreaseSolver(CVFPSolver):
                 break
         progress.finish("phase1")
         return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started,
-                            gather_rows(previous, rows, n, runner), history, {"iteration0": first},
+                            gather_rows(contexts, rows, n, runner), history, {"iteration0": first},
                             target_rate=s.min_converged_ratio,
                             converged=iterations >= s.min_iterations and rate >= s.min_converged_ratio)
 

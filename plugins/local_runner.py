@@ -39,9 +39,16 @@ class RunnerSettings(BaseModel):
         default=False, description="all: on out-of-memory halve the micro-batch (gradients accumulate, "
                                    "same effective batch) instead of stopping with a suggestion.")
     memory_fraction: float = Field(
-        default=0.5, gt=0, le=1, description="gpu: share of (total − allocated) memory a batch may use.")
+        default=0.5, gt=0, le=1, description="gpu: share of (total − allocated) memory a batch may use; all: "
+                                             "share of free memory an automatic context store may fill.")
     min_batch: int = Field(default=256, ge=1, le=10**9, description="all: smallest automatic batch.")
     max_batch: int = Field(default=16384, ge=1, le=10**9, description="all: largest automatic batch.")
+    context_store: Literal["auto", "device", "host", "disk"] = Field(
+        default="auto", description="all: where Phase 2 keeps each stream's final-layer contexts: device, host "
+                                    "(pinned CPU memory on a GPU), disk (a memory-mapped file in the run "
+                                    "directory) or auto (device, else host, else disk, by free memory).")
+    context_dtype: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="all: dtype of the Phase-2 context stores (Phase 1 stays fp32).")
     timeout_s: float = Field(
         default=300, gt=0, le=7 * 24 * 3600,
         description="ddp: seconds a collective may wait, so a dead rank fails the job.")
@@ -174,6 +181,7 @@ class CPURunner:
         return {"name": self.name, "resolved": self.resolved, "device": str(self.device),
                 "precision": self.precision, "threads": torch.get_num_threads(),
                 "auto_batch": self.settings.auto_batch, "micro_batch_cap": self._micro_cap,
+                "context_store": self.settings.context_store, "context_dtype": self.settings.context_dtype,
                 "oom_events": list(self.oom_events), "rank": self.rank, "world_size": self.world_size}
 
 

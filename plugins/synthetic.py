@@ -126,13 +126,14 @@ class Synthetic(DocumentList):
         return MarkovChain(self.settings, np.random.default_rng(self._chain_seed))
 
     def _read(self) -> list[list[str]]:
+        """Rendered a block at a time: only the text of a large corpus is held, not its words too."""
         s = self.settings
-        blocks = -(-s.docs // DOCS_PER_BLOCK)
-        words = np.concatenate([
-            self.chain.sample(np.random.default_rng(seed), DOCS_PER_BLOCK, s.words_per_doc)
-            for seed in self._docs_seed.spawn(blocks)
-        ])[: s.docs]
-        return [[" ".join(f"w{w}" for w in row)] for row in words.tolist()]
+        names = [f"w{w}" for w in range(s.vocab)]
+        docs: list[list[str]] = []
+        for seed in self._docs_seed.spawn(-(-s.docs // DOCS_PER_BLOCK)):
+            words = self.chain.sample(np.random.default_rng(seed), DOCS_PER_BLOCK, s.words_per_doc)
+            docs += [[" ".join(names[w] for w in row)] for row in words.tolist()]
+        return docs[: s.docs]
 
     def entropy_rate_nats(self) -> float:
         """h: nats per word in the long run (exact, from the chain)."""

@@ -101,3 +101,55 @@ def test_validate_ok() -> None:
     result = cli("validate", "experiments/v2.toml")
     assert result.returncode == 0, result.stderr
     assert "2 model(s) × 2 training size(s) = 4 unit(s)" in result.stdout
+
+
+def test_params_keeps_every_count_whole_at_80_columns() -> None:
+    result = cli("params", "experiments/v2.toml", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    for count in ("15,394,304", "8,566,272", "38,598,912", "62,559,488", "20,730,880", "5,905,152", "65,234,944"):
+        assert count in result.stdout, count
+    assert "…" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["", "run", "scaling", "params", "validate", "plugins"])
+def test_help_shows_plain_placeholders(command: str) -> None:
+    result = cli(*([command] if command else []), "--help", env={"COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    for placeholder in ("<bool>", "{FILE}", "...]...", "<list[", "<path>"):
+        assert placeholder not in result.stdout, placeholder
+    if command == "scaling":
+        assert "newllm-kit scaling [OPTIONS] [SOURCE]..." in result.stdout
+    if command in ("run", "params", "validate"):
+        assert f"newllm-kit {command} [OPTIONS] FILE" in result.stdout
+
+
+def _results(folder: Path, status: str, ppls: tuple[float, ...] = ()) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.resolved.toml").write_text("")
+    (folder / "meta.json").write_text(json.dumps({"status": status}))
+    if ppls:
+        (folder / "results.jsonl").write_text("".join(
+            json.dumps({"model": "A", "train_tokens": 1000 * 2**i, "val_ppl": p}) + "\n" for i, p in enumerate(ppls)))
+    return folder
+
+
+def test_scaling_names_the_run_it_fitted_and_the_newer_runs_it_skipped(tmp_path: Path) -> None:
+    good = _results(tmp_path / "runs" / "quickstart" / "20261201-1", "finished", (90.0, 70.0))
+    failed = _results(tmp_path / "runs" / "quickstart" / "20261201-2", "failed")
+    os.utime(good, (1, 1))
+    text, as_json = cli("scaling", cwd=tmp_path), cli("scaling", "--json", cwd=tmp_path)
+    assert text.returncode == 0 and as_json.returncode == 0, text.stderr
+    source = str(Path("runs") / "quickstart" / "20261201-1" / "results.jsonl")
+    skipped = (f"skipped {Path('runs', 'quickstart', failed.name)}: this run failed before any unit finished "
+               f"(see meta.json)")
+    assert f"source: {source}" in text.stdout and skipped in " ".join(text.stdout.split())
+    report = json.loads(as_json.stdout)
+    assert report["sources"] == [source] and report["warnings"][0] == skipped
+
+
+def test_scaling_of_a_run_that_failed_before_any_unit_finished(tmp_path: Path) -> None:
+    failed = _results(tmp_path / "run", "failed")
+    result = cli("scaling", str(failed))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {failed}: this run failed before any unit finished (see meta.json)"

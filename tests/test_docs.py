@@ -43,3 +43,18 @@ def test_changelog_records_this_version() -> None:
     from newllm_kit import __version__
 
     assert f"## [{__version__}]" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_readme_says_up_front_how_to_get_a_cpu_or_cuda_torch() -> None:
+    top = "\n".join((ROOT / "README.md").read_text().splitlines()[:35])
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in top
+    assert "CUDA" in top
+
+
+def test_docs_spell_the_gpt2_location_key_one_way() -> None:
+    """`name_or_path` everywhere; `path` is only an alias, so the docs never teach it as the key."""
+    texts = [(ROOT / "README.md").read_text(), *(p.read_text() for p in (ROOT / "experiments").glob("*.toml")),
+             *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
+    for text in texts:
+        assert "tokenizer.path" not in text and "embedding.path" not in text
+    assert "tokenizer.name_or_path" in texts[0]

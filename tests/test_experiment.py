@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_cli import ROOT, cli
 
 from newllm_kit.errors import DataError, UserError
@@ -239,3 +241,50 @@ def test_non_contracting_solves_are_reported_once_per_unit_with_what_they_mean()
     assert "1.03 on train, 1.04 on val" in notes[0] and "exact, only slower" in notes[0]
     assert notes[1].startswith("neighbouring chunks")
     assert _solve_notes([], {"train": solved(0.5), "val": solved(None)}) == []
+
+
+def test_a_disk_store_gives_the_same_results_and_leaves_no_file(finished: dict[str, Any], tmp_path: Path) -> None:
+    result = execute(write_tiny(tmp_path), ["experiment.samples=[12]", 'runner.context_store="disk"'],
+                     tmp_path / "runs", False, "none", load_plugins())
+    run_dir = Path(result["run_dir"])
+    on_device = [r for r in read_results(Path(finished["run_dir"])) if r["samples"] == 12]
+    on_disk = read_results(run_dir)
+    for disk, device in zip(on_disk, on_device, strict=True):
+        assert disk.pop("context_store") == {**device.pop("context_store"), "kind": "disk"}
+    assert without_timings(on_disk) == without_timings(on_device)
+    assert not (run_dir / "store").exists()
+    stores = json.loads((run_dir / "meta.json").read_text())["context_stores"]
+    assert {unit: store["kind"] for unit, store in stores.items()} == {"A-12": "disk", "B-12": "disk"}
+
+
+def test_a_bf16_store_halves_the_bytes_and_stays_close(finished: dict[str, Any], tmp_path: Path) -> None:
+    result = execute(write_tiny(tmp_path), ["experiment.samples=[12]", 'runner.context_dtype="bf16"',
+                                            "models=[{label = \"A\", layers = 2, context_dim = 16, "
+                                            "embedding_dim = 16}]"],
+                     tmp_path / "runs", False, "none", load_plugins())
+    (half,) = result["results"]
+    (full,) = [r for r in read_results(Path(finished["run_dir"])) if (r["model"], r["samples"]) == ("A", 12)]
+    assert half["context_store"] == {**full["context_store"], "dtype": "bf16",
+                                     "bytes": full["context_store"]["bytes"] // 2}
+    assert half["val_ppl"] == pytest.approx(full["val_ppl"], rel=0.02)
+    assert half["train_er"] == full["train_er"]  # Phase 1 stays fp32
+
+
+def test_out_of_memory_in_phase_2_is_one_line_naming_the_store_and_settings(tmp_path: Path) -> None:
+    from newllm_kit import experiment
+    from newllm_kit.errors import RunFailed
+
+    def no_memory(*args: Any, **kwargs: Any) -> Any:
+        refusal = UserError("out of memory on cpu at batch 128: set phase2.batch_size = 64, or runner.auto_batch "
+                            "= true to halve the micro-batch automatically (same effective batch)")
+        raise refusal from torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RunFailed) as failed:
+        patch.setattr(experiment, "train_phase2", no_memory)
+        execute(write_tiny(tmp_path), ["experiment.samples=[12]"], tmp_path / "runs", False, "none", load_plugins())
+    assert failed.value.exit_code == 1
+    assert re.fullmatch(r"A-12: phase 2: out of memory on cpu at batch 128: set phase2.batch_size = 64, or "
+                        r"runner.auto_batch = true to halve the micro-batch automatically \(same effective batch\); "
+                        r"the context stores take [\d,]+ bytes \([\d.]+ KiB, device, fp32\); set "
+                        r'phase2.batch_size lower, or runner.context_store = "host" or "disk" or '
+                        r'runner.context_dtype = "bf16"', str(failed.value))

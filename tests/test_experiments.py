@@ -63,3 +63,12 @@ def test_settings_follow_the_spec(registry: Registry) -> None:
     assert (v1["phase2"]["learning_rate"], v1["phase2"]["batch_size"], v1["phase2"]["patience"]) == (0.002, 512, 2)
     assert [m["num_input_tokens"] for m in v1["models"]] == [2, 2]
     assert l3["models"][0]["tie_head"] is False
+
+
+def test_quickstart_keeps_v2s_phase_1_objective(registry: Registry) -> None:
+    """The quick-start changes Phase 1's schedule (so it converges on small blocks), not what it optimises."""
+    quick = load_config(EXPERIMENTS / "quickstart.toml", registry).resolved()["solver"]
+    v2 = load_config(EXPERIMENTS / "v2.toml", registry).resolved()["solver"]
+    for key in ("learning_rate", "context_noise", "dist_reg_weight", "convergence_threshold", "min_converged_ratio",
+                "min_iterations", "batch_size", "init", "loss_scope"):
+        assert quick[key] == v2[key], key

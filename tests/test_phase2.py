@@ -27,11 +27,13 @@ from newllm_kit.phase2 import (
     early_stop_update,
     evaluate,
     head_cross_entropy,
+    input_weights,
     train_phase2,
 )
 from newllm_kit.protocols import EvalOutputs
 
 V, T, WIDTHS = 11, 5, (3, 4)
+C = WIDTHS[-1]  # the context a position hands on is the last layer's output
 
 
 class CPURunner:
@@ -87,17 +89,40 @@ class Silent:
     def finish(self, phase: str) -> None: ...
 
 
+class TinyBlock(nn.Module):
+    """A two-layer ContextBlock: h_1 = tanh(A·c + P·x), h_2 = tanh(B·h_1); `project_tokens` is P·x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.p, self.b = nn.Linear(C, WIDTHS[0], bias=False), nn.Linear(T, WIDTHS[0]), nn.Linear(*WIDTHS)
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.p(tokens)
+
+    def step(self, context: torch.Tensor, projected: torch.Tensor) -> list[torch.Tensor]:
+        first = torch.tanh(self.a(context) + projected)
+        return [first, torch.tanh(self.b(first))]
+
+
 class TinyModel(nn.Module):
-    """The Phase-2 surface of `protocols.Model`: a one-layer TokenBlock and an untied head."""
+    """The Phase-2 surface of `protocols.Model`: a frozen embedding and ContextBlock (always the same),
+    a one-layer TokenBlock and an untied head (drawn from `seed`)."""
+
+    layer_widths, token_width = WIDTHS, T
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(V, T).requires_grad_(False)
+        self.context_block = TinyBlock().requires_grad_(False)
         torch.manual_seed(seed)
         self.mix = nn.Linear(sum(WIDTHS) + T, 6)
         self.head = nn.Linear(6, V)
-        self.frozen = nn.Linear(2, 2).requires_grad_(False)
         self.double()
         self.oom_once_above: int | None = None  # raise one OutOfMemoryError for a larger micro-batch
+
+    def token_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(ids)
 
     def token_states(self, layer_contexts: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         if self.oom_once_above is not None and tokens.shape[0] > self.oom_once_above:
@@ -110,14 +135,13 @@ class TinyModel(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         phase2 = [*self.mix.parameters(), *self.head.parameters()]
-        return {"phase1": list(self.frozen.parameters()), "phase2": phase2}
+        return {"phase1": list(self.context_block.parameters()), "phase2": phase2}
 
 
 def make_data(n: int, seed: int) -> Phase2Data:
     g = torch.Generator().manual_seed(seed)
-    layers = [torch.randn(n, w, generator=g, dtype=torch.float64) for w in WIDTHS]
-    tokens = torch.randn(n, T, generator=g, dtype=torch.float64)
-    return Phase2Data(layers, tokens, torch.randint(0, V, (n,), generator=g))
+    contexts = torch.randn(n, C, generator=g, dtype=torch.float64)
+    return Phase2Data(contexts, torch.randint(0, V, (n,), generator=g))
 
 
 TRAIN, VAL = make_data(61, 1), make_data(23, 2)
@@ -259,20 +283,23 @@ def test_stops_with_patience_and_reports_the_best_epoch(monkeypatch: pytest.Monk
 
 def test_training_lowers_the_loss_and_leaves_frozen_weights_alone() -> None:
     model = TinyModel()
-    frozen = model.frozen.weight.detach().clone()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("embedding", "context_block"))}
     _, report = run(model, epochs=4, learning_rate=0.05)
     losses = [h["train_loss"] for h in report.history]
     assert losses[-1] < losses[0]
-    assert torch.equal(model.frozen.weight, frozen)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
     assert report.history[0]["train_ppl"] == pytest.approx(math.exp(losses[0]))
 
 
 def test_evaluate_sums_every_position_exactly() -> None:
     model = TinyModel()
     out = evaluate(model, VAL, Phase2Settings(batch_size=7, eval_batch_size=5), CPURunner(micro=2))
-    with torch.no_grad():
-        states = model.token_states([h[:-1] for h in VAL.layers], VAL.tokens[:-1])
-        loss, correct = reference(states, model.head.weight, model.head.bias, VAL.ids[1:])
+    with torch.no_grad():  # every position at once: position i reads contexts[i − 1], position 0 zeros
+        tokens = model.token_inputs(VAL.ids[:-1])
+        previous = torch.cat([VAL.contexts.new_zeros(1, C), VAL.contexts[:-2]])
+        layers = model.context_block.step(previous, model.context_block.project_tokens(tokens))
+        loss, correct = reference(model.token_states(layers, tokens), model.head.weight, model.head.bias,
+                                  VAL.ids[1:])
     assert out.count == 22 and out.correct == int(correct)
     assert out.nll_sum == pytest.approx(float(loss), rel=1e-12)
     assert model.training
@@ -287,7 +314,7 @@ def test_micro_batches_give_the_full_batch_step() -> None:
 
 def test_non_finite_loss_fails_naming_epoch_and_batch() -> None:
     bad = copy.deepcopy(TRAIN)
-    bad.layers[0][20, 1] = math.nan  # position 20 lies in the second batch of 16
+    bad.contexts[19, 1] = math.nan  # read by position 20, which lies in the second batch of 16
     with pytest.raises(RunFailed, match=r"phase 2, epoch 1, batch 2: non-finite loss"):
         train_phase2(TinyModel(), bad, VAL, Phase2Settings(batch_size=16), CPURunner(), Silent())
 
@@ -409,11 +436,8 @@ def test_cvfp_model_trains_its_phase2_group(tie_head: bool) -> None:
 
     def stream(n: int, seed: int) -> Phase2Data:
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, 50, (n,), generator=g)
-        with torch.no_grad():
-            tokens = model.token_inputs(ids)
-            layers = model.context_block(torch.randn(n, 16, generator=g, dtype=torch.float64), tokens)
-        return Phase2Data(layers, tokens, ids)
+        return Phase2Data(torch.randn(n, 16, generator=g, dtype=torch.float64),
+                          torch.randint(0, 50, (n,), generator=g))
 
     before = params_of(model)
     options = Phase2Settings(batch_size=32, epochs=3, patience=3, learning_rate=0.01, ce_chunk=7)
@@ -426,6 +450,89 @@ def test_cvfp_model_trains_its_phase2_group(tie_head: bool) -> None:
     assert not any(name.startswith(("context_block", "embedding")) for name in changed)
 
 
+# -- per-layer contexts recomputed from one context per position -----------------------------------
+
+CPU = torch.device("cpu")
+
+
+def cvfp(variant: str, num_input_tokens: int, freeze: bool = True) -> Any:
+    """A small real model whose Phase-1 weights are frozen, as Phase 2 gets it."""
+    from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
+
+    torch.manual_seed(0)
+    settings = CVFPSettings(layers=3, context_dim=12, embedding_dim=8, variant=variant,
+                            num_input_tokens=num_input_tokens)
+    model = CVFPArchitecture(settings).build(30)
+    model.set_embedding(torch.randn(30, 8), freeze=freeze)
+    for p in model.param_groups()["phase1"]:
+        p.requires_grad_(False)
+    return model
+
+
+def rollout(model: Any, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer at every position from the batch-1 sequential loop from a zero context (spec §4.2)."""
+    with torch.no_grad():
+        tokens = model.token_inputs(ids)
+        context, rows = tokens.new_zeros(1, model.context_dim), []
+        for i in range(len(ids)):
+            rows.append(model.context_block(context, tokens[i:i + 1]))
+            context = rows[-1][-1]
+    return [torch.cat(layer) for layer in zip(*rows, strict=True)]
+
+
+SPANS = [range(0, 1), range(0, 9), range(1, 2), range(7, 20), range(33, 39)]  # the stream start included
+
+
+@pytest.mark.parametrize("variant", ["gradual-reduction", "token-every-layer"])
+@pytest.mark.parametrize("num_input_tokens", [1, 2])
+def test_a_batch_recomputes_every_layer_of_the_rollout_from_the_final_layer(variant: str,
+                                                                            num_input_tokens: int) -> None:
+    model = cvfp(variant, num_input_tokens)
+    ids = torch.randint(0, 30, (40,), generator=torch.Generator().manual_seed(1))
+    want = rollout(model, ids)
+    data = Phase2Data(want[-1].clone(), ids)
+    with torch.no_grad():
+        all_tokens = model.token_inputs(ids)
+    for rows in SPANS:
+        layers, tokens, targets = data.batch(model, rows, CPU)
+        assert [h.shape[1] for h in layers] == list(model.layer_widths)
+        for got, expected in zip(layers, want, strict=True):
+            torch.testing.assert_close(got, expected[rows.start:rows.stop], rtol=0, atol=1e-5)
+        torch.testing.assert_close(tokens, all_tokens[rows.start:rows.stop], rtol=0, atol=1e-6)
+        assert torch.equal(targets, ids[rows.start + 1:rows.stop + 1])
+        assert not any(h.requires_grad for h in layers)
+
+
+def test_a_bf16_store_gives_the_rollout_to_bf16_precision() -> None:
+    model = cvfp("gradual-reduction", 1)
+    ids = torch.randint(0, 30, (40,), generator=torch.Generator().manual_seed(2))
+    want = rollout(model, ids)
+    layers, _, _ = Phase2Data(want[-1].to(torch.bfloat16), ids).batch(model, range(0, 39), CPU)
+    assert all(h.dtype == torch.float32 for h in layers)
+    for got, expected in zip(layers, want, strict=True):
+        torch.testing.assert_close(got, expected[:39], rtol=0, atol=5e-2)
+
+
+def test_token_inputs_keep_the_table_the_contexts_were_solved_with() -> None:
+    """A tied, unfrozen table learns as the head in Phase 2; the batches still read its solved values."""
+    ids = torch.randint(0, 30, (40,), generator=torch.Generator().manual_seed(3))
+    assert input_weights(cvfp("gradual-reduction", 1), ids) == {}  # frozen table: nothing to keep
+    model = cvfp("gradual-reduction", 2, freeze=False)
+    want = rollout(model, ids)
+    with torch.no_grad():
+        solved_tokens = model.token_inputs(ids)
+    kept = input_weights(model, ids)
+    assert list(kept) == ["embedding.weight"]
+    with torch.no_grad():
+        model.embedding.weight.add_(0.5)  # what Phase 2's steps do to the table
+    trained = model.embedding.weight.detach().clone()
+    layers, tokens, _ = Phase2Data(want[-1], ids, kept).batch(model, range(0, 39), CPU)
+    for got, expected in zip(layers, want, strict=True):
+        torch.testing.assert_close(got, expected[:39], rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokens, solved_tokens[:39], rtol=0, atol=1e-6)
+    assert torch.equal(model.embedding.weight, trained)  # the live table is back in place
+
+
 def test_auto_batch_asks_the_runner_with_the_per_position_cost() -> None:
     asked: list[tuple[int | None, int]] = []
 
@@ -436,7 +543,6 @@ def test_auto_batch_asks_the_runner_with_the_per_position_cost() -> None:
 
     report = train_phase2(TinyModel(), TRAIN, VAL, Phase2Settings(batch_size="auto", epochs=1), SizingRunner(),
                           Silent())
-    width = sum(h.shape[1] for h in TRAIN.layers) + TRAIN.tokens.shape[1]
-    assert asked[0] == (None, 4 * 5 * width) and report.batch_size == 24
+    assert asked[0] == (None, 4 * 5 * (sum(WIDTHS) + T)) and report.batch_size == 24
     fixed = train_phase2(TinyModel(), TRAIN, VAL, Phase2Settings(batch_size=16, epochs=1), SizingRunner(), Silent())
     assert fixed.batch_size == 16 and asked[-1][0] == 16  # a number in the file is used as it is

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from newllm_kit import scaling
+from newllm_kit import scaling, scaling_plot
 from newllm_kit.errors import DataError, UserError
 from newllm_kit.scaling import Point
 
@@ -113,7 +114,14 @@ def test_alpha_interval_has_nominal_coverage() -> None:
 def test_two_points_warn_that_r2_is_trivial() -> None:
     report = scaling.fit_all(synthetic("x", [1e3, 2e3], [100.0, 80.0]), [], "power")
     assert report.fits[0].r2 == 1.0 and report.fits[0].alpha_ci is None
-    assert "model x: 2 points, R² = 1 by construction; no interval can be estimated" in report.warnings
+    assert ("model x: 2 points, R² = 1 by construction; no interval can be estimated (a third training size "
+            "gives one)") in report.warnings
+
+
+@pytest.mark.parametrize(("reduction", "text"), [(0.184, "18.4% lower PPL"), (-0.191, "19.1% higher PPL"),
+                                                  (0.0, "0.0% lower PPL")])
+def test_doubling_is_said_without_a_double_negative(reduction: float, text: str) -> None:
+    assert scaling.doubling_text(reduction) == text
 
 
 def test_far_predictions_warn_about_extrapolation() -> None:
@@ -153,7 +161,7 @@ def test_offset_form_needs_four_token_counts() -> None:
 def test_json_shape_is_exact() -> None:
     points, _ = scaling.load_points([SEED])
     power = scaling.report_to_json(scaling.fit_all(points, [1e6], "power"))
-    assert set(power) == {"fits", "warnings"}
+    assert set(power) == {"sources", "fits", "warnings"} and power["sources"] == [str(SEED)]
     fit = power["fits"][0]
     keys = {"model", "alpha", "A", "r2", "points", "doubling_reduction", "alpha_ci", "predictions", "offset"}
     assert set(fit) == keys and fit["offset"] is None
@@ -301,7 +309,7 @@ def test_run_dirs_fingerprints_and_latest(tmp_path: Path) -> None:
     os.utime(first, (1, 1))
     os.utime(second, (2, 2))
     os.utime(other, (3, 3))
-    assert scaling.latest_run_dir(tmp_path) == other
+    assert scaling.latest_run_dir(tmp_path) == (other, [])
     points, warnings = scaling.load_points([first, second / "results.jsonl", first])
     assert len(points) == 4 and warnings == [f"{first / 'results.jsonl'} was given twice; read once"]
     assert scaling.check_comparable(points, allow_mixed=False) == []  # key order does not matter
@@ -315,13 +323,52 @@ def test_run_dirs_fingerprints_and_latest(tmp_path: Path) -> None:
         scaling.latest_run_dir(tmp_path / "empty")
 
 
+def failed_run(root: Path, name: str, with_results: bool) -> Path:
+    folder = run_dir(root, name, {"corpus": "aaa"}) if with_results else root / "exp" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    write(folder / "config.resolved.toml", "")
+    write(folder / "meta.json", json.dumps({"status": "failed", "error": "phase 1: non-finite loss"}))
+    return folder
+
+
+def test_latest_run_skips_newer_failed_or_empty_runs_and_says_so(tmp_path: Path) -> None:
+    good = run_dir(tmp_path, "r1", {"corpus": "aaa"})
+    partial = failed_run(tmp_path, "r2", with_results=True)
+    empty = failed_run(tmp_path, "r3", with_results=False)
+    for age, folder in enumerate((good, partial, empty)):
+        os.utime(folder, (age, age))
+    latest, notes = scaling.latest_run_dir(tmp_path)
+    assert latest == good
+    assert notes == [f"skipped {empty}: this run failed before any unit finished (see meta.json)",
+                     f"skipped {partial}: this run failed (see meta.json); pass it as a SOURCE to fit the units "
+                     f"it finished"]
+    shutil.rmtree(good)
+    with pytest.raises(DataError, match=rf"no run with finished units under .*\(the latest, {empty}: this run "
+                                        rf"failed before any unit finished \(see meta.json\)\)"):
+        scaling.latest_run_dir(tmp_path)
+
+
+def test_a_run_that_failed_before_any_unit_finished_says_so(tmp_path: Path) -> None:
+    empty = failed_run(tmp_path, "r1", with_results=False)
+    with pytest.raises(DataError, match=r"this run failed before any unit finished \(see meta.json\)$"):
+        scaling.load_points([empty])
+    write(empty / "meta.json", json.dumps({"status": "interrupted"}))
+    with pytest.raises(DataError, match=r"no unit of this run has finished yet \(status 'interrupted'"):
+        scaling.load_points([empty])
+    partial = failed_run(tmp_path, "r2", with_results=True)
+    points, warnings = scaling.load_points([partial])
+    assert len(points) == 2 and warnings == [f"{partial}: this run failed (see meta.json); fitting the units it "
+                                             f"finished"]
+
+
 # -- rendering and plotting --------------------------------------------------------------------------
 def test_render_shows_fits_predictions_comparison_and_warnings() -> None:
     points, _ = scaling.load_points([SEED])
     console = Console(record=True, width=160, color_system=None)
     scaling.render(scaling.fit_all(points, [5e5], "power"), console)
     text = console.export_text()
-    needles = ("v2-A", "-18.4%", "419.9", "Steepest α: 2025-11-27-6L", "lowest predicted PPL", "warning:")
+    needles = (f"source: {SEED}", "v2-A", "-18.4%", "419.9", "Steepest α: 2025-11-27-6L", "lowest predicted PPL",
+               "not every α has an interval", "a third training size gives one", "warning:")
     for needle in needles:
         assert needle in text, needle
 
@@ -349,7 +396,7 @@ def test_plot_writes_a_png_atomically(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     points, _ = scaling.load_points([SEED])
     target = tmp_path / "fit.png"
-    scaling.plot(scaling.fit_all(points, [5e5, 1e6], "power"), points, target)
+    scaling_plot.plot(scaling.fit_all(points, [5e5, 1e6], "power"), points, target)
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["fit.png"]
 
@@ -360,12 +407,35 @@ def test_plot_without_matplotlib_is_a_user_error(tmp_path: Path, monkeypatch: py
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     report = scaling.fit_all(synthetic("x", [1e3, 2e3], [100.0, 80.0]), [], "power")
     with pytest.raises(UserError, match=r"pip install 'newllm-kit\[plot\]'"):
-        scaling.plot(report, [], tmp_path / "fit.png")
+        scaling_plot.plot(report, [], tmp_path / "fit.png")
 
 
 @pytest.mark.parametrize("target", [".", "missing/fit.png"])
 def test_plot_to_a_folder_or_into_a_missing_folder_is_a_user_error(tmp_path: Path, target: str) -> None:
     report = scaling.fit_all(synthetic("x", [1e3, 2e3], [100.0, 80.0]), [], "power")
     with pytest.raises(UserError, match=r"^--plot: .*(is a folder|does not exist)"):
-        scaling.plot(report, [], tmp_path / target)
+        scaling_plot.plot(report, [], tmp_path / target)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("lo", "hi", "ticks"), [
+    (3.0, 12_000.0, [10, 100, 1000, 10_000]),
+    (168.0, 293.0, [180, 200, 220, 240, 260, 280]),
+    (24_000.0, 60_000.0, [30_000, 40_000, 50_000]),
+    (181.0, 186.0, [181, 182, 183, 184, 185, 186]),
+])
+def test_plot_ticks_are_round_numbers_inside_the_axis(lo: float, hi: float, ticks: list[float]) -> None:
+    assert scaling_plot.log_ticks(lo, hi) == ticks
+
+
+def test_plot_limits_keep_points_off_the_frame_and_labels_are_plain(tmp_path: Path) -> None:
+    lo, hi = scaling_plot.log_limits([181.5, 185.6])
+    assert lo < 181.5 and hi > 185.6 and hi / lo >= 1.5  # two close points sit inside, not in the corners
+    lo, hi = scaling_plot.log_limits([100.0, 1000.0])
+    assert lo == pytest.approx(100 / 10**0.1) and hi == pytest.approx(1000 * 10**0.1)
+    assert [scaling_plot.tokens_label(t) for t in (500, 30_000, 1e6, 2.5e6)] == ["500", "30k", "1M", "2.5M"]
+    run = tmp_path / "runs" / "quickstart" / "20261201-1"
+    run.mkdir(parents=True)
+    write(run / "config.resolved.toml", "")
+    assert scaling_plot.title([str(run / "results.jsonl"), str(tmp_path / "results.csv")]) == (
+        "quickstart, run 20261201-1; results.csv")

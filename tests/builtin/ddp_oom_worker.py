@@ -7,12 +7,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from newllm_kit_plugins.ddp_runner import DDPRunner
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 from newllm_kit_plugins.local_runner import RunnerSettings
 from torch import nn
+
+from newllm_kit.protocols import Phase1Report
 
 
 class Block(nn.Module):
@@ -30,17 +33,22 @@ class Block(nn.Module):
         return tokens
 
     def step(self, context: torch.Tensor, projected: torch.Tensor) -> list[torch.Tensor]:
-        rank = int(os.environ["RANK"])
-        if self.fail_on_rank == rank and torch.is_grad_enabled() and not self.failed:
+        failing = self.fail_on_rank is not None and self.fail_on_rank == int(os.environ["RANK"])
+        if failing and torch.is_grad_enabled() and not self.failed:
             self.failed = True
             raise torch.OutOfMemoryError("injected: out of memory")
         return [self.norm(self.linear(context) + projected)]
 
 
 class Model(nn.Module):
-    def __init__(self, block: Block) -> None:
+    """Token i of the table is the input of id i."""
+
+    def __init__(self, block: Block, table: torch.Tensor) -> None:
         super().__init__()
-        self.context_block, self.context_dim = block, 4
+        self.context_block, self.context_dim, self.table = block, 4, table
+
+    def token_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"phase1": list(self.context_block.parameters()), "phase2": []}
@@ -54,16 +62,21 @@ class Quiet:
     def finish(self, phase: str) -> None: ...
 
 
+def fit(runner: Any, fail_on_rank: int | None) -> Phase1Report:
+    """Phase 1 of the tiny model on a 64-token stream (noise on: every sharding must draw the same)."""
+    torch.manual_seed(0)
+    model = Model(Block(fail_on_rank), torch.randn(64, 4))
+    settings = CVFPSolverSettings(batch_size=16, min_iterations=3, max_iterations=3)
+    return CVFPSolver(settings).fit(model, torch.arange(64), runner, Quiet())
+
+
 def main(rank: int, fail_on_rank: int | None, out: str) -> None:
     """Phase 1 on this rank (the torchrun variables come from the environment); writes rank<r>.json."""
     torch.set_num_threads(1)
     runner = DDPRunner(RunnerSettings(auto_batch=True, timeout_s=30))
     runner.setup()
     try:
-        torch.manual_seed(0)
-        model, tokens = Model(Block(fail_on_rank)), torch.randn(64, 4)
-        settings = CVFPSolverSettings(batch_size=16, min_iterations=3, max_iterations=3)
-        report = CVFPSolver(settings).fit(model, tokens, runner, Quiet())
+        report = fit(runner, fail_on_rank)
         result = {"contexts": report.contexts.tolist(), "oom_events": runner.describe()["oom_events"]}
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         runner.barrier()  # neither rank tears the group down while the other still talks to it

@@ -206,20 +206,86 @@ def test_unreachable_hub_is_detected_without_waiting_for_retries(tmp_path: Path,
 # --- streams and schemes -----------------------------------------------------------------------------
 
 
-def test_stream_concatenates_samples_with_nothing_between() -> None:
-    stream = build_stream(["ab", "", "cde"], BytesTokenizer(), None)
+def test_stream_concatenates_samples_with_nothing_between(tmp_path: Path) -> None:
+    stream = build_stream(["ab", "", "cde"], BytesTokenizer(), None, tmp_path / "s.ids")
     assert stream.ids.tolist() == [97, 98, 99, 100, 101]
-    assert stream.ids.dtype == torch.long
-    assert stream.boundaries == [(0, 2), (2, 2), (2, 5)]
-    cut = build_stream(["abcdef", "gh"], BytesTokenizer(), 3)
-    assert cut.ids.tolist() == list(b"abcgh") and cut.boundaries == [(0, 3), (3, 5)]
+    assert stream.boundaries.tolist() == [[0, 2], [2, 2], [2, 5]]
+    cut = build_stream(["abcdef", "gh"], BytesTokenizer(), 3, tmp_path / "cut.ids")
+    assert cut.ids.tolist() == list(b"abcgh") and cut.boundaries.tolist() == [[0, 3], [3, 5]]
 
 
-def test_empty_text_list_and_empty_stream_are_data_errors() -> None:
+def mapped_file(address: int) -> str | None:
+    """The file mapped at `address` in this process (Linux), None for anonymous memory."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_a_stream_is_int32_ids_memory_mapped_from_its_cache_file(tmp_path: Path) -> None:
+    """4 B per token on disk and in memory; int32 ids index the embedding as int64 ids do."""
+    texts = ["hello", "", "wide world \u00e9"]
+    built = build_stream(texts, BytesTokenizer(), None, tmp_path / "s.ids")
+    assert built.ids.dtype == torch.int32 and built.boundaries.dtype == np.int64
+    assert (tmp_path / "s.ids").read_bytes() == np.asarray(built.ids.tolist(), dtype="<i4").tobytes()
+    read = corpus.read_stream(tmp_path / "s.ids", len(texts), BytesTokenizer.vocab_size)
+    assert read is not None and mapped_file(read.ids.data_ptr()) == str((tmp_path / "s.ids").resolve())
+    assert read.ids.tolist() == list("".join(texts).encode()) and torch.equal(read.ids, built.ids)
+    assert np.array_equal(read.boundaries, built.boundaries)
+    embedding = torch.nn.Embedding(256, 4)
+    assert torch.equal(embedding(read.ids), embedding(read.ids.long()))
+    end = read.boundaries[1][1]  # how the runner cuts a training prefix
+    assert read.ids[:end].tolist() == list(b"hello")
+
+
+def test_a_tokenizer_outside_its_vocabulary_is_named_and_leaves_no_file(tmp_path: Path) -> None:
+    class Wild(BytesTokenizer):
+        def encode(self, text: str) -> list[int]:
+            return [300]
+
+    with pytest.raises(DataError, match="tokenizer produced id 300 outside its vocab_size 256"):
+        build_stream(["a"], Wild(), None, tmp_path / "s.ids")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_text_list_and_empty_stream_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no documents"):
-        build_stream([], BytesTokenizer(), None)
+        build_stream([], BytesTokenizer(), None, tmp_path / "s.ids")
     with pytest.raises(DataError, match="tokenise to 0 tokens"):
-        build_stream(["", ""], BytesTokenizer(), None)
+        build_stream(["", ""], BytesTokenizer(), None, tmp_path / "s.ids")
+    assert list(tmp_path.iterdir()) == []
+
+
+ENCODE_SCRIPT = """
+import resource, sys
+from pathlib import Path
+from newllm_kit.corpus import build_stream
+
+class Wide:  # ids above 256: a Python list of them holds one int object (28 B) per token
+    vocab_size, fingerprint = 50257, "wide"
+    def encode(self, text):
+        return [1000 + b for b in text.encode()]
+
+texts = ["w" * 200] * (int(sys.argv[2]) // 200)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+stream = build_stream(texts, Wide(), None, Path(sys.argv[1]))
+print(len(stream), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_tokenising_a_long_stream_keeps_memory_bounded(tmp_path: Path) -> None:
+    """4M tokens: as a Python list they would take 144 MB (plus 32 MB as an int64 tensor); streamed to
+    the cache file a batch of documents at a time, the peak grows by less than the int32 stream itself."""
+    tokens = 4_000_000
+    result = subprocess.run([sys.executable, "-c", ENCODE_SCRIPT, str(tmp_path / "s.ids"), str(tokens)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    length, grown_kib = map(int, result.stdout.split())
+    assert length == tokens and (tmp_path / "s.ids").stat().st_size == 4 * tokens
+    assert grown_kib * 1024 < 4 * tokens
 
 
 def test_schemes_pick_and_join_turns(tmp_path: Path) -> None:
@@ -230,7 +296,7 @@ def test_schemes_pick_and_join_turns(tmp_path: Path) -> None:
     for scheme, texts in expected.items():
         train, _, _, fingerprints = load_streams(Memory([*docs, ["val"]]), scheme, BytesFactory(),
                                                  range(0, 2), range(2, 3), tmp_path)
-        pieces = [bytes(train.ids[a:b].tolist()).decode() for a, b in train.boundaries]
+        pieces = [bytes(train.ids[a:b].tolist()).decode() for a, b in train.boundaries.tolist()]
         assert pieces == texts, scheme
         assert fingerprints["scheme"] == scheme
 
@@ -240,13 +306,30 @@ def test_first_turn_128_truncates_each_sample_to_128_gpt2_tokens(gpt2_dir: Path,
     factory = GPT2TokenizerFactory(GPT2TokenizerSettings(name_or_path=str(gpt2_dir), expect_vocab=None))
     t1, _, tokenizer, _ = load_streams(source, "first_turn_128", factory, range(20), range(20, 24), tmp_path)
     t2, _, _, _ = load_streams(source, "first_turn", factory, range(20), range(20, 24), tmp_path)
-    full = [b - a for a, b in t2.boundaries]
-    cut = [b - a for a, b in t1.boundaries]
+    full = [b - a for a, b in t2.boundaries.tolist()]
+    cut = [b - a for a, b in t1.boundaries.tolist()]
     assert cut == [min(n, 128) for n in full] and max(full) > 128 and 128 in cut
     long_row = full.index(max(full))
     (a, b), (c, _) = t1.boundaries[long_row], t2.boundaries[long_row]
     assert t1.ids[a:b].tolist() == t2.ids[c:c + 128].tolist()
     assert tokenizer.vocab_size == FIXTURE_GPT2_VOCAB
+
+
+def test_rows_are_read_from_the_source_a_batch_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the scheme's text of a batch is kept before the next batch is read (UltraChat rows hold
+    every turn; the first-turn schemes keep one)."""
+    asked: list[list[int]] = []
+
+    class Counting(Memory):
+        def documents(self, rows: Sequence[int]) -> list[list[str]]:
+            asked.append(list(rows))
+            return super().documents(rows)
+
+    monkeypatch.setattr(corpus, "DOCUMENT_BATCH", 3)
+    source = Counting([[f"question {i}", "a long answer"] for i in range(10)])
+    train, _, _, _ = load_streams(source, "first_turn", BytesFactory(), range(1, 9), range(9, 10), tmp_path)
+    assert asked == [[1, 2, 3], [4, 5, 6], [7, 8], [9]]
+    assert bytes(train.ids.tolist()).decode() == "".join(f"question {i}" for i in range(1, 9))
 
 
 def test_overlapping_rows_name_both_ranges() -> None:
@@ -267,14 +350,15 @@ def test_streams_are_cached_by_corpus_scheme_tokenizer_and_rows(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     source = Memory([[f"document number {i}"] for i in range(12)])
     first = load_streams(source, "first_turn", BytesFactory(), range(0, 8), range(8, 12), tmp_path)
-    assert len(list(tmp_path.glob("stream-*.safetensors"))) == 2
+    assert len(list(tmp_path.glob("stream-*.ids"))) == len(list(tmp_path.glob("stream-*.bounds.npy"))) == 2
 
     def no_tokenising(*args: object) -> None:
         raise AssertionError("a cached stream was tokenised again")
 
     monkeypatch.setattr(corpus, "build_stream", no_tokenising)
     again = load_streams(source, "first_turn", BytesFactory(), range(0, 8), range(8, 12), tmp_path)
-    assert torch.equal(first[0].ids, again[0].ids) and first[1].boundaries == again[1].boundaries
+    assert torch.equal(first[0].ids, again[0].ids)
+    assert np.array_equal(first[1].boundaries, again[1].boundaries)
     assert first[3] == again[3] and set(first[3]) == {"corpus", "tokenizer", "scheme", "split"}
     monkeypatch.undo()
     other = load_streams(source, "all_turns", BytesFactory(), range(0, 8), range(8, 12), tmp_path)
@@ -283,13 +367,48 @@ def test_streams_are_cached_by_corpus_scheme_tokenizer_and_rows(tmp_path: Path,
     assert smaller[3]["split"] == first[3]["split"]  # training sizes share one split: prefixes of one stream
 
 
-def test_a_corrupt_stream_cache_is_rebuilt(tmp_path: Path) -> None:
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-4])
+
+
+def _pickled(path: Path) -> None:
+    np.save(path, np.array([[0, 1]], dtype=object), allow_pickle=True)
+
+
+def _gap(path: Path) -> None:
+    bounds = np.load(path)
+    bounds[-1, 0] += 1
+    np.save(path, bounds)
+
+
+def _out_of_vocabulary(path: Path) -> None:
+    path.write_bytes(np.asarray([256], dtype="<i4").tobytes() + path.read_bytes()[4:])
+
+
+@pytest.mark.parametrize(("suffix", "damage"), [
+    (".ids", _truncate), (".ids", _out_of_vocabulary), (".ids", Path.unlink),
+    (".bounds.npy", lambda p: p.write_bytes(b"not a .npy file")), (".bounds.npy", lambda p: p.write_bytes(b"")),
+    (".bounds.npy", _pickled),
+    (".bounds.npy", _gap), (".bounds.npy", Path.unlink),
+])
+def test_a_damaged_or_partial_stream_cache_is_rebuilt(tmp_path: Path, suffix: str,
+                                                      damage: Callable[[Path], None]) -> None:
     source = Memory([[f"doc {i}"] for i in range(4)])
-    first = load_streams(source, "first_turn", BytesFactory(), range(0, 2), range(2, 4), tmp_path)
-    for path in tmp_path.glob("stream-*.safetensors"):
-        path.write_bytes(b"not a safetensors file")
-    again = load_streams(source, "first_turn", BytesFactory(), range(0, 2), range(2, 4), tmp_path)
-    assert torch.equal(first[0].ids, again[0].ids)
+    train, val, _, _ = load_streams(source, "first_turn", BytesFactory(), range(0, 2), range(2, 4), tmp_path)
+    expected = train.ids.clone(), val.ids.clone(), train.boundaries.copy()  # the damage reaches mapped pages
+    for path in tmp_path.glob(f"stream-*{suffix}"):
+        damage(path)
+    train, val, _, _ = load_streams(source, "first_turn", BytesFactory(), range(0, 2), range(2, 4), tmp_path)
+    assert torch.equal(train.ids, expected[0]) and torch.equal(val.ids, expected[1])
+    assert np.array_equal(train.boundaries, expected[2])
+
+
+def test_a_cache_of_the_previous_format_is_never_read(tmp_path: Path) -> None:
+    """Format 1 was safetensors under another key: format 2 neither finds nor trusts such files."""
+    source = Memory([[f"doc {i}"] for i in range(4)])
+    (tmp_path / "stream-0123456789abcdef0123456789abcdef.safetensors").write_bytes(b"format 1")
+    train, _, _, _ = load_streams(source, "first_turn", BytesFactory(), range(0, 2), range(2, 4), tmp_path)
+    assert bytes(train.ids.tolist()) == b"doc 0doc 1"
 
 
 def test_ultrachat_gpt2_tokenizer_and_embedding_from_local_dirs(gpt2_dir: Path, tmp_path: Path) -> None:

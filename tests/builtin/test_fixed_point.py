@@ -8,8 +8,9 @@ import copy
 import itertools
 import math
 import warnings
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from newllm_kit.errors import RunFailed, UserError
+from newllm_kit.spans import token_span
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -134,36 +136,59 @@ class LinearBlock(nn.Module):
 
 
 class TinyModel(nn.Module):
-    """Just the Model members a solver reads."""
+    """Just the Model members a solver reads; token i of the table is the input of id i."""
 
-    def __init__(self, block: nn.Module, context_dim: int) -> None:
+    def __init__(self, block: nn.Module, context_dim: int, table: torch.Tensor) -> None:
         super().__init__()
         self.context_block = block
         self.context_dim = context_dim
+        self.register_buffer("table", table)
+
+    def token_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids]
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return {"phase1": list(self.context_block.parameters()), "phase2": []}
 
 
 def tiny(n: int = 48, seed: int = 0, **block: Any) -> tuple[TinyModel, torch.Tensor]:
+    """A TinyBlock model over n random token inputs; the stream's ids are 0 … n − 1."""
     torch.manual_seed(seed)
-    model = TinyModel(TinyBlock(**block), block.get("context_dim", 4))
-    return model, torch.randn(n, 3)
+    tiny_block = TinyBlock(**block)
+    return TinyModel(tiny_block, block.get("context_dim", 4), torch.randn(n, 3)), torch.arange(n)
 
 
-def fit(model: Any, tokens: torch.Tensor, seed: int = 1, runner: Any = None, **keys: Any) -> Any:
+def linear(x: torch.Tensor, **block: Any) -> tuple[TinyModel, torch.Tensor]:
+    """A LinearBlock model whose stream's token inputs are the rows of x."""
+    return TinyModel(LinearBlock(x.shape[1], **block), x.shape[1], x), torch.arange(x.shape[0])
+
+
+def fit(model: Any, ids: torch.Tensor, seed: int = 1, runner: Any = None, **keys: Any) -> Any:
     torch.manual_seed(seed)
     solver = CVFPSolver(CVFPSolverSettings(**keys))
-    return solver.fit(model, tokens, runner or CPURunner(), RecordingProgress())
+    return solver.fit(model, ids, runner or CPURunner(), RecordingProgress())
 
 
 # --- spec §3 written out plainly, as an independent reference ------------------------------------
 
-def naive_phase1(model: TinyModel, tokens: torch.Tensor, s: CVFPSolverSettings, seed: int
+def spec_noise(n: int, width: int, sigma: float, seed: int, iteration: int) -> torch.Tensor:
+    """The noise definition: block b of NOISE_ROWS positions is randn from a generator seeded by
+    SeedSequence([seed, iteration, b])."""
+    blocks = []
+    for b in range(-(-n // fixed_point.NOISE_ROWS)):
+        state = np.random.SeedSequence([seed, iteration, b]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        blocks.append(torch.randn(fixed_point.NOISE_ROWS, width, generator=generator))
+    return torch.cat(blocks)[:n] * sigma
+
+
+def naive_phase1(model: TinyModel, ids: torch.Tensor, s: CVFPSolverSettings, seed: int
                  ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Token-by-token rollout, explicit chunk loop, one Adam step per pass, no shortcuts."""
     torch.manual_seed(seed)
-    block, n, width = model.context_block, tokens.shape[0], model.context_dim
+    block, tokens, width = model.context_block, model.token_inputs(ids), model.context_dim
+    n = tokens.shape[0]
+
     def f(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return block.step(c, block.project_tokens(x))[-1]
 
@@ -182,7 +207,7 @@ def naive_phase1(model: TinyModel, tokens: torch.Tensor, s: CVFPSolverSettings, 
     for k in range(1, s.max_iterations):
         incoming = torch.cat([p[-1:], p[:-1]])
         if s.context_noise > 0:
-            incoming = incoming + torch.randn(n, width) * s.context_noise
+            incoming = incoming + spec_noise(n, width, s.context_noise, seed, k)
         adam.zero_grad()
         if s.loss_scope == "stream":
             o = f(incoming, tokens)
@@ -243,9 +268,8 @@ def test_registers_cvfp_with_its_settings() -> None:
 def test_iteration_one_by_hand_with_wrap_around() -> None:
     """F(c, x) = c/2 + x on 4 tokens: P⁰ = (1,0), (.5,1), (1.25,1.5), (.625,.75). Pass 1 gives
     token 0 the wrapped context P⁰_3, so O_0 = (1.3125, .375) and only token 0 changes."""
-    model = TinyModel(LinearBlock(), 2)
-    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
-    report = fit(model, x, context_noise=0.0, max_iterations=2, solve="sequential")
+    model, ids = linear(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]))
+    report = fit(model, ids, context_noise=0.0, max_iterations=2, solve="sequential")
     [h] = report.history
     cvfp = ((5 / 16) ** 2 + (3 / 8) ** 2) / 8  # only token 0 moved: (.3125, .375); mean over 4·2 elements
     diversity = -math.sqrt(1223 / 1024) / 4  # rows minus their mean (59/64, 29/32), Frobenius norm / 4
@@ -262,13 +286,13 @@ def test_iteration_one_by_hand_with_wrap_around() -> None:
 
 @pytest.mark.parametrize(("init", "scope"), [("rollout", "chunk"), ("random", "chunk"), ("random", "stream")])
 def test_matches_a_naive_implementation_of_spec_3(init: str, scope: str) -> None:
-    model, x = tiny(n=37)
+    model, ids = tiny(n=37)
     reference = copy.deepcopy(model)
     s = CVFPSolverSettings(init=init, loss_scope=scope, batch_size=16, max_iterations=5, solve="sequential",
                            learning_rate=0.01)
     torch.manual_seed(7)
-    report = CVFPSolver(s).fit(model, x, CPURunner(), RecordingProgress())
-    contexts, history = naive_phase1(reference, x, s, seed=7)
+    report = CVFPSolver(s).fit(model, ids, CPURunner(), RecordingProgress())
+    contexts, history = naive_phase1(reference, ids, s, seed=7)
     torch.testing.assert_close(report.contexts, contexts, atol=1e-4, rtol=1e-4)  # float noise, amplified
     assert len(report.history) == len(history) == 4
     for mine, theirs in zip(report.history, history, strict=True):
@@ -278,14 +302,85 @@ def test_matches_a_naive_implementation_of_spec_3(init: str, scope: str) -> None
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
 
 
+def previous_algorithm(model: TinyModel, ids: torch.Tensor, s: CVFPSolverSettings, seed: int
+                       ) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """The noise-free pass as it was before it became in-place: whole-stream token inputs, a
+    shifted copy of the contexts, a new output tensor and the per-token change, every pass."""
+    torch.manual_seed(seed)
+    block, tokens, n, width, w = model.context_block, model.token_inputs(ids), ids.shape[0], model.context_dim, \
+        s.dist_reg_weight
+    params = list(block.parameters())
+    adam = torch.optim.Adam(params, lr=s.learning_rate)
+    previous = per_layer_rollout(model, ids)[-1] if s.init == "rollout" else torch.randn(n, width) * 0.01
+    history = []
+    for k in range(1, s.max_iterations):
+        adam.zero_grad(set_to_none=True)
+        inputs = torch.cat([previous[-1:], previous[:-1]])
+        outputs, change = previous.new_empty(n, width), previous.new_empty(n)
+        stream = s.loss_scope == "stream"
+        bounds = [(0, n)] if stream else [(a, min(a + s.batch_size, n)) for a in range(0, n, s.batch_size)]
+        sums = torch.zeros(3, dtype=torch.float64)
+        for a, b in bounds:
+            x, c, target = tokens[a:b], inputs[a:b], previous[a:b]
+            if stream:
+                with torch.no_grad():
+                    out = block.step(c, block.project_tokens(x))[-1]
+                    per_token = (out - target).pow(2).mean(1)
+                    mean = out.sum(0) / n
+                    spread = (out - mean).pow(2).sum().reshape(1).sqrt()
+                    cvfp, diversity = per_token.sum().reshape(1) / n, -spread / n
+                    loss = ((1 - w) * cvfp + w * diversity).squeeze(0)
+                o = block.step(c, block.project_tokens(x))[-1]
+                ((1 - w) * (o - target).pow(2).sum() / (n * width)
+                 - w * (o * (out - mean)).sum() / (spread.squeeze(0) * n)).backward()
+            else:
+                out = block.step(c, block.project_tokens(x))[-1]
+                per_token = (out - target).pow(2).mean(1)
+                cvfp, diversity = per_token.mean(), -(out - out.mean(0)).norm() / (b - a)
+                loss = (1 - w) * cvfp + w * diversity
+                (loss / len(bounds)).backward()
+            outputs[a:b], change[a:b] = out.detach(), per_token.detach()
+            sums += torch.stack([t.detach().double().reshape(()) * (b - a) for t in (loss, cvfp, diversity)])
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        adam.step()
+        previous = outputs
+        rate = (change < s.convergence_threshold).float().mean().item()
+        history.append(dict(zip(["loss", "cvfp_loss", "diversity_loss"], (sums / n).tolist(), strict=True),
+                            convergence_rate=rate))
+        if k + 1 >= s.min_iterations and rate >= s.min_converged_ratio:
+            break
+    return previous, history
+
+
+@pytest.mark.parametrize(("init", "scope", "batch"),
+                         [("rollout", "chunk", 16), ("random", "chunk", 16), ("rollout", "stream", 64)])
+def test_the_in_place_pass_equals_the_previous_algorithm_without_noise(init: str, scope: str, batch: int) -> None:
+    """One [n, C] buffer overwritten chunk by chunk gives what separate input, output and target
+    tensors gave (37 tokens: two full chunks of 16 and a partial one; the stream in one piece, as
+    the reference computes it: piecewise sums round differently, as they always did)."""
+    model, ids = tiny(n=37)
+    reference = copy.deepcopy(model)
+    s = CVFPSolverSettings(init=init, loss_scope=scope, batch_size=batch, max_iterations=6, context_noise=0.0,
+                           solve="sequential", learning_rate=0.01, min_iterations=6)
+    torch.manual_seed(7)
+    report = CVFPSolver(s).fit(model, ids, CPURunner(), RecordingProgress())
+    contexts, history = previous_algorithm(reference, ids, s, seed=7)
+    torch.testing.assert_close(report.contexts, contexts, atol=1e-6, rtol=0)
+    for mine, theirs in zip(report.history, history, strict=True):
+        for key, value in theirs.items():
+            assert mine[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("scope", ["chunk", "stream"])
 def test_micro_batches_give_the_same_step(scope: str) -> None:
     """After an OOM fallback the runner's micro-batch splits chunks; the update must not change."""
-    whole, x = tiny(n=40)
+    whole, ids = tiny(n=40, **WELL_CONDITIONED)  # 4-wide LayerNorms amplify rounding beyond 1e-5
     pieces = copy.deepcopy(whole)
     keys = dict(batch_size=16, max_iterations=3, loss_scope=scope, init="random")
-    a = fit(whole, x, **keys)
-    b = fit(pieces, x, runner=CPURunner(micro=5), **keys)
+    a = fit(whole, ids, **keys)
+    b = fit(pieces, ids, runner=CPURunner(micro=5), **keys)
     torch.testing.assert_close(a.contexts, b.contexts, atol=1e-5, rtol=1e-5)
     for p, q in zip(whole.parameters(), pieces.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
@@ -294,8 +389,8 @@ def test_micro_batches_give_the_same_step(scope: str) -> None:
 def test_same_seed_is_bit_identical_and_noise_is_the_only_randomness() -> None:
     runs = []
     for seed, noise in [(1, 0.1), (1, 0.1), (2, 0.1), (1, 0.0), (2, 0.0)]:
-        model, x = tiny()
-        report = fit(model, x, seed=seed, context_noise=noise, max_iterations=4)
+        model, ids = tiny()
+        report = fit(model, ids, seed=seed, context_noise=noise, max_iterations=4)
         runs.append((report.contexts, [p.detach().clone() for p in model.parameters()]))
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(p, q) for p, q in zip(runs[0][1], runs[1][1], strict=True))
@@ -303,32 +398,46 @@ def test_same_seed_is_bit_identical_and_noise_is_the_only_randomness() -> None:
     assert torch.equal(runs[3][0], runs[4][0])  # no noise (rollout init): the seed does not matter
 
 
+def test_noise_depends_on_the_position_only() -> None:
+    """However a pass is cut (chunks, micro-batches, active rows, ranks), a position gets the same noise."""
+    positions = torch.arange(3000)
+
+    def draw(rows: torch.Tensor, seed: int = 3, iteration: int = 2) -> torch.Tensor:
+        return fixed_point.context_noise(rows, 5, 0.1, seed, iteration, torch.device("cpu"))
+
+    whole = draw(positions)
+    torch.testing.assert_close(whole, spec_noise(3000, 5, 0.1, 3, 2), rtol=0, atol=0)
+    pieces = torch.cat([draw(positions[a:b]) for a, b in [(0, 7), (7, 1500), (1500, 3000)]])
+    assert torch.equal(pieces, whole)
+    scattered = positions[5::37]
+    assert torch.equal(draw(scattered), whole[scattered])
+    assert not torch.equal(draw(positions, iteration=3), whole) and not torch.equal(draw(positions, seed=4), whole)
+
+
 def test_stop_rule_respects_min_iterations() -> None:
-    model, x = tiny()
-    report = fit(model, x, convergence_threshold=1e9, min_iterations=3)  # every token converged at once
+    model, ids = tiny()
+    report = fit(model, ids, convergence_threshold=1e9, min_iterations=3)  # every token converged at once
     assert report.iterations == 3 and len(report.history) == 2 and report.convergence_rate == 1.0
 
 
 def test_max_iterations_counts_iteration_zero() -> None:
-    model, x = tiny()
-    report = fit(model, x, convergence_threshold=0.0, max_iterations=4)  # never converges
+    model, ids = tiny()
+    report = fit(model, ids, convergence_threshold=0.0, max_iterations=4)  # never converges
     assert report.iterations == 4 and [h["iteration"] for h in report.history] == [1, 2, 3]
-    assert report.token_evaluations == 4 * x.shape[0]  # rollout + 3 passes
-    model, x = tiny()
+    assert report.token_evaluations == 4 * ids.shape[0]  # rollout + 3 passes
+    model, ids = tiny()
     before = [p.detach().clone() for p in model.parameters()]
-    only_rollout = fit(model, x, max_iterations=1)
+    only_rollout = fit(model, ids, max_iterations=1)
     assert (only_rollout.iterations, only_rollout.history, only_rollout.convergence_rate) == (1, [], 0.0)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
-    block = model.context_block
-    expected = frozen_solve.rollout(block, block.project_tokens(x), 4, keep_all=False)
-    torch.testing.assert_close(only_rollout.contexts, expected[0].detach())
+    torch.testing.assert_close(only_rollout.contexts, per_layer_rollout(model, ids)[-1])
 
 
 def test_progress_and_history_report_every_pass() -> None:
-    model, x = tiny()
+    model, ids = tiny()
     progress = RecordingProgress()
     torch.manual_seed(1)
-    report = CVFPSolver(CVFPSolverSettings(max_iterations=3)).fit(model, x, CPURunner(), progress)
+    report = CVFPSolver(CVFPSolverSettings(max_iterations=3)).fit(model, ids, CPURunner(), progress)
     kinds = [(e[0], e[1]) for e in progress.events]
     assert kinds == [("start", "phase1")] + [("advance", "phase1")] * 3 + [("finish", "phase1")]
     assert progress.events[2][2]["iteration"] == 1 and {"loss", "rate"} <= set(progress.events[2][2])
@@ -338,21 +447,21 @@ def test_progress_and_history_report_every_pass() -> None:
 
 
 def _poisoned(n: int = 16) -> tuple[TinyModel, torch.Tensor]:
-    model, x = tiny(n=n)
-    x[10] = float("nan")  # chunk 1 of 2 (batch 8) turns non-finite at pass 1
-    return model, x
+    model, ids = tiny(n=n)
+    model.table[10] = float("nan")  # chunk 1 of 2 (batch 8) turns non-finite at pass 1
+    return model, ids
 
 
 def test_nonfinite_loss_stops_naming_phase_iteration_and_chunk() -> None:
-    model, x = _poisoned()
+    model, ids = _poisoned()
     with pytest.raises(RunFailed, match=r"phase 1: non-finite loss at iteration 1, chunk 1"):
-        fit(model, x, batch_size=8, init="random")
+        fit(model, ids, batch_size=8, init="random")
 
 
 def test_nonfinite_skip_drops_the_chunk_and_keeps_training() -> None:
-    model, x = _poisoned()
+    model, ids = _poisoned()
     before = [p.detach().clone() for p in model.parameters()]
-    report = fit(model, x, batch_size=8, init="random", nonfinite="skip", max_iterations=3)
+    report = fit(model, ids, batch_size=8, init="random", nonfinite="skip", max_iterations=3)
     assert report.iterations == 3 and math.isnan(report.history[0]["loss"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
     changed = [not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)]
@@ -364,14 +473,111 @@ def test_fit_trains_only_phase1_parameters_of_the_real_model() -> None:
     torch.manual_seed(0)
     model = cvfp.CVFPArchitecture(cvfp.CVFPSettings(layers=2, context_dim=8, embedding_dim=6,
                                                     num_input_tokens=2)).build(30)
-    tokens = model.token_inputs(torch.randint(0, 30, (40,))).detach()
+    ids = torch.randint(0, 30, (40,), dtype=torch.int32)  # int32 ids (a memory-mapped token cache) will do
     token_block = [p.detach().clone() for p in model.token_block.parameters()]
     first = model.context_block.splits[0][0].linear.weight.detach().clone()
-    report = fit(model, tokens, max_iterations=3, batch_size=16)
+    report = fit(model, ids, max_iterations=3, batch_size=16)
     assert report.contexts.shape == (40, 8) and report.iterations == 3
     assert all(torch.equal(p, q) for p, q in zip(model.token_block.parameters(), token_block, strict=True))
+    assert model.embedding.weight.grad is None  # token inputs are computed without gradients
     weight = model.context_block.splits[0][0].linear.weight
     assert not torch.equal(weight[:, 8:], first[:, 8:])  # the token half (project_tokens) is trained too
+
+
+@pytest.mark.parametrize("solver", ["cvfp", "gradual-decrease"])
+@pytest.mark.parametrize("solve", ["sequential", "chunked"])
+def test_no_whole_stream_token_inputs_exist(monkeypatch: pytest.MonkeyPatch, solver: str, solve: str) -> None:
+    """Token inputs are computed a chunk, block or gather at a time: never for all 3,000 positions."""
+    from newllm_kit_plugins.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
+
+    monkeypatch.setattr(frozen_solve, "BLOCK", 512)
+    model, ids = tiny(n=3000, **WELL_CONDITIONED)
+    sizes: list[int] = []
+    lookup = model.token_inputs
+    monkeypatch.setattr(model, "token_inputs", lambda rows: sizes.append(rows.shape[0]) or lookup(rows))
+    keys = dict(batch_size=256, max_iterations=3, solve=solve)
+    chosen: Any = (CVFPSolver(CVFPSolverSettings(**keys)) if solver == "cvfp"
+                   else GradualDecreaseSolver(GradualDecreaseSettings(**keys, min_iterations=2)))
+    torch.manual_seed(1)
+    chosen.fit(model, ids, CPURunner(), RecordingProgress())
+    chosen.solve(model, ids, CPURunner())
+    assert sizes and max(sizes) <= 512
+
+
+class FlakyBlock(nn.Module):
+    """Wraps a block; its `fail_at`-th training forward (1-based; any forward unless `training_only`)
+    raises an out-of-memory error, once."""
+
+    def __init__(self, block: nn.Module, fail_at: int, training_only: bool = True) -> None:
+        super().__init__()
+        self.inner, self.fail_at, self.training_only, self.calls = block, fail_at, training_only, 0
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.inner.project_tokens(tokens))
+
+    def step(self, context: torch.Tensor, projected: torch.Tensor) -> list[torch.Tensor]:
+        if torch.is_grad_enabled() or not self.training_only:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise torch.OutOfMemoryError("injected: out of memory")
+        return cast(list[torch.Tensor], self.inner.step(context, projected))
+
+
+class ShrinkingRunner(CPURunner):
+    """Halves its micro-batch after an out-of-memory error, like a runner with auto_batch."""
+
+    def handle_oom(self, error: BaseException, batch: int) -> bool:
+        self.micro = self.micro_batch(batch) // 2
+        return True
+
+
+@pytest.mark.parametrize(("scope", "micro", "fail_at"), [("chunk", None, 2), ("stream", 10, 3)])
+def test_an_oom_mid_pass_resumes_where_it_stopped(scope: str, micro: int | None, fail_at: int) -> None:
+    """Rows written before the error keep this pass's outputs: the retry continues from the failed
+    piece (chunk 1; the stream's third micro-batch) and the run equals one without the error."""
+    clean, ids = tiny(n=40)
+    flaky = copy.deepcopy(clean)
+    flaky.context_block = FlakyBlock(flaky.context_block, fail_at)
+    keys = dict(batch_size=16, max_iterations=3, loss_scope=scope)
+    a = fit(clean, ids, runner=CPURunner(micro=micro), **keys)
+    runner = ShrinkingRunner(micro=micro)
+    b = fit(flaky, ids, runner=runner, **keys)
+    assert flaky.context_block.calls > fail_at and runner.micro == (micro or 16) // 2
+    torch.testing.assert_close(b.contexts, a.contexts, atol=1e-5, rtol=1e-5)
+    for p, q in zip(clean.context_block.parameters(), flaky.context_block.inner.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+
+
+def test_an_oom_that_cannot_be_retried_is_one_line_naming_phase_memory_and_setting() -> None:
+    from newllm_kit_plugins.local_runner import CPURunner as RealCPURunner
+
+    for runner in (CPURunner(), RealCPURunner()):  # refuses by returning False / raising its own UserError
+        model, ids = tiny(n=40)
+        model.context_block = FlakyBlock(model.context_block, 1)
+        with pytest.raises(RunFailed, match=r"^phase 1: out of memory on cpu \(estimated [0-9.]+ GiB: .* 40 tokens"
+                                            r".*\); set solver\.batch_size = 8, or runner\.auto_batch = true"):
+            fit(model, ids, runner=runner, batch_size=16)
+    model, ids = tiny(n=40)
+    model.context_block = FlakyBlock(model.context_block, 1, training_only=False)
+    with pytest.raises(RunFailed, match=r"^frozen solve: out of memory on cpu .* 40 positions .*; set "
+                                        r"runner\.context_store = \"disk\""):
+        CVFPSolver(CVFPSolverSettings(solve="sequential")).solve(model, ids, CPURunner())
+
+
+def test_phase1_contexts_live_where_runner_context_store_says() -> None:
+    """host and disk keep Phase 1's buffer in host memory (a pass copies each chunk in and out);
+    device and, on a CPU, auto keep it on the runner's device."""
+    from types import SimpleNamespace
+
+    def runner(store: str, device: str) -> Any:
+        return SimpleNamespace(settings=SimpleNamespace(context_store=store, context_dtype="fp32",
+                                                        memory_fraction=0.5), device=torch.device(device))
+
+    assert fixed_point.buffer_device(runner("host", "cuda"), 10, 4) == torch.device("cpu")
+    assert fixed_point.buffer_device(runner("disk", "cuda"), 10, 4) == torch.device("cpu")
+    assert fixed_point.buffer_device(runner("device", "cuda"), 10, 4) == torch.device("cuda")
+    assert fixed_point.buffer_device(runner("auto", "cpu"), 10, 4) == torch.device("cpu")
+    assert fixed_point.buffer_device(CPURunner(), 10, 4) == torch.device("cpu")  # a runner without the setting
 
 
 # --- frozen solves ---------------------------------------------------------------------------------
@@ -381,15 +587,20 @@ def test_fit_trains_only_phase1_parameters_of_the_real_model() -> None:
 WELL_CONDITIONED: dict[str, Any] = {"context_dim": 8, "widths": (12, 10, 8), "damp": 0.3}
 
 
-def reference_rollout(block: Any, tokens: torch.Tensor, width: int) -> list[torch.Tensor]:
-    """float64 sequential rollout: the ground truth every method must meet within tolerance."""
-    exact = copy.deepcopy(block).double()
+def per_layer_rollout(model: Any, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The batch-1 rollout keeping every layer's output, as the solves used to return it."""
+    block = copy.deepcopy(model.context_block).to(dtype)
     with torch.no_grad():
-        return frozen_solve.rollout(exact, exact.project_tokens(tokens.double()), width)
+        projected = block.project_tokens(model.token_inputs(ids).to(dtype))
+        context, layers = projected.new_zeros(1, model.context_dim), []
+        for i in range(ids.shape[0]):
+            layers.append(block.step(context, projected[i:i + 1]))
+            context = layers[-1][-1]
+    return [torch.cat(layer) for layer in zip(*layers, strict=True)]
 
 
-def real_model(num_input_tokens: int, variant: str, damp: float) -> tuple[Any, torch.Tensor]:
-    """A small cvfp model whose context path is damped so the block contracts."""
+def real_model(num_input_tokens: int, variant: str, damp: float, n: int = 600) -> tuple[Any, torch.Tensor]:
+    """A small cvfp model whose context path is damped so the block contracts, and n random ids."""
     cvfp = pytest.importorskip("newllm_kit_plugins.cvfp")
     torch.manual_seed(0)
     settings = cvfp.CVFPSettings(layers=3, context_dim=16, embedding_dim=8, variant=variant,
@@ -401,103 +612,163 @@ def real_model(num_input_tokens: int, variant: str, damp: float) -> tuple[Any, t
                 layer.linear.weight[:, :layer.residual_width] *= damp
                 if layer.proj is not None:
                     layer.proj.weight *= damp
-        tokens = model.token_inputs(torch.randint(0, 50, (600,)))
-    return model, tokens
+    return model, torch.randint(0, 50, (n,))
 
 
 @pytest.fixture(scope="module", params=["tiny", "cvfp-N2-every", "cvfp-N2-gradual"])
-def frozen_case(request: pytest.FixtureRequest) -> tuple[Any, torch.Tensor, list[torch.Tensor]]:
+def frozen_case(request: pytest.FixtureRequest) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """A contracting model, its stream's ids and the float64 rollout's final-layer contexts."""
     if request.param == "tiny":
-        model, x = tiny(n=600, **WELL_CONDITIONED)
+        model, ids = tiny(n=600, **WELL_CONDITIONED)
     elif request.param == "cvfp-N2-every":
-        model, x = real_model(2, "token-every-layer", 0.1)  # gain ≈ 0.94: a long burn-in
+        model, ids = real_model(2, "token-every-layer", 0.1)  # gain ≈ 0.94: a long burn-in
     else:
-        model, x = real_model(2, "gradual-reduction", 0.3)  # gain ≈ 0.67
-    return model, x, reference_rollout(model.context_block, x, model.context_dim)
+        model, ids = real_model(2, "gradual-reduction", 0.3)  # gain ≈ 0.67
+    return model, ids, per_layer_rollout(model, ids, torch.float64)[-1]
 
 
-@pytest.mark.parametrize("method", ["sequential", "jacobi", "chunked", "auto"])
+METHODS = ["sequential", "jacobi", "chunked", "auto"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_meets_its_tolerance_against_float64(frozen_case: Any, method: str) -> None:
-    model, x, reference = frozen_case
+    model, ids, reference = frozen_case
     tolerance = 1e-5
     model.train()
     solver = CVFPSolver(CVFPSolverSettings(solve=method, solve_tolerance=tolerance))
-    result = solver.solve(model, x, CPURunner())
+    result = solver.solve(model, ids, CPURunner())
     assert model.training  # restored
     assert result.method == ("chunked" if method == "auto" else method)
-    assert [h.shape for h in result.layers] == [h.shape for h in reference]
-    error = max((h.double() - r).abs().max().item() for h, r in zip(result.layers, reference, strict=True))
+    [contexts] = result.layers
+    assert contexts.shape == reference.shape and contexts.dtype == torch.float32 and not contexts.requires_grad
+    error = (contexts.double() - reference).abs().max().item()
     assert error <= tolerance, (method, error)
-    assert not any(h.requires_grad for h in result.layers)
     block = model.context_block
-    first = block.step(torch.zeros(1, model.context_dim), block.project_tokens(x[:1]))
-    for h, f in zip(result.layers, first, strict=True):  # the stream starts from a zero context
-        torch.testing.assert_close(h[0], f[0].detach(), atol=1e-6, rtol=1e-6)
+    first = block.step(torch.zeros(1, model.context_dim), block.project_tokens(model.token_inputs(ids[:1])))
+    torch.testing.assert_close(contexts[0], first[-1][0].detach(), atol=1e-6, rtol=1e-6)  # from a zero context
     if method in ("auto", "chunked"):
         assert result.gain is not None and 0 < result.gain < 1
         window, chunk = result.extra["window"], result.extra["chunk"]
         assert window >= 1 and result.max_change is not None  # the measured burn-in error
-        assert result.token_evaluations < 3 * x.shape[0] * (1 + window / chunk)
+        assert result.token_evaluations < 3 * ids.shape[0] * (1 + window / chunk)
     if method == "jacobi":
-        assert 1 < result.iterations < x.shape[0]
+        assert 1 < result.iterations < ids.shape[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_solves_write_into_a_given_fp32_or_bf16_tensor(frozen_case: Any, method: str) -> None:
+    """The caller's tensor (here on the CPU, as a host or memory-mapped store would be) is the result."""
+    model, ids, reference = frozen_case
+    solver = CVFPSolver(CVFPSolverSettings(solve=method))
+    plain = solver.solve(model, ids, CPURunner())
+    out = torch.full(reference.shape, math.nan)
+    result = solver.solve(model, ids, CPURunner(), out=out)
+    assert result.layers[0] is out and torch.equal(out, plain.layers[0])
+    half = torch.full(reference.shape, math.nan, dtype=torch.bfloat16)
+    result = solver.solve(model, ids, CPURunner(), out=half)
+    assert result.layers[0] is half and result.method == plain.method  # bf16 rounding is no disagreement
+    torch.testing.assert_close(half.double(), reference, rtol=2**-8, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_window_of_rows_is_those_rows_of_the_whole_solve(frozen_case: Any, method: str) -> None:
+    """Ranks sharing a stream each write their own rows (Phase 1's iteration 0 under ddp)."""
+    model, ids, reference = frozen_case
+    for first, stop in [(0, 250), (200, 450), (517, 600)]:
+        out = torch.full((stop - first, model.context_dim), math.nan)
+        with torch.no_grad(), frozen_solve.full_precision_matmuls():
+            frozen_solve.solve_frozen(model, ids, method, 1e-5, out=out, first=first)
+        assert (out.double() - reference[first:stop]).abs().max().item() <= 1e-5, (method, first)
+
+
+@pytest.mark.parametrize(("num_input_tokens", "variant"),
+                         [(1, "gradual-reduction"), (2, "gradual-reduction"), (2, "token-every-layer")])
+@pytest.mark.parametrize("method", ["sequential", "auto"])
+def test_per_layer_contexts_recomputed_from_the_final_layer_equal_the_rollout(
+        num_input_tokens: int, variant: str, method: str) -> None:
+    """h_1..h_L(i) = step(c_{i−1}, project(x_i)) from the stored c (c_{−1} = 0) and the ids alone equal
+    the per-layer outputs the rollout used to keep, at the stream start and anywhere after it."""
+    model, ids = real_model(num_input_tokens, variant, 0.3)
+    layers = per_layer_rollout(model, ids)
+    contexts = CVFPSolver(CVFPSolverSettings(solve=method)).solve(model, ids, CPURunner()).layers[0]
+    block = model.context_block
+    with torch.no_grad():
+        for start, stop in [(0, 1), (0, 64), (1, 9), (5, 77), (599, 600)]:
+            before = contexts[start - 1:start] if start else torch.zeros(1, model.context_dim)
+            incoming = torch.cat([before, contexts[start:stop - 1]])
+            recomputed = block.step(incoming, block.project_tokens(token_span(model, ids, start, stop)))
+            for h, kept in zip(recomputed, layers, strict=True):
+                torch.testing.assert_close(h, kept[start:stop], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_input_tokens", [1, 2, 3])
+def test_token_rows_gather_the_rows_of_the_whole_stream(num_input_tokens: int) -> None:
+    """The gather twin of `token_span`: each row from its own N-id window, zeros before the start."""
+    model, ids = real_model(num_input_tokens, "gradual-reduction", 1.0, n=40)
+    positions = torch.tensor([0, 1, 2, 39, 5, 5, 17, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(frozen_solve.token_rows(model, ids, positions), model.token_inputs(ids)[positions],
+                                   rtol=0, atol=0)
 
 
 def test_chunked_repairs_a_too_short_burn_in() -> None:
     """With W = 1 every chunk start is wrong at first; running each row on into the next chunk fixes it."""
-    model, x = tiny(n=300, **WELL_CONDITIONED)
-    block, reference = model.context_block, reference_rollout(model.context_block, x, 8)
+    model, ids = tiny(n=300, **WELL_CONDITIONED)
+    reference = per_layer_rollout(model, ids, torch.float64)[-1]
+    out = torch.empty(300, 8)
     with torch.no_grad():
-        solved = frozen_solve.chunked(block, block.project_tokens(x), 8, window=1, chunk=50, tolerance=1e-5)
+        solved = frozen_solve.chunked(model.context_block, frozen_solve.Tokens(model, ids), out, 0, window=1,
+                                      chunk=50, tolerance=1e-5)
     assert solved is not None
-    layers, evaluations, first_gap = solved
+    evaluations, first_gap = solved
     assert first_gap > 1e-3  # the measured burn-in error
-    assert max((h.double() - r).abs().max().item() for h, r in zip(layers, reference, strict=True)) <= 1e-5
+    assert (out.double() - reference).abs().max().item() <= 1e-5
     assert evaluations > 6 * 51  # the run-on cost something
 
 
-def test_auto_falls_back_to_sequential_on_a_non_contracting_block() -> None:
+def _non_contracting() -> tuple[TinyModel, torch.Tensor]:
     torch.manual_seed(0)
     rotation, _ = torch.linalg.qr(torch.randn(3, 3))
-    model = TinyModel(LinearBlock(3, a=1.01, rotation=rotation), 3)  # gain 1.01
-    x = torch.randn(300, 3)
+    return linear(torch.randn(300, 3), a=1.01, rotation=rotation)  # gain 1.01
+
+
+def test_auto_falls_back_to_sequential_on_a_non_contracting_block() -> None:
+    model, ids = _non_contracting()
     with pytest.warns(RuntimeWarning, match="does not contract"):
-        result = CVFPSolver(CVFPSolverSettings(solve="auto")).solve(model, x, CPURunner())
+        result = CVFPSolver(CVFPSolverSettings(solve="auto")).solve(model, ids, CPURunner())
     assert result.method == "sequential" and result.gain == pytest.approx(1.01, rel=1e-3)
     assert "does not contract" in result.extra["warning"]
-    torch.testing.assert_close(result.layers[0].double(), reference_rollout(model.context_block, x, 3)[0],
+    torch.testing.assert_close(result.layers[0].double(), per_layer_rollout(model, ids, torch.float64)[0],
                                atol=1e-4, rtol=1e-5)
 
 
 def test_explicit_jacobi_on_a_non_contracting_block_warns_and_rolls_out_once() -> None:
     """Jacobi from zero needs n sweeps (n² evaluations) where ρ ≥ 1: the sequential rollout is cheaper and exact."""
-    torch.manual_seed(0)
-    rotation, _ = torch.linalg.qr(torch.randn(3, 3))
-    model = TinyModel(LinearBlock(3, a=1.01, rotation=rotation), 3)
-    x = torch.randn(300, 3)
+    model, ids = _non_contracting()
     with pytest.warns(RuntimeWarning, match="does not contract"):
-        result = CVFPSolver(CVFPSolverSettings(solve="jacobi")).solve(model, x, CPURunner())
-    assert result.method == "sequential" and result.iterations == x.shape[0]
-    assert result.token_evaluations < 4 * x.shape[0]  # the gain estimate plus one pass, not n sweeps (n²)
-    torch.testing.assert_close(result.layers[0].double(), reference_rollout(model.context_block, x, 3)[0],
+        result = CVFPSolver(CVFPSolverSettings(solve="jacobi")).solve(model, ids, CPURunner())
+    assert result.method == "sequential" and result.iterations == ids.shape[0]
+    assert result.token_evaluations < 4 * ids.shape[0]  # the gain estimate plus one pass, not n sweeps (n²)
+    torch.testing.assert_close(result.layers[0].double(), per_layer_rollout(model, ids, torch.float64)[0],
                                atol=1e-4, rtol=1e-5)
 
 
 def test_auto_uses_the_rollout_for_short_streams_and_iteration_zero_does_not_warn() -> None:
-    model, x = tiny(n=50, damp=2.0)  # short and not contracting
-    result = CVFPSolver(CVFPSolverSettings()).solve(model, x, CPURunner())
+    model, ids = tiny(n=50, damp=2.0)  # short and not contracting
+    result = CVFPSolver(CVFPSolverSettings()).solve(model, ids, CPURunner())
     assert result.method == "sequential" and result.gain is None
-    model, x = tiny(n=300, damp=2.0)
+    model, ids = tiny(n=300, damp=2.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = fit(model, x, max_iterations=2)
+        report = fit(model, ids, max_iterations=2)
     assert report.extra["iteration0"]["method"] == "sequential"
 
 
 def test_gain_estimate_tracks_the_contraction() -> None:
     for damp, low, high in [(0.2, 0.05, 0.4), (0.5, 0.3, 0.7), (2.0, 1.0, 3.0)]:
-        model, x = tiny(n=300, damp=damp)
+        model, ids = tiny(n=300, damp=damp)
         with torch.no_grad():
-            gain = frozen_solve.estimate_gain(model.context_block, model.context_block.project_tokens(x), 4)
+            gain = frozen_solve.estimate_gain(model.context_block, frozen_solve.Tokens(model, ids), 4)
         assert low < gain.gain < high, (damp, gain)
         assert gain.scale == pytest.approx(2.0, rel=1e-3)  # LayerNorm output of width 4: norm √4
     expected = math.ceil(math.log(1e-5 / (4 * 2.0)) / math.log(0.5))  # ρ^W · scale ≤ tolerance / 4

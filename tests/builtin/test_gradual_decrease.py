@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -9,16 +10,24 @@ import torch
 from newllm_kit_plugins import gradual_decrease
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 from newllm_kit_plugins.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
-from test_fixed_point import WELL_CONDITIONED, CPURunner, RecordingProgress, one_thread, tiny  # noqa: F401
+from test_fixed_point import (  # noqa: F401
+    WELL_CONDITIONED,
+    CPURunner,
+    RecordingProgress,
+    TinyModel,
+    one_thread,
+    per_layer_rollout,
+    tiny,
+)
 
 from newllm_kit.protocols import Phase1Report
 
 
 def fit(seed: int = 1, n: int = 48, **keys: Any) -> tuple[Phase1Report, Any]:
-    model, x = tiny(n=n)
+    model, ids = tiny(n=n)
     torch.manual_seed(seed)
     solver = GradualDecreaseSolver(GradualDecreaseSettings(**keys))
-    return solver.fit(model, x, CPURunner(), RecordingProgress()), model
+    return solver.fit(model, ids, CPURunner(), RecordingProgress()), model
 
 
 def test_settings_extend_cvfp_and_register() -> None:
@@ -35,13 +44,13 @@ def test_settings_extend_cvfp_and_register() -> None:
 
 def test_fewer_token_evaluations_than_cvfp_on_the_same_data() -> None:
     keys = dict(init="random", batch_size=64, max_iterations=20)
-    model, x = tiny(n=256)
+    model, ids = tiny(n=256)
     torch.manual_seed(1)
-    cvfp = CVFPSolver(CVFPSolverSettings(**keys)).fit(model, x, CPURunner(), RecordingProgress())
-    model, x = tiny(n=256)
+    cvfp = CVFPSolver(CVFPSolverSettings(**keys)).fit(model, ids, CPURunner(), RecordingProgress())
+    model, ids = tiny(n=256)
     torch.manual_seed(1)
     solver = GradualDecreaseSolver(GradualDecreaseSettings(**keys))
-    gradual = solver.fit(model, x, CPURunner(), RecordingProgress())
+    gradual = solver.fit(model, ids, CPURunner(), RecordingProgress())
     assert gradual.convergence_rate >= 0.95 and gradual.iterations < cvfp.iterations
     assert 2 * gradual.token_evaluations < cvfp.token_evaluations
     assert gradual.token_evaluations == sum(h["active_tokens"] for h in gradual.history)  # random init
@@ -73,6 +82,64 @@ def test_retired_tokens_keep_their_context() -> None:
     assert longer.history[-1]["convergence_rate"] >= (48 - active_last) / 48
 
 
+def previous_algorithm(model: TinyModel, ids: torch.Tensor, s: GradualDecreaseSettings, seed: int
+                       ) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """The noise-free pass as it was before it became in-place: the active rows' token inputs,
+    incoming contexts and targets gathered into new tensors, outputs scattered back, every pass."""
+    torch.manual_seed(seed)
+    block, tokens, n, w, tau = model.context_block, model.token_inputs(ids), ids.shape[0], s.dist_reg_weight, \
+        s.convergence_threshold
+    params = list(block.parameters())
+    adam = torch.optim.Adam(params, lr=s.learning_rate)
+    previous = per_layer_rollout(model, ids)[-1] if s.init == "rollout" else torch.randn(n, model.context_dim) * 0.01
+    active, retired, history = torch.arange(n), 0, []
+    for k in range(1, s.max_iterations):
+        fraction = (k - 1) / max(s.max_iterations - 2, 1)
+        for group in adam.param_groups:
+            group["lr"] = s.learning_rate * (1 - fraction * (1 - s.lr_end_fraction))
+        adam.zero_grad(set_to_none=True)
+        inputs = torch.where((active == 0).unsqueeze(1), previous[-1:], previous[(active - 1).clamp(min=0)])
+        x, targets, m = tokens[active], previous[active], active.shape[0]
+        outputs, change = previous.new_empty(m, model.context_dim), previous.new_empty(m)
+        bounds = [(a, min(a + s.batch_size, m)) for a in range(0, m, s.batch_size)]
+        for a, b in bounds:
+            out = block.step(inputs[a:b], block.project_tokens(x[a:b]))[-1]
+            per_token = (out - targets[a:b]).pow(2).mean(1)
+            loss = (1 - w) * per_token.mean() - w * (out - out.mean(0)).norm() / (b - a)
+            (loss / len(bounds)).backward()
+            outputs[a:b], change[a:b] = out.detach(), per_token.detach()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        adam.step()
+        previous[active] = outputs
+        converged = int((change < tau).sum())
+        rate = (retired + converged) / n
+        if k + 1 >= s.min_iterations:
+            active, retired = active[~(change < tau)], retired + converged
+        history.append({"convergence_rate": rate, "active_tokens": float(m)})
+        if k + 1 >= s.min_iterations and rate >= s.min_converged_ratio:
+            break
+    return previous, history
+
+
+@pytest.mark.parametrize("init", ["rollout", "random"])
+def test_the_in_place_pass_over_active_rows_equals_the_previous_algorithm_without_noise(init: str) -> None:
+    """Retired rows leave gaps, so a chunk's first row may read an overwritten row (the kept
+    previous context) or a retired one (unchanged): both as the gathered copies gave them."""
+    model, ids = tiny(n=100)
+    reference = copy.deepcopy(model)
+    s = GradualDecreaseSettings(init=init, batch_size=16, max_iterations=12, min_iterations=3, context_noise=0.0,
+                                convergence_threshold=0.01, solve="sequential")
+    torch.manual_seed(7)
+    report = GradualDecreaseSolver(s).fit(model, ids, CPURunner(), RecordingProgress())
+    contexts, history = previous_algorithm(reference, ids, s, seed=7)
+    assert len({h["active_tokens"] for h in history}) >= 3  # rows retired over several passes
+    torch.testing.assert_close(report.contexts, contexts, atol=1e-6, rtol=0)
+    for mine, theirs in zip(report.history, history, strict=True):
+        assert {key: mine[key] for key in theirs} == pytest.approx(theirs, rel=1e-6)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
 def test_stop_rule_is_cvfp_s() -> None:
     report, _ = fit(convergence_threshold=1e9, min_iterations=3)
     assert report.iterations == 3 and report.convergence_rate == 1.0
@@ -81,8 +148,8 @@ def test_stop_rule_is_cvfp_s() -> None:
 
 
 def test_solve_is_the_cvfp_frozen_solve() -> None:
-    model, x = tiny(n=300, **WELL_CONDITIONED)
-    mine = GradualDecreaseSolver(GradualDecreaseSettings()).solve(model, x, CPURunner())
-    theirs = CVFPSolver(CVFPSolverSettings()).solve(model, x, CPURunner())
+    model, ids = tiny(n=300, **WELL_CONDITIONED)
+    mine = GradualDecreaseSolver(GradualDecreaseSettings()).solve(model, ids, CPURunner())
+    theirs = CVFPSolver(CVFPSolverSettings()).solve(model, ids, CPURunner())
     assert mine.method == theirs.method
     assert all(torch.equal(a, b) for a, b in zip(mine.layers, theirs.layers, strict=True))

@@ -87,6 +87,17 @@ def test_settings_reject_unknown_keys_and_an_empty_batch_range() -> None:
         RunnerSettings(min_batch=512, max_batch=256)
 
 
+def test_context_store_settings_are_validated_and_described() -> None:
+    settings = RunnerSettings.model_validate({"context_store": "disk", "context_dtype": "bf16"})
+    described = CPURunner(settings).describe()
+    assert (described["context_store"], described["context_dtype"]) == ("disk", "bf16")
+    assert (RunnerSettings().context_store, RunnerSettings().context_dtype) == ("auto", "fp32")
+    with pytest.raises(ValidationError, match="context_store"):
+        RunnerSettings.model_validate({"context_store": "ram"})
+    with pytest.raises(ValidationError, match="context_dtype"):
+        RunnerSettings.model_validate({"context_dtype": "fp16"})
+
+
 # --- cpu -----------------------------------------------------------------------------------------
 
 def test_cpu_runner_sets_threads_for_the_run_and_restores_them() -> None:

@@ -1,0 +1,209 @@
+"""Where Phase 2's contexts live: one [n, C] store per stream, on the device, in host memory or on disk.
+
+Phase 2 keeps only the final-layer context of every position and recomputes the per-layer ones per
+batch, yet at 5M tokens even that is 15 GB for v2 A in fp32: more than a 24 GB card spares next to
+Phase 2. `runner.context_store` says where the stores go:
+
+* ``device``: runner.device memory; nothing moves per batch.
+* ``host``: CPU memory, pinned on a CUDA runner so each batch's rows copy asynchronously.
+* ``disk``: a memory-mapped file in the run directory, for streams beyond RAM; the OS pages it in.
+* ``auto``: device when the unit's stores fit in `memory_fraction` of the device's free memory, else
+  host when they fit in that share of the available RAM, else disk.
+
+On a CPU runner device and host are the same memory. `runner.context_dtype = "bf16"` halves every
+store; it applies to these stores only (Phase 1 keeps fp32 targets).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import RunFailed, UserError
+from .params import available_bytes, human_bytes
+
+KINDS = ("device", "host", "disk")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FILE_TYPES = {"fp32": np.float32, "bf16": np.uint16}  # numpy has no bfloat16: the same 2 bytes, viewed
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """Where a unit's stores go and why; `bytes` covers all of them together."""
+
+    kind: str
+    dtype: str
+    bytes: int
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dtype": self.dtype, "bytes": self.bytes}
+
+    def describe(self) -> str:
+        return f"context stores on {self.kind} ({self.dtype}, {human_bytes(self.bytes)}): {self.reason}"
+
+    def advice(self) -> str:
+        """The settings that lower the memory (or disk) these stores take; empty when none is left."""
+        moves = {"device": 'runner.context_store = "host" or "disk"', "host": 'runner.context_store = "disk"'}
+        settings = [moves.get(self.kind, ""), 'runner.context_dtype = "bf16"' if self.dtype == "fp32" else ""]
+        return " or ".join(s for s in settings if s)
+
+    def fix(self, first: str) -> str:
+        """`first`, then the store's own advice: what an out-of-memory message tells to set."""
+        return f"{first}, or {self.advice()}" if self.advice() else first
+
+
+def settings_of(runner: Any) -> tuple[str, str, float]:
+    """(context_store, context_dtype, memory_fraction) of the runner; a plugin runner without these
+    settings gets the defaults."""
+    settings = getattr(runner, "settings", None)
+    return (getattr(settings, "context_store", "auto"), getattr(settings, "context_dtype", "fp32"),
+            float(getattr(settings, "memory_fraction", 0.5)))
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """What a new allocation on `device` can get: on CUDA the driver's free memory plus the blocks
+    PyTorch has cached but not handed out (Phase 1 leaves many), elsewhere the available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                   - torch.cuda.memory_allocated(device))
+    return available_bytes(device)
+
+
+def disk_free(folder: Path) -> int:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def decide(needed: int, fraction: float, device_free: int | None, host_free: int | None,
+           on_gpu: bool) -> tuple[str, str]:
+    """(kind, why) for `auto`: device, else host, else disk; None means unknown, taken as room enough."""
+    def fits(free: int | None) -> bool:
+        return free is None or needed <= fraction * free
+
+    def share(free: int | None, where: str) -> str:
+        return f"{fraction:g} × {human_bytes(free)} free {where}" if free is not None else f"unknown free {where}"
+
+    if on_gpu and fits(device_free):
+        return "device", f"fits in {share(device_free, 'on the device')}"
+    if fits(host_free):
+        kind = "host" if on_gpu else "device"
+        return kind, f"fits in {share(host_free, 'in RAM')}" + (
+            f", not in {share(device_free, 'on the device')}" if on_gpu else "")
+    beyond = f"{share(device_free, 'on the device')} and " if on_gpu else ""
+    return "disk", f"exceeds {beyond}{share(host_free, 'in RAM')}"
+
+
+def _agree(kind: str, runner: Any) -> str:
+    """The most conservative kind any rank chose, so every rank records (and holds) the same."""
+    if runner.world_size == 1:
+        return kind
+    votes = torch.zeros(len(KINDS), device=runner.device)
+    votes[KINDS.index(kind)] = 1
+    chosen = runner.all_reduce_sum(votes).nonzero().max().item()
+    return KINDS[int(chosen)]
+
+
+def plan_stores(runner: Any, rows: int, width: int, folder: Path) -> StorePlan:
+    """Where `rows` contexts of `width` go (every stream of a unit together), checked against the free
+    memory or disk of that place: a store that cannot fit fails here, in one line, before allocating."""
+    requested, dtype, fraction = settings_of(runner)
+    needed = rows * width * DTYPES[dtype].itemsize
+    device = runner.device
+    host_free = available_bytes(torch.device("cpu"))
+    on_gpu = device.type == "cuda"
+    if requested == "auto":
+        kind, reason = decide(needed, fraction, free_bytes(device) if on_gpu else None, host_free, on_gpu)
+        kind = _agree(kind, runner)
+    else:
+        kind, reason = requested, "runner.context_store"
+    plan = StorePlan(kind, dtype, needed, reason)
+    free = {"device": free_bytes(device), "host": host_free, "disk": disk_free(folder)}[kind]
+    if free is not None and needed > free:
+        where = f"{device} memory" if kind == "device" else "RAM" if kind == "host" else f"the disk at {folder}"
+        fixes = ["free disk space"] * (kind == "disk") + [f"set {plan.advice()}"] * bool(plan.advice())
+        raise RunFailed(f"allocating the context stores: they need {needed:,} bytes ({human_bytes(needed)}) but "
+                        f"{where} has {human_bytes(free)} free; {' or '.join(fixes)}")
+    return plan
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, the CPU allocator's, or a runner's refusal (UserError) caused by one."""
+    cause = error.__cause__ if isinstance(error, UserError) else error
+    return isinstance(cause, torch.OutOfMemoryError) or (
+        isinstance(cause, RuntimeError) and "can't allocate memory" in str(cause))
+
+
+def out_of_memory_message(unit: str, phase: str, error: BaseException, plan: StorePlan, fix: str) -> str:
+    """One line: the unit and phase, what ran out (a runner's refusal says it with its batch), the
+    bytes the context stores take, and the settings to change."""
+    said = str(error) if isinstance(error, UserError) else f"out of memory ({type(error).__name__})"
+    return (f"{unit}: {phase}: {said}; the context stores take {plan.bytes:,} bytes ({human_bytes(plan.bytes)}, "
+            f"{plan.kind}, {plan.dtype}); set {fix}")
+
+
+def _pinned(runner: Any) -> bool:
+    return runner.device.type == "cuda" and torch.cuda.is_available()
+
+
+def allocate(plan: StorePlan, rows: int, width: int, runner: Any, file: Path | None = None) -> torch.Tensor:
+    """One [rows, width] store as the plan says; `file` (kind disk) is created or overwritten."""
+    dtype = DTYPES[plan.dtype]
+    if plan.kind == "device":
+        return torch.empty(rows, width, dtype=dtype, device=runner.device)
+    if plan.kind == "host":
+        return torch.empty(rows, width, dtype=dtype, pin_memory=_pinned(runner))
+    if file is None:
+        raise ValueError("a disk store needs a file")
+    try:
+        with open(file, "wb") as handle:  # reserve the blocks: a full disk fails here, not as SIGBUS mid-solve
+            size = rows * width * dtype.itemsize
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, size)
+            else:
+                handle.truncate(size)
+    except OSError as error:
+        raise UserError(f"{file}: cannot create the disk context store ({error.strerror or error}); free disk "
+                        f"space, or set runner.context_store to a memory") from error
+    array = np.memmap(file, dtype=FILE_TYPES[plan.dtype], mode="r+", shape=(rows, width))
+    return torch.from_numpy(array).view(dtype)
+
+
+def file_name(unit: str, stream: str, runner: Any, dtype: str) -> str:
+    """`<unit>-<stream>.<dtype>`, with the rank under ddp (ranks on one host share the run directory)."""
+    rank = f".rank{runner.rank}" if runner.world_size > 1 else ""
+    return f"{unit}-{stream}{rank}.{dtype}"
+
+
+@contextmanager
+def context_stores(plan: StorePlan, sizes: dict[str, int], width: int, runner: Any, unit: str,
+                   folder: Path) -> Iterator[dict[str, torch.Tensor]]:
+    """The stores of one unit by stream name; disk files are removed when the block ends, however it ends
+    (a killed process leaves them to the run's repair on the next start)."""
+    disk = plan.kind == "disk"
+    files = {name: folder / file_name(unit, name, runner, plan.dtype) for name in sizes} if disk else {}
+    try:
+        if files:
+            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            stores = {name: allocate(plan, rows, width, runner, files.get(name)) for name, rows in sizes.items()}
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            raise RunFailed(out_of_memory_message(unit, "allocating the context stores", error, plan,
+                                                  plan.advice() or "free memory")) from error
+        yield stores
+    finally:
+        for file in files.values():
+            file.unlink(missing_ok=True)  # a mapping still open keeps its pages until it is dropped
+        if files:
+            with suppress(OSError):
+                folder.rmdir()  # only when empty: another rank's file may still be there

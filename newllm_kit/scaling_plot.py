@@ -1,0 +1,136 @@
+"""The `scaling --plot` figure: measured points, fitted power laws and predictions on log-log axes.
+
+A report figure, not a draft: it names what it shows (experiment and run), explains every mark
+in the legend, says when a line rests on two points (exact, so no uncertainty can be drawn), and
+labels ticks as plain numbers (200, 300; 30k, 1M), which is how PPLs and token counts are quoted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .scaling import Point, ScalingReport
+
+# Tick multipliers per decade, coarse to fine: the first that puts 3 ticks on the axis is used;
+# an axis narrower than all of them gets evenly spaced round numbers.
+TICK_STEPS = ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0))
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Round values between lo and hi: 3 or more where a log scale has them, else up to 8 evenly spaced."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for steps in TICK_STEPS:
+        ticks = [float(f"{s * 10.0**d:.6g}") for d in decades for s in steps if lo <= s * 10.0**d <= hi]
+        if len(ticks) >= 3:
+            return ticks
+    exponent = math.floor(math.log10(hi - lo)) - 2
+    while True:
+        for step in (10.0**exponent, 2 * 10.0**exponent, 5 * 10.0**exponent):
+            ticks = [float(f"{k * step:.6g}") for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+            if len(ticks) <= 8:
+                return ticks
+        exponent += 1
+
+
+def log_limits(values: list[float], pad: float = 0.1, least_ratio: float = 1.5) -> tuple[float, float]:
+    """Axis limits around the values: a margin of `pad` of the log span on each side, and at least
+    a `least_ratio` span, so two close points sit inside the frame instead of in its corners."""
+    lo, hi = math.log(min(values)), math.log(max(values))
+    widen = max(math.log(least_ratio) - (hi - lo), 0.0) / 2
+    margin = pad * (hi - lo + 2 * widen)
+    return math.exp(lo - widen - margin), math.exp(hi + widen + margin)
+
+
+def tokens_label(value: float) -> str:
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
+
+
+def title(sources: list[str]) -> str:
+    """`quickstart, run 20261201-…` for a file in a run directory (runs/<experiment>/<run>/), else its name."""
+    names = []
+    for source in sources:
+        path = Path(source)
+        in_run = (path.parent / "config.resolved.toml").is_file()
+        names.append(f"{path.parent.parent.name}, run {path.parent.name}" if in_run else path.name)
+    return "; ".join(names) or "scaling fit"
+
+
+def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
+    """Write the figure as a PNG (atomically: readers never see half a file)."""
+    if path.is_dir():
+        raise UserError(f"--plot: {path} is a folder; give a file name such as {path / 'fit.png'}")
+    if not path.parent.is_dir():
+        raise UserError(f"--plot: folder {path.parent} does not exist; create it or choose another path")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'newllm-kit[plot]'") from None
+    figure = Figure(figsize=(8.5, 5), layout="constrained")
+    FigureCanvasAgg(figure)  # the Agg backend, without touching pyplot's global state
+    ax = figure.add_subplot()
+    xs: list[float] = []
+    ys: list[float] = []
+    handles: list[Any] = []
+    for f in report.fits:
+        own = [p for p in points if p.model == f.model]
+        seen = [p.tokens for p in own]
+        every = seen + [p.tokens for p in f.predictions]
+        ci = f"95% CI {f.alpha_ci[0]:.3f} … {f.alpha_ci[1]:.3f}" if f.alpha_ci else "2 sizes: exact, no CI"
+        (dots,) = ax.plot(seen, [p.ppl for p in own], "o", label=f"{f.model}: α = {f.alpha:.3f} ({ci})")
+        color = dots.get_color()
+        lo, hi = min(seen), max(seen)
+        for start, stop, style in ((min(every), lo, "--"), (lo, hi, "-"), (hi, max(every), "--")):
+            line = np.geomspace(start, stop, 50)  # solid over the data, dashed where it extrapolates
+            ax.plot(line, f.A * line**f.alpha, style, color=color)
+        for p in f.predictions:
+            err = [[p.ppl - p.pi[0]], [p.pi[1] - p.ppl]] if p.pi else None
+            ax.errorbar([p.tokens], [p.ppl], yerr=err, fmt="D", color=color, capsize=3, mfc="none")
+            ys.extend(p.pi or ())
+        handles.append(dots)
+        xs.extend(every)
+        ys.extend([p.ppl for p in own] + [p.ppl for p in f.predictions])
+    key: dict[str, dict[str, Any]] = {"measured": {"marker": "o", "linestyle": "none"},
+                                      "fit over the measured sizes": {"linestyle": "-"}}
+    if any(f.predictions for f in report.fits):
+        pi = any(p.pi for f in report.fits for p in f.predictions)
+        key["fit, extrapolated"] = {"linestyle": "--"}
+        key["prediction" + (" with 95% PI" if pi else "")] = {"marker": "D", "linestyle": "none", "mfc": "none"}
+    handles += [Line2D([], [], color="0.3", label=name, **style) for name, style in key.items()]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
+    exact = [f.model for f in report.fits if f.alpha_ci is None]
+    if exact:
+        ax.set_title(f"{', '.join(exact)}: 2 training sizes, which any line fits exactly, so no uncertainty can "
+                     f"be shown; a third size gives an interval", fontsize=8, color="0.35", wrap=True)
+    figure.suptitle(f"Validation PPL vs training tokens: {title(report.sources)}", fontsize=11)
+    ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation PPL")
+    if xs:
+        (x_lo, x_hi), (y_lo, y_hi) = log_limits(xs), log_limits(ys)
+        ax.set(xlim=(x_lo, x_hi), ylim=(y_lo, y_hi))
+        ax.set_xticks(ticks := log_ticks(x_lo, x_hi), [tokens_label(t) for t in ticks])
+        ax.set_yticks(ticks := log_ticks(y_lo, y_hi), [f"{t:,g}" for t in ticks])
+        ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
+    tmp = None
+    try:  # write a temporary file beside the target and rename
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):  # no permission, a full disk
+            raise UserError(f"--plot: cannot write {path}: {error.strerror or error}") from None
+        raise

@@ -1,0 +1,158 @@
+"""Context stores: where auto puts them, what an explicit kind that cannot fit says, the three kinds
+of memory, removal of disk files, and ranks agreeing on one kind."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from newllm_kit_plugins.local_runner import RunnerSettings
+from test_phase2 import CPU, ThreadRank, TinyModel
+
+from newllm_kit import context_store
+from newllm_kit.context_store import (
+    StorePlan,
+    allocate,
+    context_stores,
+    decide,
+    is_out_of_memory,
+    plan_stores,
+    settings_of,
+)
+from newllm_kit.errors import RunFailed, UserError
+from newllm_kit.phase2 import Phase2Data
+
+GiB = 2**30
+
+
+class Runner(ThreadRank):
+    """What the stores read of a runner: device, rank, settings and (under ddp) a sum over ranks."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, board: dict[str, Any] | None = None,
+                 **settings: Any) -> None:
+        super().__init__(rank, world_size, board or {})
+        self.settings = RunnerSettings(**settings)
+
+
+@pytest.mark.parametrize(("device_free", "host_free", "on_gpu", "kind"), [
+    (10 * GiB, 64 * GiB, True, "device"),  # 4 GiB fit in half of 10
+    (6 * GiB, 64 * GiB, True, "host"),
+    (6 * GiB, 6 * GiB, True, "disk"),
+    (None, 64 * GiB, False, "device"),  # a CPU runner: its device is the host memory
+    (None, 6 * GiB, False, "disk"),
+    (None, None, False, "device"),  # unknown free memory is taken as room enough
+])
+def test_auto_takes_the_device_then_host_memory_then_disk(device_free: int | None, host_free: int | None,
+                                                          on_gpu: bool, kind: str) -> None:
+    chosen, reason = decide(4 * GiB, 0.5, device_free, host_free, on_gpu)
+    assert chosen == kind and reason
+
+
+def test_a_plan_says_what_it_chose_and_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(context_store, "available_bytes", lambda device: 64 * GiB)
+    plan = plan_stores(Runner(context_dtype="bf16"), 1000, 768, tmp_path / "store")
+    assert (plan.kind, plan.dtype, plan.bytes) == ("device", "bf16", 1000 * 768 * 2)
+    assert plan.describe() == "context stores on device (bf16, 1.5 MiB): fits in 0.5 × 64.0 GiB free in RAM"
+    assert plan.to_json() == {"kind": "device", "dtype": "bf16", "bytes": 1536000}
+    monkeypatch.setattr(context_store, "available_bytes", lambda device: 2 * 10**6)
+    assert plan_stores(Runner(), 1000, 768, tmp_path).kind == "disk"
+
+
+def test_an_explicit_store_that_cannot_fit_fails_before_allocating(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    monkeypatch.setattr(context_store, "available_bytes", lambda device: GiB)
+    with pytest.raises(RunFailed, match=r'^allocating the context stores: they need 3,145,728,000 bytes \(2\.9 GiB\) '
+                                        r'but RAM has 1\.0 GiB free; set runner.context_store = "disk" or '
+                                        r'runner.context_dtype = "bf16"$'):
+        plan_stores(Runner(context_store="host"), 1024000, 768, tmp_path)
+    monkeypatch.setattr(context_store, "disk_free", lambda folder: GiB)
+    with pytest.raises(RunFailed, match=r"but the disk at .* has 1\.0 GiB free; free disk space$"):
+        plan_stores(Runner(context_store="disk", context_dtype="bf16"), 1024000, 768, tmp_path)
+
+
+def test_a_runner_without_store_settings_gets_the_defaults() -> None:
+    assert settings_of(object()) == ("auto", "fp32", 0.5)
+    assert settings_of(Runner(context_store="disk", memory_fraction=0.25)) == ("disk", "fp32", 0.25)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_every_kind_holds_the_contexts(tmp_path: Path, dtype: str) -> None:
+    values = torch.randn(7, 5).to(context_store.DTYPES[dtype])
+    for kind in ("device", "host", "disk"):
+        store = allocate(StorePlan(kind, dtype, 0, ""), 7, 5, Runner(), tmp_path / f"{kind}.{dtype}")
+        store[2:6] = values[2:6]
+        assert store.dtype == values.dtype and store.shape == (7, 5) and not store.is_pinned()
+        assert torch.equal(store[2:6], values[2:6])
+    on_disk = np.memmap(tmp_path / f"disk.{dtype}", dtype=context_store.FILE_TYPES[dtype], mode="r", shape=(7, 5))
+    assert torch.equal(torch.from_numpy(np.array(on_disk[2:6])).view(values.dtype), values[2:6])
+
+
+def test_disk_files_live_while_the_unit_runs_and_are_removed_however_it_ends(tmp_path: Path) -> None:
+    folder, plan = tmp_path / "store", StorePlan("disk", "fp32", 0, "")
+    with context_stores(plan, {"train": 9, "val": 4}, 3, Runner(), "A-12", folder) as stores:
+        assert sorted(p.name for p in folder.iterdir()) == ["A-12-train.fp32", "A-12-val.fp32"]
+        assert (folder / "A-12-train.fp32").stat().st_size == 9 * 3 * 4
+        assert stores["val"].shape == (4, 3)
+    assert not folder.exists()
+    with pytest.raises(KeyboardInterrupt), context_stores(plan, {"train": 9}, 3, Runner(1, 2), "A-12", folder):
+        assert [p.name for p in folder.iterdir()] == ["A-12-train.rank1.fp32"]  # ranks share the folder
+        raise KeyboardInterrupt
+    assert not folder.exists()
+
+
+def test_phase2_reads_a_disk_store_like_one_in_memory(tmp_path: Path) -> None:
+    model, ids = TinyModel(), torch.randint(0, 11, (30,), generator=torch.Generator().manual_seed(0))
+    contexts = torch.randn(30, 4, dtype=torch.float64)
+    with context_stores(StorePlan("disk", "fp32", 0, ""), {"train": 30}, 4, Runner(), "A-1", tmp_path) as stores:
+        stores["train"].copy_(contexts)
+        from_disk = Phase2Data(stores["train"], ids).batch(model, range(3, 17), CPU)
+    in_memory = Phase2Data(contexts.float(), ids).batch(model, range(3, 17), CPU)
+    for a, b in zip(from_disk[0], in_memory[0], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_running_out_of_memory_while_allocating_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    def no_memory(*args: Any) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(context_store, "allocate", no_memory)
+    plan = StorePlan("device", "fp32", 3 * GiB, "")
+    with pytest.raises(RunFailed) as failed, context_stores(plan, {"train": 9}, 3, Runner(), "A-12", tmp_path):
+        pass
+    assert str(failed.value) == (
+        'A-12: allocating the context stores: out of memory (OutOfMemoryError); the context stores take '
+        '3,221,225,472 bytes (3.0 GiB, device, fp32); set runner.context_store = "host" or "disk" or '
+        'runner.context_dtype = "bf16"')
+
+
+def test_what_counts_as_out_of_memory() -> None:
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000 bytes")
+    refused = UserError("out of memory on cuda:0 at batch 1024: set phase2.batch_size = 512")
+    refused.__cause__ = torch.OutOfMemoryError("CUDA out of memory")
+    assert is_out_of_memory(torch.OutOfMemoryError()) and is_out_of_memory(cpu) and is_out_of_memory(refused)
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(UserError("bad key"))
+
+
+def test_ranks_agree_on_the_most_conservative_kind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Rank 1 has less free RAM: both ranks take the disk, so every rank holds and records the same."""
+    free = {0: 64 * GiB, 1: GiB}
+    rank_of = threading.local()
+    monkeypatch.setattr(context_store, "available_bytes", lambda device: free[rank_of.value])
+    board: dict[str, Any] = {"barrier": threading.Barrier(2)}
+    kinds: list[str] = ["", ""]
+
+    def rank(r: int) -> None:
+        rank_of.value = r
+        kinds[r] = plan_stores(Runner(r, 2, board), 1024000, 768, tmp_path).kind
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert kinds == ["disk", "disk"]
