@@ -13,7 +13,6 @@ import hashlib
 import json
 import platform
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from .errors import DataError, RunFailed, UserError
 from .params import check_model_fits
 from .phase2 import Phase2Data, Phase2State, input_weights, train_phase2, weights_as
 from .protocols import EvalOutputs, Phase1Report, Runner, SolveResult
-from .rundir import Checkpoint, CheckpointUnreadable, RunDir
+from .rundir import STORE_DIR, Checkpoint, CheckpointUnreadable, RunDir
 from .scaling import Point, fit_all, report_to_json
 
 
@@ -108,7 +107,6 @@ def _checkpoint_tensors(model: Any) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.data_ptr() not in skip}
 
 
-STORE_DIR = "store"  # disk context stores, one file per stream of the running unit
 PHASE1_KEYS = {"iterations", "convergence_rate", "token_evaluations", "seconds", "train_er"}
 
 
@@ -412,7 +410,6 @@ def _start(run: RunDir, units: list[Unit], progress: Any, meta_now: dict[str, An
     if records:
         _publish(run, units, done)
     run.repair({u.id for u in units if (u.label, u.samples) in done})
-    shutil.rmtree(run.inside(run.path / STORE_DIR), ignore_errors=True)  # disk stores of a killed unit
     previous, attempt = run.read_json("meta.json"), 1
     if isinstance(previous, dict):
         attempt = previous["attempt"] + 1 if isinstance(previous.get("attempt"), int) else 2

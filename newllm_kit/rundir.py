@@ -33,6 +33,7 @@ from .errors import UserError
 RESULT_CSV_COLUMNS = ("model", "samples", "train_tokens", "val_tokens", "val_ppl", "val_acc", "train_er",
                       "val_er", "phase1_iterations", "convergence_rate", "best_epoch")
 LOCK = ".lock"
+STORE_DIR = "store"  # disk context stores, one file per stream of the running unit
 
 # (stage, tensor groups by file name, JSON state) of one checkpoint
 Checkpoint = tuple[str, dict[str, dict[str, torch.Tensor]], dict[str, Any]]
@@ -284,10 +285,12 @@ class RunDir:
 
     def repair(self, finished: set[str]) -> None:
         """Finish what a killed process left half done (records are rewritten by the caller): remove
-        temporaries, the checkpoints of finished units and an empty checkpoints/, and cut an
-        unfinished last metrics line so the next append starts on a line of its own."""
+        temporaries, disk context stores (no unit is running), the checkpoints of finished units and
+        an empty checkpoints/, and cut an unfinished last metrics line so the next append starts on a
+        line of its own."""
         for stray in [*self.path.glob(".*.tmp"), *self.path.glob("checkpoints/*/.*.tmp")]:
             self._remove(stray)
+        self._remove(self.path / STORE_DIR)
         for unit_dir in self.path.glob("checkpoints/*"):
             if unit_dir.name in finished:
                 self._remove(unit_dir)

@@ -25,9 +25,9 @@ from newllm_kit import hookimpl
 from newllm_kit.context_store import decide, free_bytes, is_out_of_memory, settings_of
 from newllm_kit.errors import RunFailed, UserError
 from newllm_kit.protocols import Phase1Report, Progress, Runner, SolveResult
-from newllm_kit.spans import token_span
+from newllm_kit.spans import token_rows, token_span
 
-from .frozen_solve import BLOCK, full_precision_matmuls, solve_frozen, token_rows
+from .frozen_solve import BLOCK, full_precision_matmuls, solve_frozen
 
 T = TypeVar("T")
 MAX_ITERATIONS = 1_000_000  # each pass sweeps the whole stream: far beyond any real budget

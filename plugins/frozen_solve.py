@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from newllm_kit.protocols import SolveResult
-from newllm_kit.spans import token_span
+from newllm_kit.spans import token_rows, token_span
 
 METHODS = ("auto", "sequential", "jacobi", "chunked")
 BLOCK = 8192  # rows per batched forward or token projection: bounds memory, large enough for full GEMM speed
@@ -77,23 +77,6 @@ def full_precision_matmuls() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(saved)
-
-
-def token_rows(model: Any, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Token inputs at any positions of a stream (a gather, where `token_span` takes a span).
-
-    Row p reads only ids p−N+1 … p, so each row is the last row of its own N-id window; positions
-    whose window reaches before the stream start take the stream's first rows, which hold the zeros.
-    """
-    history = int(getattr(model, "num_input_tokens", 1)) - 1
-    if history == 0:
-        return model.token_inputs(ids[positions])
-    windows = positions.unsqueeze(1) + torch.arange(-history, 1, device=positions.device)
-    x = model.token_inputs(ids[windows.clamp(min=0)].flatten())[history::history + 1]
-    early = positions < history
-    if bool(early.any()):
-        x[early] = token_span(model, ids, 0, min(history, ids.shape[0]))[positions[early]]
-    return x
 
 
 class Tokens:

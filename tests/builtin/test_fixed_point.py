@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from newllm_kit.errors import RunFailed, UserError
-from newllm_kit.spans import token_span
+from newllm_kit.spans import token_rows, token_span
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -707,7 +707,7 @@ def test_token_rows_gather_the_rows_of_the_whole_stream(num_input_tokens: int) -
     model, ids = real_model(num_input_tokens, "gradual-reduction", 1.0, n=40)
     positions = torch.tensor([0, 1, 2, 39, 5, 5, 17, 1])
     with torch.no_grad():
-        torch.testing.assert_close(frozen_solve.token_rows(model, ids, positions), model.token_inputs(ids)[positions],
+        torch.testing.assert_close(token_rows(model, ids, positions), model.token_inputs(ids)[positions],
                                    rtol=0, atol=0)
 
 
