@@ -157,6 +157,17 @@ def test_more_samples_than_the_corpus_has(tmp_path: Path) -> None:
                 False, "none", load_plugins())
 
 
+def _unfinished_unit_checkpointed(run_dir: Path) -> bool:
+    """A unit is in results.jsonl and another, unfinished one has published a checkpoint. (A finished
+    unit's checkpoint lives on for a moment after its record is written, so LATEST alone is not enough.)"""
+    try:
+        lines = (run_dir / "results.jsonl").read_text().splitlines()
+        finished = {f"{r['model']}-{r['samples']}" for r in map(json.loads, lines)}
+    except (OSError, ValueError, KeyError):
+        return False
+    return bool(finished) and any(p.parent.name not in finished for p in (run_dir / "checkpoints").glob("*/LATEST"))
+
+
 def test_kill_9_then_resume_gives_the_uninterrupted_results(finished: dict[str, Any], tmp_path: Path) -> None:
     path = write_tiny(tmp_path)
     out = tmp_path / "runs"
@@ -168,7 +179,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_results(finished: dict[str, 
     killed_mid_unit = False
     while time.monotonic() < deadline and process.poll() is None:
         runs = [p for p in out.glob("tiny/*") if (p / "config.resolved.toml").exists()]
-        if runs and (runs[0] / "results.jsonl").exists() and any((runs[0] / "checkpoints").glob("*/LATEST")):
+        if runs and _unfinished_unit_checkpointed(runs[0]):
             os.kill(process.pid, signal.SIGKILL)  # one unit finished, the next one checkpointed
             killed_mid_unit = True
             break
