@@ -21,15 +21,13 @@ from newllm_kit.protocols import Phase1Report, Progress, Runner
 from .fixed_point import (
     CVFPSolver,
     CVFPSolverSettings,
-    InPlacePass,
-    Rows,
     gather_rows,
     initial_contexts,
     phase1_oom,
     stream_shard,
     take_step,
-    with_oom_retry,
 )
+from .jacobi_pass import InPlacePass, Rows, with_oom_retry
 
 
 class GradualDecreaseSettings(CVFPSolverSettings):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from newllm_kit_plugins import fixed_point, frozen_solve
+from newllm_kit_plugins import fixed_point, frozen_solve, jacobi_pass
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 from pydantic import ValidationError
 from torch import nn
@@ -175,10 +175,10 @@ def spec_noise(n: int, width: int, sigma: float, seed: int, iteration: int) -> t
     """The noise definition: block b of NOISE_ROWS positions is randn from a generator seeded by
     SeedSequence([seed, iteration, b])."""
     blocks = []
-    for b in range(-(-n // fixed_point.NOISE_ROWS)):
+    for b in range(-(-n // jacobi_pass.NOISE_ROWS)):
         state = np.random.SeedSequence([seed, iteration, b]).generate_state(1, np.uint64)[0]
         generator = torch.Generator().manual_seed(int(state))
-        blocks.append(torch.randn(fixed_point.NOISE_ROWS, width, generator=generator))
+        blocks.append(torch.randn(jacobi_pass.NOISE_ROWS, width, generator=generator))
     return torch.cat(blocks)[:n] * sigma
 
 
@@ -403,7 +403,7 @@ def test_noise_depends_on_the_position_only() -> None:
     positions = torch.arange(3000)
 
     def draw(rows: torch.Tensor, seed: int = 3, iteration: int = 2) -> torch.Tensor:
-        return fixed_point.context_noise(rows, 5, 0.1, seed, iteration, torch.device("cpu"))
+        return jacobi_pass.context_noise(rows, 5, 0.1, seed, iteration, torch.device("cpu"))
 
     whole = draw(positions)
     torch.testing.assert_close(whole, spec_noise(3000, 5, 0.1, 3, 2), rtol=0, atol=0)
