@@ -21,6 +21,7 @@ them); the layout used is printed. Fixed costs (weights, optimizer, the process)
     python benchmarks/scale.py
     python benchmarks/scale.py --sizes 4000,8000,16000 --json
     python benchmarks/scale.py --stores host --set 'runner.context_dtype="bf16"'
+    python benchmarks/scale.py --stores device --malloc system   # glibc's allocator defaults, to compare
 """
 
 from __future__ import annotations
@@ -120,13 +121,13 @@ def rows_for(sizes: list[int]) -> list[int]:
     return [int(np.searchsorted(lengths, size)) + 1 for size in sizes]
 
 
-def run_cli(config: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
+def run_cli(config: Path, out: Path, overrides: list[str], env: dict[str, str]) -> dict[str, Any]:
     """One `newllm-kit run`: its peak RSS and device peak in bytes, wall seconds and results record."""
     peak_file = out / "peaks.json"
     sets = [arg for value in overrides for arg in ("--set", value)]
     command = [sys.executable, "-c", CHILD, "run", str(config), "--out", str(out / "runs"), "--progress", "plain",
                *sets]
-    env = {**os.environ, "SCALE_PEAKS": str(peak_file)}
+    env = {**os.environ, **env, "SCALE_PEAKS": str(peak_file)}
     started = time.perf_counter()
     with open(out / "log.txt", "wb") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -213,14 +214,15 @@ def accepted_stores(config: Path, wanted: list[str], overrides: list[str]) -> li
     return [s for s in wanted if validates(config, f'runner.context_store="{s}"', *overrides)]
 
 
-def sweep(configs: list[Path], root: Path, store: str | None, overrides: list[str]) -> list[dict[str, Any]]:
+def sweep(configs: list[Path], root: Path, store: str | None, overrides: list[str], env: dict[str, str]
+          ) -> list[dict[str, Any]]:
     """One CLI run per experiment file, with the given context store (None: the kit's default)."""
     settings = [*([f'runner.context_store="{store}"'] if store else []), *overrides]
     runs = []
     for config in configs:
         out = root / (store or "default") / config.stem
         out.mkdir(parents=True, exist_ok=True)
-        runs.append(run_cli(config, out, settings))
+        runs.append(run_cli(config, out, settings, env))
     return runs
 
 
@@ -232,8 +234,12 @@ def main() -> None:
     parser.add_argument("--runner", default="auto", help="runner.name")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run (repeatable)")
     parser.add_argument("--keep", type=Path, help="keep the runs in this folder (default: a temporary one)")
+    parser.add_argument("--malloc", choices=("kit", "system"), default="kit",
+                        help="kit: large CPU tensors go back to the OS when freed (newllm_kit.allocator); "
+                             "system: glibc's defaults (NEWLLM_KIT_MALLOC=system), to compare")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    env = {"NEWLLM_KIT_MALLOC": "system"} if args.malloc == "system" else {}
     sizes = sorted(int(s) for s in args.sizes.split(","))
     if len(sizes) < 2 or sizes[0] < 2:
         parser.error("--sizes needs at least two lengths of 2 tokens or more")
@@ -243,14 +249,14 @@ def main() -> None:
         configs = write_configs(root, sizes, args.iterations, args.runner)
         stores = accepted_stores(configs[0], wanted, args.set)
         layout = "one context" if stores else "all layers"
-        result: dict[str, Any] = {"machine": machine(), "sizes": sizes, "overrides": args.set,
+        result: dict[str, Any] = {"machine": machine(), "sizes": sizes, "overrides": args.set, "malloc": args.malloc,
                                   "skipped_stores": [s for s in wanted if s not in stores], "stores": {}}
-        lines = [f"machine: {result['machine']}"]
+        lines = [f"machine: {result['machine']}", f"allocator: {args.malloc}"]
         if result["skipped_stores"]:
             lines.append(f"stores not accepted by this kit (skipped): {', '.join(result['skipped_stores'])}")
         choices: list[str | None] = [*stores] or [None]
         for store in choices:
-            runs = sweep(configs, root, store, args.set)
+            runs = sweep(configs, root, store, args.set, env)
             fit = summarise(runs, layout)
             result["stores"][store or "default"] = {"runs": runs, **fit}
             lines += lines_for(store or "default", runs, fit)

@@ -25,6 +25,7 @@ from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from . import __version__
+from .allocator import return_large_blocks_to_os
 from .errors import RunFailed, RunInterrupted, UserError
 from .plugins import Plugins, load_plugins
 
@@ -174,8 +175,20 @@ def validate_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="
 
     config = _load(file, set_)
     units = plan(config)
-    console.print(f"[green]ok[/] {escape(str(file))}: {len(config.models)} model(s) × "
-                  f"{len(config.schema.experiment.samples)} training size(s) = {len(units)} unit(s)")
+    seeds = config.schema.experiment.seed_list()
+    grid = [f"{len(config.models)} model(s)", f"{len(config.schema.experiment.samples)} training size(s)"]
+    grid += [f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"] if len(seeds) > 1 else []
+    grid += [f"{len(config.variants)} sweep variants"] if config.variants else []
+    console.print(f"[green]ok[/] {escape(str(file))}: {' × '.join(grid)} = {len(units)} unit(s)")
+    for variant in config.variants:
+        changes = ", ".join(f"{k} = {_toml_value(v)}" for k, v in variant.changes.items())
+        console.print(escape(f"  variant {variant.name}: {changes}"))
+
+
+def _toml_value(value: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").strip()
 
 
 PARAM_LINES = (("ContextBlock", "context_block"), ("TokenBlock", "token_block"), ("embedding", "embedding"),
@@ -219,11 +232,15 @@ def params_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Ex
 
     config = _load(file, set_)
     rows = count_params(config)
+    variants = [(v.name, v.changes, count_params(v.config)) for v in config.variants]
     if as_json:
-        _print_json({"models": rows})
+        _print_json({"models": rows, **({"variants": [{"name": name, "changes": changes, "models": counts}
+                                                      for name, changes, counts in variants]} if variants else {})})
         return
-    for table in _params_tables(escape(f"parameters: {file}"), rows, console.width):
-        console.print(table)
+    for name, _, counts in variants or [("", {}, rows)]:
+        title = f"parameters: {file}" + (f" [variant {name}]" if name else "")
+        for table in _params_tables(escape(title), counts, console.width):
+            console.print(table)
 
 
 @app.command("run", cls=_Command)
@@ -250,12 +267,25 @@ def run_command(
                      plugins())
     if result.pop("rank", 0) != 0:
         return  # under torchrun only rank 0 reports
+    result["plots"] = _plots_after_run(Path(result["run_dir"]))
     if as_json:
         _print_json(result)
     else:
         from .report import print_results
 
         print_results(console, result)
+
+
+def _plots_after_run(run_dir: Path) -> str:
+    """Where the run's pictures went, or how to get them: matplotlib is optional."""
+    from .plots import write_plots
+    from .scaling_plot import INSTALL
+
+    try:
+        written = write_plots(run_dir)
+    except UserError as error:
+        return f"not drawn ({error}); then: newllm-kit plot {run_dir}" if INSTALL in str(error) else str(error)
+    return f"{run_dir / 'plots'} ({len(written)} PNG files; redraw with newllm-kit plot {run_dir})"
 
 
 @app.command("scaling", cls=_Command)
@@ -303,6 +333,52 @@ def scaling_command(
         scaling.render(report, console)
         if plot is not None:
             console.print(escape(f"plot written to {plot}"))
+
+
+@app.command("compare", cls=_Command)
+def compare_command(
+    sources: Annotated[list[Path], typer.Argument(
+        metavar="RUN_OR_FILE", help="Run directories, results.jsonl or results.csv files.")],
+    metric: Annotated[str, typer.Option("--metric", metavar="KEY",
+                                        help="Record key: val_ppl, val_acc, train_er, val_er …")] = "val_ppl",
+    by: Annotated[str, typer.Option("--by", metavar="model|variant",
+                                    help="Compare models (within each variant) or sweep variants (within each "
+                                         "model), at each training size.")] = "model",
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="Compare sources whose corpus, tokenizer "
+                                              "or validation split differ.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Is one model (or variant) better than another? Difference of means with a 95% interval,
+    paired by seed where both sides ran the same seeds (Welch otherwise), a verdict, and α differences.
+
+    Example: `newllm-kit compare runs/v2-seeds/20261201-…` or `newllm-kit compare RUN --by variant --metric val_er`
+    """
+    from .compare import compare, render
+
+    document = compare(list(sources), metric, by, allow_mixed)
+    if as_json:
+        _print_json(document)
+    else:
+        render(document, console)
+
+
+@app.command("plot", cls=_Command)
+def plot_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (runs/<experiment>/<run>).")],
+    out: Annotated[Path | None, typer.Option("--out", metavar="DIR",
+                                             help="Folder for the PNGs (default RUN_DIR/plots).")] = None,
+) -> None:
+    """Training curves per unit and per model, PPL vs tokens with the fits, and sweep plots, as PNGs
+    (needs `pip install 'newllm-kit[plot]'`).
+
+    Example: `newllm-kit plot runs/quickstart/20261201-… --out figures`
+    """
+    from .plots import write_plots
+
+    written = write_plots(run_dir, out)
+    console.print(escape(f"{len(written)} PNG files in {out or run_dir / 'plots'}:"))
+    for path in written:
+        console.print(escape(f"  {path.name}"))
 
 
 def _register_plugin_commands() -> None:
@@ -368,6 +444,7 @@ def main() -> None:
     _state["traceback"] = "--traceback" in sys.argv
     _state["strict"] = "--strict-plugins" in sys.argv
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    return_large_blocks_to_os()
     try:
         _register_plugin_commands()
         for info in plugins().problems():

@@ -8,7 +8,10 @@ seed's v2 experiment.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import itertools
+import json
 import math
 import re
 import tomllib
@@ -53,6 +56,8 @@ class ExperimentSection(_Strict):
     description: str = Field("", description="Free text recorded in meta.json.")
     samples: list[int] = Field([500, 1000], min_length=1, description="Training sizes (documents).")
     seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed for Python, NumPy and torch before each unit.")
+    seeds: list[int] | None = Field(None, min_length=1, description="Replicates: every unit once per seed "
+                                    "(default: the single `seed`).")
     metrics: list[str] = Field(
         ["ppl", "accuracy", "effective_rank", "convergence_rate"], description="Metric plugins to report."
     )
@@ -70,6 +75,19 @@ class ExperimentSection(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("training sizes must be distinct")
         return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 0 <= v <= SEED_MAX for v in value):
+            raise ValueError(f"every seed must be between 0 and {SEED_MAX:,}")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("seeds must be distinct")
+        return value
+
+    def seed_list(self) -> list[int]:
+        """The seeds every model × size runs with: `seeds`, else the single `seed`."""
+        return list(self.seeds) if self.seeds else [self.seed]
 
 
 def safe_name(value: str, names: str) -> str:
@@ -107,6 +125,12 @@ class EmbeddingSection(_Open):
 
 class SolverSection(_Open):
     name: str = Field("cvfp", description="Fixed-point solver plugin name (Phase 1).")
+    skip_phase2_if_identity: bool = Field(
+        False, description="Skip Phase 2 when the frozen block is close to an identity mapping, as the "
+                           "reference did (False: record and warn).")
+    val_convergence_trials: int = Field(
+        10, ge=0, le=1000, description="Sequential validation rollouts of the convergence check (spec §3.6); "
+                                       "0 skips it.")
 
 
 class RunnerSection(_Open):
@@ -185,6 +209,8 @@ class ExperimentConfig:
     models: list[tuple[str, Choice]]
     metrics: list[Choice]
     overrides: list[str] = field(default_factory=list)
+    sweep: Sweep | None = None
+    variants: list[Variant] = field(default_factory=list)  # one per sweep combination; empty without [sweep]
 
     def resolved(self) -> dict[str, Any]:
         """Every key with its value in force (defaults filled), as plain TOML-able data."""
@@ -200,10 +226,42 @@ class ExperimentConfig:
             {"label": m.label, "architecture": m.architecture, **_settings_dict(choice)}
             for m, (_, choice) in zip(self.schema.models, self.models, strict=True)
         ]
+        if self.sweep is not None:
+            out["sweep"] = self.sweep.to_toml()
         return _drop_none(out)
+
+    def variant_configs(self) -> list[tuple[str, ExperimentConfig]]:
+        """(variant name, its config) for a sweep; [("", self)] for a file without [sweep]."""
+        return [(v.name, v.config) for v in self.variants] or [("", self)]
 
     def resolved_toml(self) -> str:
         return tomli_w.dumps(self.resolved())
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A `[sweep]` table: dotted keys → value lists, run as their Cartesian product."""
+
+    keys: list[str]
+    values: list[list[Any]]
+    labels: list[str] | None  # given names, one per combination in product order
+
+    def combinations(self) -> list[dict[str, Any]]:
+        """Every combination as {dotted key: value}; the first key varies slowest."""
+        return [dict(zip(self.keys, combo, strict=True)) for combo in itertools.product(*self.values)]
+
+    def to_toml(self) -> dict[str, Any]:
+        table: dict[str, Any] = dict(zip(self.keys, self.values, strict=True))
+        return {**table, "labels": self.labels} if self.labels else table
+
+
+@dataclass
+class Variant:
+    """One sweep combination: its name (used in unit ids), the keys it sets, and its validated config."""
+
+    name: str
+    changes: dict[str, Any]
+    config: ExperimentConfig
 
 
 def _settings_dict(choice: Choice) -> dict[str, Any]:
@@ -266,13 +324,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_override(data: dict[str, Any], text: str) -> None:
     parts, value = parse_override(text)
+    if parts[0] == "sweep" and len(parts) > 1:  # `--set sweep.solver.lr=[…]` names one swept key, dots and all
+        sweep = data.setdefault("sweep", {})
+        if not isinstance(sweep, dict):
+            raise ConfigError(f"--set {text!r}: sweep is a value, not a table")
+        sweep[".".join(parts[1:])] = value
+        return
+    set_key(data, parts, value, f"--set {text!r}")
+
+
+def set_key(data: dict[str, Any], parts: list[str], value: Any, what: str) -> None:
+    """Put `value` at the dotted key `parts` (list elements by index); `what` starts any error."""
     node: Any = data
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {text!r}: {where}: no list element {part} (the list has {len(node)})")
+                raise ConfigError(f"{what}: {where}: no list element {part} (the list has {len(node)})")
             if last:
                 node[int(part)] = value
             else:
@@ -283,7 +352,7 @@ def apply_override(data: dict[str, Any], text: str) -> None:
             else:
                 node = node.setdefault(part, {})
         else:
-            raise ConfigError(f"--set {text!r}: {'.'.join(parts[:depth])} is a value, not a table")
+            raise ConfigError(f"{what}: {'.'.join(parts[:depth])} is a value, not a table")
 
 
 # Location parts pydantic adds for the members of a union (`int | "auto"`): not keys a user wrote.
@@ -378,16 +447,114 @@ def _choose(path: Path, registry: Registry, kind: str, key: str, name: str, sect
 
 
 def load_config(path: Path, registry: Registry, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The validated experiment; with a `[sweep]`, every variant is validated too, before anything runs."""
     overrides = list(overrides or [])
     data = read_toml(path)
     for text in overrides:
         apply_override(data, text)
+    sweep = parse_sweep(path, data.pop("sweep", None), overrides)
+    config = _validated(path, registry, data, overrides)
+    if sweep is None:
+        return config
+    config.sweep = sweep
+    names = sweep.labels or variant_names(sweep)
+    for name, changes in zip(names, sweep.combinations(), strict=True):
+        variant = copy.deepcopy(data)
+        for key, value in changes.items():
+            set_key(variant, key.split("."), value, f"{path}: sweep.{key}")
+        try:
+            config.variants.append(Variant(name, changes, _validated(path, registry, variant, overrides)))
+        except ConfigError as error:
+            raise ConfigError(f"{error} (in sweep variant {name!r})") from None
+    return config
+
+
+def parse_sweep(path: Path, raw: Any, overrides: list[str]) -> Sweep | None:
+    """The `[sweep]` table as keys and value lists; nested tables (`[sweep.solver]`) count as dotted keys."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{path}: sweep: must be a table of dotted keys → value lists, e.g. '
+                          f'"solver.dist_reg_weight" = [0.3, 0.5]')
+    labels = raw.pop("labels", None)
+    flat: dict[str, Any] = {}
+    _flatten_sweep(path, raw, "", flat)
+    if not flat:
+        raise ConfigError(f'{path}: sweep: empty; add a key, e.g. "solver.dist_reg_weight" = [0.3, 0.5]')
+    for key, values in flat.items():
+        if "." not in key or key.split(".")[0] in ("experiment", "sweep"):
+            raise ConfigError(f"{path}: sweep.{key}: name a key inside a section other than [experiment], e.g. "
+                              f'"solver.dist_reg_weight" (sizes and seeds are experiment.samples and .seeds)')
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: sweep.{key}: expected a non-empty list of values (got {values!r})")
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise ConfigError(f"{path}: sweep.{key}: a value is listed twice; list each value once")
+    for text in overrides:
+        parts, _ = parse_override(text)
+        dotted = ".".join(parts)
+        clash = next((k for k in flat if dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + ".")),
+                     None)
+        if clash is not None and parts[0] != "sweep":
+            raise ConfigError(f"--set {text!r}: {clash} is swept in [sweep] of {path}; set its values instead: "
+                              f"--set 'sweep.{clash}=[…]'")
+    sweep = Sweep(list(flat), list(flat.values()), None)
+    count = len(sweep.combinations())
+    if labels is not None:
+        if (not isinstance(labels, list) or len(labels) != count or not all(isinstance(x, str) for x in labels)
+                or len(set(labels)) != count):
+            raise ConfigError(f"{path}: sweep.labels: expected {count} distinct names, one per combination "
+                              f"(the first key varies slowest)")
+        for label in labels:
+            try:
+                safe_name(label, "the variant's checkpoints")
+            except ValueError as error:
+                raise ConfigError(f"{path}: sweep.labels: {label!r} {error}") from None
+    return Sweep(sweep.keys, sweep.values, labels)
+
+
+def _flatten_sweep(path: Path, table: dict[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            _flatten_sweep(path, value, dotted, out)
+        elif dotted in out:
+            raise ConfigError(f"{path}: sweep.{dotted}: given twice; keep one")
+        else:
+            out[dotted] = value
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def variant_names(sweep: Sweep) -> list[str]:
+    """Short names from the changed keys, `drw-0.3_cn-0.1` for solver.dist_reg_weight = 0.3 and
+    solver.context_noise = 0.1: each key's last part, as its initials when it is longer than 8
+    characters (the whole dotted key where two swept keys would share a name), and the value."""
+    leaves = [k.split(".")[-1] for k in sweep.keys]
+    shorts = ["".join(w[:1] for w in leaf.split("_")) if len(leaf) > 8 and "_" in leaf else leaf for leaf in leaves]
+    shorts = [short if shorts.count(short) == 1 else key for short, key in zip(shorts, sweep.keys, strict=True)]
+    names = []
+    for i, combination in enumerate(sweep.combinations(), start=1):
+        text = "_".join(f"{short}-{_value_text(v)}" for short, v in zip(shorts, combination.values(), strict=True))
+        names.append(text if NAME_PATTERN.fullmatch(text) and ".." not in text else f"variant{i}")
+    return [name if names.count(name) == 1 else f"variant{i}" for i, name in enumerate(names, start=1)]
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = value if isinstance(value, str) else repr(value) if isinstance(value, float) else json.dumps(value)
+    return _UNSAFE.sub("-", str(text)).strip("-") or "x"
+
+
+def _validated(path: Path, registry: Registry, data: dict[str, Any], overrides: list[str]) -> ExperimentConfig:
     _check_numbers(path, data, "")
     try:
         schema = FileSchema.model_validate(data)
     except ValidationError as error:
         loc = error.errors()[0]["loc"]
-        raise _format_error(path, error, "", _valid_keys(FileSchema, loc), FileSchema) from None
+        valid = _valid_keys(FileSchema, loc) + (["sweep"] if len(loc) == 1 else [])
+        raise _format_error(path, error, "", valid, FileSchema) from None
 
     def core(model: type[BaseModel]) -> set[str]:
         return set(model.model_fields)

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ import torch
 from .errors import ConfigError, DataError, PluginError
 from .protocols import DataSource, Tokenizer, TokenizerFactory, missing_members
 from .rundir import atomic_write_bytes, atomic_writer
+
+if TYPE_CHECKING:
+    from .config import Choice
 
 CACHE_FORMAT = 2  # 2: raw int32 ids + .npy boundaries, memory-mapped; format 1 files are never read
 ENCODE_BATCH = 1024  # documents tokenised per write: bounds the ids held as Python objects
@@ -217,10 +220,13 @@ class Split:
                             f"validation {_show(self.val)}) but the corpus has {corpus_rows} rows; "
                             f"lower experiment.samples or data.val.start/count")
 
-    def fingerprint(self, scheme: str, corpus: str) -> str:
-        """Independent of the training size: every size trains on a prefix from `train.start`."""
-        payload = {"train_start": self.train.start, "val": [self.val.start, self.val.stop],
-                   "scheme": scheme, "corpus": corpus}
+    def fingerprint(self, scheme: str, corpus: str, tokenizer_rows: range | None = None) -> str:
+        """Independent of the training size: every size trains on a prefix from `train.start`, and a
+        tokenizer trained on its own rows (`tokenizer_rows`) on the same rows whatever the sizes."""
+        payload: dict[str, Any] = {"train_start": self.train.start, "val": [self.val.start, self.val.stop],
+                                   "scheme": scheme, "corpus": corpus}
+        if tokenizer_rows is not None:
+            payload["tokenizer_rows"] = [tokenizer_rows.start, tokenizer_rows.stop]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -277,16 +283,23 @@ def load_streams(
 ) -> tuple[Stream, Stream, Tokenizer, dict[str, str]]:
     """Read, tokenise and cache the training and validation streams of one experiment.
 
-    The tokenizer is loaded (or trained) on the training texts only, so nothing about the
-    validation rows leaks into it. Returns (train, val, tokenizer, fingerprints) where the
-    fingerprints are `corpus`, `tokenizer`, `scheme` and `split`.
+    The tokenizer is loaded (or trained) on training texts only, so nothing about the validation
+    rows leaks into it: a factory with a `train_rows` range (the `bpe` tokenizer's fixed rows) gets
+    the texts of those rows, checked to be disjoint from validation; any other gets the training
+    texts. Returns (train, val, tokenizer, fingerprints) where the fingerprints are `corpus`,
+    `tokenizer`, `scheme` and `split` (which then includes the tokenizer's rows).
     """
     text_scheme = get_scheme(scheme)
     split = Split(train_rows, val_rows)
-    split.check(source.size())
+    size = source.size()
+    split.check(size)
     corpus = source.fingerprint()
     train_texts, val_texts = _texts(source, text_scheme, train_rows), _texts(source, text_scheme, val_rows)
-    tokenizer = tokenizer_factory.load(train_texts, Path(cache_dir))
+    tokenizer_rows: range | None = getattr(tokenizer_factory, "train_rows", None)
+    if tokenizer_rows is not None:
+        check_tokenizer_rows(tokenizer_rows, val_rows, size)
+    tokenizer_texts = train_texts if tokenizer_rows is None else _texts(source, text_scheme, tokenizer_rows)
+    tokenizer = tokenizer_factory.load(tokenizer_texts, Path(cache_dir))
     missing = missing_members(tokenizer, Tokenizer)
     if missing:
         raise PluginError(f"tokenizer: {type(tokenizer_factory).__name__}.load() returned "
@@ -302,6 +315,25 @@ def load_streams(
         "corpus": corpus,
         "tokenizer": tokenizer.fingerprint,
         "scheme": text_scheme.name,
-        "split": split.fingerprint(text_scheme.name, corpus),
+        "split": split.fingerprint(text_scheme.name, corpus, tokenizer_rows),
     }
     return train, val, tokenizer, fingerprints
+
+
+def check_tokenizer_rows(rows: range, val_rows: range, corpus_rows: int | None) -> None:
+    """The tokenizer's own training rows: inside the corpus and disjoint from validation."""
+    if rows.start < val_rows.stop and val_rows.start < rows.stop:
+        raise DataError(f"tokenizer.train_rows {_show(rows)} overlap validation rows {_show(val_rows)}; set "
+                        f"tokenizer.train_rows = {{ start = ..., count = ... }} outside them")
+    if corpus_rows is not None and rows.stop > corpus_rows:
+        raise DataError(f"tokenizer.train_rows {_show(rows)} reach past the corpus's {corpus_rows} rows; lower "
+                        f"tokenizer.train_rows.count or start")
+
+
+def embedding_provenance(choice: Choice) -> dict[str, Any]:
+    """Where the embedding table comes from and what it is: the source, its settings (a hub id and
+    `revision`, or a distribution; not the download cache) and `sha256`, the source's fingerprint:
+    for `gpt2` the sha256 of the wte table itself, for `random` of its distribution (the table then
+    follows from the experiment seed). Two runs with different values read different tables."""
+    settings = {} if choice.settings is None else choice.settings.model_dump(mode="json", exclude={"cache_dir"})
+    return {"source": choice.component.name, **settings, "sha256": choice.build().fingerprint()}

@@ -17,23 +17,35 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, phase1_contexts
 from .config import ExperimentConfig, read_toml
 from .context_store import StorePlan, context_stores, is_out_of_memory, out_of_memory_message, plan_stores
-from .corpus import Stream, load_streams
+from .corpus import Stream, embedding_provenance, load_streams
+from .diagnostics import diagnostic_warnings, seed_diagnostics
 from .errors import DataError, RunFailed, UserError
 from .params import check_model_fits
-from .phase2 import Phase2Data, Phase2State, input_weights, train_phase2, weights_as
+from .phase2 import (
+    Phase2Data,
+    Phase2Report,
+    Phase2State,
+    context_agreement,
+    input_weights,
+    train_phase2,
+    weights_as,
+)
 from .protocols import EvalOutputs, Phase1Report, Runner, SolveResult
-from .rundir import STORE_DIR, Checkpoint, CheckpointUnreadable, RunDir
-from .scaling import Point, fit_all, report_to_json
+from .rundir import RESULT_CSV_COLUMNS, STORE_DIR, Checkpoint, CheckpointUnreadable, RunDir
+from .scaling import Point, fit_all, report_to_json, series
+from .split_phase1 import phase1_solver
+
+VARIANTS_DIR = "variants"  # each sweep variant's resolved config, <name>.toml
 
 
 @dataclass(frozen=True)
@@ -41,15 +53,41 @@ class Unit:
     label: str
     samples: int
     index: int  # position of the model in [[models]]
+    seed: int = 42
+    variant: str = ""  # the sweep variant's name; "" without [sweep]
+    tag_seed: bool = False  # several seeds: the id names the seed
 
     @property
     def id(self) -> str:
-        return f"{self.label}-{self.samples}"
+        """`A-300`, `A-300-s43` with several seeds, `lr-0.1-A-300` in a sweep. A single-seed run keeps
+        the plain id, so run directories written before seeds existed still resume."""
+        base = f"{self.variant}-{self.label}-{self.samples}" if self.variant else f"{self.label}-{self.samples}"
+        return f"{base}-s{self.seed}" if self.tag_seed else base
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return self.variant, self.label, self.samples, self.seed
 
 
 def plan(config: ExperimentConfig) -> list[Unit]:
+    """Every sweep variant × model × training size × seed, in that order."""
+    seeds = config.schema.experiment.seed_list()
     sizes = sorted(config.schema.experiment.samples)
-    return [Unit(label, n, i) for i, (label, _) in enumerate(config.models) for n in sizes]
+    return [Unit(label, n, i, seed, name, len(seeds) > 1)
+            for name, variant in config.variant_configs()
+            for i, (label, _) in enumerate(variant.models) for n in sizes for seed in seeds]
+
+
+def record_key(record: dict[str, Any], default_seed: int) -> tuple[str, str, int, int]:
+    """The unit a results record belongs to; records written before seeds existed ran `default_seed`."""
+    return str(record.get("variant", "")), record["model"], record["samples"], int(record.get("seed", default_seed))
+
+
+def unit_config(config: ExperimentConfig, unit: Unit) -> ExperimentConfig:
+    """The unit's variant config with its seed as `experiment.seed`, which everything inside a unit reads."""
+    variant = dict(config.variant_configs())[unit.variant]
+    experiment = variant.schema.experiment.model_copy(update={"seed": unit.seed})
+    return replace(variant, schema=variant.schema.model_copy(update={"experiment": experiment}))
 
 
 def seed_everything(seed: int) -> None:
@@ -212,9 +250,10 @@ def _metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, 
 
 
 def _phase1(config: ExperimentConfig, unit: Unit, model: Any, solver: Any, ids: torch.Tensor, runner: Runner,
-            progress: Any) -> dict[str, Any]:
-    """Phase 1 and its summary. The [n, C] training contexts are needed only for the Train ER, so they
-    are dropped here, before any Phase-2 store exists."""
+            progress: Any, keep: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Phase 1, its summary and the first `keep` rows of its final contexts (all of them for the
+    fast Phase-2 path, a few for the context comparison). The rest of the [n, C] training contexts
+    is needed only for the Train ER, so it is dropped here, before any Phase-2 store exists."""
     started = time.perf_counter()
     report = solver.fit(model, ids, runner, progress)
     seconds = time.perf_counter() - started
@@ -228,8 +267,9 @@ def _phase1(config: ExperimentConfig, unit: Unit, model: Any, solver: Any, ids: 
         progress.message(f"{unit.id}: Phase 1 stopped at max_iterations ({report.iterations}) with "
                          f"{report.convergence_rate:.0%} of tokens converged (target "
                          f"{report.target_rate:.0%}); its contexts are not at a fixed point")
+    kept = report.contexts[:keep]
     del report, train_outputs
-    return phase1
+    return phase1, kept
 
 
 @contextmanager
@@ -249,18 +289,33 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
     schema = config.schema
     vocab_size = corpus.tokenizer.vocab_size
     model = build_model(config, unit, vocab_size, runner)
-    solver = config.solver.build()
+    solver = phase1_solver(config.solver.build(), model, corpus.train.boundaries[:unit.samples])
     train_ids = corpus.train_ids(unit.samples).to(runner.device)
     val_ids = corpus.val.ids.to(runner.device)
     logged = _Logged(progress, run, unit, attempt, runner.rank == 0)
     inputs = input_weights(model, train_ids)  # before a Phase-2 checkpoint may load trained ones
 
+    # Phase 1's final contexts outlive Phase 1 where Phase 2 reads them (train_contexts = "phase1") or
+    # the comparison with the rollout does: saved beside the checkpoints, read back on every start.
+    p2 = schema.phase2
+    fast = p2.train_contexts == "phase1"
+    compared = min(p2.compare_tokens, train_ids.numel() - 1) if p2.compare_contexts else 0
+    keep = train_ids.numel() if fast else compared
+    kept_file = run.checkpoint_dir(unit.id) / phase1_contexts.FILE
     resumed = _resume_point(run, unit, model, runner, progress)
+    if resumed is not None and keep and not phase1_contexts.readable(kept_file, keep, model.context_dim, runner):
+        progress.message(f"warning: {unit.id}: {kept_file} is missing or damaged; starting the unit over")
+        if runner.rank == 0:
+            run.drop_checkpoint(unit.id)
+        resumed = None
     phase2_start: Phase2State | None = None
     if resumed is None:
-        phase1 = _phase1(config, unit, model, solver, train_ids, runner, logged)
+        phase1, kept = _phase1(config, unit, model, solver, train_ids, runner, logged, keep)
         if runner.rank == 0:
+            if keep:
+                run.write_stream(kept_file, lambda handle: phase1_contexts.write(handle, kept))
             run.save_checkpoint(unit.id, "phase1", {"model": _checkpoint_tensors(model)}, {"phase1": phase1})
+        del kept
         runner.barrier()
     else:
         weights, phase1, phase2_start = resumed
@@ -278,12 +333,33 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         started = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught, weights_as(model, inputs):  # OOM: the solver says
             warnings.simplefilter("always")
-            train_solve = solver.solve(model, train_ids, runner, out=stores["train"])
+            if fast:
+                phase1_contexts.read_into(kept_file, stores["train"], runner)
+                train_solve = SolveResult([stores["train"]], "phase1", 0, 0, time.perf_counter() - started)
+            else:
+                train_solve = solver.solve(model, train_ids, runner, out=stores["train"])
             val_solve = solver.solve(model, val_ids, runner, out=stores["val"])
+            agreement = (_context_agreement(model, solver, train_ids, stores["train"], kept_file, compared, fast,
+                                            inputs, runner) if compared else None)
         solve_seconds = time.perf_counter() - started
         notes = _solve_notes([str(w.message) for w in caught], {"train": train_solve, "val": val_solve})
+        if fast:
+            notes.insert(0, "Phase-2 training contexts are F(P_{i-1}, x_i) of Phase 1's final contexts "
+                            "(phase2.train_contexts = \"phase1\"): no rollout over the training stream")
+        if agreement is not None:
+            notes.append(f"phase1 vs rollout contexts on the first {compared:,} training tokens: mean cosine "
+                         f"{agreement['mean_cosine']:.4f}, min {agreement['min_cosine']:.4f}, "
+                         f"MSE {agreement['mse']:.3g}")
         for note in notes:
             progress.message(f"{unit.id}: {note}")
+        with weights_as(model, inputs):
+            diagnostics = seed_diagnostics(model, val_ids, {"train": train_solve, "val": val_solve},
+                                           schema.solver.val_convergence_trials, schema.experiment.seed)
+        skip_phase2 = schema.solver.skip_phase2_if_identity and diagnostics["identity"]["identity"]
+        for note in diagnostic_warnings(diagnostics) + (["Phase 2 skipped (solver.skip_phase2_if_identity)"]
+                                                       if skip_phase2 else []):
+            progress.message(f"{unit.id}: {note}")
+            notes.append(note)
 
         def checkpoint(state: Phase2State) -> None:
             if runner.rank == 0:
@@ -294,9 +370,10 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
 
         started = time.perf_counter()
         with out_of_memory(unit, "phase 2", plan, plan.fix("phase2.batch_size lower")):
-            report2 = train_phase2(model, Phase2Data(train_solve.layers[-1], train_ids, inputs),
-                                   Phase2Data(val_solve.layers[-1], val_ids, inputs), schema.phase2, runner,
-                                   logged, start=phase2_start, on_epoch_end=checkpoint)
+            report2 = Phase2Report(0, 0, [], EvalOutputs(), 0.0) if skip_phase2 else train_phase2(
+                model, Phase2Data(train_solve.layers[-1], train_ids, inputs),
+                Phase2Data(val_solve.layers[-1], val_ids, inputs), schema.phase2, runner,
+                logged, start=phase2_start, on_epoch_end=checkpoint)
         phase2_seconds = time.perf_counter() - started
 
         val_outputs = report2.val  # the val ER reads the same store Phase 2 evaluated
@@ -307,6 +384,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         metrics = _metric_values(config, val_outputs)
     counts = model.param_counts()
     groups = model.param_groups()
+    embedding = embedding_provenance(config.embedding)
     record: dict[str, Any] = {
         "model": unit.label,
         "samples": unit.samples,
@@ -329,13 +407,34 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         "solve": {"method": train_solve.method, "gain": train_solve.gain, "iterations": train_solve.iterations},
         "seconds": {"phase1": phase1["seconds"], "solve": solve_seconds, "phase2": phase2_seconds},
         "context_store": plan.to_json(),
-        "fingerprints": corpus.fingerprints,
+        "fingerprints": {**corpus.fingerprints, "embedding": embedding["sha256"]},
+        "embedding": embedding,
+        "diagnostics": diagnostics,
+        "phase2_skipped": skip_phase2,
+        "phase1_splits": getattr(solver, "splits", None) or None,  # None: one split, or resumed after Phase 1
+        "train_contexts": p2.train_contexts,
+        "context_agreement": agreement,
         "notes": notes,
     }
     bound = getattr(corpus.source, "best_token_ppl", None)
     if callable(bound):
         record["best_possible_ppl"] = float(bound(corpus.val.ids.numel(), corpus.val))
     return record
+
+
+def _context_agreement(model: Any, solver: Any, ids: torch.Tensor, store: torch.Tensor, kept_file: Path, rows: int,
+                       fast: bool, inputs: dict[str, torch.Tensor], runner: Runner) -> dict[str, float]:
+    """Phase 1's final contexts against the sequential rollout on the first `rows` training positions
+    (spec §7 item 7's check, per unit). The fast path's store is P, so the rollout is solved for those
+    rows; the rollout path's store is the rollout, and P's first rows were kept in `kept_file`."""
+    if fast:
+        previous = store[:rows]
+        rollout = solver.solve(model, ids[:rows], runner).layers[-1]
+    else:
+        previous = torch.empty(rows, store.shape[1])
+        phase1_contexts.read_into(kept_file, previous, runner)
+        rollout = store[:rows]
+    return context_agreement(model, Phase2Data(previous, ids, inputs), rollout, runner.device)
 
 
 def _effective_rank_fraction(config: ExperimentConfig, outputs: EvalOutputs) -> float:
@@ -378,13 +477,16 @@ def meta(config: ExperimentConfig, runner: Runner, plugins: list[dict[str, Any]]
         "config_sha256": hashlib.sha256(config.resolved_toml().encode()).hexdigest(),
         "runner": runner.describe(),
         "plugins": plugins,
+        "embedding": embedding_provenance(config.embedding),
     }
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-model scaling fits (≥ 2 sizes), using the same fitter as `newllm-kit scaling`."""
-    points = [Point(r["model"], float(r["train_tokens"]), float(r["val_ppl"]),
-                    json.dumps(r.get("fingerprints"), sort_keys=True), "results.jsonl") for r in records]
+    """Per-model (and per-variant) scaling fits (≥ 2 sizes) over every seed's point, using the same
+    fitter as `newllm-kit scaling`."""
+    points = [Point(series(r), float(r["train_tokens"]), float(r["val_ppl"]),
+                    json.dumps(r.get("fingerprints"), sort_keys=True), "results.jsonl", r.get("seed"))
+              for r in records]
     by_model: dict[str, set[float]] = {}
     for p in points:
         by_model.setdefault(p.model, set()).add(p.tokens)
@@ -394,22 +496,37 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return report_to_json(fit_all(fittable, [], "power"))
 
 
-def _publish(run: RunDir, units: list[Unit], done: dict[tuple[str, int], dict[str, Any]]) -> None:
+Done = dict[tuple[str, str, int, int], dict[str, Any]]  # finished records by Unit.key
+
+
+def _publish(run: RunDir, units: list[Unit], done: Done) -> None:
     """results.jsonl, results.csv and summary.json of the finished units: one step, redone on every start."""
-    records = [done[(u.label, u.samples)] for u in units if (u.label, u.samples) in done]
-    run.write_results(records)
+    records = [done[u.key] for u in units if u.key in done]
+    columns = [*(["variant"] if any(u.variant for u in units) else []), *RESULT_CSV_COLUMNS[:2],
+               *(["seed"] if any(u.tag_seed for u in units) else []), *RESULT_CSV_COLUMNS[2:]]
+    run.write_results(records, columns)
     run.write_json("summary.json", {"results": records, "scaling": summarise(records)})
 
 
-def _start(run: RunDir, units: list[Unit], progress: Any, meta_now: dict[str, Any]
+def _finished(records: list[dict[str, Any]], config: ExperimentConfig) -> Done:
+    seed = config.schema.experiment.seed_list()[0]
+    return {record_key(r, seed): r for r in records}
+
+
+def _start(config: ExperimentConfig, run: RunDir, units: list[Unit], progress: Any, meta_now: dict[str, Any]
            ) -> tuple[int, list[dict[str, Any]]]:
-    """Rank 0, before any unit: repair what a killed process left and mark the run running.
-    Returns this process's attempt number (1, then +1 per resume) and the finished records."""
+    """Rank 0, before any unit: repair what a killed process left, write each sweep variant's resolved
+    config, and mark the run running. Returns this process's attempt number (1, then +1 per resume)
+    and the finished records."""
     records = run.results(progress.message)
-    done = {(r["model"], r["samples"]): r for r in records}
+    done = _finished(records, config)
     if records:
         _publish(run, units, done)
-    run.repair({u.id for u in units if (u.label, u.samples) in done})
+    run.repair({u.id for u in units if u.key in done})
+    if config.variants:
+        run.inside(run.path / VARIANTS_DIR).mkdir(exist_ok=True)
+        for variant in config.variants:
+            run.write_text(f"{VARIANTS_DIR}/{variant.name}.toml", variant.config.resolved_toml())
     previous, attempt = run.read_json("meta.json"), 1
     if isinstance(previous, dict):
         attempt = previous["attempt"] + 1 if isinstance(previous.get("attempt"), int) else 2
@@ -422,28 +539,30 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
     """Run every unit not yet in results.jsonl; returns all records, in plan order. Rank 0 decides
     which units are finished and the other ranks follow, so they cannot diverge."""
     units = plan(config)
-    attempt, finished = (_start(run, units, progress, meta(config, runner, plugin_report)) if runner.rank == 0
-                         else (0, []))
-    done = {(r["model"], r["samples"]): r for r in share(runner, finished)}
+    attempt, finished = (_start(config, run, units, progress, meta(config, runner, plugin_report))
+                         if runner.rank == 0 else (0, []))
+    done = _finished(share(runner, finished), config)
     progress.experiment(config.schema.experiment.name, len(units))
-    cache_dir = run.path.parent / ".cache"
-    # Rank 0 tokenises first and the others then read its cache: every rank gets the same tokenizer
-    # and streams, and no two processes train a tokenizer into the same file at once.
-    corpus = CorpusCache(config, cache_dir) if runner.rank == 0 else None
-    runner.barrier()
-    corpus = corpus or CorpusCache(config, cache_dir)
+    corpora: dict[str, CorpusCache] = {}
+    corpus: CorpusCache | None = None
     for i, unit in enumerate(units, start=1):
         progress.begin_unit(unit.id, i, len(units))
-        if (unit.label, unit.samples) in done:
+        if unit.key in done:
             progress.end_unit(unit.id, "(already finished)")
             continue
+        unit_cfg = unit_config(config, unit)
+        corpus = _corpus(unit_cfg, run, runner, corpora)
         try:
-            record = run_unit(config, unit, corpus, runner, run, progress, attempt)
+            record = run_unit(unit_cfg, unit, corpus, runner, run, progress, attempt)
         except RunFailed as error:  # name the unit, once
             if str(error).startswith(f"{unit.id}:"):
                 raise
             raise RunFailed(f"{unit.id}: {error}") from error
-        done[(unit.label, unit.samples)] = record
+        record["seed"] = unit.seed
+        if unit.variant:
+            record["variant"] = unit.variant
+            record["sweep"] = next(dict(v.changes) for v in config.variants if v.name == unit.variant)
+        done[unit.key] = record
         if runner.rank == 0:
             _publish(run, units, done)
             run.drop_checkpoint(unit.id)
@@ -451,11 +570,25 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
         progress.end_unit(unit.id, f"val_ppl={record['val_ppl']:.2f} val_acc={record['val_acc']:.4f}")
     if runner.rank == 0:
         run.repair({u.id for u in units})  # nothing left to resume: no checkpoints/ either
-        stores = {u.id: done[(u.label, u.samples)].get("context_store") for u in units}
+        stores = {u.id: done[u.key].get("context_store") for u in units}
+        prints = corpus.fingerprints if corpus is not None else next(iter(done.values())).get("fingerprints")
         run.write_json("meta.json", {**meta(config, runner, plugin_report), "status": "finished",
-                                     "attempt": attempt, "fingerprints": corpus.fingerprints,
-                                     "context_stores": stores})
-    return [done[(u.label, u.samples)] for u in units]
+                                     "attempt": attempt, "fingerprints": prints, "context_stores": stores})
+    return [done[u.key] for u in units]
+
+
+def _corpus(config: ExperimentConfig, run: RunDir, runner: Runner, corpora: dict[str, CorpusCache]) -> CorpusCache:
+    """The tokenised corpus of a unit's config, built once per distinct data and tokenizer settings
+    (a sweep may change them). Rank 0 tokenises first and the others then read its cache: every rank
+    gets the same tokenizer and streams, and no two processes train a tokenizer into the same file at once."""
+    resolved = config.resolved()
+    key = json.dumps([resolved["data"], resolved["tokenizer"], resolved["experiment"]["samples"]], sort_keys=True)
+    if key not in corpora:
+        cache_dir = run.path.parent / ".cache"
+        corpus = CorpusCache(config, cache_dir) if runner.rank == 0 else None
+        runner.barrier()
+        corpora[key] = corpus or CorpusCache(config, cache_dir)
+    return corpora[key]
 
 
 def check_resume_compatible(saved_file: Path, config: ExperimentConfig) -> None:
@@ -467,6 +600,19 @@ def check_resume_compatible(saved_file: Path, config: ExperimentConfig) -> None:
         shown = ", ".join(differing[:8]) + (" …" if len(differing) > 8 else "")
         raise UserError(f"cannot resume: the configuration differs from the run's config.resolved.toml in "
                         f"{shown}; start a new run instead")
+    # The same settings can name another table (the hub's `main` moves): the run's meta.json says which it used.
+    try:
+        recorded = json.loads((saved_file.parent / "meta.json").read_text(encoding="utf-8")).get("embedding")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, dict):
+        now_embedding = embedding_provenance(config.embedding)
+        changed = sorted(k for k in set(recorded) | set(now_embedding) if recorded.get(k) != now_embedding.get(k))
+        if changed:
+            key = changed[0]
+            raise UserError(f"cannot resume: embedding.{key} differs from the run's meta.json ({recorded.get(key)!r} "
+                            f"then, {now_embedding.get(key)!r} now), so Phase 2 would read another table; pin "
+                            f"embedding.revision to the run's, or start a new run")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -50,6 +50,16 @@ class Phase2Settings(BaseModel):
                                                          "last epoch's, as the original did).")
     ce_chunk: int = Field(default=2048, ge=1, le=10**9,
                           description="Rows per [chunk, vocab] logits block of the loss.")
+    train_contexts: Literal["rollout", "phase1"] = Field(
+        default="rollout",
+        description='Training-stream contexts: "rollout", the frozen sequential solve (v2\'s numbers); '
+                    '"phase1", F(P_{i−1}, x_i) from Phase 1\'s final contexts in one batched pass, as the '
+                    "reference's later code did (no sequential pass over the training stream).")
+    compare_contexts: bool = Field(
+        default=True, description="Record how far the phase1 contexts are from the rollout (cosine, MSE) "
+                                  "on the first compare_tokens training tokens.")
+    compare_tokens: int = Field(default=4096, ge=2, le=10**9,
+                                description="Training tokens the context comparison covers.")
 
 
 def _logit_blocks(ctx: Any, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -179,6 +189,23 @@ class Phase2Data:
             previous = torch.cat([previous.new_zeros(1, previous.shape[1]), previous])
         layers = block.step(previous, block.project_tokens(tokens))
         return layers, tokens, self.ids[lo + 1:hi + 1].to(to, torch.long)
+
+
+@torch.no_grad()
+def context_agreement(model: Model, phase1: Phase2Data, rollout: torch.Tensor, to: torch.device) -> dict[str, float]:
+    """How close the contexts of the two Phase-2 paths are on the rows of `rollout`: the final layer of
+    F(P_{i−1}, x_i) from `phase1`'s store (Phase 1's final contexts) against the sequential rollout's
+    [m, C] contexts. The reference's own check when it adopted the fast path (spec §7 item 7)."""
+    rows = range(0, rollout.shape[0])
+    module = cast(nn.Module, model)
+    was_training = module.training
+    module.eval()
+    fast = torch.cat([phase1.batch(model, span, to)[0][-1].float() for span in _spans(rows, 4096)])
+    module.train(was_training)
+    slow = rollout.to(to, torch.float32)
+    cosine = F.cosine_similarity(fast, slow, dim=1)
+    return {"tokens": float(len(rows)), "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),
+            "mse": float((fast - slow).pow(2).mean())}
 
 
 @dataclass

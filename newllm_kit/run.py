@@ -44,8 +44,7 @@ def execute(file: Path, overrides: list[str], out: Path, resume: bool, progress_
         existing = RunDir.open(file)
         saved = existing.path / "config.resolved.toml"
         config: ExperimentConfig = load_config(saved, registry, [])
-        if overrides:
-            check_resume_compatible(saved, load_config(saved, registry, overrides))
+        check_resume_compatible(saved, load_config(saved, registry, overrides) if overrides else config)
     else:
         config = load_config(file, registry, overrides)
         if resume:

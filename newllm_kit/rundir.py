@@ -19,7 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -172,6 +172,12 @@ class RunDir:
         with self._writing(file):
             atomic_write_text(file, text)
 
+    def write_stream(self, file: Path, write: Callable[[BinaryIO], None]) -> None:
+        """`write(handle)` into `file` (inside the run) atomically: the whole file or none, in pieces."""
+        file = self.inside(file)
+        with self._writing(file), atomic_writer(file) as handle:
+            write(handle)
+
     def write_json(self, name: str, data: Any) -> None:
         self.write_text(name, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -267,11 +273,11 @@ class RunDir:
                 raise UserError(f"{file}:{number}: not a result record; repair or delete that line")
         return records
 
-    def write_results(self, records: list[dict[str, Any]]) -> None:
+    def write_results(self, records: list[dict[str, Any]], columns: Sequence[str] = RESULT_CSV_COLUMNS) -> None:
         """Rewrite results.jsonl and results.csv whole (they are small) so neither is ever partial."""
         self.write_text("results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(RESULT_CSV_COLUMNS), extrasaction="ignore",
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore",
                                 lineterminator="\n")
         writer.writeheader()
         writer.writerows(records)

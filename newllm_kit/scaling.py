@@ -26,11 +26,18 @@ HUBER_DELTA = 1e-3  # on log-PPL residuals, as in Chinchilla-style fits: nearly 
 
 
 class Point(NamedTuple):
-    model: str
+    model: str  # the series a fit is drawn through: the model, or `model@variant` in a sweep
     tokens: float
     ppl: float
     fingerprint: str | None
     source: str
+    seed: int | None = None  # replicates of one model and size differ in their seed
+
+
+def series(record: dict[str, Any]) -> str:
+    """What a fit or comparison groups a record under: `A`, or `A@lr-0.1` for a sweep variant's A."""
+    variant = record.get("variant") or ""
+    return f"{record['model']}@{variant}" if variant else str(record["model"])
 
 
 @dataclass
@@ -61,6 +68,8 @@ class Fit:
     predictions: list[Prediction]
     offset: OffsetFit | None = None
     warnings: list[str] = field(default_factory=list)
+    sizes: int = 0  # distinct token counts the fit rests on
+    seeds: int = 1  # replicates (seeds) per size, at most
 
 
 @dataclass
@@ -113,9 +122,11 @@ def _load_jsonl(path: Path, text: str) -> list[Point]:
         if not isinstance(record, dict) or not {"model", "train_tokens", "val_ppl"} <= record.keys():
             raise DataError(f"{where}: expected a JSON object with model, train_tokens and val_ppl")
         prints = record.get("fingerprints")
-        points.append(Point(str(record["model"]), _number(record["train_tokens"], "train_tokens", where),
+        seed = record.get("seed")
+        points.append(Point(series(record), _number(record["train_tokens"], "train_tokens", where),
                             _number(record["val_ppl"], "val_ppl", where),
-                            None if prints is None else json.dumps(prints, sort_keys=True), str(path)))
+                            None if prints is None else json.dumps(prints, sort_keys=True), str(path),
+                            seed if isinstance(seed, int) else None))
     return points
 
 
@@ -134,9 +145,10 @@ def _load_csv(path: Path, text: str) -> list[Point]:
         where = f"{path}: row {reader.line_num}"
         if not row["model"]:
             raise DataError(f"{where}: empty model name")
-        points.append(Point(row["model"], _number(row[tokens], tokens, where),
+        seed = row.get("seed") or ""
+        points.append(Point(series(row), _number(row[tokens], tokens, where),
                             _number(row["val_ppl"], "val_ppl", where), row.get("fingerprint") or None,
-                            str(path)))
+                            str(path), int(seed) if seed.isdigit() else None))
     return points
 
 
@@ -230,7 +242,7 @@ def latest_run_dir(root: Path = Path("runs")) -> tuple[Path, list[str]]:
 
 
 def check_comparable(points: list[Point], allow_mixed: bool, warnings: list[str] | None = None) -> list[str]:
-    """Refuse to mix sources whose data fingerprints (corpus, tokenizer, split) differ.
+    """Refuse to mix sources whose data fingerprints (corpus, tokenizer, split, embedding table) differ.
 
     Returns the warnings it adds; they are also appended to `warnings` when given.
     """
@@ -253,7 +265,8 @@ def check_comparable(points: list[Point], allow_mixed: bool, warnings: list[str]
 
 
 def fit_power(model: str, tokens: list[float], ppls: list[float], predict: list[float]) -> Fit:
-    """OLS of ln PPL on ln tokens; t-based intervals when ≥ 3 distinct token counts exist."""
+    """OLS of ln PPL on ln tokens over every point, replicates (seeds) included; t-based intervals
+    when there are more points than the line's 2 parameters: a third size, or a second seed."""
     x, y = np.log(np.asarray(tokens, float)), np.log(np.asarray(ppls, float))
     n, distinct, top = len(x), len(set(tokens)), max(tokens)
     if distinct < 2:
@@ -265,14 +278,17 @@ def fit_power(model: str, tokens: list[float], ppls: list[float], predict: list[
     ss_res, ss_tot = float(np.sum((y - intercept - alpha * x) ** 2)), float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 if ss_tot == 0 or n == 2 else 1.0 - ss_res / ss_tot
     warnings, alpha_ci, scale = [], None, 0.0  # scale: t quantile × residual standard error
-    if distinct >= 3:
+    if n >= 3:
         from scipy import stats  # here, not at the top: importing it costs every `run` ~1.5 s
 
         scale = float(stats.t.ppf(0.975, n - 2)) * math.sqrt(ss_res / (n - 2))
         alpha_ci = (alpha - scale / math.sqrt(sxx), alpha + scale / math.sqrt(sxx))
+        if distinct == 2:
+            warnings.append(f"model {model}: 2 training sizes with replicates: the interval for α measures "
+                            f"seed noise only and cannot show curvature (a third training size can)")
     else:
-        why = "2 points, R² = 1 by construction" if n == 2 else "only 2 distinct token counts"
-        warnings.append(f"model {model}: {why}; no interval can be estimated (a third training size gives one)")
+        warnings.append(f"model {model}: 2 points, R² = 1 by construction; no interval can be estimated (a third "
+                        f"training size gives one)")
     predictions = []
     for t in (_number(t, "token count", "--predict") for t in predict):
         log_hat = intercept + alpha * math.log(t)
@@ -283,6 +299,25 @@ def fit_power(model: str, tokens: list[float], ppls: list[float], predict: list[
             warnings.append(f"model {model}: prediction at {t:,.0f} tokens is {t / top:,.0f}× the largest "
                             f"observed count ({top:,.0f}); treat it as an extrapolation")
     return Fit(model, alpha, math.exp(intercept), r2, n, 1 - 2**alpha, alpha_ci, predictions, None, warnings)
+
+
+def mean_band(tokens: list[float], ppls: list[float], grid: Any) -> tuple[Any, Any] | None:
+    """The 95 % confidence band of the fitted line at the token counts `grid` (the uncertainty of
+    the law itself, narrower than a prediction interval); None where fit_power gives no interval."""
+    x, y = np.log(np.asarray(tokens, float)), np.log(np.asarray(ppls, float))
+    n = len(x)
+    if n < 3 or len(set(tokens)) < 2:
+        return None
+    from scipy import stats
+
+    xc = x - x.mean()
+    alpha = float(xc @ (y - y.mean())) / float(xc @ xc)
+    intercept = float(y.mean()) - alpha * float(x.mean())
+    s = math.sqrt(float(np.sum((y - intercept - alpha * x) ** 2)) / (n - 2))
+    g = np.log(np.asarray(grid, float))
+    half = float(stats.t.ppf(0.975, n - 2)) * s * np.sqrt(1 / n + (g - x.mean()) ** 2 / float(xc @ xc))
+    centre = intercept + alpha * g
+    return np.exp(centre - half), np.exp(centre + half)
 
 
 def _huber(r: Any) -> float:
@@ -338,6 +373,8 @@ def fit_all(points: list[Point], predict: list[float], form: str = "power") -> S
     for model, group in by_model.items():
         tokens, ppls = [p.tokens for p in group], [p.ppl for p in group]
         fit = fit_power(model, tokens, ppls, predict)
+        fit.sizes = len(set(tokens))
+        fit.seeds = max(tokens.count(t) for t in set(tokens))
         fit.offset = fit_offset(model, tokens, ppls, predict) if form == "offset" else None
         report.fits.append(fit)
         report.warnings.extend(fit.warnings)
@@ -353,6 +390,7 @@ def report_to_json(report: ScalingReport) -> dict[str, Any]:
     fits = []
     for f in report.fits:
         entry: dict[str, Any] = {"model": f.model, "alpha": f.alpha, "A": f.A, "r2": f.r2, "points": f.points,
+                                 "sizes": f.sizes, "seeds": f.seeds,
                                  "doubling_reduction": f.doubling_reduction,
                                  "alpha_ci": list(f.alpha_ci) if f.alpha_ci else None,
                                  "predictions": preds(f.predictions)}
@@ -376,13 +414,14 @@ def render(report: ScalingReport, console: Console) -> None:
     if report.sources:
         console.print(escape(f"source{'s' if len(report.sources) > 1 else ''}: {', '.join(report.sources)}"))
     fits = Table(title="PPL = A · tokens^α (OLS in log space)",
-                 caption="n: points; 2× data: PPL change per doubling, 2^α − 1")
+                 caption="n: points (sizes × seeds where replicated); 2× data: PPL change per doubling, 2^α − 1")
     for column in ("Model", "α", "A", "R²", "n", "2× data", "α 95% CI"):  # fits 80 columns
         fits.add_column(column, justify="left" if column == "Model" else "right", no_wrap=column != "α 95% CI")
     for f in report.fits:
         ci = f"{f.alpha_ci[0]:.3f}…{f.alpha_ci[1]:.3f}" if f.alpha_ci else "—"
         fits.add_row(escape(f.model), f"{f.alpha:.4f}", f"{f.A:,.0f}" if f.A >= 1000 else f"{f.A:.1f}", f"{f.r2:.4f}",
-                     str(f.points), f"{-100 * f.doubling_reduction:+.1f}%", ci)
+                     str(f.points) if f.seeds <= 1 else f"{f.points} ({f.sizes}×{f.seeds})",
+                     f"{-100 * f.doubling_reduction:+.1f}%", ci)
     console.print(fits)
     for f in report.fits:
         if f.offset:

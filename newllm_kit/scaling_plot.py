@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .scaling import Point, ScalingReport
+from .scaling import Point, ScalingReport, mean_band
 
 # Tick multipliers per decade, coarse to fine: the first that puts 3 ticks on the axis is used;
 # an axis narrower than all of them gets evenly spaced round numbers.
@@ -71,14 +71,8 @@ def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
         raise UserError(f"--plot: {path} is a folder; give a file name such as {path / 'fit.png'}")
     if not path.parent.is_dir():
         raise UserError(f"--plot: folder {path.parent} does not exist; create it or choose another path")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.lines import Line2D
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'newllm-kit[plot]'") from None
-    figure = Figure(figsize=(8.5, 5), layout="constrained")
-    FigureCanvasAgg(figure)  # the Agg backend, without touching pyplot's global state
+    figure = new_figure((8.5, 5), "--plot")
+    from matplotlib.lines import Line2D  # after new_figure, which says how to install matplotlib
     ax = figure.add_subplot()
     xs: list[float] = []
     ys: list[float] = []
@@ -94,6 +88,9 @@ def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
         for start, stop, style in ((min(every), lo, "--"), (lo, hi, "-"), (hi, max(every), "--")):
             line = np.geomspace(start, stop, 50)  # solid over the data, dashed where it extrapolates
             ax.plot(line, f.A * line**f.alpha, style, color=color)
+        grid = np.geomspace(lo, hi, 50)
+        if band := mean_band(seen, [p.ppl for p in own], grid):
+            ax.fill_between(grid, *band, color=color, alpha=0.15, linewidth=0)
         for p in f.predictions:
             err = [[p.ppl - p.pi[0]], [p.pi[1] - p.ppl]] if p.pi else None
             ax.errorbar([p.tokens], [p.ppl], yerr=err, fmt="D", color=color, capsize=3, mfc="none")
@@ -101,8 +98,11 @@ def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
         handles.append(dots)
         xs.extend(every)
         ys.extend([p.ppl for p in own] + [p.ppl for p in f.predictions])
-    key: dict[str, dict[str, Any]] = {"measured": {"marker": "o", "linestyle": "none"},
+    key: dict[str, dict[str, Any]] = {"measured" + (" (one dot per seed)" if any(f.seeds > 1 for f in report.fits)
+                                                   else ""): {"marker": "o", "linestyle": "none"},
                                       "fit over the measured sizes": {"linestyle": "-"}}
+    if any(f.alpha_ci for f in report.fits):
+        key["95% confidence band of the fit"] = {"linewidth": 6, "alpha": 0.15}
     if any(f.predictions for f in report.fits):
         pi = any(p.pi for f in report.fits for p in f.predictions)
         key["fit, extrapolated"] = {"linestyle": "--"}
@@ -110,9 +110,13 @@ def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
     handles += [Line2D([], [], color="0.3", label=name, **style) for name, style in key.items()]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     exact = [f.model for f in report.fits if f.alpha_ci is None]
+    seed_only = [f.model for f in report.fits if f.alpha_ci is not None and f.sizes == 2]
     if exact:
         ax.set_title(f"{', '.join(exact)}: 2 training sizes, which any line fits exactly, so no uncertainty can "
                      f"be shown; a third size gives an interval", fontsize=8, color="0.35", wrap=True)
+    elif seed_only:
+        ax.set_title(f"{', '.join(seed_only)}: 2 training sizes × several seeds; the band shows seed noise, not "
+                     f"curvature (a third size can)", fontsize=8, color="0.35", wrap=True)
     figure.suptitle(f"Validation PPL vs training tokens: {title(report.sources)}", fontsize=11)
     ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="validation PPL")
     if xs:
@@ -122,8 +126,30 @@ def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
         ax.set_yticks(ticks := log_ticks(y_lo, y_hi), [f"{t:,g}" for t in ticks])
         ax.minorticks_off()
     ax.grid(True, alpha=0.3)
+    save_png(figure, path, "--plot")
+
+
+INSTALL = "pip install 'newllm-kit[plot]'"
+
+
+def new_figure(size: tuple[float, float], what: str) -> Any:
+    """A matplotlib Figure on the Agg backend, without touching pyplot's global state; a one-line
+    UserError saying how to install matplotlib when it is missing (`what` names the command)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError(f"{what} needs matplotlib: {INSTALL}") from None
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_png(figure: Any, path: Path, what: str) -> None:
+    """Write the figure as a PNG atomically (a temporary file beside the target, then a rename), so
+    readers never see half a file."""
     tmp = None
-    try:  # write a temporary file beside the target and rename
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             figure.savefig(handle, format="png", dpi=120)
@@ -132,5 +158,5 @@ def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):  # no permission, a full disk
-            raise UserError(f"--plot: cannot write {path}: {error.strerror or error}") from None
+            raise UserError(f"{what}: cannot write {path}: {error.strerror or error}") from None
         raise

@@ -56,6 +56,10 @@ class CVFPSettings(BaseModel):
     num_context_splits: int = Field(
         default=1, ge=1, le=MAX_WIDTH,
         description="S: independent ContextBlocks of width C/S, each reading all of T.")
+    split_training: Literal["separate", "joint"] = Field(
+        default="separate",
+        description="Phase 1 with S > 1: separate: each split on its own samples (index ≡ s mod S) with its own "
+                    "Adam, as the reference (spec §2.6); joint: the merged block on the whole stream.")
     tie_head: bool = Field(
         default=True, description="True: logits use the embedding table; False: own Lin(E→V), zero init.")
 
@@ -140,12 +144,13 @@ class ContextBlock(nn.Module):
     computes the bracketed half once per stream and `step` adds only the context half.
     """
 
-    def __init__(self, cfg: CVFPSettings) -> None:
+    def __init__(self, cfg: CVFPSettings, shared: list[nn.ModuleList] | None = None) -> None:
         super().__init__()
         self.split_dim = cfg.split_dim
         every_layer = cfg.variant == "token-every-layer"
         self.takes_tokens = tuple(every_layer or j == 0 for j in range(cfg.layers))
-        self.splits = nn.ModuleList(self._split(cfg) for _ in range(cfg.num_context_splits))
+        self.splits = nn.ModuleList(shared if shared is not None else
+                                    (self._split(cfg) for _ in range(cfg.num_context_splits)))
 
     def _split(self, cfg: CVFPSettings) -> nn.ModuleList:
         layers, carried = [], cfg.split_dim
@@ -270,6 +275,13 @@ class CVFPModel(nn.Module):
         weight, bias = self.output_head()
         return F.linear(self.token_states(layer_contexts, tokens), weight, bias)
 
+    def split_views(self) -> list[SplitView]:
+        """One model per split for split-mode Phase 1 (spec §2.6), sharing this model's weights; none
+        with one split or `split_training = "joint"`, where Phase 1 trains the merged block."""
+        if self.config.num_context_splits == 1 or self.config.split_training == "joint":
+            return []
+        return [SplitView(self, index) for index in range(self.config.num_context_splits)]
+
     def set_embedding(self, weight: torch.Tensor, freeze: bool) -> None:
         """Load a [V, E] table (GPT-2 wte or a seeded random one); frozen tables get no gradient."""
         table = self.embedding.weight
@@ -281,11 +293,14 @@ class CVFPModel(nn.Module):
         table.requires_grad_(not freeze)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Phase 1 trains the ContextBlock; Phase 2 the TokenBlock, an untied head and a trainable table."""
+        """Phase 1 trains the ContextBlock; Phase 2 the TokenBlock and the head: an untied head, or a
+        trainable (`freeze = false`) table tied to the output. Token inputs are computed without
+        gradients, so an untied model's table gets none: it is left out, and so is its count."""
         phase2 = list(self.token_block.parameters())
         if self.head is not None:
             phase2 += list(self.head.parameters())
-        phase2 += [p for p in self.embedding.parameters() if p.requires_grad]
+        else:
+            phase2 += [p for p in self.embedding.parameters() if p.requires_grad]
         return {"phase1": list(self.context_block.parameters()), "phase2": phase2}
 
     def param_counts(self) -> dict[str, int]:
@@ -295,6 +310,28 @@ class CVFPModel(nn.Module):
         counts = {"context_block": count(self.context_block), "token_block": count(self.token_block),
                   "embedding": count(self.embedding) + count(self.embed_norm), "head": count(self.head)}
         return {**counts, "total": sum(counts.values())}
+
+
+class SplitView(nn.Module):
+    """Split `index` of a CVFP model seen by a solver as a whole model: a ContextBlock of width C/S
+    holding that split's layers (the same parameters), reading the model's full token input."""
+
+    def __init__(self, model: CVFPModel, index: int) -> None:
+        super().__init__()
+        self.model = model
+        split = model.context_block.splits[index]
+        assert isinstance(split, nn.ModuleList)  # narrows ModuleList's element type for the type checker
+        self.context_block = ContextBlock(model.config, [split])
+        self.context_dim = model.config.split_dim
+        self.layer_widths = model.config.split_layer_widths
+        self.token_width = model.token_width
+        self.num_input_tokens = model.num_input_tokens
+
+    def token_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.token_inputs(ids)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"phase1": list(self.context_block.parameters()), "phase2": []}
 
 
 def _linear_flops(module: nn.Module) -> int:

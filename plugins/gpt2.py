@@ -96,6 +96,15 @@ def local_dir(name_or_path: str, key: str) -> Path | None:
     return None
 
 
+def local_or_hub(name_or_path: str, revision: str | None, section: str) -> Path | None:
+    """`local_dir` of `{section}.name_or_path`; a revision names a hub commit, so it cannot go with a directory."""
+    directory = local_dir(name_or_path, f"{section}.name_or_path")
+    if directory is not None and revision is not None:
+        raise DataError(f"{section}.revision = {revision!r} applies to a hub repo id, but {section}.name_or_path is "
+                        f"the local directory {directory}; remove {section}.revision")
+    return directory
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
@@ -107,6 +116,8 @@ class GPT2TokenizerSettings(BaseModel):
     name_or_path: str = Field(
         default="gpt2", validation_alias=AliasChoices("name_or_path", "path"),
         description="Hub repo id, or a local directory with tokenizer files (alias: path).")
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) of a hub repo id; unset: main.")
     cache_dir: str | None = Field(
         default=None, description="Hub download cache (default: huggingface_hub's).")
     expect_vocab: int | None = Field(
@@ -147,13 +158,14 @@ class GPT2TokenizerFactory:
     def _directory(self) -> Path | None:
         """Where to load from: a local or hub-cache directory; None to ask the (reachable) hub."""
         s = self.settings
-        directory = local_dir(s.name_or_path, "tokenizer.name_or_path")
+        directory = local_or_hub(s.name_or_path, s.revision, "tokenizer")
         if directory is not None or hub_reachable():
             return directory
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(s.name_or_path, cache_dir=s.cache_dir, local_files_only=True))
+            return Path(snapshot_download(s.name_or_path, revision=s.revision, cache_dir=s.cache_dir,
+                                          local_files_only=True))
         except Exception as error:  # any miss in the local cache means the same thing here
             raise self._offline_error() from error
 
@@ -164,7 +176,7 @@ class GPT2TokenizerFactory:
 
         if directory is None:
             try:
-                return AutoTokenizer.from_pretrained(s.name_or_path, cache_dir=s.cache_dir)
+                return AutoTokenizer.from_pretrained(s.name_or_path, revision=s.revision, cache_dir=s.cache_dir)
             except Exception as error:  # the remedy is the same whatever failed
                 raise DataError(f"tokenizer 'gpt2': cannot load {s.name_or_path} ({first_line(error)}); set "
                                 f"tokenizer.name_or_path to a local GPT-2 tokenizer directory") from error
@@ -199,6 +211,8 @@ class GPT2EmbeddingSettings(BaseModel):
     name_or_path: str = Field(
         default="gpt2", validation_alias=AliasChoices("name_or_path", "path"),
         description="Hub repo id, or a local directory with model.safetensors (alias: path).")
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) of a hub repo id; unset: main.")
     cache_dir: str | None = Field(
         default=None, description="Hub download cache (default: huggingface_hub's).")
 
@@ -213,7 +227,7 @@ class GPT2Embedding:
 
     def _file(self) -> Path:
         s = self.settings
-        directory = local_dir(s.name_or_path, "embedding.name_or_path")
+        directory = local_or_hub(s.name_or_path, s.revision, "embedding")
         if directory is not None:
             path = directory / "model.safetensors"
             if not path.is_file():
@@ -224,8 +238,8 @@ class GPT2Embedding:
 
         online = hub_reachable()
         try:
-            return Path(hf_hub_download(s.name_or_path, "model.safetensors", cache_dir=s.cache_dir,
-                                        local_files_only=not online))
+            return Path(hf_hub_download(s.name_or_path, "model.safetensors", revision=s.revision,
+                                        cache_dir=s.cache_dir, local_files_only=not online))
         except Exception as error:  # offline miss, missing repo, network failure: the remedy is the same
             reason = "offline or not cached" if not online else first_line(error)
             raise DataError(f"embedding 'gpt2': cannot load {s.name_or_path} ({reason}); set "

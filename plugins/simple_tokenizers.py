@@ -1,8 +1,9 @@
 """Tokenizers that need no download: raw UTF-8 `bytes`, and a byte-level `bpe` trained per experiment.
 
-`bpe` learns its merges from the training texts it is handed (never from validation text) and
-caches the result under a name derived from those texts and its settings, so a rerun or a
-resumed run reloads the identical tokenizer instead of retraining.
+`bpe` learns its merges from the texts of `tokenizer.train_rows` (a fixed set of rows, never
+validation rows, the same whatever `experiment.samples` holds) and caches the result under a
+name derived from those texts and its settings, so a rerun or a resumed run reloads the
+identical tokenizer instead of retraining.
 """
 
 from __future__ import annotations
@@ -44,9 +45,20 @@ class BytesFactory:
         return BytesTokenizer()
 
 
+class TrainRows(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: int = Field(default=0, ge=0, le=10**9, description="First corpus row the tokenizer learns from.")
+    count: int = Field(default=1000, ge=1, le=10**9, description="Number of rows it learns from.")
+
+
 class BPESettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    train_rows: TrainRows = Field(
+        default_factory=TrainRows,
+        description="Rows the merges are learnt from: fixed, so adding a training size changes no other unit's "
+                    "tokens (default 0…999, the seed's largest training set; must not overlap validation).")
     vocab_size: int = Field(
         default=2048, ge=256, le=1 << 24, description="Largest vocabulary: 256 byte tokens + learned merges.")
     min_frequency: int = Field(
@@ -94,7 +106,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int) -> str:
 
 
 class BPEFactory:
-    """`bpe`: trained on the training texts, cached in `cache_dir/bpe-<key>.json`."""
+    """`bpe`: trained on the texts of `train_rows`, cached in `cache_dir/bpe-<key>.json`."""
 
     def __init__(self, settings: BPESettings | None = None) -> None:
         self.settings = settings if settings is not None else BPESettings()
@@ -103,6 +115,12 @@ class BPEFactory:
     def expected_vocab_size(self) -> int:
         """The configured size; training may learn fewer merges on a small corpus."""
         return self.settings.vocab_size
+
+    @property
+    def train_rows(self) -> range:
+        """The corpus rows whose texts `load` gets (the core reads them; see `newllm_kit.corpus.load_streams`)."""
+        rows = self.settings.train_rows
+        return range(rows.start, rows.start + rows.count)
 
     def cache_path(self, train_texts: Sequence[str], cache_dir: Path) -> Path:
         import tokenizers
@@ -131,4 +149,4 @@ class BPEFactory:
 def register_tokenizers(register: Any) -> None:
     register("bytes", BytesFactory, description="UTF-8 bytes, vocabulary 256")
     register("bpe", BPEFactory, settings=BPESettings,
-             description="byte-level BPE trained on the training split with `tokenizers`, cached")
+             description="byte-level BPE trained on tokenizer.train_rows (default 0…999) with `tokenizers`, cached")

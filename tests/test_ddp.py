@@ -38,6 +38,7 @@ val = { start = 1000, count = 20 }
 [tokenizer]
 name = "bpe"
 vocab_size = 300
+train_rows = { start = 0, count = 40 }
 
 [embedding]
 source = "random"

@@ -163,7 +163,8 @@ def test_json_shape_is_exact() -> None:
     power = scaling.report_to_json(scaling.fit_all(points, [1e6], "power"))
     assert set(power) == {"sources", "fits", "warnings"} and power["sources"] == [str(SEED)]
     fit = power["fits"][0]
-    keys = {"model", "alpha", "A", "r2", "points", "doubling_reduction", "alpha_ci", "predictions", "offset"}
+    keys = {"model", "alpha", "A", "r2", "points", "sizes", "seeds", "doubling_reduction", "alpha_ci", "predictions",
+            "offset"}
     assert set(fit) == keys and fit["offset"] is None
     assert set(fit["predictions"][0]) == {"tokens", "ppl", "pi", "extrapolation"}
     assert [f["model"] for f in power["fits"]] == sorted(f["model"] for f in power["fits"])

@@ -1,0 +1,176 @@
+"""The seed's diagnostics of a frozen ContextBlock (spec §3.6 and §5), recorded per unit.
+
+The reference printed these after Phase 1 and acted on one of them (an identity block skipped
+Phase 2); a result is easier to trust when they sit next to its PPL. They read only the `Model`
+protocol (`context_block.step`, `project_tokens`, `token_inputs`) and context matrices, so they
+hold for any architecture. The core runs them, which is why they live here and not in a plugin.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .protocols import SolveResult
+from .spans import token_span
+
+IDENTITY_PROBES = 100  # the reference's probe count and threshold (spec §3.5, §5)
+IDENTITY_THRESHOLD = 0.95
+STATS_ROWS = 5_000  # pairwise statistics are O(rows²): the reference sampled at most this many
+PAIR_BLOCK = 1_000  # rows per block of the pairwise sums: bounds memory to [block, rows]
+ROLLOUT_BLOCK = 8_192  # token inputs projected per block in the validation trials
+RANK_TOLERANCE = 1e-6  # actual rank = #(s_k > this)
+SPARSE_BELOW = 0.01  # sparsity = share of |values| below this
+ZERO_NORM = 0.1  # "zero solution" if the mean row norm is below this
+ATTRACTOR_DISTANCE, ATTRACTOR_COSINE = 0.1, 0.99  # "global attractor": every context (nearly) the same
+
+
+@torch.no_grad()
+def identity_check(model: Any, seed: int) -> dict[str, Any]:
+    """Mean cosine between random probe contexts and the block's output for them (spec §5).
+
+    A block that returns its incoming context ignores the token: its fixed point says nothing
+    about the text, which is why the reference stopped before Phase 2 when the mean exceeds 0.95.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    context = torch.randn(IDENTITY_PROBES, model.context_dim, generator=generator)
+    tokens = torch.randn(IDENTITY_PROBES, model.token_width, generator=generator)
+    device = next(model.context_block.parameters()).device
+    context, tokens = context.to(device), tokens.to(device)
+    block = model.context_block
+    out = block.step(context, block.project_tokens(tokens))[-1].float()
+    cosine = float(torch.nn.functional.cosine_similarity(context, out, dim=1).mean())
+    return {"mean_cosine": cosine, "identity": cosine > IDENTITY_THRESHOLD}
+
+
+def classify_trials(losses: list[float]) -> str:
+    """The reference's verdict on the trial-to-trial MSE history: slope of a degree-1 fit and std."""
+    if len(losses) < 2:
+        return "INSUFFICIENT_DATA"
+    slope = float(np.polyfit(np.arange(len(losses)), losses, 1)[0])
+    if slope < -0.001:
+        return "CONVERGING"
+    if abs(slope) < 0.001 and float(np.std(losses)) < 0.01:
+        return "CONVERGED"
+    if slope > 0.001:
+        return "DIVERGING"
+    return "UNSTABLE"
+
+
+@torch.no_grad()
+def convergence_check(model: Any, ids: torch.Tensor, trials: int) -> dict[str, Any]:
+    """`trials` sequential rollouts over the stream, each from the previous one's last context (spec §3.6).
+
+    Trial 1 starts from zero; the token inputs are the same every trial (the history restarts
+    from zeros). Once a trial's context equals the previous trial's at some position, the rest
+    of the rollout repeats it bit for bit, so the trial stops there and adds no error.
+    """
+    block, n, width = model.context_block, ids.shape[0], model.context_dim
+    device = next(block.parameters()).device
+    previous = torch.empty(n, width, device=device)  # the last trial's contexts, overwritten by the next
+    start = torch.zeros(1, width, device=device)
+    history: list[float] = []  # MSE(trial t, trial t − 1) for t ≥ 2
+    for trial in range(trials):
+        context, squared, repeated = start, torch.zeros((), dtype=torch.float64, device=device), False
+        for a in range(0, n, ROLLOUT_BLOCK):
+            projected = block.project_tokens(token_span(model, ids, a, min(a + ROLLOUT_BLOCK, n)))
+            for i in range(projected.shape[0]):
+                context = block.step(context, projected[i:i + 1])[-1].float()
+                if trial and torch.equal(context[0], previous[a + i]):
+                    repeated = True  # the rest of this trial is the previous one's
+                    break
+                if trial:
+                    squared += (context[0] - previous[a + i]).double().pow(2).sum()
+                previous[a + i] = context[0]
+            if repeated:
+                break
+        if trial:
+            history.append(float(squared) / (n * width))
+        start = previous[-1:].clone()
+    first, last = (history[0], history[-1]) if history else (None, None)
+    reduction = (100 * (first - last) / first) if first and last is not None else None
+    slope = float(np.polyfit(np.arange(len(history)), history, 1)[0]) if len(history) >= 2 else None
+    return {"status": classify_trials(history), "trials": trials, "history": history, "first_loss": first,
+            "last_loss": last, "reduction_pct": reduction, "slope": slope}
+
+
+def _sample(contexts: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """At most `rows` rows, drawn with a private generator (the run's RNG stream is untouched)."""
+    if contexts.shape[0] <= rows:
+        return contexts[:].to("cpu", torch.float64)
+    picked = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
+    return contexts[picked.sort().values.to(contexts.device)].to("cpu", torch.float64)
+
+
+def context_stats(contexts: torch.Tensor, seed: int, rows: int = STATS_ROWS) -> dict[str, Any]:
+    """Actual rank, sparsity, mean row norm and mean pairwise distance and cosine (spec §5) of ≤ `rows`
+    sampled rows, with the reference's two degeneracy flags: every context near zero ("zero
+    solution"), or every context near one point ("global attractor")."""
+    x = _sample(contexts, rows, seed)
+    m = x.shape[0]
+    norms = x.norm(dim=1)
+    unit = x / norms.clamp_min(1e-12).unsqueeze(1)
+    distance = cosine = 0.0
+    for a in range(0, m, PAIR_BLOCK):  # sums over all ordered pairs; the diagonal adds 0 and m·1
+        distance += float(torch.cdist(x[a:a + PAIR_BLOCK], x).sum())
+        cosine += float((unit[a:a + PAIR_BLOCK] @ unit.T).sum())
+    pairs = m * (m - 1)
+    mean_distance = distance / pairs if pairs else 0.0
+    mean_cosine = (cosine - float((norms > 0).sum())) / pairs if pairs else 1.0
+    mean_norm = float(norms.mean())
+    return {
+        "rows": m,
+        "actual_rank": int((torch.linalg.svdvals(x) > RANK_TOLERANCE).sum()),
+        "sparsity": float((x.abs() < SPARSE_BELOW).double().mean()),
+        "mean_row_norm": mean_norm,
+        "mean_pairwise_distance": mean_distance,
+        "mean_pairwise_cosine": mean_cosine,
+        "zero_solution": mean_norm < ZERO_NORM,
+        "global_attractor": mean_distance < ATTRACTOR_DISTANCE and mean_cosine > ATTRACTOR_COSINE,
+    }
+
+
+def seed_diagnostics(model: Any, val_ids: torch.Tensor, solves: dict[str, SolveResult], trials: int,
+                     seed: int) -> dict[str, Any]:
+    """Every diagnostic of the seed for one unit's frozen block, as one JSON-able dict.
+
+    `gain` is the contraction gain ρ the frozen solves measured (None where a solve did not need
+    it, e.g. `solver.solve = "sequential"`): with ρ < 1 parallel solves are exact and fp32 contexts
+    reproducible; with ρ ≥ 1 differences grow along the stream. Matrix products run in full fp32
+    (no TF32), like the frozen solves, so the numbers do not depend on the runner's `tf32`.
+    """
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        return {
+            "identity": identity_check(model, seed),
+            "val_convergence": convergence_check(model, val_ids, trials) if trials else None,
+            "contexts": {name: context_stats(s.layers[-1], seed) for name, s in solves.items()},
+            "gain": {name: None if s.gain is None or not math.isfinite(s.gain) else s.gain
+                     for name, s in solves.items()},
+        }
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def diagnostic_warnings(diagnostics: dict[str, Any]) -> list[str]:
+    """One line per diagnostic that the reference flagged."""
+    out = []
+    identity = diagnostics["identity"]
+    if identity["identity"]:
+        out.append(f"the ContextBlock is close to an identity mapping (mean cosine {identity['mean_cosine']:.3f} "
+                   f"> {IDENTITY_THRESHOLD} over {IDENTITY_PROBES} probes): its contexts ignore the tokens")
+    check = diagnostics["val_convergence"]
+    if check is not None and check["status"] in ("DIVERGING", "UNSTABLE"):
+        out.append(f"validation convergence check: {check['status']} over {check['trials']} sequential trials")
+    for name, stats in diagnostics["contexts"].items():
+        if stats["zero_solution"]:
+            out.append(f"{name} contexts are a zero solution (mean row norm {stats['mean_row_norm']:.3g} "
+                       f"< {ZERO_NORM})")
+        if stats["global_attractor"]:
+            out.append(f"{name} contexts collapse to a global attractor (mean distance "
+                       f"{stats['mean_pairwise_distance']:.3g}, mean cosine {stats['mean_pairwise_cosine']:.3f})")
+    return out

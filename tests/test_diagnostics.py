@@ -1,0 +1,127 @@
+"""The seed's diagnostics (spec §3.6, §5): computed after Phase 1 and recorded per unit."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
+from newllm_kit_plugins.frozen_solve import solve_frozen
+from test_experiment import TINY, read_results, write_tiny
+
+from newllm_kit import diagnostics
+from newllm_kit.diagnostics import classify_trials, context_stats, convergence_check, identity_check
+from newllm_kit.plugins import load_plugins
+from newllm_kit.run import execute
+
+ONE_MODEL = ['models=[{label = "A", variant = "gradual-reduction", layers = 1, context_dim = 8, embedding_dim = 8}]',
+             "experiment.samples=[12]", "phase2.epochs=1"]
+
+
+def tiny_model(**settings: Any) -> Any:
+    torch.manual_seed(0)
+    return CVFPArchitecture(CVFPSettings(layers=2, context_dim=8, embedding_dim=8, **settings)).build(40)
+
+
+@pytest.mark.parametrize(("losses", "status"), [
+    ([0.5, 0.3, 0.1], "CONVERGING"),
+    ([1e-5, 0.0, 0.0, 0.0], "CONVERGED"),
+    ([0.1, 0.3, 0.5], "DIVERGING"),
+    ([0.0, 0.05, 0.0, 0.05, 0.0], "UNSTABLE"),  # flat slope, std 0.024 ≥ 0.01
+    ([0.1], "INSUFFICIENT_DATA"),
+])
+def test_trials_are_classified_by_slope_and_std(losses: list[float], status: str) -> None:
+    assert classify_trials(losses) == status
+
+
+class IdentityBlock(torch.nn.Module):
+    """F(c, x) = c: the degenerate block the reference refused to train Phase 2 on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def step(self, context: torch.Tensor, projected: torch.Tensor) -> list[torch.Tensor]:
+        return [context + 0 * projected[:, :1]]
+
+
+def test_identity_check_flags_a_block_that_returns_its_context() -> None:
+    model = tiny_model()
+    model.context_block = IdentityBlock()
+    assert identity_check(model, seed=0) == {"mean_cosine": pytest.approx(1.0), "identity": True}
+    trained_like = identity_check(tiny_model(), seed=0)
+    assert trained_like["identity"] is False and trained_like["mean_cosine"] < 0.95
+
+
+def test_context_stats_flag_zero_solutions_and_global_attractors() -> None:
+    rank_two = torch.cat([torch.eye(2, 6) * 3, torch.eye(2, 6) * 3, torch.eye(2, 6) * 3])
+    stats = context_stats(rank_two, seed=0)
+    assert stats["actual_rank"] == 2 and stats["sparsity"] == pytest.approx(30 / 36)
+    assert stats["mean_row_norm"] == pytest.approx(3.0)
+    assert not stats["zero_solution"] and not stats["global_attractor"]
+    assert context_stats(torch.full((50, 4), 1e-3), seed=0)["zero_solution"]
+    same = context_stats(torch.ones(50, 4) + 1e-4 * torch.randn(50, 4), seed=0)
+    assert same["global_attractor"] and same["mean_pairwise_cosine"] > 0.99
+
+
+def test_context_stats_sample_at_most_5000_rows_with_the_seed() -> None:
+    contexts = torch.randn(6000, 3)
+    first = context_stats(contexts, seed=1)
+    assert first["rows"] == 5000 and first == context_stats(contexts, seed=1)
+    assert first != context_stats(contexts, seed=2)
+
+
+def test_convergence_trials_start_where_the_previous_trial_ended() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 40, (60,), generator=torch.Generator().manual_seed(0))
+    check = convergence_check(model, ids, trials=4)
+    assert len(check["history"]) == 3 and check["status"] in {"CONVERGING", "CONVERGED", "DIVERGING", "UNSTABLE"}
+    # trial 2 differs from trial 1 (a zero start) only through its start: the last context of trial 1
+    with torch.no_grad():
+        first = solve_frozen(model, ids, "sequential", 1e-5).layers[-1]
+    assert check["history"][0] > 0 and check["first_loss"] == check["history"][0]
+    assert check["history"][0] <= float((first[-1] ** 2).mean())  # a decaying difference, below its start's
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("diagnostics")
+    result = execute(write_tiny(tmp, TINY), ONE_MODEL, tmp / "runs", False, "none", load_plugins())
+    return read_results(Path(result["run_dir"]))[0]
+
+
+def test_each_record_holds_the_seeds_diagnostics(recorded: dict[str, Any]) -> None:
+    found = recorded["diagnostics"]
+    assert set(found) == {"identity", "val_convergence", "contexts", "gain"}
+    assert found["identity"]["identity"] is False
+    assert found["val_convergence"]["trials"] == 10 and len(found["val_convergence"]["history"]) == 9
+    for stream in ("train", "val"):
+        stats = found["contexts"][stream]
+        assert stats["actual_rank"] >= 1 and 0 <= stats["sparsity"] <= 1 and stats["mean_row_norm"] > 0
+        assert stats["zero_solution"] is False and stats["global_attractor"] is False
+        assert found["gain"][stream] is None or found["gain"][stream] > 0
+    assert found["gain"]["train"] == recorded["solve"]["gain"]  # ρ as the frozen solve measured it
+    assert recorded["phase2_skipped"] is False
+
+
+def test_an_identity_block_is_recorded_and_phase_2_skipped_only_when_asked(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(diagnostics, "IDENTITY_THRESHOLD", -1.0)  # every block counts as an identity
+    path = write_tiny(tmp_path, TINY)
+    overrides = [*ONE_MODEL, "solver.val_convergence_trials=0"]
+    warned = read_results(Path(execute(path, overrides, tmp_path / "a", False, "none", load_plugins())["run_dir"]))
+    assert warned[0]["phase2_skipped"] is False and warned[0]["epochs_run"] == 1
+    assert any("identity mapping" in note for note in warned[0]["notes"])
+    skip = [*overrides, "solver.skip_phase2_if_identity=true"]
+    skipped = read_results(Path(execute(path, skip, tmp_path / "b", False, "none", load_plugins())["run_dir"]))[0]
+    assert skipped["phase2_skipped"] is True and skipped["epochs_run"] == 0 and math.isnan(skipped["val_ppl"])
+    assert skipped["diagnostics"]["val_convergence"] is None
+    assert "Phase 2 skipped (solver.skip_phase2_if_identity)" in skipped["notes"]
+    assert json.loads(json.dumps(skipped["diagnostics"])) == skipped["diagnostics"]
