@@ -101,8 +101,7 @@ def phase2_check(device: str, positions: int, long_positions: int) -> dict[str, 
     import phase2 as bench  # benchmarks/phase2.py: the model and random-context streams it times
     from newllm_kit_plugins.frozen_solve import full_precision_matmuls
     from newllm_kit_plugins.local_runner import CPURunner, GPURunner, RunnerSettings
-
-    from newllm_kit.phase2 import Phase2Settings, train_phase2
+    from newllm_kit_plugins.phase2 import Phase2Settings, train_phase2
 
     def runner(dev: str, precision: str) -> Any:
         built = (GPURunner if dev == "cuda" else CPURunner)(RunnerSettings(precision=precision))

@@ -44,9 +44,8 @@ from newllm_kit_plugins.cvfp import (
     context_flops_per_token,
     token_flops_per_token,
 )
-
-from newllm_kit.phase2 import Phase2Data, Phase2Settings, train_phase2
-from newllm_kit.protocols import Model
+from newllm_kit_plugins.cvfp_contract import CVFPModel as Model
+from newllm_kit_plugins.phase2 import Phase2Data, Phase2Settings, train_phase2
 
 VOCAB = 50257
 TARGET_FRACTION_OF_PEAK = 0.80

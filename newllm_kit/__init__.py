@@ -1,4 +1,4 @@
-"""newllm-kit: plugin-based toolkit for Context Vector Fixed-Point language-model experiments."""
+"""newllm-kit: plugin-based toolkit for language-model experiments (CVFP and baselines) from TOML files."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ class _Commands(TyperGroup):
 app = typer.Typer(
     name="newllm-kit",
     cls=_Commands,
-    help="Plugin-based toolkit for Context Vector Fixed-Point (CVFP) language-model experiments.",
+    help="Plugin-based toolkit for language-model experiments from TOML files: CVFP models and baselines.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -142,12 +142,48 @@ def _load(file: Path, overrides: list[str] | None) -> Any:
     return load_config(file, plugins().registry, overrides or [])
 
 
-@app.command("plugins", cls=_Command)
-def plugins_command(as_json: JsonOption = False) -> None:
+# A group so that `plugins` still lists while `plugins new` writes a package; the listing is its callback.
+plugins_app = typer.Typer(cls=_Commands, invoke_without_command=True, add_completion=False,
+                          rich_markup_mode="markdown")
+app.add_typer(plugins_app, name="plugins")
+
+
+@plugins_app.command("new", cls=_Command)
+def plugins_new_command(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Distribution name, e.g. my-plugin (import name "
+                                        "my_plugin); also the plugin's and the component's name.")],
+    kind: Annotated[str, typer.Option("--kind", metavar="KIND", help="The component the package registers: "
+                                      "architecture, solver, recipe, metric, data_source or tokenizer.")],
+    directory: Annotated[Path, typer.Option("--dir", metavar="DIR",
+                                            help="Where the package folder DIR/NAME is written.")] = Path("."),
+) -> None:
+    """Write a ready-to-install plugin package with one working component, its test and a README.
+
+    Example: `newllm-kit plugins new my-metric --kind metric`, then `cd my-metric && pip install -e .`
+    """
+    from .skeleton import check_kind, write_plugin
+
+    check_kind(kind)
+    loaded = plugins()
+    taken = {info.name for info in loaded.infos} | set(loaded.registry.components.get(kind, {}))
+    written = write_plugin(name, kind, directory, taken)
+    target = directory / name
+    console.print(escape(f"wrote the {kind.replace('_', ' ')} plugin {name!r} to {target}:"))
+    for path in written:
+        console.print(escape(f"  {path.relative_to(target)}"))
+    console.print(escape(f"next: cd {target} && pip install -e . && python -m pytest -q"))
+
+
+@plugins_app.callback()
+def plugins_command(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List installed plugins, their distribution and version, and the components each registered.
+
+    `newllm-kit plugins new NAME --kind KIND` writes a new plugin package.
 
     Example: `newllm-kit plugins --json`
     """
+    if ctx.invoked_subcommand is not None:
+        return
     loaded = plugins()
     if as_json:
         _print_json({"plugins": [info.to_json() for info in loaded.infos]})
@@ -191,22 +227,27 @@ def _toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": value}).removeprefix("v = ").strip()
 
 
-PARAM_LINES = (("ContextBlock", "context_block"), ("TokenBlock", "token_block"), ("embedding", "embedding"),
-               ("head", "head"), ("total", "total"), ("Phase 1 trains", "phase1"), ("Phase 2 trains", "phase2"))
+def _param_lines(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """(line name, key, is a trainable group) for every part and group any of the models has, in order."""
+    parts = dict.fromkeys(k for row in rows for k in row if k not in ("label", "trainable", "total"))
+    groups = dict.fromkeys(k for row in rows for k in row["trainable"])
+    return ([(k, k, False) for k in parts] + [("total", "total", False)]
+            + [(f"group {group}", group, True) for group in groups])
 
 
 def _params_tables(title: str, rows: list[dict[str, Any]], width: int) -> list[Table]:
     """One column per model, so every count keeps all its digits at 80 columns; models that do not
-    fit beside each other go into further tables."""
+    fit beside each other go into further tables. A part or group a model lacks shows as —."""
+    lines = _param_lines(rows)
     groups: list[list[tuple[str, list[str]]]] = []
     used = width
     for row in rows:
-        counts = {**row, **row["trainable"]}
-        cells = [f"{counts[key]:,}" for _, key in PARAM_LINES]
+        cells = [(f"{value:,}" if isinstance(value := (row["trainable"] if group else row).get(key), int) else "—")
+                 for _, key, group in lines]
         need = max(len(row["label"]), *map(len, cells)) + 3  # padding and border
         if used + need > width:
             groups.append([])
-            used = len(PARAM_LINES[-1][0]) + 4
+            used = max(len(name) for name, _, _ in lines) + 4
         groups[-1].append((row["label"], cells))
         used += need
     tables = []
@@ -215,7 +256,7 @@ def _params_tables(title: str, rows: list[dict[str, Any]], width: int) -> list[T
         table.add_column("")
         for label, _ in group:
             table.add_column(escape(label), justify="right")
-        for i, (name, _) in enumerate(PARAM_LINES):
+        for i, (name, _, _) in enumerate(lines):
             table.add_row(name, *(cells[i] for _, cells in group))
         tables.append(table)
     return tables
@@ -254,7 +295,7 @@ def run_command(
                                           help="auto (rich on a terminal), plain, or none.")] = "auto",
     as_json: JsonOption = False,
 ) -> None:
-    """Run every model × training size of an experiment: Phase 1, Phase 2, metrics, scaling fit.
+    """Run every model × training size of an experiment: each unit by its recipe, metrics, scaling fit.
 
     Example: `newllm-kit run experiments/quickstart.toml`, then after a kill:
     `newllm-kit run experiments/quickstart.toml --resume`

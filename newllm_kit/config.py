@@ -1,9 +1,10 @@
 """Experiment files: TOML -> validated, typed config, with `--set` overrides and provenance.
 
 Core keys live in the section models below; every other key of a section belongs to the
-component the section names (`[solver] name = "cvfp"` → the cvfp solver's settings model), so a
-third-party plugin's keys are validated exactly like the built-ins'. Defaults reproduce the
-seed's v2 experiment.
+component the section names (`[data] source = "ultrachat"` → that data source's settings model),
+so a third-party plugin's keys are validated exactly like the built-ins'. Every other top-level
+table belongs to a recipe in use (`[solver]` and `[phase2]` to cvfp, `[lm]` to lm) and is
+validated by that recipe's settings model. Defaults reproduce the seed's v2 experiment.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import tomli_w
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import ConfigError, PluginError, UserError
-from .phase2 import Phase2Settings
-from .protocols import PROTOCOLS, ContextBlock, Model, missing_members, missing_methods
+from .protocols import PROTOCOLS, LanguageModel, missing_members, missing_methods
 from .registry import Component, Registry
 
 MAX_FILE_BYTES = 1 << 20
@@ -123,14 +123,20 @@ class EmbeddingSection(_Open):
     freeze: bool = Field(True, description="Keep the embedding (and the tied head) fixed.")
 
 
-class SolverSection(_Open):
-    name: str = Field("cvfp", description="Fixed-point solver plugin name (Phase 1).")
-    skip_phase2_if_identity: bool = Field(
-        False, description="Skip Phase 2 when the frozen block is close to an identity mapping, as the "
-                           "reference did (False: record and warn).")
-    val_convergence_trials: int = Field(
-        10, ge=0, le=1000, description="Sequential validation rollouts of the convergence check (spec §3.6); "
-                                       "0 skips it.")
+class ComponentSection(_Open):
+    """A recipe's table that names a component of another kind by `name`, e.g. the cvfp recipe's
+    `[solver]`: its other keys are that component's settings. Subclasses set `kind` (the registry
+    kind) and `protocol` (what the built component must provide); `build()` returns it."""
+
+    kind: ClassVar[str] = ""
+    protocol: ClassVar[type | None] = None
+    name: str = Field(..., description="Plugin name of the component.")
+    _choice: Choice | None = PrivateAttr(default=None)
+
+    def build(self) -> Any:
+        if self._choice is None:
+            raise RuntimeError(f"{type(self).__name__}: not resolved by newllm_kit.config")
+        return self._choice.build()
 
 
 class RunnerSection(_Open):
@@ -140,6 +146,7 @@ class RunnerSection(_Open):
 class ModelSection(_Open):
     label: str = Field(..., description="Name of this model in tables, fits and checkpoint names.")
     architecture: str = Field("cvfp", description="Architecture plugin name.")
+    recipe: str | None = Field(None, description="Recipe plugin that trains it (default: the architecture's).")
 
     @field_validator("label")
     @classmethod
@@ -152,8 +159,6 @@ class FileSchema(_Strict):
     data: DataSection = Field(default_factory=lambda: DataSection())
     tokenizer: TokenizerSection = Field(default_factory=lambda: TokenizerSection())
     embedding: EmbeddingSection = Field(default_factory=lambda: EmbeddingSection())
-    solver: SolverSection = Field(default_factory=lambda: SolverSection())
-    phase2: Phase2Settings = Field(default_factory=lambda: Phase2Settings())
     runner: RunnerSection = Field(default_factory=lambda: RunnerSection())
     models: list[ModelSection] = Field(..., min_length=1)
 
@@ -166,6 +171,7 @@ class Choice:
     component: Component
     settings: BaseModel | None
     where: str = ""  # "exp.toml: models.0": what errors about this choice point at
+    protocol: type | None = None  # what the built object must provide (default: the kind's protocol)
 
     def build(self) -> Any:
         """The component's object, checked against its protocol before anything uses it."""
@@ -178,7 +184,9 @@ class Choice:
             text = (str(error).strip().splitlines() or [""])[0]
             raise PluginError(f"{self._prefix()}plugin {c.plugin!r}: building {c.kind.replace('_', ' ')} "
                               f"{c.name!r} failed: {type(error).__name__}: {text}") from error
-        self.require(built, PROTOCOLS[c.kind], "returned")
+        protocol = self.protocol or PROTOCOLS.get(c.kind)
+        if protocol is not None:
+            self.require(built, protocol, "returned")
         return built
 
     def require(self, obj: object, protocol: type, verb: str) -> None:
@@ -190,7 +198,7 @@ class Choice:
             what = obj.__name__ if isinstance(obj, type) else type(obj).__name__
             others = f" (also {', '.join(missing[1:])})" if missing[1:] else ""
             raise PluginError(f"{self._prefix()}plugin {c.plugin!r}: {kind} {c.name!r} {verb} {what}, which lacks "
-                              f"{missing[0]!r}{others} required by newllm_kit.protocols.{protocol.__name__}; "
+                              f"{missing[0]!r}{others} required by {protocol.__module__}.{protocol.__name__}; "
                               f"fix the plugin or choose another {kind}")
 
     def _prefix(self) -> str:
@@ -204,26 +212,31 @@ class ExperimentConfig:
     data_source: Choice
     tokenizer: Choice
     embedding: Choice
-    solver: Choice
     runner: Choice
     models: list[tuple[str, Choice]]
     metrics: list[Choice]
+    recipes: dict[str, Choice] = field(default_factory=dict)  # by recipe name; settings: the tables it owns
+    model_recipes: list[str] = field(default_factory=list)  # the recipe of each [[models]] entry
     overrides: list[str] = field(default_factory=list)
     sweep: Sweep | None = None
     variants: list[Variant] = field(default_factory=list)  # one per sweep combination; empty without [sweep]
 
     def resolved(self) -> dict[str, Any]:
         """Every key with its value in force (defaults filled), as plain TOML-able data."""
-        out = self.schema.model_dump(mode="json", exclude={"data", "tokenizer", "embedding", "solver",
-                                                           "runner", "models"})
+        out = self.schema.model_dump(mode="json", exclude={"data", "tokenizer", "embedding", "runner", "models"})
         sections = {"data": self.data_source, "tokenizer": self.tokenizer, "embedding": self.embedding,
-                    "solver": self.solver, "runner": self.runner}
+                    "runner": self.runner}
         for name, choice in sections.items():
-            section: BaseModel = getattr(self.schema, name)
-            core = section.model_dump(mode="json", exclude=set(section.model_extra or {}))
-            out[name] = {**core, **_settings_dict(choice)}
+            out[name] = _section_dict(getattr(self.schema, name), choice)
+        for recipe in self.recipes.values():
+            if recipe.settings is not None:
+                for table in type(recipe.settings).model_fields:
+                    value = getattr(recipe.settings, table)
+                    out[table] = (_section_dict(value, value._choice) if isinstance(value, ComponentSection)
+                                  else value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
         out["models"] = [
-            {"label": m.label, "architecture": m.architecture, **_settings_dict(choice)}
+            {"label": m.label, "architecture": m.architecture, **({"recipe": m.recipe} if m.recipe else {}),
+             **_settings_dict(choice)}
             for m, (_, choice) in zip(self.schema.models, self.models, strict=True)
         ]
         if self.sweep is not None:
@@ -264,8 +277,14 @@ class Variant:
     config: ExperimentConfig
 
 
-def _settings_dict(choice: Choice) -> dict[str, Any]:
-    return choice.settings.model_dump(mode="json") if choice.settings is not None else {}
+def _settings_dict(choice: Choice | None) -> dict[str, Any]:
+    return choice.settings.model_dump(mode="json") if choice is not None and choice.settings is not None else {}
+
+
+def _section_dict(section: BaseModel, choice: Choice | None) -> dict[str, Any]:
+    """A component-naming table as written back: its own keys, then the component's validated settings."""
+    core = section.model_dump(mode="json", exclude=set(section.model_extra or {}))
+    return {**core, **_settings_dict(choice)}
 
 
 def _drop_none(value: Any) -> Any:
@@ -549,8 +568,9 @@ def _value_text(value: Any) -> str:
 
 def _validated(path: Path, registry: Registry, data: dict[str, Any], overrides: list[str]) -> ExperimentConfig:
     _check_numbers(path, data, "")
+    tables = {key: data[key] for key in data if key not in FileSchema.model_fields}  # the recipes' tables
     try:
-        schema = FileSchema.model_validate(data)
+        schema = FileSchema.model_validate({k: v for k, v in data.items() if k not in tables})
     except ValidationError as error:
         loc = error.errors()[0]["loc"]
         valid = _valid_keys(FileSchema, loc) + (["sweep"] if len(loc) == 1 else [])
@@ -576,6 +596,8 @@ def _validated(path: Path, registry: Registry, data: dict[str, Any], overrides: 
     for choice in metrics:
         if choice.component.settings is not None:
             choice.settings = choice.component.settings()
+    model_recipes = [model.recipe or _default_recipe(path, index, choice)
+                     for index, (model, (_, choice)) in enumerate(zip(schema.models, models, strict=True))]
     config = ExperimentConfig(
         path=path,
         schema=schema,
@@ -585,38 +607,97 @@ def _validated(path: Path, registry: Registry, data: dict[str, Any], overrides: 
                           core(TokenizerSection)),
         embedding=_choose(path, registry, "embedding", "embedding", schema.embedding.source,
                           schema.embedding, core(EmbeddingSection)),
-        solver=_choose(path, registry, "solver", "solver", schema.solver.name, schema.solver,
-                       core(SolverSection)),
         runner=_choose(path, registry, "runner", "runner", schema.runner.name, schema.runner,
                        core(RunnerSection)),
         models=models,
         metrics=metrics,
+        recipes=_recipes(path, registry, model_recipes, tables),
+        model_recipes=model_recipes,
         overrides=overrides,
     )
     _check_components(config)
     return config
 
 
+def _default_recipe(path: Path, index: int, architecture: Choice) -> str:
+    """The recipe an architecture names for itself (`default_recipe`)."""
+    recipe = getattr(architecture.build(), "default_recipe", None)
+    if not isinstance(recipe, str) or not recipe:
+        c = architecture.component
+        raise PluginError(f"{path}: models.{index}: plugin {c.plugin!r}: architecture {c.name!r} names no "
+                          f"default_recipe; set models.{index}.recipe (e.g. \"lm\") or fix the plugin")
+    return recipe
+
+
+def _recipes(path: Path, registry: Registry, names: list[str], tables: dict[str, Any]) -> dict[str, Choice]:
+    """Each recipe in use with its settings validated from the top-level tables it owns; a table no recipe
+    in use owns is an error that says which recipe would read it."""
+    recipes: dict[str, Choice] = {}
+    for index, name in enumerate(names):
+        if name in recipes:
+            continue
+        component = registry.get("recipe", name, where=f"{path}: models.{index}.recipe")
+        owned = list(component.settings.model_fields) if component.settings is not None else []
+        settings = None
+        if component.settings is not None:
+            try:
+                settings = component.settings.model_validate({k: v for k, v in tables.items() if k in owned})
+            except ValidationError as error:
+                loc = error.errors()[0]["loc"]
+                raise _format_error(path, error, "", _valid_keys(component.settings, loc), component.settings) from None
+            for table in owned:
+                section = getattr(settings, table)
+                if isinstance(section, ComponentSection):
+                    section._choice = _choose(path, registry, section.kind, table, section.name, section,
+                                              set(type(section).model_fields))
+                    section._choice.protocol = type(section).protocol
+        recipes[name] = Choice(f"recipe {name}", component, settings, f"{path}: recipe {name!r}")
+    owned_now = {table for c in recipes.values() if c.settings is not None for table in type(c.settings).model_fields}
+    for table in tables:
+        if table in owned_now:
+            continue
+        owners = [c.name for c in registry.components["recipe"].values()
+                  if c.settings is not None and table in c.settings.model_fields]
+        if owners:
+            raise ConfigError(f"{path}: {table}: this table belongs to recipe {owners[0]!r}, which no model uses "
+                              f"(recipes in use: {', '.join(recipes)}); remove it or add a model trained by "
+                              f"{owners[0]!r}")
+        valid = sorted(set(FileSchema.model_fields) | owned_now | {"sweep"})
+        close = difflib.get_close_matches(table, valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+        raise ConfigError(f"{path}: {table}: unknown key{hint}")
+    return recipes
+
+
 def _check_components(config: ExperimentConfig) -> None:
     """Build every component and check it against its protocol, so `validate` catches a factory that
     returns the wrong kind of object before any training. Runners are only checked by class: building
-    one may read torchrun's environment or touch CUDA. Models are built on the meta device (no memory)."""
+    one may read torchrun's environment or touch CUDA. Models are built on the meta device (no memory)
+    and checked against the core's contract and their recipe's (`model_protocol`, where it names one)."""
     if isinstance(config.runner.component.factory, type):
         config.runner.require(config.runner.component.factory, PROTOCOLS["runner"], "is")
     tokenizer = config.tokenizer.build()
-    for choice in (config.data_source, config.embedding, config.solver, *config.metrics):
+    for choice in (config.data_source, config.embedding, *config.metrics):
         choice.build()
+    recipes = {name: choice.build() for name, choice in config.recipes.items()}
+    for recipe in config.recipes.values():
+        for table in type(recipe.settings).model_fields if recipe.settings is not None else ():
+            section = getattr(recipe.settings, table)
+            if isinstance(section, ComponentSection):
+                section.build()
     declared = getattr(tokenizer, "expected_vocab_size", None)
     vocab_size = declared if isinstance(declared, int) and declared >= 1 else 256
-    for _, choice in config.models:
+    for (_, choice), recipe_name in zip(config.models, config.model_recipes, strict=True):
         architecture = choice.build()
         try:
             with torch.device("meta"):
                 model = architecture.build(vocab_size)
         except Exception:  # an architecture that needs real tensors to build is checked when a run builds it
             continue
-        choice.require(model, Model, "builds")
-        choice.require(model.context_block, ContextBlock, "builds a context_block")
+        choice.require(model, LanguageModel, "builds")
+        wanted = getattr(recipes[recipe_name], "model_protocol", None)
+        if isinstance(wanted, type):
+            choice.require(model, wanted, f"builds (for recipe {recipe_name!r})")
 
 
 def _check_numbers(path: Path, value: Any, key: str) -> None:

@@ -1,10 +1,11 @@
-"""Running an experiment: every model × training size, Phase 1 then Phase 2, resumable.
+"""Running an experiment: every model × training size (× seed × sweep variant), resumable.
 
 One unit = one model at one training size. The corpus is read and tokenised once for the
 largest size (smaller sizes are prefixes of the same stream, so every size shares one
 tokenizer and one validation set, which keeps their PPLs comparable); then each unit is
-seeded, built, trained, evaluated and recorded. Checkpoints after Phase 1 and after every
-Phase-2 epoch let `--resume` continue a killed unit; finished units are never recomputed.
+seeded and built, its recipe trains and evaluates it, and the core records the configured
+metrics and the recipe's own fields. Recipes checkpoint through the core (after every epoch
+at least), so `--resume` continues a killed unit; finished units are never recomputed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import json
 import platform
 import random
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,26 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, phase1_contexts
+from . import __version__
 from .config import ExperimentConfig, read_toml
-from .context_store import StorePlan, context_stores, is_out_of_memory, out_of_memory_message, plan_stores
 from .corpus import Stream, embedding_provenance, load_streams
-from .diagnostics import diagnostic_warnings, seed_diagnostics
-from .errors import DataError, RunFailed, UserError
+from .errors import DataError, PluginError, RunFailed, UserError
 from .params import check_model_fits
-from .phase2 import (
-    Phase2Data,
-    Phase2Report,
-    Phase2State,
-    context_agreement,
-    input_weights,
-    train_phase2,
-    weights_as,
-)
-from .protocols import EvalOutputs, Phase1Report, Runner, SolveResult
-from .rundir import RESULT_CSV_COLUMNS, STORE_DIR, Checkpoint, CheckpointUnreadable, RunDir
+from .protocols import EvalOutputs, Runner, UnitContext, UnitData
+from .report import metric_key
+from .rundir import STORE_DIR, RunDir
 from .scaling import Point, fit_all, report_to_json, series
-from .split_phase1 import phase1_solver
+from .training import ppl
+from .unit_checkpoint import UnitCheckpoint, share
 
 VARIANTS_DIR = "variants"  # each sweep variant's resolved config, <name>.toml
 
@@ -137,312 +126,82 @@ def build_model(config: ExperimentConfig, unit: Unit, vocab_size: int, runner: R
     return model.to(runner.device)
 
 
-def _checkpoint_tensors(model: Any) -> dict[str, torch.Tensor]:
-    """The model's state without the frozen embedding table (its source fingerprint rebuilds it)."""
-    table, _ = model.output_head()
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.shape == table.shape]
-    skip = {p.data_ptr() for p in frozen}
-    return {k: v for k, v in model.state_dict().items() if v.data_ptr() not in skip}
+def check_param_groups(config: ExperimentConfig, unit: Unit, model: Any) -> None:
+    """Every parameter that requires a gradient is in one of the model's `param_groups()`: a recipe trains
+    only those, so one left out (a trainable table forgotten there) would stay untrained without a word."""
+    grouped = {id(p) for params in model.param_groups().values() for p in params}
+    left = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    if left:
+        choice = config.models[unit.index][1]
+        c = choice.component
+        raise PluginError(f"{choice.where}: plugin {c.plugin!r}: architecture {c.name!r} builds a model whose "
+                          f"trainable parameter {left[0]!r} is in no param_groups() group, so no recipe would "
+                          f"train it; add it to a group (or freeze it) in the plugin")
 
 
-PHASE1_KEYS = {"iterations", "convergence_rate", "token_evaluations", "seconds", "train_er"}
-
-
-def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
-
-
-def _decode(model: Any, saved: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any], Phase2State | None]:
-    """Weights, Phase-1 summary and Phase-2 state of a checkpoint, checked against the model before
-    anything is loaded into it (KeyError, TypeError or ValueError when they do not fit)."""
-    _, groups, state = saved
-    weights, phase1 = groups["model"], state["phase1"]
-    if _shapes(weights) != _shapes(_checkpoint_tensors(model)):
-        raise ValueError("its weights do not fit the model")
-    if not PHASE1_KEYS <= set(phase1):
-        raise ValueError("its phase-1 summary is incomplete")
-    phase2 = Phase2State.from_checkpoint(groups["phase2"], state["phase2"]) if "phase2" in state else None
-    if phase2 is not None:
-        trained = _shapes(dict(model.named_parameters())).items()
-        if not (_shapes(phase2.model).items() <= trained and _shapes(phase2.best_weights).items() <= trained):
-            raise ValueError("its phase-2 weights do not fit the model")
-    return weights, phase1, phase2
-
-
-def _read_checkpoint(run: RunDir, unit: Unit, model: Any, runner: Runner, progress: Any) -> Checkpoint | None:
-    """The unit's checkpoint if it is whole and fits the model; a damaged one is reported and
-    removed, and the unit starts over."""
-    try:
-        saved = run.load_checkpoint(unit.id, runner.device)
-        if saved is not None:
-            _decode(model, saved)
-        return saved
-    except (CheckpointUnreadable, KeyError, TypeError, ValueError) as error:
-        progress.message(f"warning: {unit.id}: the checkpoint in {run.checkpoint_dir(unit.id)} is unreadable "
-                         f"({error}); starting the unit over")
-        run.drop_checkpoint(unit.id)
-        return None
-
-
-def share(runner: Runner, value: Any) -> Any:
-    """Rank 0's `value` (anything JSON holds) on every rank: one rank decides, so ranks cannot diverge."""
-    if runner.world_size == 1:
-        return value
-    data = json.dumps(value).encode() if runner.rank == 0 else b""
-    size = runner.broadcast(torch.tensor([len(data)], device=runner.device), 0)
-    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=runner.device)
-    if runner.rank == 0:
-        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    return json.loads(runner.broadcast(buffer, 0).cpu().numpy().tobytes())
-
-
-def _share_checkpoint(runner: Runner, saved: Checkpoint | None) -> Checkpoint | None:
-    """Rank 0's checkpoint on every rank (stage and state as JSON, then each tensor), so ranks on
-    machines without a shared --out continue from the same point."""
-    header = share(runner, None if saved is None else {
-        "stage": saved[0], "state": saved[2],
-        "tensors": {group: {name: [str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in values.items()}
-                    for group, values in saved[1].items()}})
-    if header is None:
-        return None
-    groups = saved[1] if saved is not None else {
-        group: {name: torch.empty(shape, dtype=getattr(torch, dtype), device=runner.device)
-                for name, (dtype, shape) in values.items()} for group, values in header["tensors"].items()}
-    for group in sorted(groups):
-        for name in sorted(groups[group]):
-            runner.broadcast(groups[group][name], 0)
-    return header["stage"], groups, header["state"]
-
-
-def _resume_point(run: RunDir, unit: Unit, model: Any, runner: Runner, progress: Any
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Phase2State | None] | None:
-    """Where a unit continues (None: from scratch). Rank 0 reads the checkpoint and every rank gets its copy."""
-    saved = _read_checkpoint(run, unit, model, runner, progress) if runner.rank == 0 else None
-    if runner.world_size > 1:
-        saved = _share_checkpoint(runner, saved)
-    return None if saved is None else _decode(model, saved)
-
-
-def _stopped_by(report: Phase1Report) -> str | None:
-    """"converged" or "max_iterations" (None when the solver does not say)."""
-    return None if report.converged is None else "converged" if report.converged else "max_iterations"
-
-
-NON_CONTRACTING = "the ContextBlock does not contract"
-
-
-def _solve_notes(messages: list[str], solves: dict[str, SolveResult]) -> list[str]:
-    """The frozen solves' warnings, one line per kind: the non-contracting fallback is expected for
-    trained CVFP blocks and changes nothing in the numbers, so it is said once, with what it means."""
-    gains = {name: s.gain for name, s in solves.items() if s.gain is not None and not s.gain < 1}
-    notes = []
-    if gains:
-        measured = ", ".join(f"{gain:.3g} on {name}" for name, gain in gains.items())
-        notes.append(f"the frozen ContextBlock does not contract (gain {measured} >= 1), so no parallel solve "
-                     f"converges; its contexts come from the sequential rollout, the reference method: exact, "
-                     f"only slower")
-    notes += [m for m in dict.fromkeys(messages) if not m.startswith(NON_CONTRACTING)]
-    return notes
+def metric_info(config: ExperimentConfig) -> list[dict[str, Any]]:
+    """Each configured metric's name, record key, unit and direction: what the table and results.csv show."""
+    info = []
+    for choice in config.metrics:
+        metric = choice.build()
+        info.append({"name": choice.component.name, "key": metric_key(choice.component.name),
+                     "unit": str(metric.unit), "direction": str(metric.direction)})
+    return info
 
 
 def _metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, float]:
     return {choice.component.name: float(choice.build().compute(outputs)) for choice in config.metrics}
 
 
-def _phase1(config: ExperimentConfig, unit: Unit, model: Any, solver: Any, ids: torch.Tensor, runner: Runner,
-            progress: Any, keep: int) -> tuple[dict[str, Any], torch.Tensor]:
-    """Phase 1, its summary and the first `keep` rows of its final contexts (all of them for the
-    fast Phase-2 path, a few for the context comparison). The rest of the [n, C] training contexts
-    is needed only for the Train ER, so it is dropped here, before any Phase-2 store exists."""
-    started = time.perf_counter()
-    report = solver.fit(model, ids, runner, progress)
-    seconds = time.perf_counter() - started
-    train_outputs = EvalOutputs(contexts=report.contexts, context_width=model.context_dim,
-                                convergence_rate=report.convergence_rate, seed=config.schema.experiment.seed)
-    phase1 = {"iterations": report.iterations, "convergence_rate": report.convergence_rate,
-              "token_evaluations": report.token_evaluations, "seconds": seconds,
-              "train_er": _effective_rank_fraction(config, train_outputs),
-              "stopped_by": _stopped_by(report), "target_rate": report.target_rate}
-    if report.converged is False:
-        progress.message(f"{unit.id}: Phase 1 stopped at max_iterations ({report.iterations}) with "
-                         f"{report.convergence_rate:.0%} of tokens converged (target "
-                         f"{report.target_rate:.0%}); its contexts are not at a fixed point")
-    kept = report.contexts[:keep]
-    del report, train_outputs
-    return phase1, kept
-
-
-@contextmanager
-def out_of_memory(unit: Unit, phase: str, plan: StorePlan, fix: str) -> Iterator[None]:
-    """Out of memory in `phase` ends the run in one line: the phase, what the context stores take,
-    and the settings that lower it."""
-    try:
-        yield
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        raise RunFailed(out_of_memory_message(unit.id, phase, error, plan, fix)) from error
-
-
 def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: Runner, run: RunDir,
              progress: Any, attempt: int) -> dict[str, Any]:
+    """Build the unit's model, hand it to its recipe, and make the results record from what comes back."""
     schema = config.schema
     vocab_size = corpus.tokenizer.vocab_size
+    architecture = config.models[unit.index][1].build()
     model = build_model(config, unit, vocab_size, runner)
-    solver = phase1_solver(config.solver.build(), model, corpus.train.boundaries[:unit.samples])
-    train_ids = corpus.train_ids(unit.samples).to(runner.device)
-    val_ids = corpus.val.ids.to(runner.device)
+    check_param_groups(config, unit, model)
+    recipe_name = config.model_recipes[unit.index]
+    recipe = config.recipes[recipe_name].build()
+    data = UnitData(train_ids=corpus.train_ids(unit.samples).to(runner.device),
+                    val_ids=corpus.val.ids.to(runner.device),
+                    train_documents=corpus.train.boundaries[:unit.samples], vocab_size=vocab_size)
     logged = _Logged(progress, run, unit, attempt, runner.rank == 0)
-    inputs = input_weights(model, train_ids)  # before a Phase-2 checkpoint may load trained ones
-
-    # Phase 1's final contexts outlive Phase 1 where Phase 2 reads them (train_contexts = "phase1") or
-    # the comparison with the rollout does: saved beside the checkpoints, read back on every start.
-    p2 = schema.phase2
-    fast = p2.train_contexts == "phase1"
-    compared = min(p2.compare_tokens, train_ids.numel() - 1) if p2.compare_contexts else 0
-    keep = train_ids.numel() if fast else compared
-    kept_file = run.checkpoint_dir(unit.id) / phase1_contexts.FILE
-    resumed = _resume_point(run, unit, model, runner, progress)
-    if resumed is not None and keep and not phase1_contexts.readable(kept_file, keep, model.context_dim, runner):
-        progress.message(f"warning: {unit.id}: {kept_file} is missing or damaged; starting the unit over")
-        if runner.rank == 0:
-            run.drop_checkpoint(unit.id)
-        resumed = None
-    phase2_start: Phase2State | None = None
-    if resumed is None:
-        phase1, kept = _phase1(config, unit, model, solver, train_ids, runner, logged, keep)
-        if runner.rank == 0:
-            if keep:
-                run.write_stream(kept_file, lambda handle: phase1_contexts.write(handle, kept))
-            run.save_checkpoint(unit.id, "phase1", {"model": _checkpoint_tensors(model)}, {"phase1": phase1})
-        del kept
-        runner.barrier()
-    else:
-        weights, phase1, phase2_start = resumed
-        model.load_state_dict(weights, strict=False)
-        progress.message(f"{unit.id}: resumed from checkpoint ({'phase 2' if phase2_start else 'phase 1 done'})")
-
-    for parameter in model.param_groups()["phase1"]:
-        parameter.requires_grad_(False)
-    folder = run.inside(run.path / STORE_DIR)
-    sizes = {"train": train_ids.numel(), "val": val_ids.numel()}
-    plan = plan_stores(runner, sum(sizes.values()), model.context_dim, folder)
-    progress.message(f"{unit.id}: {plan.describe()}")
-    seed_everything(schema.experiment.seed + 1)  # solves after Phase 1 see the same RNG on resume
-    with context_stores(plan, sizes, model.context_dim, runner, unit.id, folder) as stores:
-        started = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught, weights_as(model, inputs):  # OOM: the solver says
-            warnings.simplefilter("always")
-            if fast:
-                phase1_contexts.read_into(kept_file, stores["train"], runner)
-                train_solve = SolveResult([stores["train"]], "phase1", 0, 0, time.perf_counter() - started)
-            else:
-                train_solve = solver.solve(model, train_ids, runner, out=stores["train"])
-            val_solve = solver.solve(model, val_ids, runner, out=stores["val"])
-            agreement = (_context_agreement(model, solver, train_ids, stores["train"], kept_file, compared, fast,
-                                            inputs, runner) if compared else None)
-        solve_seconds = time.perf_counter() - started
-        notes = _solve_notes([str(w.message) for w in caught], {"train": train_solve, "val": val_solve})
-        if fast:
-            notes.insert(0, "Phase-2 training contexts are F(P_{i-1}, x_i) of Phase 1's final contexts "
-                            "(phase2.train_contexts = \"phase1\"): no rollout over the training stream")
-        if agreement is not None:
-            notes.append(f"phase1 vs rollout contexts on the first {compared:,} training tokens: mean cosine "
-                         f"{agreement['mean_cosine']:.4f}, min {agreement['min_cosine']:.4f}, "
-                         f"MSE {agreement['mse']:.3g}")
-        for note in notes:
-            progress.message(f"{unit.id}: {note}")
-        with weights_as(model, inputs):
-            diagnostics = seed_diagnostics(model, val_ids, {"train": train_solve, "val": val_solve},
-                                           schema.solver.val_convergence_trials, schema.experiment.seed)
-        skip_phase2 = schema.solver.skip_phase2_if_identity and diagnostics["identity"]["identity"]
-        for note in diagnostic_warnings(diagnostics) + (["Phase 2 skipped (solver.skip_phase2_if_identity)"]
-                                                       if skip_phase2 else []):
-            progress.message(f"{unit.id}: {note}")
-            notes.append(note)
-
-        def checkpoint(state: Phase2State) -> None:
-            if runner.rank == 0:
-                tensors, data = state.to_checkpoint()
-                run.save_checkpoint(unit.id, "phase2", {"model": _checkpoint_tensors(model), "phase2": tensors},
-                                    {"phase1": phase1, "phase2": data})
-            runner.barrier()
-
-        started = time.perf_counter()
-        with out_of_memory(unit, "phase 2", plan, plan.fix("phase2.batch_size lower")):
-            report2 = Phase2Report(0, 0, [], EvalOutputs(), 0.0) if skip_phase2 else train_phase2(
-                model, Phase2Data(train_solve.layers[-1], train_ids, inputs),
-                Phase2Data(val_solve.layers[-1], val_ids, inputs), schema.phase2, runner,
-                logged, start=phase2_start, on_epoch_end=checkpoint)
-        phase2_seconds = time.perf_counter() - started
-
-        val_outputs = report2.val  # the val ER reads the same store Phase 2 evaluated
-        val_outputs.contexts = val_solve.layers[-1]
-        val_outputs.context_width = model.context_dim
-        val_outputs.convergence_rate = phase1["convergence_rate"]
-        val_outputs.seed = schema.experiment.seed
-        metrics = _metric_values(config, val_outputs)
+    checkpoint = UnitCheckpoint(run, unit.id, runner, logged, (vocab_size, architecture.embedding_dim))
+    context = UnitContext(id=unit.id, seed=schema.experiment.seed, runner=runner, progress=logged,
+                          checkpoint=checkpoint, scratch=run.inside(run.path / STORE_DIR),
+                          metrics=lambda outputs: _metric_values(config, outputs))
+    started = time.perf_counter()
+    result = recipe.train(model, data, context)
+    seconds = time.perf_counter() - started
+    result.val.seed = schema.experiment.seed
+    metrics = _metric_values(config, result.val)
     counts = model.param_counts()
     groups = model.param_groups()
     embedding = embedding_provenance(config.embedding)
     record: dict[str, Any] = {
+        **result.record,  # first: a recipe's field never hides the unit's identity or a metric
         "model": unit.label,
         "samples": unit.samples,
-        "train_tokens": int(train_ids.numel()),
-        "val_tokens": int(val_ids.numel()),
-        "val_ppl": metrics.get("ppl", float(np.exp(val_outputs.nll_sum / max(val_outputs.count, 1)))),
-        "val_acc": metrics.get("accuracy", val_outputs.correct / max(val_outputs.count, 1)),
-        "train_er": phase1["train_er"],
-        "val_er": metrics.get("effective_rank", float("nan")),
-        "phase1_iterations": phase1["iterations"],
-        "convergence_rate": phase1["convergence_rate"],
-        "phase1_stopped_by": phase1.get("stopped_by"),
-        "phase1_target_rate": phase1.get("target_rate"),
-        "phase1_token_evaluations": phase1["token_evaluations"],
-        "best_epoch": report2.best_epoch,
-        "phase2_batch_size": report2.batch_size,
-        "epochs_run": report2.epochs_run,
+        "train_tokens": int(data.train_ids.numel()),
+        "val_tokens": int(data.val_ids.numel()),
+        "recipe": recipe_name,
+        "val_ppl": metrics.get("ppl", ppl(result.val.nll_sum / max(result.val.count, 1))),
+        "val_acc": metrics.get("accuracy", result.val.correct / max(result.val.count, 1)),
+        **{metric_key(name): value for name, value in metrics.items()},
         "metrics": metrics,
         "params": {**counts, "trainable": {k: sum(p.numel() for p in v) for k, v in groups.items()}},
-        "solve": {"method": train_solve.method, "gain": train_solve.gain, "iterations": train_solve.iterations},
-        "seconds": {"phase1": phase1["seconds"], "solve": solve_seconds, "phase2": phase2_seconds},
-        "context_store": plan.to_json(),
+        "seconds": {**result.record.get("seconds", {}), "unit": seconds},
+        "columns": [[c.key, c.header, c.percent, c.mean] for c in result.columns],
+        "flags": result.flags,
         "fingerprints": {**corpus.fingerprints, "embedding": embedding["sha256"]},
         "embedding": embedding,
-        "diagnostics": diagnostics,
-        "phase2_skipped": skip_phase2,
-        "phase1_splits": getattr(solver, "splits", None) or None,  # None: one split, or resumed after Phase 1
-        "train_contexts": p2.train_contexts,
-        "context_agreement": agreement,
-        "notes": notes,
+        "notes": result.notes,
     }
     bound = getattr(corpus.source, "best_token_ppl", None)
     if callable(bound):
         record["best_possible_ppl"] = float(bound(corpus.val.ids.numel(), corpus.val))
     return record
-
-
-def _context_agreement(model: Any, solver: Any, ids: torch.Tensor, store: torch.Tensor, kept_file: Path, rows: int,
-                       fast: bool, inputs: dict[str, torch.Tensor], runner: Runner) -> dict[str, float]:
-    """Phase 1's final contexts against the sequential rollout on the first `rows` training positions
-    (spec §7 item 7's check, per unit). The fast path's store is P, so the rollout is solved for those
-    rows; the rollout path's store is the rollout, and P's first rows were kept in `kept_file`."""
-    if fast:
-        previous = store[:rows]
-        rollout = solver.solve(model, ids[:rows], runner).layers[-1]
-    else:
-        previous = torch.empty(rows, store.shape[1])
-        phase1_contexts.read_into(kept_file, previous, runner)
-        rollout = store[:rows]
-    return context_agreement(model, Phase2Data(previous, ids, inputs), rollout, runner.device)
-
-
-def _effective_rank_fraction(config: ExperimentConfig, outputs: EvalOutputs) -> float:
-    """Train ER uses the configured effective_rank metric (NaN when the file does not ask for it)."""
-    for choice in config.metrics:
-        if choice.component.name == "effective_rank":
-            return float(choice.build().compute(outputs))
-    return float("nan")
 
 
 class _Logged:
@@ -499,13 +258,21 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 Done = dict[tuple[str, str, int, int], dict[str, Any]]  # finished records by Unit.key
 
 
-def _publish(run: RunDir, units: list[Unit], done: Done) -> None:
+def csv_columns(config: ExperimentConfig, units: list[Unit], records: list[dict[str, Any]]) -> list[str]:
+    """results.csv: the unit's identity, its token counts, every configured metric, then the columns the
+    records' recipes declare (in order of first appearance)."""
+    metrics = [metric_key(choice.component.name) for choice in config.metrics]
+    declared = [column[0] for r in records for column in r.get("columns", [])]
+    return list(dict.fromkeys([*(["variant"] if any(u.variant for u in units) else []), "model", "samples",
+                               *(["seed"] if any(u.tag_seed for u in units) else []), "train_tokens", "val_tokens",
+                               "val_ppl", "val_acc", *metrics, *declared]))
+
+
+def _publish(run: RunDir, config: ExperimentConfig, units: list[Unit], done: Done) -> None:
     """results.jsonl, results.csv and summary.json of the finished units: one step, redone on every start."""
     records = [done[u.key] for u in units if u.key in done]
-    columns = [*(["variant"] if any(u.variant for u in units) else []), *RESULT_CSV_COLUMNS[:2],
-               *(["seed"] if any(u.tag_seed for u in units) else []), *RESULT_CSV_COLUMNS[2:]]
-    run.write_results(records, columns)
-    run.write_json("summary.json", {"results": records, "scaling": summarise(records)})
+    run.write_results(records, csv_columns(config, units, records))
+    run.write_json("summary.json", {"results": records, "metrics": metric_info(config), "scaling": summarise(records)})
 
 
 def _finished(records: list[dict[str, Any]], config: ExperimentConfig) -> Done:
@@ -521,7 +288,7 @@ def _start(config: ExperimentConfig, run: RunDir, units: list[Unit], progress: A
     records = run.results(progress.message)
     done = _finished(records, config)
     if records:
-        _publish(run, units, done)
+        _publish(run, config, units, done)
     run.repair({u.id for u in units if u.key in done})
     if config.variants:
         run.inside(run.path / VARIANTS_DIR).mkdir(exist_ok=True)
@@ -564,7 +331,7 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
             record["sweep"] = next(dict(v.changes) for v in config.variants if v.name == unit.variant)
         done[unit.key] = record
         if runner.rank == 0:
-            _publish(run, units, done)
+            _publish(run, config, units, done)
             run.drop_checkpoint(unit.id)
         runner.barrier()
         progress.end_unit(unit.id, f"val_ppl={record['val_ppl']:.2f} val_acc={record['val_acc']:.4f}")

@@ -1,29 +1,31 @@
-"""Every extension point of newllm-kit, in one place.
+"""Every extension point of newllm-kit, in one place (docs/writing-plugins.md follows it hook by hook).
 
 A plugin is a module (or object) with functions decorated by `newllm_kit.hookimpl` whose names
 match the hooks below. Installed packages expose their plugin modules through the entry-point
 group `newllm_kit`; the built-in plugins in `plugins/` use the same group.
 
-Each `register_*` hook receives a `register` callback. Call it once per component:
+Each `register_*` hook is called once whenever plugins load, with a `register` callback. Call it
+once per component:
 
     register(name, factory, settings=SettingsModel, description="one line")
 
 * `name` is what an experiment file writes (`architecture = "cvfp"`). Two plugins registering
   the same name for the same kind is an error naming both.
-* `factory` is called by the core with the validated settings object as its only argument and
-  must return an object satisfying the matching Protocol in `newllm_kit.protocols`. Loading an
-  experiment file (`newllm-kit validate` included) calls every factory except the runner's and
-  checks the result's members by name, and builds each architecture's model on the meta device:
-  keep factories cheap (store the settings; read data, download or allocate in `load`,
-  `documents`, `build`). A missing member is an error naming the plugin, the component and the
-  member, before anything is trained.
-* To fail with a clean one-line message, raise an exception from `newllm_kit.errors`:
-  `ConfigError` (a setting is wrong), `DataError` (data missing or malformed), `PluginError`
-  (your plugin cannot work here), `UserError` (anything else the user can fix; all exit 2), or
-  `RunFailed` (the run produced an untrustworthy number; exit 1). Say what to change.
-* `settings` (optional) is a pydantic model: the keys a TOML section may hold for this
-  component, with defaults. Unknown keys are rejected with a did-you-mean hint. Without it the
-  component accepts no keys and its factory is called with `None`.
+* `factory(settings)` must return an object with every member of its kind's protocol
+  (`newllm_kit.protocols.PROTOCOLS`; a solver: `newllm_kit_plugins.cvfp_contract.Solver`). Loading
+  an experiment file (`newllm-kit validate` included) calls every factory except the runner's,
+  checks the members by name and builds each model on the meta device: keep factories cheap
+  (store the settings; read, download or allocate in `load`, `documents`, `build`).
+* `settings` (optional) is a pydantic model: the TOML keys of this component, validated (unknown
+  keys get a did-you-mean hint). Its keys sit in the table that names the component: `[data]`,
+  `[tokenizer]`, `[embedding]`, `[runner]`, `[solver]`, or the `[[models]]` entry; a recipe's
+  fields are whole top-level tables. Without a model the component takes no keys and its factory
+  gets `None`; a metric's factory gets its model's defaults (metrics are chosen by name only).
+* Errors: raise `ConfigError`, `DataError`, `PluginError` or `UserError` (`newllm_kit.errors`) for
+  a one-line message and exit 2, `RunFailed` for an untrustworthy result (exit 1). Any other
+  exception from a factory becomes a one-line `PluginError` naming the plugin (exit 2); one from a
+  hook marks the plugin broken; one from a component's methods during a run is reported as an
+  internal error with its traceback.
 
 Hook implementations must not have default argument values (pluggy does not pass them), and
 must be spelt exactly as below: a misspelt `register_solver` is reported when plugins load.
@@ -54,31 +56,60 @@ class Register(Protocol):
 
 @hookspec
 def register_architectures(register: Register) -> None:
-    """Register model architectures (kind `architecture`, TOML `[[models]] architecture = NAME`).
+    """Register model architectures (kind `architecture`, TOML `[[models]] architecture = NAME`; the
+    entry's other keys are the settings).
 
-    Called once when plugins load. `factory(settings)` returns an `Architecture`
-    (`newllm_kit.protocols.Architecture`): `build(vocab_size)` makes the `nn.Module` with a
-    ContextBlock, a TokenBlock, an embedding and a head, and `param_groups()` says what each
-    phase trains.
+    `factory(settings)` returns an `Architecture`: `build(vocab_size) -> nn.Module` makes a fresh
+    `LanguageModel` (the core seeds it), `embedding_dim: int` is the width of its token table, and
+    `default_recipe: str` names the recipe that trains it unless `[[models]] recipe` says otherwise.
+    The model must also have the members that recipe needs (`newllm_kit_plugins.lm.AutoregressiveModel`,
+    `newllm_kit_plugins.cvfp_contract.CVFPModel`), and every parameter that requires a gradient must
+    be in one of its `param_groups()`, or the core refuses it.
 
     Example::
 
         @hookimpl
         def register_architectures(register):
             register("tiny-gru", TinyGRUArchitecture, settings=TinyGRUSettings,
-                     description="GRU context block baseline")
+                     description="GRU baseline for the lm recipe")
+    """
+
+
+@hookspec
+def register_recipes(register: Register) -> None:
+    """Register training recipes (kind `recipe`, TOML `[[models]] recipe = NAME`, default: the
+    architecture's `default_recipe`).
+
+    `factory(settings)` returns a `Recipe`: `train(model, data, unit) -> RecipeResult` trains one unit
+    (a built model, its `UnitData` token streams, and a `UnitContext` with the runner, progress, the
+    checkpoint and the configured metrics) and returns the validation sums (`EvalOutputs`, every
+    position 1 … n−1 scored exactly once) with the recipe's own record fields.
+
+    A recipe's `settings` model is special: each field is a top-level TOML table the recipe owns
+    (the lm recipe's `lm` field is the `[lm]` table; the cvfp recipe owns `[solver]` and
+    `[phase2]`). A field typed as a `newllm_kit.config.ComponentSection` subclass names a component
+    of another kind (`[solver] name = "cvfp"`); its other keys are that component's settings, and
+    `section.build()` returns the built component.
+
+    Example::
+
+        @hookimpl
+        def register_recipes(register):
+            register("distill", DistillRecipe, settings=DistillSettings)
     """
 
 
 @hookspec
 def register_solvers(register: Register) -> None:
-    """Register fixed-point solvers (kind `solver`, TOML `[solver] name = NAME`).
+    """Register fixed-point solvers for the cvfp recipe (kind `solver`, TOML `[solver] name = NAME`;
+    the table's other keys are the settings). The contract is the cvfp recipe's, in
+    `newllm_kit_plugins.cvfp_contract`.
 
-    `factory(settings)` returns a `Solver`: `fit(model, ids, runner, progress)` trains the
-    ContextBlock (Phase 1) over a stream of token ids and returns a `Phase1Report`;
-    `solve(model, ids, runner, out=None)` returns the frozen block's final-layer context of every
-    position as a `SolveResult` (written into `out` when given). Compute token inputs per chunk
-    from the ids (`newllm_kit.spans.token_span`): nothing of size [n, T] for a whole stream.
+    `factory(settings)` returns a `Solver`: `fit(model, ids, runner, progress) -> Phase1Report` trains
+    the ContextBlock (Phase 1) and `solve(model, ids, runner, out=None) -> SolveResult` gives the
+    frozen block's final-layer context of every position. `ids` are a stream's [n] token ids, not
+    token inputs: compute the [b, T] token inputs of each chunk with
+    `newllm_kit_plugins.spans.token_span(model, ids, start, stop)`; nothing of size [n, T] may exist.
 
     Example::
 
@@ -90,11 +121,11 @@ def register_solvers(register: Register) -> None:
 
 @hookspec
 def register_tokenizers(register: Register) -> None:
-    """Register tokenizers (kind `tokenizer`, TOML `[tokenizer] name = NAME`).
+    """Register tokenizers (kind `tokenizer`, TOML `[tokenizer] name = NAME`; other keys: settings).
 
-    `factory(settings)` returns a `TokenizerFactory`: `load(train_texts, cache_dir)` returns a
-    `Tokenizer` with `encode`, `decode`, `vocab_size` and `fingerprint`. Trainable tokenizers
-    may learn from `train_texts` (never from validation text).
+    `factory(settings)` returns a `TokenizerFactory`: `load(train_texts, cache_dir) -> Tokenizer`,
+    where a `Tokenizer` has `vocab_size: int`, `fingerprint: str`, `encode(text) -> list[int]` and
+    `decode(ids) -> str`. Trainable tokenizers learn from `train_texts` only (never validation text).
 
     Example::
 
@@ -106,10 +137,13 @@ def register_tokenizers(register: Register) -> None:
 
 @hookspec
 def register_embeddings(register: Register) -> None:
-    """Register token-embedding sources (kind `embedding`, TOML `[embedding] source = NAME`).
+    """Register token-embedding sources (kind `embedding`, TOML `[embedding] source = NAME`; other
+    keys but `freeze`: settings).
 
-    `factory(settings)` returns an `EmbeddingSource`: `load(vocab_size, dim, seed)` returns a
-    `[vocab_size, dim]` float tensor, and `freeze` says whether it stays fixed in training.
+    `factory(settings)` returns an `EmbeddingSource`: `load(vocab_size, dim, generator) -> torch.Tensor`
+    returns the float [vocab_size, dim] table (draw any randomness from `generator`, seeded with the
+    unit's seed), and `fingerprint() -> str` identifies that table. Freezing is not the source's: the
+    core passes `[embedding] freeze` to the model's `set_embedding`.
 
     Example::
 
@@ -123,8 +157,10 @@ def register_embeddings(register: Register) -> None:
 def register_metrics(register: Register) -> None:
     """Register evaluation metrics (kind `metric`, TOML `[experiment] metrics = [NAME, …]`).
 
-    `factory(settings)` returns a `Metric` with `name`, `direction` ("min" or "max"), `unit`
-    and `compute(outputs) -> float`, where `outputs` is a `newllm_kit.protocols.EvalOutputs`.
+    `factory(settings)` returns a `Metric`: `name: str` (its registered name), `direction: str`
+    ("min" or "max"), `unit: str` and `compute(outputs) -> float` over a unit's validation
+    `EvalOutputs`. The value is the results' `val_<name>` (results.jsonl, results.csv) and a column
+    `<name> (<unit>) ↓` or `↑` of the end-of-run table.
 
     Example::
 
@@ -136,11 +172,13 @@ def register_metrics(register: Register) -> None:
 
 @hookspec
 def register_data_sources(register: Register) -> None:
-    """Register corpora (kind `data_source`, TOML `[data] source = NAME`).
+    """Register corpora (kind `data_source`, TOML `[data] source = NAME`; the table's other keys but
+    the core's `text`, `train_start` and `val` are the settings).
 
-    `factory(settings)` returns a `DataSource`: `documents(rows)` returns the texts of the given
-    row indices in a stable order, `size()` the number of rows (or None if unknown), and
-    `fingerprint()` a hash of what was read.
+    `factory(settings)` returns a `DataSource`: `size() -> int` is the number of rows,
+    `documents(rows) -> list[list[str]]` one document per requested row, in order, each a non-empty
+    list of turns (always the same for a row; `[data] text` decides which turns become the text), and
+    `fingerprint() -> str` a hash of the corpus read.
 
     Example::
 
@@ -152,11 +190,12 @@ def register_data_sources(register: Register) -> None:
 
 @hookspec
 def register_runners(register: Register) -> None:
-    """Register runners (kind `runner`, TOML `[runner] name = NAME`).
+    """Register runners (kind `runner`, TOML `[runner] name = NAME`; other keys: settings).
 
-    `factory(settings)` returns a `Runner`: it owns device placement, precision (autocast),
-    batch sizing and, for distributed runners, process-group setup. Phases and solvers never
-    call `torch.cuda` directly.
+    `factory(settings)` returns a `Runner` (`newllm_kit.protocols.Runner`): device placement,
+    precision (autocast), batch sizing, out-of-memory fallback and, for distributed runners, the
+    process group and collectives. Recipes and solvers never call `torch.cuda` directly. Only its
+    class is checked when a file loads; it is built when a run starts.
 
     Example::
 

@@ -29,6 +29,8 @@ def vocab_size_of(config: ExperimentConfig) -> int:
 
 
 def count_params(config: ExperimentConfig) -> list[dict[str, Any]]:
+    """Per model: its `param_counts()` parts (with "total") and, under "trainable", what each of its
+    `param_groups()` trains (a frozen embedding table counts in its part but in no group)."""
     vocab_size = vocab_size_of(config)
     rows = []
     for label, choice in config.models:
@@ -37,12 +39,23 @@ def count_params(config: ExperimentConfig) -> list[dict[str, Any]]:
         if config.schema.embedding.freeze:
             table, _ = model.output_head()
             model.set_embedding(torch.empty_like(table), freeze=True)
-        counts = model.param_counts()
-        trainable = {phase: sum(p.numel() for p in params) for phase, params in model.param_groups().items()}
-        rows.append({"label": label, **{k: int(counts[k]) for k in ("context_block", "token_block", "embedding",
-                                                                    "head", "total")},
-                     "trainable": {"phase1": trainable["phase1"], "phase2": trainable["phase2"]}})
+        counts = {k: int(v) for k, v in model.param_counts().items()}
+        trainable = {group: sum(p.numel() for p in params if p.requires_grad)
+                     for group, params in model.param_groups().items()}
+        rows.append({"label": label, **counts, "trainable": trainable})
     return rows
+
+
+def load_table(table: torch.Tensor, weight: torch.Tensor, trainable: bool) -> None:
+    """Copy a [V, E] token table (GPT-2 wte, a seeded random one) into a model's embedding parameter, and
+    let it train or not: what every architecture's `set_embedding` does. A table of another shape is a
+    ValueError naming both shapes."""
+    if tuple(weight.shape) != tuple(table.shape):
+        raise ValueError(f"embedding table has shape {tuple(weight.shape)}; this model needs "
+                         f"{tuple(table.shape)} (vocab_size, embedding width)")
+    with torch.no_grad():
+        table.copy_(weight)
+    table.requires_grad_(trainable)
 
 
 def weight_bytes(model: nn.Module) -> int:

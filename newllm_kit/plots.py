@@ -1,12 +1,16 @@
 """`newllm-kit plot RUN_DIR`: the pictures of a run that a report needs, as PNGs.
 
-- `unit-<unit>.png`: Phase 1 (loss and share of converged tokens per iteration) and Phase 2
-  (train and validation loss per epoch, the best epoch marked) of one unit;
+- `unit-<unit>.png`: one panel per phase its recipe logged, in the order logged. An epoch phase (rows with
+  `epoch`) shows train and validation loss, the record's best epoch starred on the unit's last one; an
+  iteration phase (rows with `iteration`) shows its loss and, where the rows have a `rate`, that share in % on
+  a second axis, with the record's `<phase>_target_rate` as a line;
 - `model-<model>.png`: the same curves of every size and seed of one model (or sweep variant), overlaid;
 - `scaling.png`: validation PPL against training tokens with each fit and its band (scaling_plot's figure);
-- `sweep-<key>.png`: for a sweep, PPL and effective ranks against each swept key, mean ± 95 % interval.
+- `sweep-<key>.png`: for a sweep, val PPL, the configured validation metrics and the recipes' averaged
+  columns against each swept key, mean ± 95 % interval.
 
 Curves come from metrics.jsonl; where a resumed unit logged a step twice, the later attempt's row counts.
+The core knows no recipe: phase names, and which phases exist, are whatever the recipe logged.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .compare import load_records
 from .config import read_toml
 from .errors import DataError, UserError
 from .experiment import Unit
+from .report import Shown, metric_columns, metric_key, recipe_columns
 from .scaling import Point, _has_results, _why_empty, fit_all, series
 from .scaling_plot import new_figure, save_png
 from .scaling_plot import plot as plot_scaling
@@ -29,10 +34,10 @@ from .stats import t_interval
 WHAT = "newllm-kit plot"
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v")
-SWEEP_METRICS = (("val_ppl", "validation PPL", 1.0), ("train_er", "Train ER (% of context width)", 100.0),
-                 ("val_er", "Val ER (% of context width)", 100.0))
+STEP_KEYS = ("iteration", "epoch")  # what a metrics row counts; the key names the kind of phase
 LOSS_LABEL = "cross-entropy (nats per token)"
-PHASE1_LABEL = "Phase-1 loss (MSE + diversity term, unitless)"
+RATE_LABEL = "share converged (%)"
+Curves = dict[str, list[dict[str, Any]]]  # one unit's rows by phase, in the order the phases were first logged
 
 
 def write_plots(run_dir: Path, out: Path | None = None) -> list[Path]:
@@ -53,12 +58,12 @@ def write_plots(run_dir: Path, out: Path | None = None) -> list[Path]:
     written = []
     for r in records:
         unit = unit_id(r, seeded)
-        written.append(_unit_figure(r, unit, curves.get(unit, {}), out / f"unit-{_file_name(unit)}.png"))
+        written.append(_save(unit_figure(r, unit, curves.get(unit, {})), out / f"unit-{_file_name(unit)}.png"))
     by_series: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_series.setdefault(series(r), []).append(r)
     for name, group in by_series.items():
-        written.append(_model_figure(name, group, curves, seeded, out / f"model-{_file_name(name)}.png"))
+        written.append(_save(model_figure(name, group, curves, seeded), out / f"model-{_file_name(name)}.png"))
     points = [Point(series(r), float(r["train_tokens"]), float(r["val_ppl"]), None, str(run_dir / "results.jsonl"),
                     r.get("seed")) for r in records]
     fittable = [p for p in points if len({q.tokens for q in points if q.model == p.model}) >= 2]
@@ -66,8 +71,9 @@ def write_plots(run_dir: Path, out: Path | None = None) -> list[Path]:
         plot_scaling(fit_all(fittable, []), fittable, out / "scaling.png")
         written.append(out / "scaling.png")
     keys = list(dict.fromkeys(k for r in records for k in r.get("sweep", {})))
+    metrics = sweep_metrics(run_dir, records)
     for key in keys:
-        written.append(_sweep_figure(records, key, keys, out / f"sweep-{_file_name(key)}.png"))
+        written.append(_sweep_figure(records, key, keys, metrics, out / f"sweep-{_file_name(key)}.png"))
     return written
 
 
@@ -85,16 +91,16 @@ def _seeded(run_dir: Path, records: list[dict[str, Any]]) -> bool:
     return len({r.get("seed") for r in records}) > 1
 
 
-def read_curves(path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """metrics.jsonl as {unit: {phase: rows by step}}; a step logged again by a resumed attempt
-    replaces the earlier row, and a line cut by a kill is skipped."""
-    steps: dict[tuple[str, str, float], dict[str, Any]] = {}
+def read_curves(path: Path) -> dict[str, Curves]:
+    """metrics.jsonl as {unit: {phase: rows by step}}, phases in the order first logged; a step logged again
+    by a resumed attempt replaces the earlier row, and a line cut by a kill is skipped."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot read ({error})") from None
+    steps: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
     for line in lines:
         try:
             row = json.loads(line)
@@ -102,13 +108,36 @@ def read_curves(path: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
             continue
         if not isinstance(row, dict) or "unit" not in row or "phase" not in row:
             continue
-        step = row.get("iteration", row.get("epoch"))
-        if isinstance(step, int | float):
-            steps[(str(row["unit"]), str(row["phase"]), float(step))] = row
-    curves: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for (unit, phase, _), row in sorted(steps.items()):
-        curves.setdefault(unit, {}).setdefault(phase, []).append(row)
+        if (key := _step_key(row)) is not None:
+            steps.setdefault((str(row["unit"]), str(row["phase"])), {})[float(row[key])] = row
+    curves: dict[str, Curves] = {}
+    for (unit, phase), by_step in steps.items():  # dicts keep insertion order: phases as first logged
+        curves.setdefault(unit, {})[phase] = [by_step[step] for step in sorted(by_step)]
     return curves
+
+
+def _step_key(row: dict[str, Any]) -> str | None:
+    return next((key for key in STEP_KEYS if _number(row.get(key))), None)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _phases(units: list[Curves]) -> dict[str, str]:
+    """Each phase of these units → "iteration" or "epoch", by the step its rows count, in the order first
+    logged; a phase whose rows count neither is left out."""
+    kinds: dict[str, str] = {}
+    for curves in units:
+        for phase, rows in curves.items():
+            if rows and (key := _step_key(rows[0])) is not None:
+                kinds.setdefault(phase, key)
+    return kinds
+
+
+def _best_phase(curves: Curves) -> str | None:
+    """The phase a record's `best_epoch` counts in: the unit's last epoch phase (its final training)."""
+    return next((p for p, kind in reversed(_phases([curves]).items()) if kind == "epoch"), None)
 
 
 def _file_name(text: str) -> str:
@@ -116,86 +145,153 @@ def _file_name(text: str) -> str:
 
 
 def _xy(rows: list[dict[str, Any]], x: str, y: str, scale: float = 1.0) -> tuple[list[float], list[float]]:
-    kept = [r for r in rows if isinstance(r.get(y), int | float) and math.isfinite(r[y])]
+    kept = [r for r in rows if _number(r.get(x)) and _number(r.get(y))]
     return [r[x] for r in kept], [scale * r[y] for r in kept]
 
 
-def _phase1_axes(ax: Any, rows: list[dict[str, Any]], color: Any, style: str, label: str | None,
-                 rate_ax: Any) -> None:
-    ax.plot(*_xy(rows, "iteration", "loss"), style, marker="o", ms=3, color=color, label=label)
-    rate_ax.plot(*_xy(rows, "iteration", "rate", 100.0), style, marker="o", ms=3, color=color, label=label)
+def _has(rows: list[dict[str, Any]], key: str) -> bool:
+    return any(_number(r.get(key)) for r in rows)
 
 
-def _unit_figure(record: dict[str, Any], unit: str, curves: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    figure = new_figure((11, 4.2), WHAT)
-    loss_ax, phase2_ax = figure.subplots(1, 2)
-    rate_ax = loss_ax.twinx()
-    phase1 = curves.get("phase1", [])
-    (loss_line,) = loss_ax.plot(*_xy(phase1, "iteration", "loss"), "-o", ms=3, color="C0", label="Phase-1 loss")
-    (rate_line,) = rate_ax.plot(*_xy(phase1, "iteration", "rate", 100.0), "-s", ms=3, color="C1",
-                                label="converged tokens")
-    handles = [loss_line, rate_line]
-    if isinstance(record.get("phase1_target_rate"), int | float):
-        handles.append(rate_ax.axhline(100 * record["phase1_target_rate"], color="C1", linestyle=":",
-                                       label=f"target ({100 * record['phase1_target_rate']:.0f}%)"))
-    loss_ax.set(xlabel="Phase-1 iteration (pass over the stream)", ylabel=PHASE1_LABEL,
-                title="Phase 1: fixed-point training")
-    rate_ax.set(ylabel="tokens converged (%)", ylim=(0, 105))
-    loss_ax.legend(handles=handles, loc="center right", fontsize=8)
-    phase2 = curves.get("phase2", [])
-    phase2_ax.plot(*_xy(phase2, "epoch", "train_loss"), "-o", ms=3, color="C2", label="train")
-    phase2_ax.plot(*_xy(phase2, "epoch", "val_loss"), "-o", ms=3, color="C3", label="validation")
-    best = next((r for r in phase2 if r.get("epoch") == record.get("best_epoch")), None)
-    if best is not None:
-        phase2_ax.plot([best["epoch"]], [best["val_loss"]], "*", ms=14, color="C3", mec="black",
-                       label=f"best epoch ({best['epoch']}: val PPL {best['val_ppl']:.1f})")
-    phase2_ax.set(xlabel="Phase-2 epoch", ylabel=LOSS_LABEL, title="Phase 2: next-token training")
-    phase2_ax.legend(fontsize=8)
-    for ax in (loss_ax, phase2_ax):
+def _panels(figure: Any, count: int) -> list[Any]:
+    """`count` side-by-side axes with a grid and whole-number steps (one empty, titled, for a unit that
+    logged no curves)."""
+    axes = list(figure.subplots(1, max(count, 1), squeeze=False)[0])
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
+    if count == 0:
+        axes[0].set_title("no training curves in metrics.jsonl")
+    return axes[:count]
+
+
+def _save(figure: Any, path: Path) -> Path:
+    save_png(figure, path, WHAT)
+    return path
+
+
+def unit_figure(record: dict[str, Any], unit: str, curves: Curves) -> Any:
+    """One unit's figure: a titled panel per phase it logged (twin axes carry no title)."""
+    phases = _phases([curves])
+    figure = new_figure((max(5.5 * len(phases), 9.0), 4.2), WHAT)  # one panel still fits the title
+    best_phase = _best_phase(curves)
+    for ax, (phase, kind) in zip(_panels(figure, len(phases)), phases.items(), strict=True):
+        if kind == "iteration":
+            _iteration_panel(ax, phase, curves[phase], record.get(f"{phase}_target_rate"))
+        else:
+            _epoch_panel(ax, phase, curves[phase], record.get("best_epoch") if phase == best_phase else None)
     variant = f" [{record['variant']}]" if record.get("variant") else ""
     figure.suptitle(f"{unit}: model {record['model']}{variant}, {record['samples']:,} documents "
                     f"({record['train_tokens']:,} tokens), seed {record.get('seed', '?')}; "
                     f"final val PPL {record['val_ppl']:.1f}", fontsize=11)
-    save_png(figure, path, WHAT)
-    return path
+    return figure
 
 
-def _model_figure(name: str, group: list[dict[str, Any]], curves: dict[str, dict[str, list[dict[str, Any]]]],
-                  seeded: bool, path: Path) -> Path:
-    figure = new_figure((14, 4.4), WHAT)
-    loss_ax, rate_ax, phase2_ax = figure.subplots(1, 3)
+def _iteration_panel(ax: Any, phase: str, rows: list[dict[str, Any]], target: Any) -> None:
+    """Loss per iteration; the share of converged tokens, and its target, on a second axis in %."""
+    handles = ax.plot(*_xy(rows, "iteration", "loss"), "-o", ms=3, color="C0", label="loss")
+    if _has(rows, "rate"):
+        rate_ax = ax.twinx()
+        handles += rate_ax.plot(*_xy(rows, "iteration", "rate", 100.0), "-s", ms=3, color="C1",
+                                label="share converged")
+        if _number(target):
+            handles.append(rate_ax.axhline(100 * target, color="C1", linestyle=":",
+                                           label=f"target ({100 * target:.0f}%)"))
+        rate_ax.set(ylabel=RATE_LABEL, ylim=(0, 105))
+    ax.set(xlabel=f"{phase} iteration", ylabel="loss", title=f"{phase}: loss per iteration")
+    ax.legend(handles=handles, loc="center right", fontsize=8)
+
+
+def _epoch_panel(ax: Any, phase: str, rows: list[dict[str, Any]], best_epoch: Any) -> None:
+    """Train and validation loss per epoch, `best_epoch` (None: not this phase's) starred."""
+    ax.plot(*_xy(rows, "epoch", "train_loss"), "-o", ms=3, color="C2", label="train")
+    ax.plot(*_xy(rows, "epoch", "val_loss"), "-o", ms=3, color="C3", label="validation")
+    best = next((r for r in rows if best_epoch is not None and r.get("epoch") == best_epoch
+                 and _number(r.get("val_loss"))), None)
+    if best is not None:
+        ppl = f": val PPL {best['val_ppl']:.1f}" if _number(best.get("val_ppl")) else ""
+        ax.plot([best["epoch"]], [best["val_loss"]], "*", ms=14, color="C3", mec="black",
+                label=f"best epoch ({best['epoch']}{ppl})")
+    ax.set(xlabel=f"{phase} epoch", ylabel=LOSS_LABEL, title=f"{phase}: train and validation loss")
+    ax.legend(fontsize=8)
+
+
+def model_figure(name: str, group: list[dict[str, Any]], curves: dict[str, Curves], seeded: bool) -> Any:
+    """Every size and seed of one model overlaid: a titled panel per (phase, quantity) any of its units
+    logged: an iteration phase's loss and share converged, an epoch phase's validation loss (train faint)."""
+    group = sorted(group, key=lambda r: (r["samples"], r.get("seed", 0)))
+    units = [curves.get(unit_id(r, seeded), {}) for r in group]
+    phases = _phases(units)
+    quantities: list[tuple[str, str]] = []
+    for phase, kind in phases.items():
+        if kind == "epoch":
+            quantities.append((phase, "val_loss"))
+        else:
+            quantities.append((phase, "loss"))
+            if any(_has(u.get(phase, []), "rate") for u in units):
+                quantities.append((phase, "rate"))
+    figure = new_figure((4.4 * max(len(quantities), 1) + 1.6, 4.4), WHAT)
+    axes = _panels(figure, len(quantities))
     sizes = sorted({r["samples"] for r in group})
     seeds = sorted({r.get("seed", 0) for r in group})
-    for r in sorted(group, key=lambda r: (r["samples"], r.get("seed", 0))):
-        unit = curves.get(unit_id(r, seeded), {})
+    for r, unit in zip(group, units, strict=True):
         color = f"C{sizes.index(r['samples']) % 10}"
         style = LINESTYLES[seeds.index(r.get("seed", 0)) % len(LINESTYLES)]
         label = f"{r['samples']:,} docs" + (f", seed {r['seed']}" if seeded else "")
-        _phase1_axes(loss_ax, unit.get("phase1", []), color, style, label, rate_ax)
-        phase2 = unit.get("phase2", [])
-        phase2_ax.plot(*_xy(phase2, "epoch", "val_loss"), style, marker="o", ms=3, color=color, label=label)
-        phase2_ax.plot(*_xy(phase2, "epoch", "train_loss"), style, color=color, alpha=0.35, linewidth=1)
-        best = next((row for row in phase2 if row.get("epoch") == r.get("best_epoch")), None)
-        if best is not None:
-            phase2_ax.plot([best["epoch"]], [best["val_loss"]], "*", ms=11, color=color, mec="black")
-    loss_ax.set(xlabel="Phase-1 iteration", ylabel=PHASE1_LABEL,
-                title="Phase-1 loss")
-    rate_ax.set(xlabel="Phase-1 iteration", ylabel="tokens converged (%)", ylim=(0, 105),
-                title="Phase-1 convergence")
-    phase2_ax.set(xlabel="Phase-2 epoch", ylabel=LOSS_LABEL,
-                  title="Phase 2: validation (bold), train (faint), ★ best")
-    for ax in (loss_ax, rate_ax, phase2_ax):
-        ax.grid(True, alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    phase2_ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
+        best_phase = _best_phase(unit)
+        for ax, (phase, quantity) in zip(axes, quantities, strict=True):
+            rows = unit.get(phase, [])
+            if quantity != "val_loss":
+                scale = 100.0 if quantity == "rate" else 1.0
+                ax.plot(*_xy(rows, "iteration", quantity, scale), style, marker="o", ms=3, color=color, label=label)
+                continue
+            ax.plot(*_xy(rows, "epoch", "val_loss"), style, marker="o", ms=3, color=color, label=label)
+            ax.plot(*_xy(rows, "epoch", "train_loss"), style, color=color, alpha=0.35, linewidth=1)
+            best = next((row for row in rows if row.get("epoch") == r.get("best_epoch")), None)
+            if phase == best_phase and best is not None and _number(best.get("val_loss")):
+                ax.plot([best["epoch"]], [best["val_loss"]], "*", ms=11, color=color, mec="black")
+    for ax, (phase, quantity) in zip(axes, quantities, strict=True):
+        if quantity == "loss":
+            ax.set(xlabel=f"{phase} iteration", ylabel="loss", title=f"{phase}: loss")
+        elif quantity == "rate":
+            ax.set(xlabel=f"{phase} iteration", ylabel=RATE_LABEL, ylim=(0, 105), title=f"{phase}: share converged")
+        else:
+            ax.set(xlabel=f"{phase} epoch", ylabel=LOSS_LABEL,
+                   title=f"{phase}: validation (bold), train (faint), ★ best")
+    if axes:
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     figure.suptitle(f"Training curves of model {name}: every size" + (" and seed" if seeded else ""), fontsize=11)
-    save_png(figure, path, WHAT)
-    return path
+    return figure
 
 
-def _sweep_figure(records: list[dict[str, Any]], key: str, keys: list[str], path: Path) -> Path:
+def sweep_metrics(run_dir: Path, records: list[dict[str, Any]]) -> list[Shown]:
+    """What a sweep figure plots, one panel each: val PPL, the run's configured validation metrics, then the
+    columns the recipes declare as averaged over seeds; only those some record has a number for."""
+    candidates = [Shown("val_ppl", "validation PPL"),
+                  *(c for c in metric_columns(_metric_info(run_dir, records)) if c.key.startswith("val_")),
+                  *(c for c in recipe_columns(records) if c.mean)]
+    found: dict[str, Shown] = {}
+    for c in candidates:
+        if any(_number(r.get(c.key)) for r in records):
+            found.setdefault(c.key, c)
+    return list(found.values())
+
+
+def _metric_info(run_dir: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The configured metrics as summary.json describes them (its units say which are fractions, drawn in %);
+    without it, only the names the records carry."""
+    try:
+        info = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("metrics")
+    except (OSError, ValueError, AttributeError):
+        info = None
+    if isinstance(info, list) and all(isinstance(m, dict) and "name" in m and "key" in m for m in info):
+        return info
+    names = dict.fromkeys(name for r in records for name in r.get("metrics") or {})
+    return [{"name": name, "key": metric_key(name)} for name in names]
+
+
+def _sweep_figure(records: list[dict[str, Any]], key: str, keys: list[str], metrics: list[Shown],
+                  path: Path) -> Path:
     """Each metric against one swept key at the largest size: one line per model and setting of
     the other swept keys, mean ± 95 % t-interval over the seeds."""
     largest = max(r["samples"] for r in records)
@@ -208,14 +304,14 @@ def _sweep_figure(records: list[dict[str, Any]], key: str, keys: list[str], path
         others = ", ".join(f"{k.split('.')[-1]}={r['sweep'][k]}" for k in keys if k != key and k in r["sweep"])
         lines.setdefault(f"{r['model']}" + (f", {others}" if others else ""), {}).setdefault(
             json.dumps(r["sweep"][key]), []).append(r)
-    figure = new_figure((5 * len(SWEEP_METRICS) + 2, 4.4), WHAT)
+    figure = new_figure((5 * len(metrics) + 2, 4.4), WHAT)
     seeds = max(len(group) for line in lines.values() for group in line.values())
-    for ax, (metric, label, scale) in zip(figure.subplots(1, len(SWEEP_METRICS)), SWEEP_METRICS, strict=True):
+    for ax, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
+        scale = 100.0 if metric.percent else 1.0
         for i, (name, by_value) in enumerate(lines.items()):
             xs, ys, errors = [], [], []
             for value in values:
-                got = [scale * float(r[metric]) for r in by_value.get(value, [])
-                       if isinstance(r.get(metric), int | float)]
+                got = [scale * float(r[metric.key]) for r in by_value.get(value, []) if _number(r.get(metric.key))]
                 if not got:
                     continue
                 interval = t_interval(got)
@@ -226,7 +322,7 @@ def _sweep_figure(records: list[dict[str, Any]], key: str, keys: list[str], path
             # metric) stay visible one inside the other
             ax.errorbar(xs, ys, yerr=errors, fmt="-" + MARKERS[i % len(MARKERS)], ms=max(9 - 2 * i, 3), capsize=4,
                         color=f"C{i % 10}", label=name)
-        ax.set(xlabel=key, ylabel=label, title=label)
+        ax.set(xlabel=key, ylabel=metric.header + (" (%)" if metric.percent else ""), title=metric.header)
         ax.set_xticks(list(positions.values()), [str(json.loads(v)) for v in values])
         ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)

@@ -30,6 +30,7 @@ ENTRY_POINT_GROUP = "newllm_kit"
 # register_* hook name -> component kind it registers.
 REGISTRATION_HOOKS = {
     "register_architectures": "architecture",
+    "register_recipes": "recipe",
     "register_solvers": "solver",
     "register_tokenizers": "tokenizer",
     "register_embeddings": "embedding",

@@ -1,118 +1,64 @@
 """What each registered factory must return: the contracts between the core and plugins.
 
 These are structural (`typing.Protocol`): a plugin implements the methods and attributes, it
-does not inherit from anything here. The result records (`Phase1Report`, `SolveResult`,
-`EvalOutputs`) are concrete dataclasses shared by all plugins.
+does not inherit from anything here. The records passed between them (`EvalOutputs`, `UnitData`,
+`UnitContext`, `RecipeResult`, `Saved`) are concrete dataclasses shared by all plugins. A kind a
+recipe adds (the cvfp recipe's solvers) keeps its contract beside that recipe.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 from typing_extensions import get_protocol_members
 
 
-class ContextBlock(Protocol):
-    """The recurrent block F(c, x) whose fixed point Phase 1 trains.
+class LanguageModel(Protocol):
+    """What every architecture builds (an `nn.Module`); each recipe adds the members it needs
+    (see the recipe's contract: `newllm_kit_plugins.lm.AutoregressiveModel`,
+    `newllm_kit_plugins.cvfp_contract.CVFPModel`)."""
 
-    `project_tokens` computes the token half of every layer input once per stream, so solvers
-    that sweep a stream many times never redo it; `step` is F with that work already done.
-    """
-
-    def project_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[n, T] token inputs -> [n, P] precomputed token contributions (opaque to callers)."""
-        ...
-
-    def step(self, context: torch.Tensor, projected: torch.Tensor) -> list[torch.Tensor]:
-        """[b, C] incoming contexts and [b, P] projected tokens -> every layer's output [b, d_j]."""
-        ...
-
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
-
-
-class Model(Protocol):
-    """What an Architecture builds: the phases and solvers use only these members."""
-
-    context_block: Any
-    token_block: Any
-    context_dim: int
-    layer_widths: tuple[int, ...]
-    token_width: int
-    embedding_dim: int
     vocab_size: int
+    embedding_dim: int
 
-    def token_inputs(self, ids: torch.Tensor) -> torch.Tensor:
-        """[n] token ids of one stream -> [n, T] normalised (N-token) inputs, zeros before its start."""
-        ...
-
-    def token_states(self, layer_contexts: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-        """Per-layer contexts [b, d_j] and token inputs [b, T] -> final token states [b, E]."""
+    def set_embedding(self, weight: torch.Tensor, freeze: bool) -> None:
+        """Install the [V, E] token-embedding table (the tied head reads it); `freeze` keeps it fixed.
+        An unfrozen table must then be in one of `param_groups()`, or no recipe trains it."""
         ...
 
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight [V, E], bias [V] or None): logits = states @ weight.T + bias, computed in chunks."""
         ...
 
-    def set_embedding(self, weight: torch.Tensor, freeze: bool) -> None: ...
-
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters trained by each phase: keys "phase1" and "phase2"."""
+        """The parameters each stage of the recipe trains, by the recipe's group names ("train" for the
+        lm recipe, "phase1" and "phase2" for cvfp). Every parameter that requires a gradient must be in
+        a group: the core refuses a model that leaves one out (it would stay untrained)."""
         ...
 
     def param_counts(self) -> dict[str, int]:
-        """context_block, token_block, embedding (table + its norm), head (0 when tied), total."""
+        """Parameter counts of the model's parts, by name, in display order; must include "total"."""
         ...
 
 
 class Architecture(Protocol):
-    """Returned by an architecture factory; `build` makes a fresh, seeded-by-caller model."""
+    """Returned by an architecture factory. `build` makes a fresh `LanguageModel` (an `nn.Module` with
+    the members its recipe needs too); the core seeds torch before calling it, then installs the
+    embedding table of width `embedding_dim` with `set_embedding`."""
+
+    default_recipe: str  # the recipe that trains this architecture unless [[models]] recipe = … says otherwise
 
     def build(self, vocab_size: int) -> nn.Module: ...
 
     @property
     def embedding_dim(self) -> int: ...
-
-
-@dataclass
-class Phase1Report:
-    """What a solver's `fit` returns: the stop decision and the training contexts."""
-
-    iterations: int
-    convergence_rate: float
-    tokens: int
-    token_evaluations: int
-    seconds: float
-    contexts: torch.Tensor  # [n, C] fp32 final contexts, whole stream on every rank (the Train ER; freed after)
-    history: list[dict[str, float]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    # The solver's own target, so a run can say "stopped at max_iterations, 11 % converged":
-    target_rate: float | None = None  # the convergence rate the solver stops at
-    converged: bool | None = None  # True: stopped on reaching target_rate; False: ran out of iterations
-
-
-@dataclass
-class SolveResult:
-    """Contexts of a frozen ContextBlock for a whole stream: one per position.
-
-    `layers == [contexts]`: contexts[i] = c_i = h_L(i), the final layer's output at position i
-    from c_{i−1} (c_{−1} = 0), as a sequential rollout gives it. The per-layer contexts of any
-    positions are one batched `step(c_{i−1}, project_tokens(x_i))`, recomputed where needed.
-    """
-
-    layers: list[torch.Tensor]
-    method: str
-    iterations: int
-    token_evaluations: int
-    seconds: float
-    max_change: float | None = None
-    gain: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Progress(Protocol):
@@ -123,6 +69,10 @@ class Progress(Protocol):
     def advance(self, phase: str, **fields: float) -> None: ...
 
     def finish(self, phase: str) -> None: ...
+
+    def message(self, text: str) -> None:
+        """One line for the user, above a progress bar or as a log line."""
+        ...
 
 
 class Runner(Protocol):
@@ -172,28 +122,11 @@ class Runner(Protocol):
     def teardown(self) -> None: ...
 
 
-class Solver(Protocol):
-    """A fixed-point solver: trains the ContextBlock (Phase 1) and evaluates it frozen.
-
-    Both read a stream as its [n] token ids (int64 or int32, on runner.device), never as [n, T]
-    token inputs: at scale no tensor of T or more floats per position may exist for the whole
-    stream, so a solver computes the inputs of each chunk it works on with
-    `newllm_kit.spans.token_span(model, ids, start, stop)`.
-    """
-
-    def fit(self, model: Any, ids: torch.Tensor, runner: Runner, progress: Progress) -> Phase1Report:
-        """Train the ContextBlock (its "phase1" parameters) towards a fixed point over the stream."""
-        ...
-
-    def solve(self, model: Any, ids: torch.Tensor, runner: Runner, out: torch.Tensor | None = None) -> SolveResult:
-        """The frozen block's final-layer context of every position, written into `out` ([n, C], fp32
-        or bf16, any device: pinned host memory, a memory-mapped file) block by block when given,
-        else into a new fp32 tensor on runner.device; returned as `layers[0]`."""
-        ...
-
-
 @runtime_checkable
 class Tokenizer(Protocol):
+    """Ids 0 … vocab_size − 1 for text and back; `fingerprint` identifies the vocabulary and rules
+    (what was trained, on what), so a cached token stream is never read with another tokenizer."""
+
     vocab_size: int
     fingerprint: str
 
@@ -203,13 +136,19 @@ class Tokenizer(Protocol):
 
 
 class TokenizerFactory(Protocol):
-    """Loads (or trains, on training documents only) a tokenizer; `cache_dir` is per run."""
+    """Loads (or trains, on training documents only) a tokenizer. `cache_dir` is shared by the runs
+    of one experiment (`<out>/<experiment>/.cache`): name what you keep there by what it was made from.
+    Optional attribute `expected_vocab_size: int`, the vocabulary size known before loading: what
+    `newllm-kit params` needs, and what the models are test-built with when a file loads (else 256)."""
 
     def load(self, train_texts: Sequence[str], cache_dir: Path) -> Tokenizer: ...
 
 
 class EmbeddingSource(Protocol):
-    """Supplies the token-embedding table the head is tied to."""
+    """Supplies the token-embedding table the head is tied to: `load` returns a float [vocab_size, dim]
+    table, drawing any randomness from `generator` (seeded with the unit's seed), and `fingerprint`
+    identifies it (recorded, and compared on resume). Whether it stays frozen is `[embedding] freeze`,
+    which the core passes to the model's `set_embedding`."""
 
     def load(self, vocab_size: int, dim: int, generator: torch.Generator) -> torch.Tensor: ...
 
@@ -217,7 +156,10 @@ class EmbeddingSource(Protocol):
 
 
 class DataSource(Protocol):
-    """A corpus of documents (each a list of turns), addressed by stable row indices."""
+    """A corpus of documents (each a list of turns), addressed by stable row indices: `size` is the
+    number of rows, `documents(rows)` one non-empty list of turns per row in the order asked (the
+    same every time), and `fingerprint` a hash of what was read. `[data] text` picks the turns that
+    become a document's text (`newllm_kit.corpus.SCHEMES`)."""
 
     def size(self) -> int: ...
 
@@ -228,18 +170,26 @@ class DataSource(Protocol):
 
 @dataclass
 class EvalOutputs:
-    """Everything a metric may read, accumulated exactly (float64 sums, integer counts)."""
+    """Everything a metric may read: exact sums (float64 NLL, integer counts) over every scored
+    validation position, and the recipe's named extras.
+
+    Extras the built-in metrics read: "contexts" ([n, C] tensor, for effective_rank),
+    "context_width" (int, its denominator) and "convergence_rate" (float). A metric whose extra is
+    absent returns NaN ("—" in the table)."""
 
     nll_sum: float = 0.0
     correct: int = 0
     count: int = 0
-    contexts: torch.Tensor | None = None
-    context_width: int = 0
-    convergence_rate: float | None = None
     seed: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Metric(Protocol):
+    """A number computed from `EvalOutputs`. `name` is the name it is registered under, and the key in
+    results ("val_<name>" in results.jsonl and results.csv, with the built-ins' historic names val_ppl,
+    val_acc and val_er), `direction` is "min" or "max" (which way is better, the header's ↓ or ↑) and
+    `unit` is shown in the end-of-run table's header (a unit starting with "fraction" shows as %)."""
+
     name: str
     direction: str
     unit: str
@@ -247,10 +197,117 @@ class Metric(Protocol):
     def compute(self, outputs: EvalOutputs) -> float: ...
 
 
+class Checkpointer(Protocol):
+    """A unit's checkpoint folder inside the run directory (`UnitContext.checkpoint`).
+
+    `save` publishes a whole checkpoint atomically (rank 0 writes, every rank calls it); `load` is
+    the last one published, on every rank (rank 0 reads and broadcasts), or None. A checkpoint holds
+    safetensors tensors and JSON, never pickles."""
+
+    def load(self, check: Callable[[Saved], None] | None = None) -> Saved | None:
+        """The published checkpoint, or None. `check(saved)` raises KeyError, TypeError or ValueError
+        when it does not fit the model; then (as for a damaged file) the core warns, removes it and
+        returns None, and the unit starts over."""
+        ...
+
+    def save(self, stage: str, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> None:
+        """Publish `tensors` (groups of named tensors) and `state` (JSON) as the unit's checkpoint."""
+        ...
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict without the frozen embedding table, which the core rebuilds from its
+        source: what a recipe saves as the model's weights."""
+        ...
+
+    def file(self, name: str) -> Path:
+        """A path in the unit's checkpoint folder for the recipe's own large data; write it with
+        `write_stream`. It is removed with the checkpoint."""
+        ...
+
+    def write_stream(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        """`write(handle)` into `file(name)` atomically (rank 0 only)."""
+        ...
+
+    def discard(self) -> None:
+        """Remove the unit's checkpoint and its files (rank 0 only)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Saved:
+    """One published checkpoint: the recipe's stage name, tensor groups and JSON state."""
+
+    stage: str
+    tensors: dict[str, dict[str, torch.Tensor]]
+    state: dict[str, Any]
+
+
+@dataclass
+class UnitData:
+    """A unit's token streams on `runner.device`: training ids (the first `samples` documents) and the
+    validation ids, shared by every unit of a run. `train_documents` are the [start, stop) spans of
+    the training documents in `train_ids`."""
+
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+    train_documents: np.ndarray  # [k, 2] int64: start, stop of each training document
+    vocab_size: int
+
+
+@dataclass
+class UnitContext:
+    """What the core hands a recipe for one unit besides the model and the data."""
+
+    id: str  # "A-300": names the unit in messages
+    seed: int  # the unit's seed; the core seeded Python, NumPy and torch with it before building the model
+    runner: Runner
+    progress: Progress  # `advance` also appends the fields to metrics.jsonl (rank 0)
+    checkpoint: Checkpointer
+    scratch: Path  # an empty folder inside the run directory for large temporary files (removed after)
+    metrics: Callable[[EvalOutputs], dict[str, float]]  # the configured metrics, e.g. for a training-set number
+
+    def message(self, text: str) -> None:
+        """One line for the user (progress bar or log), prefixed with the unit id."""
+        self.progress.message(f"{self.id}: {text}")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A recipe's record field shown in the end-of-run table and results.csv: `key` in the record,
+    `header` in the table, `percent` to show a fraction as %, `mean` to average it over seeds."""
+
+    key: str
+    header: str
+    percent: bool = False
+    mean: bool = False
+
+
+@dataclass
+class RecipeResult:
+    """What a recipe returns for one unit. The core computes the configured metrics from `val`,
+    adds `record` (JSON-able: the recipe's own numbers) to the unit's results record, and shows
+    `columns` of it in the table; `notes` are recorded (say each with `unit.message` when it arises);
+    `flags` mark a column's cell with * and a footnote ({record key: why})."""
+
+    val: EvalOutputs
+    record: dict[str, Any] = field(default_factory=dict)
+    columns: list[Column] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    flags: dict[str, str] = field(default_factory=dict)
+
+
+class Recipe(Protocol):
+    """How one unit is trained and evaluated: a built model and its token streams in, validation
+    sums out. Everything a recipe computes over the validation stream must score every position
+    1 … n−1 exactly once, so PPLs of different recipes on one run are comparable."""
+
+    def train(self, model: nn.Module, data: UnitData, unit: UnitContext) -> RecipeResult: ...
+
+
 # What a factory registered for each kind must return (see `newllm_kit.hookspecs`).
 PROTOCOLS: dict[str, type] = {
     "architecture": Architecture,
-    "solver": Solver,
+    "recipe": Recipe,
     "tokenizer": TokenizerFactory,
     "embedding": EmbeddingSource,
     "metric": Metric,

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from .errors import PluginError
 
-KINDS = ("architecture", "solver", "tokenizer", "embedding", "metric", "data_source", "runner")
+KINDS = ("architecture", "recipe", "solver", "tokenizer", "embedding", "metric", "data_source", "runner")
 
 
 class DuplicateComponent(PluginError):

@@ -6,6 +6,7 @@ a label `[/x]` prints as itself instead of failing as a markup tag.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from rich import box
@@ -16,19 +17,73 @@ from rich.table import Table
 from .scaling import doubling_text, series
 from .stats import Interval, t_interval
 
-# The metrics the replicate table summarises: record key, header, and how a value reads.
-MEAN_COLUMNS = (("val_ppl", "Val PPL", 1.0), ("val_acc", "Val Acc %", 100.0), ("train_er", "Train ER %", 100.0),
-                ("val_er", "Val ER %", 100.0))
+# Built-in metrics' table headers; any other metric shows its name, unit and direction.
+HEADERS = {"ppl": "Val PPL", "accuracy": "Val Acc", "effective_rank": "Val ER", "convergence_rate": "Conv. rate"}
+ARROWS = {"min": "↓", "max": "↑"}
+# Metric record keys: the built-ins keep the names results files had before metrics were plugins.
+METRIC_KEYS = {"ppl": "val_ppl", "accuracy": "val_acc", "effective_rank": "val_er",
+               "convergence_rate": "convergence_rate"}
+# What a result without its metrics' description (an older caller) shows: the two every record has.
+DEFAULT_METRICS = [{"name": "ppl", "key": "val_ppl", "unit": "perplexity", "direction": "min"},
+                   {"name": "accuracy", "key": "val_acc", "unit": "fraction", "direction": "max"}]
 
 
-def _pct(value: Any) -> str:
-    return "—" if value is None or value != value else f"{100 * value:.1f}%"
+def metric_key(name: str) -> str:
+    """The record key and results.csv column of a metric: `val_<name>`, or a built-in's historic name."""
+    return METRIC_KEYS.get(name, f"val_{name}")
 
 
-def _out_of_budget(record: dict[str, Any]) -> bool:
-    """Phase 1 ran out of iterations before its convergence target: the contexts are not at a fixed
-    point, which a bare iteration count hides."""
-    return record.get("phase1_stopped_by") == "max_iterations"
+@dataclass(frozen=True)
+class Shown:
+    """One numeric column of the results table: a record key, its label, direction arrow, and how a
+    value reads."""
+
+    key: str
+    label: str
+    percent: bool = False
+    mean: bool = True  # averaged over seeds in the replicate table
+    arrow: str = ""
+
+    @property
+    def header(self) -> str:
+        return f"{self.label} {self.arrow}".strip()
+
+    @property
+    def mean_header(self) -> str:
+        """The replicate table shows percentages as numbers: the unit goes into the header."""
+        return f"{self.label}{' %' if self.percent else ''} {self.arrow}".strip()
+
+
+def metric_columns(metrics: list[dict[str, Any]]) -> list[Shown]:
+    """A column per configured metric (`{"name", "key", "unit", "direction"}`), with its direction's arrow
+    and, for a metric that is not built in, its unit; fractions show as %."""
+    shown = []
+    for m in metrics:
+        arrow = ARROWS.get(str(m.get("direction")), "")
+        unit = str(m.get("unit") or "")
+        percent = unit.startswith("fraction")
+        label = HEADERS.get(m["name"]) or (f"{m['name']} ({unit})" if unit and not percent else m["name"])
+        shown.append(Shown(m["key"], label, percent, True, arrow))
+    return shown
+
+
+def recipe_columns(records: list[dict[str, Any]]) -> list[Shown]:
+    """The columns the records' recipes declare, in order of first appearance."""
+    found: dict[str, Shown] = {}
+    for r in records:
+        for key, header, percent, mean in r.get("columns", []):
+            found.setdefault(key, Shown(key, header, bool(percent), bool(mean)))
+    return list(found.values())
+
+
+def _cell(value: Any, column: Shown) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    if column.percent:
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 1e6 else f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
 def replicate_groups(records: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
@@ -45,25 +100,38 @@ def _mean_cell(interval: Interval, scale: float) -> str:
     return mean if half is None else f"{mean} ± {scale * half:.1f}"
 
 
-def _print_means(console: Console, result: dict[str, Any]) -> None:
-    """One row per model × size: mean ± the 95 % t-interval's half-width over the seeds, and n."""
-    groups = replicate_groups(result["results"])
+def _table(result: dict[str, Any], headers: list[str], rows: list[tuple[str, ...]], width: int,
+           caption: str | None = None) -> Table:
+    """Numbers are never cut: each column keeps at least its widest cell. Headers stay on one line where
+    the whole table fits `width`; otherwise every column narrows to its widest cell or header word and
+    headers wrap at spaces (the seed-shaped table then fits 80 columns)."""
     table = Table(title=escape(f"{result['experiment']} — {result['run_dir']}"), box=box.SIMPLE_HEAD,
-                  show_edge=False, pad_edge=False, collapse_padding=True,
-                  caption="mean ± 95% t-interval half-width over n seeds; each seed's values are in results.csv")
-    rows = []
-    for (name, samples), group in groups.items():
-        cells = []
-        for key, _, scale in MEAN_COLUMNS:
-            values = [float(r[key]) for r in group if r.get(key) is not None and r[key] == r[key]]
-            cells.append(_mean_cell(t_interval(values), scale) if values else "—")
-        rows.append((name, f"{samples:,}", f"{group[0]['train_tokens']:,}", str(len(group)), *cells))
-    for i, header in enumerate(("Model", "Samples", "Tokens", "n", *(c[1] for c in MEAN_COLUMNS))):
+                  show_edge=False, pad_edge=False, collapse_padding=True, caption=caption)
+    natural = [max([len(row[i]) for row in rows] + [len(header)]) for i, header in enumerate(headers)]
+    fits = sum(natural) + 2 * (len(headers) - 1) <= width
+    for i, header in enumerate(headers):
         widest = max([len(row[i]) for row in rows] + [len(word) for word in header.split()])
-        table.add_column(header, justify="left" if i == 0 else "right", min_width=widest)
+        table.add_column(header, justify="left" if i == 0 else "right", min_width=widest,
+                         max_width=None if fits else widest)
     for row in rows:
         table.add_row(escape(row[0]), *row[1:])
-    console.print(table)
+    return table
+
+
+def _print_means(console: Console, result: dict[str, Any], columns: list[Shown]) -> None:
+    """One row per model × size: mean ± the 95 % t-interval's half-width over the seeds, and n."""
+    averaged = [c for c in columns if c.mean]
+    rows = []
+    for (name, samples), group in replicate_groups(result["results"]).items():
+        cells = []
+        for column in averaged:
+            values = [float(r[column.key]) for r in group
+                      if isinstance(r.get(column.key), int | float) and r[column.key] == r[column.key]]
+            cells.append(_mean_cell(t_interval(values), 100.0 if column.percent else 1.0) if values else "—")
+        rows.append((name, f"{samples:,}", f"{group[0]['train_tokens']:,}", str(len(group)), *cells))
+    headers = ["Model", "Samples", "Tokens", "n", *(c.mean_header for c in averaged)]
+    console.print(_table(result, headers, rows, console.width,
+                         "mean ± 95% t-interval half-width over n seeds; each seed's values are in results.csv"))
 
 
 def _unit_name(record: dict[str, Any], seeded: bool) -> str:
@@ -71,38 +139,28 @@ def _unit_name(record: dict[str, Any], seeded: bool) -> str:
 
 
 def print_results(console: Console, result: dict[str, Any]) -> None:
+    """The results table: the configured metrics, then the recipes' columns; a flagged cell has a * and a
+    footnote. With several seeds per unit, their means and intervals instead."""
     records = result["results"]
+    columns = metric_columns(result.get("metrics") or DEFAULT_METRICS) + recipe_columns(records)
     if any(len(group) > 1 for group in replicate_groups(records).values()):
-        _print_means(console, result)
+        _print_means(console, result, columns)
         _print_notes(console, result)
         return
-    headers = ("Model", "Samples", "Tokens", "Val PPL", "Val Acc", "Train ER", "Val ER", "Phase-1 it.", "Best epoch")
-    rows = [(series(r), f"{r['samples']:,}", f"{r['train_tokens']:,}", f"{r['val_ppl']:.2f}", _pct(r["val_acc"]),
-             _pct(r["train_er"]), _pct(r["val_er"]), f"{r['phase1_iterations']}{'*' if _out_of_budget(r) else ''}",
-             str(r["best_epoch"]))
+    rows = [(series(r), f"{r['samples']:,}", f"{r['train_tokens']:,}",
+             *(_cell(r.get(c.key), c) + ("*" if c.key in r.get("flags", {}) else "") for c in columns))
             for r in records]
-    table = Table(title=escape(f"{result['experiment']} — {result['run_dir']}"), box=box.SIMPLE_HEAD, show_edge=False,
-                  pad_edge=False, collapse_padding=True)
-    for i, header in enumerate(headers):
-        # Numbers are never cut: each column keeps at least its widest cell and header word, and
-        # headers wrap at spaces instead (the seed-shaped table then fits 80 columns).
-        widest = max([len(row[i]) for row in rows] + [len(word) for word in header.split()])
-        table.add_column(header, justify="left" if i == 0 else "right", min_width=widest)
-    for row in rows:
-        table.add_row(escape(row[0]), *row[1:])
-    console.print(table)
+    console.print(_table(result, ["Model", "Samples", "Tokens", *(c.header for c in columns)], rows, console.width))
     _print_notes(console, result)
 
 
 def _print_notes(console: Console, result: dict[str, Any]) -> None:
     """Footnotes under the results table, the scaling fits and their notes, and where the plots are."""
     records = result["results"]
-    if stopped := [r for r in records if _out_of_budget(r)]:
-        seeded = len({r.get("seed") for r in records}) > 1
-        units = ", ".join(f"{_unit_name(r, seeded)} had {_pct(r['convergence_rate'])}" for r in stopped)
-        target = " / ".join(sorted({_pct(r.get("phase1_target_rate")) for r in stopped}))
-        console.print(escape(f"* Phase 1 stopped at max_iterations before reaching its target of {target} converged "
-                             f"tokens: {units}"))
+    seeded = len({r.get("seed") for r in records}) > 1
+    for r in records:
+        for why in r.get("flags", {}).values():
+            console.print(escape(f"* {_unit_name(r, seeded)}: {why}"))
     bounds = {r["model"]: r["best_possible_ppl"] for r in records if "best_possible_ppl" in r}
     if bounds:
         best = next(iter(bounds.values()))

@@ -8,10 +8,11 @@ from typing import Any
 
 from .config import ExperimentConfig, load_config
 from .errors import RunInterrupted, UserError
-from .experiment import check_resume_compatible, run_experiment, share
+from .experiment import check_resume_compatible, metric_info, run_experiment
 from .plugins import Plugins
 from .progress import NullProgress, make_progress
 from .rundir import RunDir
+from .unit_checkpoint import share
 
 
 def _latest_run(out: Path, experiment: str) -> RunDir:
@@ -80,7 +81,7 @@ def execute(file: Path, overrides: list[str], out: Path, resume: bool, progress_
             progress.close()
         summary = run.read_json("summary.json") if runner.rank == 0 else {}
         return {"experiment": config.schema.experiment.name, "run_dir": str(run.path), "results": records,
-                "scaling": summary.get("scaling", {}), "rank": runner.rank}
+                "scaling": summary.get("scaling", {}), "metrics": metric_info(config), "rank": runner.rank}
     finally:
         if mine is not None:
             mine.unlock()

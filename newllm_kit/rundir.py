@@ -30,10 +30,8 @@ from safetensors.torch import load_file, save
 
 from .errors import UserError
 
-RESULT_CSV_COLUMNS = ("model", "samples", "train_tokens", "val_tokens", "val_ppl", "val_acc", "train_er",
-                      "val_er", "phase1_iterations", "convergence_rate", "best_epoch")
 LOCK = ".lock"
-STORE_DIR = "store"  # disk context stores, one file per stream of the running unit
+STORE_DIR = "store"  # a running unit's scratch folder (UnitContext.scratch): large temporary files
 
 # (stage, tensor groups by file name, JSON state) of one checkpoint
 Checkpoint = tuple[str, dict[str, dict[str, torch.Tensor]], dict[str, Any]]
@@ -273,7 +271,7 @@ class RunDir:
                 raise UserError(f"{file}:{number}: not a result record; repair or delete that line")
         return records
 
-    def write_results(self, records: list[dict[str, Any]], columns: Sequence[str] = RESULT_CSV_COLUMNS) -> None:
+    def write_results(self, records: list[dict[str, Any]], columns: Sequence[str]) -> None:
         """Rewrite results.jsonl and results.csv whole (they are small) so neither is ever partial."""
         self.write_text("results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         buffer = io.StringIO()

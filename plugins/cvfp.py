@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import nn
 
 from newllm_kit import hookimpl
-from newllm_kit.params import require_memory, weight_bytes
+from newllm_kit.params import load_table, require_memory, weight_bytes
 
 PRESETS: dict[str, tuple[int, int]] = {"6L-768": (6, 768), "3L-1536": (3, 1536)}  # (layers, context_dim)
 # Upper bounds keep every weight's element count far inside int64 (torch's size type); whether a
@@ -219,7 +219,7 @@ class TokenBlock(nn.Module):
 
 
 class CVFPModel(nn.Module):
-    """Embedding + embed_norm, ContextBlock, TokenBlock and the output head (`newllm_kit.protocols.Model`).
+    """Embedding + embed_norm, ContextBlock, TokenBlock and the output head (`cvfp_contract.CVFPModel`).
 
     embed_norm is frozen: the kit computes token inputs once per stream without gradients (as
     the context-cache implementation at 49da23b did), so neither phase trains it. The per-token
@@ -284,13 +284,9 @@ class CVFPModel(nn.Module):
 
     def set_embedding(self, weight: torch.Tensor, freeze: bool) -> None:
         """Load a [V, E] table (GPT-2 wte or a seeded random one); frozen tables get no gradient."""
-        table = self.embedding.weight
-        if tuple(weight.shape) != tuple(table.shape):
-            raise ValueError(f"embedding table has shape {tuple(weight.shape)}; this model needs "
-                             f"{tuple(table.shape)} (vocab_size, embedding_dim)")
-        with torch.no_grad():
-            table.copy_(weight)
-        table.requires_grad_(not freeze)
+        # An untied head leaves the table to the token inputs, which are computed without gradients:
+        # no phase can train it, so it is frozen whatever `freeze` says (see `param_groups`).
+        load_table(self.embedding.weight, weight, trainable=not freeze and self.head is None)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Phase 1 trains the ContextBlock; Phase 2 the TokenBlock and the head: an untied head, or a
@@ -352,6 +348,8 @@ def token_flops_per_token(model: CVFPModel, include_head: bool) -> int:
 
 class CVFPArchitecture:
     """The `cvfp` architecture factory: validated settings in, `build(vocab_size)` gives a fresh model."""
+
+    default_recipe = "cvfp"  # Phase 1 then Phase 2: `newllm_kit_plugins.cvfp_recipe`
 
     def __init__(self, settings: CVFPSettings | None = None) -> None:
         self.settings = settings if settings is not None else CVFPSettings()

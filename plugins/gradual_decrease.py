@@ -16,8 +16,9 @@ import torch
 from pydantic import Field
 
 from newllm_kit import hookimpl
-from newllm_kit.protocols import Phase1Report, Progress, Runner
+from newllm_kit.protocols import Progress, Runner
 
+from .cvfp_contract import Phase1Report
 from .fixed_point import (
     CVFPSolver,
     CVFPSolverSettings,

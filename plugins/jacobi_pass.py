@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import torch
+from newllm_kit_plugins.context_store import is_out_of_memory
+from newllm_kit_plugins.spans import token_rows, token_span
 
-from newllm_kit.context_store import is_out_of_memory
 from newllm_kit.errors import RunFailed, UserError
 from newllm_kit.protocols import Runner
-from newllm_kit.spans import token_rows, token_span
 
 if TYPE_CHECKING:
     from .fixed_point import CVFPSolverSettings

@@ -150,7 +150,7 @@ class CPURunner:
                             f'not fit; use a smaller model, runner.precision = "bf16", or a larger device'
                             ) from error
         if not self.settings.auto_batch:
-            raise UserError(f"out of memory on {self.device} at batch {old}: set phase2.batch_size = {new}, "
+            raise UserError(f"out of memory on {self.device} at batch {old}: lower the batch size to {new}, "
                             f"or runner.auto_batch = true to halve the micro-batch automatically "
                             f"(same effective batch)") from error
         self._micro_cap = new

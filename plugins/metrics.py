@@ -69,7 +69,8 @@ class EffectiveRankSettings(BaseModel):
 
 
 class EffectiveRank:
-    """Effective rank of the evaluated contexts as a fraction of the context width (the "ER %" column)."""
+    """Effective rank of the evaluated contexts (extras "contexts", "context_width") as a fraction of the
+    width: the "ER %" column. For the lm recipe's models, their final hidden states."""
 
     name, direction, unit = "effective_rank", "max", "fraction of width"
 
@@ -77,14 +78,16 @@ class EffectiveRank:
         self.settings = settings if settings is not None else EffectiveRankSettings()
 
     def compute(self, outputs: EvalOutputs) -> float:
-        if outputs.contexts is None or outputs.contexts.numel() == 0:
+        contexts = outputs.extras.get("contexts")
+        if not isinstance(contexts, torch.Tensor) or contexts.numel() == 0:
             return math.nan
-        width = outputs.context_width or outputs.contexts.shape[-1]
-        return effective_rank(outputs.contexts, self.settings.max_rows, outputs.seed) / width
+        width = int(outputs.extras.get("context_width") or contexts.shape[-1])
+        return effective_rank(contexts, self.settings.max_rows, outputs.seed) / width
 
 
 class ConvergenceRate:
-    """Phase 1's final convergence rate (spec §3.3), passed through for the results table."""
+    """Phase 1's final convergence rate (spec §3.3; extras "convergence_rate"), passed through for the
+    results table; NaN for recipes without a fixed point."""
 
     name, direction, unit = "convergence_rate", "max", "fraction of tokens"
 
@@ -92,7 +95,8 @@ class ConvergenceRate:
         pass
 
     def compute(self, outputs: EvalOutputs) -> float:
-        return math.nan if outputs.convergence_rate is None else float(outputs.convergence_rate)
+        rate = outputs.extras.get("convergence_rate")
+        return math.nan if rate is None else float(rate)
 
 
 @hookimpl

@@ -140,7 +140,7 @@ def test_sigterm_outside_a_run_is_one_line(with_plugin: Install) -> None:
         (["run"], "error: missing argument 'FILE'; see `newllm-kit run --help`"),
         (["scaling", "--predict", "abc"], "error: invalid value for '--predict'"),
         (["scalng"], "error: no such command scalng (did you mean scaling?)"),
-        (["frobnicate"], "error: no such command frobnicate; the commands are plugins, validate"),
+        (["frobnicate"], "error: no such command frobnicate; the commands are validate, params, run"),
     ],
 )
 def test_usage_errors_are_one_line_without_a_usage_box(args: list[str], expected: str) -> None:

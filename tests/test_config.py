@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from newllm_kit_plugins.cvfp_recipe import CVFPRecipeSettings
 from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit.config import apply_override, load_config, parse_override
@@ -32,6 +33,8 @@ class SolverSettings(BaseModel):
 class Anything:
     """Has every member any protocol asks for: these tests are about settings, not components."""
 
+    default_recipe = "cvfp"
+
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
@@ -53,6 +56,7 @@ def _registry() -> Registry:
                               ("metric", "accuracy", None), ("metric", "effective_rank", None),
                               ("metric", "convergence_rate", None)]:
         registry.add(Component(kind, name, factory, "test", model))
+    registry.add(Component("recipe", "cvfp", factory, "test", CVFPRecipeSettings))
     return registry
 
 
@@ -191,8 +195,11 @@ def test_resolved_config_round_trips(tmp_path: Path, values: dict[str, Any]) -> 
     again = load_config(again_path, registry)
     assert again.resolved() == config.resolved()
     assert again.schema.experiment == config.schema.experiment
-    assert again.schema.phase2 == config.schema.phase2
-    for before, after in [(config.solver, again.solver), (config.data_source, again.data_source),
+    recipe, recipe_again = config.recipes["cvfp"].settings, again.recipes["cvfp"].settings
+    assert recipe is not None and recipe_again is not None
+    assert recipe_again.phase2 == recipe.phase2  # type: ignore[attr-defined]
+    solver, solver_again = recipe.solver._choice, recipe_again.solver._choice  # type: ignore[attr-defined]
+    for before, after in [(solver, solver_again), (config.data_source, again.data_source),
                           (config.models[0][1], again.models[0][1])]:
         assert after.settings == before.settings
 
@@ -286,10 +293,10 @@ def wrong_kind_registry() -> Registry:
 @pytest.mark.parametrize(("text", "message"), [
     ('[[models]]\nlabel = "H"\narchitecture = "hollow"\n',
      r"exp\.toml: models\.0: plugin 'wrong_kind': architecture 'hollow' builds HollowModel, which lacks "
-     r"'param_counts' required by newllm_kit\.protocols\.Model"),
+     r"'param_counts' required by newllm_kit\.protocols\.LanguageModel"),
     ('[solver]\nname = "fit-only"\n' + MINIMAL,
      r"exp\.toml: solver: plugin 'wrong_kind': solver 'fit-only' returned FitOnly, which lacks 'solve' "
-     r"required by newllm_kit\.protocols\.Solver"),
+     r"required by newllm_kit_plugins\.cvfp_contract\.Solver"),
     ('[runner]\nname = "lazy"\n' + MINIMAL,
      r"exp\.toml: runner: plugin 'wrong_kind': runner 'lazy' is Lazy, which lacks 'all_reduce_sum' \(also "
      r"autocast, barrier, .*teardown\) required by newllm_kit\.protocols\.Runner"),

@@ -10,11 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from newllm_kit_plugins.local_runner import RunnerSettings
-from test_phase2 import CPU, ThreadRank, TinyModel
-
-from newllm_kit import context_store
-from newllm_kit.context_store import (
+from newllm_kit_plugins import context_store
+from newllm_kit_plugins.context_store import (
     StorePlan,
     allocate,
     context_stores,
@@ -23,8 +20,11 @@ from newllm_kit.context_store import (
     plan_stores,
     settings_of,
 )
+from newllm_kit_plugins.local_runner import RunnerSettings
+from newllm_kit_plugins.phase2 import Phase2Data
+from test_phase2 import CPU, ThreadRank, TinyModel
+
 from newllm_kit.errors import RunFailed, UserError
-from newllm_kit.phase2 import Phase2Data
 
 GiB = 2**30
 
@@ -132,7 +132,7 @@ def test_running_out_of_memory_while_allocating_is_one_line(monkeypatch: pytest.
 
 def test_what_counts_as_out_of_memory() -> None:
     cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000 bytes")
-    refused = UserError("out of memory on cuda:0 at batch 1024: set phase2.batch_size = 512")
+    refused = UserError("out of memory on cuda:0 at batch 1024: lower the batch size to 512")
     refused.__cause__ = torch.OutOfMemoryError("CUDA out of memory")
     assert is_out_of_memory(torch.OutOfMemoryError()) and is_out_of_memory(cpu) and is_out_of_memory(refused)
     assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(UserError("bad key"))

@@ -43,6 +43,7 @@ name = "cvfp"
 min_iterations = 2
 max_iterations = 4
 batch_size = 512
+val_convergence_trials = 3  # the seed's 10 cost seconds per unit; test_diagnostics checks them
 
 [phase2]
 epochs = 3
@@ -238,8 +239,8 @@ def test_v2_file_runs_its_real_code_path_offline_on_local_copies(tmp_path: Path)
 
 
 def test_non_contracting_solves_are_reported_once_per_unit_with_what_they_mean() -> None:
-    from newllm_kit.experiment import _solve_notes
-    from newllm_kit.protocols import SolveResult
+    from newllm_kit_plugins.cvfp_contract import SolveResult
+    from newllm_kit_plugins.cvfp_recipe import _solve_notes
 
     def solved(gain: float | None) -> SolveResult:
         return SolveResult([], "sequential", 1, 1, 0.0, gain=gain)
@@ -282,19 +283,20 @@ def test_a_bf16_store_halves_the_bytes_and_stays_close(finished: dict[str, Any],
 
 
 def test_out_of_memory_in_phase_2_is_one_line_naming_the_store_and_settings(tmp_path: Path) -> None:
-    from newllm_kit import experiment
+    from newllm_kit_plugins import cvfp_recipe
+
     from newllm_kit.errors import RunFailed
 
     def no_memory(*args: Any, **kwargs: Any) -> Any:
-        refusal = UserError("out of memory on cpu at batch 128: set phase2.batch_size = 64, or runner.auto_batch "
+        refusal = UserError("out of memory on cpu at batch 128: lower the batch size to 64, or runner.auto_batch "
                             "= true to halve the micro-batch automatically (same effective batch)")
         raise refusal from torch.OutOfMemoryError("CUDA out of memory")
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(RunFailed) as failed:
-        patch.setattr(experiment, "train_phase2", no_memory)
+        patch.setattr(cvfp_recipe, "train_phase2", no_memory)
         execute(write_tiny(tmp_path), ["experiment.samples=[12]"], tmp_path / "runs", False, "none", load_plugins())
     assert failed.value.exit_code == 1
-    assert re.fullmatch(r"A-12: phase 2: out of memory on cpu at batch 128: set phase2.batch_size = 64, or "
+    assert re.fullmatch(r"A-12: phase 2: out of memory on cpu at batch 128: lower the batch size to 64, or "
                         r"runner.auto_batch = true to halve the micro-batch automatically \(same effective batch\); "
                         r"the context stores take [\d,]+ bytes \([\d.]+ KiB, device, fp32\); set "
                         r'phase2.batch_size lower, or runner.context_store = "host" or "disk" or '

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
+from newllm_kit_plugins.cvfp_contract import Phase1Report, SolveResult
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 from newllm_kit_plugins.frozen_solve import solve_frozen
 from newllm_kit_plugins.local_runner import CPURunner
+from newllm_kit_plugins.split_phase1 import SplitModeSolver, phase1_solver, split_ids
 from test_experiment import TINY, read_results, write_tiny
 
 from newllm_kit.config import load_config
 from newllm_kit.plugins import load_plugins
 from newllm_kit.progress import NullProgress
-from newllm_kit.protocols import Phase1Report, SolveResult
 from newllm_kit.run import execute
-from newllm_kit.split_phase1 import SplitModeSolver, phase1_solver, split_ids
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SEED_FILES = ("2025-11-27-3L.toml", "2025-11-27-6L.toml", "v1.toml", "v2.toml")

@@ -16,21 +16,20 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
-
-from newllm_kit import phase2
-from newllm_kit.errors import RunFailed
-from newllm_kit.phase2 import (
+from newllm_kit_plugins import phase2
+from newllm_kit_plugins.phase2 import (
     Phase2Data,
     Phase2Settings,
-    Phase2State,
-    early_stop_update,
     evaluate,
-    head_cross_entropy,
     input_weights,
     train_phase2,
 )
+from torch import nn
+
+from newllm_kit.errors import RunFailed
 from newllm_kit.protocols import EvalOutputs
+from newllm_kit.training import TrainState as Phase2State
+from newllm_kit.training import early_stop_update, head_cross_entropy
 
 V, T, WIDTHS = 11, 5, (3, 4)
 C = WIDTHS[-1]  # the context a position hands on is the last layer's output

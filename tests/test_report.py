@@ -6,15 +6,23 @@ from rich.console import Console
 
 from newllm_kit.report import print_results
 
+METRICS = [{"name": "ppl", "key": "val_ppl", "unit": "perplexity", "direction": "min"},
+           {"name": "accuracy", "key": "val_acc", "unit": "fraction", "direction": "max"},
+           {"name": "effective_rank", "key": "val_er", "unit": "fraction of width", "direction": "max"},
+           {"name": "convergence_rate", "key": "convergence_rate", "unit": "fraction of tokens", "direction": "max"}]
+CVFP_COLUMNS = [["train_er", "Train ER", True, True], ["phase1_iterations", "Phase-1 it.", False, False],
+                ["best_epoch", "Best epoch", False, False]]
+
 
 def test_results_table_fits_80_columns_without_cutting_numbers() -> None:
     record = {"model": "A", "samples": 12_000, "train_tokens": 1_529_433, "val_ppl": 1234.5678, "val_acc": 0.1234,
-              "train_er": 0.5, "val_er": float("nan"), "phase1_iterations": 100, "best_epoch": 10}
+              "train_er": 0.5, "val_er": float("nan"), "convergence_rate": 0.961, "phase1_iterations": 100,
+              "best_epoch": 10, "columns": CVFP_COLUMNS}
     console = Console(record=True, width=80, color_system=None)
-    print_results(console, {"experiment": "v2", "run_dir": "runs/v2/x", "results": [record]})
+    print_results(console, {"experiment": "v2", "run_dir": "runs/v2/x", "results": [record], "metrics": METRICS})
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
-    for needle in ("12,000", "1,529,433", "1234.57", "12.3%", "50.0%", "—", "100", "Samples"):
+    for needle in ("12,000", "1,529,433", "1234.57", "12.3%", "50.0%", "96.1%", "—", "100", "Samples", "↓", "↑"):
         assert needle in text, needle
     assert "…" not in text
 
@@ -33,21 +41,35 @@ def test_labels_paths_and_warnings_print_as_text_not_markup() -> None:
         assert needle in text, needle
 
 
-def test_a_phase_1_stopped_by_its_budget_is_marked_with_its_convergence() -> None:
+def test_a_flagged_cell_is_starred_with_a_footnote() -> None:
     base = {"samples": 300, "train_tokens": 26_983, "val_ppl": 274.0, "val_acc": 0.1, "train_er": 0.5,
-            "val_er": 0.5, "best_epoch": 6, "phase1_target_rate": 0.95}
-    records = [{**base, "model": "A", "phase1_iterations": 12, "convergence_rate": 0.112,
-                "phase1_stopped_by": "max_iterations"},
-               {**base, "model": "B", "phase1_iterations": 23, "convergence_rate": 0.96,
-                "phase1_stopped_by": "converged"},
-               {**base, "model": "C", "phase1_iterations": 7, "convergence_rate": 0.5}]  # written before the field
+            "val_er": 0.5, "best_epoch": 6, "columns": CVFP_COLUMNS}
+    why = "Phase 1 stopped at max_iterations before reaching its target of 95% converged tokens (had 11%)"
+    records = [{**base, "model": "A", "phase1_iterations": 12, "flags": {"phase1_iterations": why}},
+               {**base, "model": "B", "phase1_iterations": 23, "flags": {}},
+               {**base, "model": "C", "phase1_iterations": 7}]  # written before flags existed
     console = Console(record=True, width=80, color_system=None)
     print_results(console, {"experiment": "quickstart", "run_dir": "runs/q/x", "results": records})
     lines = console.export_text().splitlines()
     rows = {line.split()[0]: line.split() for line in lines if line[:2] in ("A ", "B ", "C ")}
     assert rows["A"][-2] == "12*" and rows["B"][-2] == "23" and rows["C"][-2] == "7"
-    assert ("* Phase 1 stopped at max_iterations before reaching its target of 95.0% converged tokens: "
-            "A-300 had 11.2%") in " ".join(line.strip() for line in lines)
+    assert f"* A-300: {why}" in " ".join(line.strip() for line in lines)
+
+
+def test_a_custom_metric_shows_its_unit_and_direction_and_other_recipes_columns_are_blank() -> None:
+    metrics = [*METRICS[:2], {"name": "bits_per_token", "key": "val_bits_per_token", "unit": "bits",
+                              "direction": "min"}]
+    records = [{"model": "A", "samples": 10, "train_tokens": 100, "val_ppl": 8.0, "val_acc": 0.5,
+                "val_bits_per_token": 3.0, "train_er": 0.4, "best_epoch": 2, "columns": CVFP_COLUMNS[:1]},
+               {"model": "T", "samples": 10, "train_tokens": 100, "val_ppl": 4.0, "val_acc": 0.6,
+                "val_bits_per_token": 2.0, "best_epoch": 3, "epochs_run": 4,
+                "columns": [["best_epoch", "Best epoch", False, False], ["epochs_run", "Epochs", False, False]]}]
+    console = Console(record=True, width=120, color_system=None)
+    print_results(console, {"experiment": "b", "run_dir": "r", "results": records, "metrics": metrics})
+    text = console.export_text()
+    assert all(word in text for word in ("bits_per_token", "(bits)", "↓", "Train", "Epochs"))
+    row = next(line.split() for line in text.splitlines() if line.startswith("T "))
+    assert row[3:] == ["4.00", "60.0%", "2.00", "—", "3", "4"]
 
 
 def test_a_fit_where_more_data_raises_ppl_says_higher() -> None:

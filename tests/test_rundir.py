@@ -17,16 +17,19 @@ from typing import Any
 
 import pytest
 import torch
+from newllm_kit_plugins import cvfp_recipe
 from safetensors.torch import save_file
 from test_cli import ROOT
 from test_experiment import read_results, without_timings, write_tiny
 
 from newllm_kit import experiment, rundir
 from newllm_kit.errors import RunInterrupted, UserError
-from newllm_kit.phase2 import Phase2State
 from newllm_kit.plugins import load_plugins
+from newllm_kit.progress import NullProgress
 from newllm_kit.run import execute
 from newllm_kit.rundir import CheckpointUnreadable, RunDir
+from newllm_kit.training import TrainState as Phase2State
+from newllm_kit.unit_checkpoint import UnitCheckpoint
 
 SMALL = ["experiment.samples=[12]"]  # units A-12 and B-12
 
@@ -234,7 +237,7 @@ def uninterrupted(whole: Path) -> list[dict[str, Any]]:
 def interrupted(tmp_path_factory: pytest.TempPathFactory, plugins: Any) -> Path:
     """A run stopped by Ctrl-C after B-12's first Phase-2 epoch: A-12 finished, B-12 checkpointed."""
     tmp = tmp_path_factory.mktemp("interrupted")
-    real, calls = experiment.train_phase2, []
+    real, calls = cvfp_recipe.train_phase2, []
 
     def train(*args: Any, on_epoch_end: Any, **kwargs: Any) -> Any:
         calls.append(1)
@@ -247,7 +250,7 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory, plugins: Any) -> Path:
         return real(*args, on_epoch_end=then_stop, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(RunInterrupted) as stopped:
-        patch.setattr(experiment, "train_phase2", train)
+        patch.setattr(cvfp_recipe, "train_phase2", train)
         execute(write_tiny(tmp), SMALL, tmp / "runs", False, "none", plugins)
     return Path(stopped.value.run_dir)
 
@@ -462,16 +465,22 @@ def test_every_rank_continues_from_rank_0s_checkpoint(tmp_path: Path, holder: in
     model = tiny_model()
     saved = phase2_state(model)
     tensors, data = saved.to_checkpoint()
-    phase1 = {key: 1.0 for key in experiment.PHASE1_KEYS}
+    phase1 = {key: 1.0 for key in cvfp_recipe.PHASE1_KEYS}
     runs = [run_dir_of(tmp_path / str(rank)) for rank in (0, 1)]
-    runs[holder].save_checkpoint("A-12", "phase2", {"model": experiment._checkpoint_tensors(model), "phase2": tensors},
+    table = (20, 4)
+    state = UnitCheckpoint(runs[holder], "A-12", ThreadRank(0, {}), NullProgress(), table).model_state(model)
+    runs[holder].save_checkpoint("A-12", "phase2", {"model": state, "phase2": tensors},
                                  {"phase1": phase1, "phase2": data})
     board: dict[str, Any] = {"barrier": threading.Barrier(2)}
     got: list[Any] = [None, None]
 
     def rank(r: int) -> None:
-        got[r] = experiment._resume_point(runs[r], experiment.Unit("A", 12, 0), tiny_model(), ThreadRank(r, board),
-                                          None)
+        checkpoint = UnitCheckpoint(runs[r], "A-12", ThreadRank(r, board), NullProgress(), table)
+        fresh = tiny_model()
+        expected = cvfp_recipe._shapes(checkpoint.model_state(fresh))
+        saved = checkpoint.load(lambda saved: cvfp_recipe.CVFPRecipe._check(fresh, expected, saved))
+        got[r] = None if saved is None else (saved.tensors["model"], saved.state["phase1"], Phase2State.from_checkpoint(
+            saved.tensors["phase2"], saved.state["phase2"]))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for t in threads:

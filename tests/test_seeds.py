@@ -129,7 +129,7 @@ def test_the_table_shows_mean_interval_and_n(two_seeds: dict[str, Any]) -> None:
     assert interval.half_width is not None
     assert f"{interval.mean:.1f} ± {interval.half_width:.1f}" in text
     header = next(line for line in text.splitlines() if "Val PPL" in line)
-    assert header.split()[:4] == ["Model", "Samples", "Tokens", "n"] and "Val ER %" in header
+    assert header.split()[:4] == ["Model", "Samples", "Tokens", "n"] and "Val ER % ↑" in header
     row = next(line for line in text.splitlines() if line.startswith("A "))
     assert row.split()[:4] == ["A", "12", f"{two_seeds['results'][0]['train_tokens']:,}", "2"]
     assert "over n seeds" in text and "plots: somewhere/plots" in text

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from newllm_kit.spans import token_span
+from newllm_kit_plugins.spans import token_span
 
 
 @pytest.mark.parametrize("num_input_tokens", [1, 2, 3])

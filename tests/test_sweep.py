@@ -61,7 +61,7 @@ def test_set_overrides_a_sweep_and_other_keys(registry: Registry, tmp_path: Path
     config = load_config(write_micro(tmp_path, SWEEP), registry,
                          ["sweep.solver.dist_reg_weight=[0.5]", "phase2.epochs=1"])
     assert [v.name for v in config.variants] == ["drw-0.5_lr-0.01", "drw-0.5_lr-0.02"]
-    assert {v.config.schema.phase2.epochs for v in config.variants} == {1}
+    assert {v.config.recipes["cvfp"].settings.phase2.epochs for v in config.variants} == {1}  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(("sweep", "overrides", "message"), [

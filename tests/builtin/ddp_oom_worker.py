@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from newllm_kit_plugins.cvfp_contract import Phase1Report
 from newllm_kit_plugins.ddp_runner import DDPRunner
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 from newllm_kit_plugins.local_runner import RunnerSettings
 from torch import nn
-
-from newllm_kit.protocols import Phase1Report
 
 
 class Block(nn.Module):

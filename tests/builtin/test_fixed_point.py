@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from newllm_kit_plugins import fixed_point, frozen_solve, jacobi_pass
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.spans import token_rows, token_span
 from pydantic import ValidationError
 from torch import nn
 
 from newllm_kit.errors import RunFailed, UserError
-from newllm_kit.spans import token_rows, token_span
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from newllm_kit_plugins import gradual_decrease
+from newllm_kit_plugins.cvfp_contract import Phase1Report
 from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
 from newllm_kit_plugins.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
 from test_fixed_point import (  # noqa: F401
@@ -19,8 +20,6 @@ from test_fixed_point import (  # noqa: F401
     per_layer_rollout,
     tiny,
 )
-
-from newllm_kit.protocols import Phase1Report
 
 
 def fit(seed: int = 1, n: int = 48, **keys: Any) -> tuple[Phase1Report, Any]:

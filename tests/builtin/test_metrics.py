@@ -72,17 +72,19 @@ def test_effective_rank_sampling_is_seeded_and_leaves_the_global_rng_alone() -> 
 def test_effective_rank_metric_is_a_fraction_of_the_width() -> None:
     metric = EffectiveRank()
     assert (metric.name, metric.direction, metric.unit) == ("effective_rank", "max", "fraction of width")
-    assert metric.compute(EvalOutputs(contexts=torch.eye(8), context_width=8)) == pytest.approx(1.0, rel=1e-6)
+    full = metric.compute(EvalOutputs(extras={"contexts": torch.eye(8), "context_width": 8}))
+    assert full == pytest.approx(1.0, rel=1e-6)
     wide = torch.cat([torch.eye(8), torch.zeros(8, 8)], dim=1)
-    assert metric.compute(EvalOutputs(contexts=wide, context_width=16)) == pytest.approx(0.5, rel=1e-6)
+    half = metric.compute(EvalOutputs(extras={"contexts": wide, "context_width": 16}))
+    assert half == pytest.approx(0.5, rel=1e-6)
     assert math.isnan(metric.compute(EvalOutputs()))
     sampled = EffectiveRank(EffectiveRankSettings(max_rows=3))
-    outputs = EvalOutputs(contexts=torch.eye(8), context_width=8, seed=1)
+    outputs = EvalOutputs(seed=1, extras={"contexts": torch.eye(8), "context_width": 8})
     assert sampled.compute(outputs) == pytest.approx(3 / 8, rel=1e-6)
 
 
 def test_convergence_rate_passes_through() -> None:
-    assert ConvergenceRate().compute(EvalOutputs(convergence_rate=0.97)) == 0.97
+    assert ConvergenceRate().compute(EvalOutputs(extras={"convergence_rate": 0.97})) == 0.97
     assert math.isnan(ConvergenceRate().compute(EvalOutputs()))
 
 

@@ -224,7 +224,7 @@ def test_oom_with_auto_batch_halves_the_micro_batch_and_keeps_the_gradient(
 
 def test_oom_without_auto_batch_stops_with_the_batch_to_set() -> None:
     runner = GPURunner(RunnerSettings(), FakeCuda())
-    with pytest.raises(UserError, match=r"phase2.batch_size = 512, or runner.auto_batch = true") as info:
+    with pytest.raises(UserError, match=r"lower the batch size to 512, or runner.auto_batch = true") as info:
         runner.handle_oom(torch.OutOfMemoryError("CUDA out of memory"), 1024)
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert runner.describe()["oom_events"] == []

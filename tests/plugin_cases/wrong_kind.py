@@ -17,7 +17,7 @@ class Block(nn.Module):
 
 
 class HollowModel(nn.Module):
-    """Everything `protocols.Model` asks for except `param_counts`."""
+    """Everything a CVFP model needs (`protocols.LanguageModel`, `cvfp_contract.CVFPModel`) but `param_counts`."""
 
     context_dim = token_width = embedding_dim = 4
     layer_widths = (4,)
@@ -46,6 +46,7 @@ class HollowModel(nn.Module):
 
 class HollowArchitecture:
     embedding_dim = 4
+    default_recipe = "cvfp"
 
     def __init__(self, settings: Any) -> None:
         pass

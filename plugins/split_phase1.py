@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError
-from .protocols import Phase1Report, Progress, Runner, Solver, SolveResult
+from newllm_kit.errors import DataError
+from newllm_kit.protocols import Progress, Runner
+
+from .cvfp_contract import Phase1Report, Solver, SolveResult
 
 
 def split_ids(ids: torch.Tensor, boundaries: np.ndarray, split: int, splits: int) -> torch.Tensor:

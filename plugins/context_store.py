@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import RunFailed, UserError
-from .params import available_bytes, human_bytes
+from newllm_kit.errors import RunFailed, UserError
+from newllm_kit.params import available_bytes, human_bytes
 
 KINDS = ("device", "host", "disk")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -18,7 +18,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .protocols import Runner
+from newllm_kit.protocols import Runner
 
 FILE = "phase1-contexts.safetensors"
 KEY = "contexts"

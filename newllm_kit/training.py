@@ -1,0 +1,264 @@
+"""What every recipe's training shares: the chunked head cross-entropy, the epoch loop with early
+stopping and resumable state, and gradient sums over ranks.
+
+The head's [b, V] logits are what runs out of memory at GPT-2's vocabulary (spec §7.4), so the
+loss never holds more than one [chunk, V] block of them. The epoch loop is the reference's
+(§4.4): only a strictly lower validation loss resets the patience counter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import RunFailed
+from .protocols import EvalOutputs, Progress, Runner
+
+
+def _logit_blocks(ctx: Any, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                  ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(rows, their states, their logits as a [V, rows] block), chunk by chunk. Vocabulary-major blocks
+    keep every head matmul a fast GEMM (CPU BLAS ran [rows, V] outputs at ~60 % of that speed)."""
+    w, b = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)[:, None]
+    for start in range(0, states.shape[0], ctx.chunk):
+        rows = slice(start, start + ctx.chunk)
+        s = states[rows].to(ctx.dtype)
+        yield rows, s, (w @ s.T if b is None else torch.addmm(b, w, s.T)).to(ctx.acc)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Summed CE of `states @ weight.T + bias`. Forward keeps its inputs and the per-row logsumexp
+    ([b], tiny); backward recomputes each logits block and turns it into softmax − onehot in place."""
+
+    @staticmethod
+    def forward(ctx: Any, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int, count: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        kind, ctx.chunk = states.device.type, chunk  # matmuls in autocast's dtype when it is on
+        ctx.dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else states.dtype
+        ctx.acc = torch.promote_types(ctx.dtype, torch.float32)
+        correct = torch.zeros((), dtype=torch.long, device=states.device)
+        lse = torch.empty(states.shape[0], dtype=ctx.acc, device=states.device)
+        picked = torch.empty_like(lse)
+        for rows, s, z in _logit_blocks(ctx, states, weight, bias):
+            t = targets[rows]
+            picked[rows], top = z[t, torch.arange(t.shape[0], device=t.device)], z.amax(0)
+            lse[rows] = z.sub_(top).exp_().sum(0).log_() + top  # in place; the maxima become exactly 1
+            if count:  # argmax == target: the target attains the maximum, and no earlier token does
+                hit, unique = picked[rows] == top, z.floor_().sum(0) == 1  # floor(e) = 1 only where e = 1
+                correct += (hit & unique).sum()
+                if (unsure := hit & ~unique).any():  # tied maxima (rare): an exact argmax, row-major
+                    b = None if bias is None else bias.to(ctx.dtype)
+                    correct += (F.linear(s[unsure], weight.to(ctx.dtype), b).argmax(-1) == t[unsure]).sum()
+            del z  # the next block may take its memory
+        ctx.save_for_backward(states, weight, bias, targets, lse)
+        ctx.mark_non_differentiable(correct)
+        return (lse - picked).sum(), correct
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
+        states, weight, bias, targets, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_states = torch.empty_like(states) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[2] else None
+        for rows, s, z in _logit_blocks(ctx, states, weight, bias):
+            t = targets[rows]
+            z.sub_(lse[rows]).exp_()  # softmax, in place
+            z[t, torch.arange(t.shape[0], device=t.device)] -= 1
+            g = z.to(ctx.dtype)  # dCE/dlogits of the rows, [V, rows]; grad_loss scales the small results
+            del z
+            if grad_states is not None:
+                grad_states[rows] = (g.T @ w) * grad_loss
+            if grad_weight is not None:
+                grad_weight += g @ (s * grad_loss)
+            if grad_bias is not None:
+                grad_bias += g.sum(1) * grad_loss
+        return grad_states, grad_weight, grad_bias, None, None, None
+
+
+def head_cross_entropy(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       targets: torch.Tensor, chunk: int = 2048, count_correct: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed CE, top-1 hits) of `states @ weight.T + bias`, as `F.cross_entropy(..., reduction="sum")`
+    but with one [chunk, V] logits block alive at a time; matmuls follow autocast. Hits: 0 unless counted."""
+    return _HeadCrossEntropy.apply(states, weight, bias, targets, chunk, count_correct)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds after a finished epoch: enough to continue bit-identically."""
+
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    counter: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable parameters only
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_val: EvalOutputs | None = None
+    rng: torch.Tensor | None = None
+    seconds: float = 0.0
+
+    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors for safetensors and the rest for JSON: a checkpoint holds data, never code."""
+        tensors = {f"model/{k}": v for k, v in self.model.items()}
+        tensors |= {f"best/{k}": v for k, v in self.best_weights.items()}
+        if self.rng is not None:
+            tensors["rng"] = self.rng
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entries in self.optimizer.get("state", {}).items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{index}/{key}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        best = None if self.best_val is None else {
+            f.name: getattr(self.best_val, f.name) for f in fields(EvalOutputs) if f.name != "extras"}
+        data = {"epoch": self.epoch, "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
+                "counter": self.counter, "history": self.history, "seconds": self.seconds, "best_val": best,
+                "optimizer": {"param_groups": self.optimizer.get("param_groups", []), "state": scalars}}
+        return tensors, data
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> TrainState:
+        """The inverse of `to_checkpoint`; tensors may be on any device (the RNG state goes to the CPU,
+        and so does Adam's step count, where the optimizer keeps it)."""
+        def group(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+        state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in data["optimizer"]["state"].items()}
+        for name, value in group("optimizer/").items():
+            index, key = name.split("/", 1)
+            state.setdefault(int(index), {})[key] = value.cpu() if key == "step" else value
+        best = data["best_val"]
+        return cls(epoch=int(data["epoch"]), best_epoch=int(data["best_epoch"]),
+                   best_val_loss=float(data["best_val_loss"]), counter=int(data["counter"]),
+                   history=[dict(row) for row in data["history"]], model=group("model/"),
+                   optimizer={"state": state, "param_groups": list(data["optimizer"]["param_groups"])},
+                   best_weights=group("best/"), best_val=None if best is None else EvalOutputs(**best),
+                   rng=tensors["rng"].cpu() if "rng" in tensors else None, seconds=float(data["seconds"]))
+
+
+@dataclass
+class TrainReport:
+    best_epoch: int  # 1-based
+    epochs_run: int
+    history: list[dict[str, float]]
+    val: EvalOutputs  # at the best epoch
+    seconds: float
+    batch_size: int = 0  # items (positions or windows) per step as run ("auto" resolved)
+
+
+class StopDecision(NamedTuple):
+    best: float
+    counter: int
+    improved: bool
+    stop: bool
+
+
+def early_stop_update(best: float, counter: int, val_loss: float, patience: int) -> StopDecision:
+    """Spec §4.4: only a strictly lower val loss resets the counter; stop once it reaches `patience`."""
+    if val_loss < best:
+        return StopDecision(val_loss, 0, True, False)
+    return StopDecision(best, counter + 1, False, counter + 1 >= patience)
+
+
+def spans(rows: range, size: int) -> list[range]:
+    """`rows` cut into consecutive pieces of at most `size`."""
+    return [range(s, min(s + size, rows.stop)) for s in range(rows.start, rows.stop, max(size, 1))]
+
+
+def ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def trainable_copy(module: nn.Module, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """CPU copies of the trained parameters, by name: a checkpoint must not alias live weights."""
+    wanted = {id(p) for p in params}
+    return {name: p.detach().to("cpu", copy=True) for name, p in module.named_parameters() if id(p) in wanted}
+
+
+def sum_over_ranks(params: list[nn.Parameter], loss_sum: float, runner: Runner) -> float:
+    """Sum gradients (each rank's already scaled by 1/global batch) and the loss over ranks."""
+    if runner.world_size == 1:
+        return loss_sum
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = runner.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    for p, piece in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad = piece.view_as(p)
+    return float(runner.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64, device=runner.device)))
+
+
+def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, loss_sum: float, runner: Runner,
+                   grad_clip: float, where: str, fix: str) -> float:
+    """One step after this rank's backward pass: gradients and loss summed over ranks, a non-finite loss
+    refused (RunFailed naming `where` and the `fix`), gradients clipped, the optimizer stepped. Returns
+    the loss summed over ranks."""
+    loss_sum = sum_over_ranks(params, loss_sum, runner)
+    if not math.isfinite(loss_sum):
+        raise RunFailed(f"{where}: non-finite loss {loss_sum}; {fix}")
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss_sum
+
+
+def train_epochs(module: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, *,
+                 epochs: int, patience: int, restore_best: bool, phase: str,
+                 run_epoch: Callable[[int], tuple[float, int]], evaluate: Callable[[], EvalOutputs],
+                 progress: Progress, start: TrainState | None = None,
+                 on_epoch_end: Callable[[TrainState], None] | None = None) -> TrainReport:
+    """The epoch loop every recipe shares (spec §4.4): train, evaluate, early-stop on a strictly lower
+    validation loss with `patience`, checkpoint, and end on the best epoch's weights if `restore_best`.
+
+    `run_epoch(epoch)` trains one epoch and returns its summed training NLL and the positions it
+    scored; `evaluate()` scores the validation stream. `on_epoch_end` gets a self-contained
+    `TrainState` after each epoch; `start=` it to continue bit-identically (weights, optimizer, RNG)."""
+    state = TrainState() if start is None else replace(start, history=list(start.history))
+    if start is not None:
+        module.load_state_dict(start.model, strict=False)
+        optimizer.load_state_dict(start.optimizer)
+        if start.rng is not None:
+            torch.set_rng_state(start.rng)
+    progress.start(phase, epochs)
+    for epoch in range(state.epoch + 1, epochs + 1):
+        if state.counter >= patience:
+            break  # resumed from the checkpoint of the epoch that decided to stop
+        started = time.perf_counter()
+        module.train()
+        train_nll, positions = run_epoch(epoch)
+        outputs = evaluate()
+        val_loss = outputs.nll_sum / outputs.count
+        if not math.isfinite(val_loss):
+            raise RunFailed(f"{phase}, epoch {epoch}: non-finite validation loss {val_loss}")
+        decision = early_stop_update(state.best_val_loss, state.counter, val_loss, patience)
+        train_loss = train_nll / max(positions, 1)
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch, "train_loss": train_loss, "train_ppl": ppl(train_loss), "val_loss": val_loss,
+               "val_ppl": ppl(val_loss), "val_acc": outputs.correct / outputs.count, "seconds": seconds}
+        state.history.append(row)
+        state.epoch, state.counter, state.best_val_loss = epoch, decision.counter, decision.best
+        state.seconds += seconds
+        if decision.improved:
+            state.best_epoch, state.best_val = epoch, outputs
+            state.best_weights = trainable_copy(module, params) if restore_best else {}
+        progress.advance(phase, **row)
+        if on_epoch_end is not None:
+            on_epoch_end(replace(state, history=list(state.history), model=trainable_copy(module, params),
+                                 optimizer=copy.deepcopy(optimizer.state_dict()), rng=torch.get_rng_state()))
+        if decision.stop:
+            break
+    progress.finish(phase)
+    if restore_best and state.best_weights:
+        module.load_state_dict(state.best_weights, strict=False)
+    assert state.best_val is not None, f"{phase} ran no epoch"
+    return TrainReport(best_epoch=state.best_epoch, epochs_run=state.epoch, history=list(state.history),
+                       val=replace(state.best_val), seconds=state.seconds)

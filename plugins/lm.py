@@ -1,0 +1,396 @@
+"""The `lm` recipe: ordinary next-token training of autoregressive baselines (transformer, GRU, …).
+
+Training cuts the training stream into consecutive windows, shuffled or in stream order, and takes
+AdamW steps with warm-up and cosine decay. Evaluation scores every validation position 1 … n−1
+exactly once with as much left context as the model allows, as the cvfp recipe scores every
+position, so the PPLs of baselines and CVFP models on one run are comparable:
+
+* attention models (`block_size` set) slide windows of `block_size` tokens by `eval_stride`; the
+  first window scores all its positions, each later one only its last (not yet scored) positions,
+  so every position sees at least `block_size − eval_stride + 1` tokens (itself included);
+* recurrent models (`block_size` None) read the whole stream in segments of `window` tokens,
+  carrying their state from segment to segment.
+
+Each training window starts from an empty state (a recurrent model's state is not carried between
+windows): windows are then independent, so they can be shuffled and batched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, cast
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from newllm_kit import hookimpl
+from newllm_kit.errors import ConfigError, DataError
+from newllm_kit.protocols import (
+    Column,
+    EvalOutputs,
+    LanguageModel,
+    RecipeResult,
+    Runner,
+    Saved,
+    UnitContext,
+    UnitData,
+)
+from newllm_kit.training import TrainState, head_cross_entropy, optimizer_step, spans, train_epochs
+
+RECURRENT_WINDOW = 128  # tokens per training window of a recurrent model when [lm] window is unset
+MAX_CONTEXT_ROWS = 10_000  # hidden states kept for the effective-rank metric, taken evenly over the stream
+Positive = Annotated[int, Field(ge=1, le=10**9)]  # bounded so a typo fails validation, not an allocation
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class AutoregressiveModel(LanguageModel, Protocol):
+    """What the lm recipe needs of a model, beyond `newllm_kit.protocols.LanguageModel`; it trains the
+    model's `param_groups()["train"]` and reads logits from `output_head()`."""
+
+    block_size: int | None  # longest input an attention model reads; None: a recurrent model that carries state
+
+    def hidden(self, ids: torch.Tensor, state: Any | None = None) -> tuple[torch.Tensor, Any]:
+        """[b, t] token ids -> ([b, t, E] final hidden states, before the head; the new state).
+        Position j may read only ids[:, :j+1] (and `state`). Attention models ignore `state` and
+        return None; recurrent ones continue from `state` (None: empty) and return theirs."""
+        ...
+
+
+class LMSettings(BaseModel):
+    """The `[lm]` table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=10, ge=1, le=100_000, description="Maximum number of epochs.")
+    patience: int = Field(default=1, ge=1, le=100_000,
+                          description="Epochs without a strictly lower val loss before stopping.")
+    learning_rate: float = Field(default=1e-3, gt=0, le=10, allow_inf_nan=False,
+                                 description="Peak AdamW learning rate (after warm-up).")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1,
+                                description="Cosine decay ends at learning_rate × min_lr_ratio.")
+    warmup_steps: int = Field(default=100, ge=0, le=10**9,
+                              description="Steps of linear warm-up (at most the run's total steps).")
+    weight_decay: float = Field(default=0.1, ge=0, le=10, allow_inf_nan=False,
+                                description="AdamW decay of matrices only (not biases, norms or embeddings).")
+    betas: tuple[Beta, Beta] = Field(default=(0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(default=1.0, gt=0, allow_inf_nan=False,
+                             description="Max gradient norm over the trained parameters.")
+    batch_size: Positive | Literal["auto"] = Field(
+        default=16, description='Windows per step; "auto": the runner\'s automatic batch of tokens divided '
+                                "by the window (recorded in the results as lm_batch_size).")
+    window: Positive | None = Field(
+        default=None, description=f"Training window in tokens (None: the model's block_size; "
+                                  f"{RECURRENT_WINDOW} for a recurrent model, also its evaluation segment).")
+    order: Literal["shuffled", "stream"] = Field(
+        default="shuffled", description="Window order per epoch: shuffled (seeded by the unit's seed and the "
+                                        "epoch, so a resumed run repeats it) or stream order.")
+    eval_stride: Positive | None = Field(
+        default=None, description="Attention models: positions each later evaluation window scores "
+                                  "(None: block_size // 2); every position gets ≥ block_size − stride "
+                                  "tokens of earlier context.")
+    restore_best: bool = Field(default=True, description="End on the best epoch's weights.")
+    ce_chunk: Positive = Field(default=2048, description="Rows per [chunk, vocab] logits block of the loss.")
+
+
+class LMRecipeSettings(BaseModel):
+    """The lm recipe's TOML tables: only `[lm]`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lm: LMSettings = Field(default_factory=LMSettings, description="Training and evaluation of the lm recipe.")
+
+
+class Window(NamedTuple):
+    """Inputs ids[start : start+length] predicting ids[start+1 : start+length+1]; the first `skip`
+    predictions are not scored (an evaluation window's context positions)."""
+
+    start: int
+    length: int
+    skip: int = 0
+
+
+def train_windows(positions: int, window: int) -> list[Window]:
+    """Consecutive windows over the `positions` = n − 1 predictions of a stream, the last one shorter."""
+    return [Window(start, min(window, positions - start)) for start in range(0, positions, window)]
+
+
+def eval_windows(positions: int, block_size: int, stride: int) -> list[Window]:
+    """Windows of min(block_size, positions) tokens, `stride` apart and ending at the stream's end, that
+    score each of the `positions` predictions exactly once: the first all of its own, each later one
+    its newest `stride` (fewer in the last)."""
+    length, scored, windows = min(block_size, positions), 0, list[Window]()
+    while scored < positions:
+        end = min(scored + (stride if windows else length), positions)
+        windows.append(Window(end - length, length, length - (end - scored)))
+        scored = end
+    return windows
+
+
+def learning_rate_at(step: int, total: int, settings: LMSettings) -> float:
+    """Linear warm-up, then cosine decay to learning_rate × min_lr_ratio: a pure function of the global
+    step, so a resumed run follows the same schedule without scheduler state."""
+    peak, warmup = settings.learning_rate, min(settings.warmup_steps, total)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    low = peak * settings.min_lr_ratio
+    return low + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - low)
+
+
+class ContextSample:
+    """The final hidden states of at most `MAX_CONTEXT_ROWS` scored positions, evenly spread over the
+    stream (the effective-rank metric's input), gathered on `device` and summed over ranks."""
+
+    def __init__(self, positions: int, width: int, device: torch.device) -> None:
+        kept = min(positions, MAX_CONTEXT_ROWS)
+        self.row = torch.full((positions,), -1, dtype=torch.long, device=device)
+        self.row[torch.arange(kept, device=device) * positions // kept] = torch.arange(kept, device=device)
+        self.rows = torch.zeros(kept, width, device=device)
+
+    def add(self, targets: torch.Tensor, states: torch.Tensor) -> None:
+        """`states` [m, E] of the predictions of target positions `targets` [m] (1 … n−1)."""
+        row = self.row[targets - 1]
+        keep = row >= 0
+        self.rows[row[keep]] = states[keep].detach().float()
+
+
+class Batch(NamedTuple):
+    inputs: torch.Tensor  # [b, t] ids of equal-length windows
+    targets: torch.Tensor  # [m] stream positions (1 … n−1) of the scored predictions, row by row
+    scored: torch.Tensor | None  # [b, t] mask of the scored predictions; None: all of them
+
+
+def _batches(ids: torch.Tensor, windows: Sequence[Window]) -> list[Batch]:
+    """One batch per group of equal-length windows (only a stream's last training window is shorter)."""
+    groups: dict[int, list[Window]] = {}
+    for w in windows:
+        groups.setdefault(w.length, []).append(w)
+    out = []
+    for length, group in groups.items():
+        offsets = torch.arange(length, device=ids.device)
+        index = torch.tensor([w.start for w in group], device=ids.device)[:, None] + offsets
+        if any(w.skip for w in group):
+            scored = offsets >= torch.tensor([w.skip for w in group], device=ids.device)[:, None]
+            out.append(Batch(ids[index].long(), index[scored] + 1, scored))
+        else:  # training: every prediction scored, no masked copy of the hidden states
+            out.append(Batch(ids[index].long(), index.flatten() + 1, None))
+    return out
+
+
+def _pass(model: AutoregressiveModel, ids: torch.Tensor, windows: Sequence[Window], runner: Runner, chunk: int,
+          grad_scale: float | None, sample: ContextSample | None = None) -> tuple[float, int]:
+    """NLL sum and hits over the scored predictions of `windows`, in micro-batches, backpropagating
+    loss × `grad_scale` if given. After an OOM the runner may shrink its micro-batch: the pass is retried."""
+    while True:
+        try:
+            nll, hits = 0.0, 0
+            for span in spans(range(len(windows)), runner.micro_batch(len(windows))):
+                for batch in _batches(ids, windows[span.start:span.stop]):
+                    with runner.autocast():
+                        hidden = model.hidden(batch.inputs)[0]
+                        states = hidden.flatten(0, 1) if batch.scored is None else hidden[batch.scored]
+                        weight, bias = model.output_head()
+                        loss, correct = head_cross_entropy(states, weight, bias, ids[batch.targets].long(),
+                                                           chunk, count_correct=grad_scale is None)
+                    if grad_scale is not None:
+                        (loss * grad_scale).backward()
+                    if sample is not None:
+                        sample.add(batch.targets, states)
+                    nll, hits = nll + loss.item(), hits + int(correct.item())
+            return nll, hits
+        except torch.OutOfMemoryError as err:
+            if not runner.handle_oom(err, len(windows)):
+                raise
+            cast(nn.Module, model).zero_grad(set_to_none=True)  # drop the failed attempt's partial sums
+
+
+def _recurrent_pass(model: AutoregressiveModel, ids: torch.Tensor, window: int, runner: Runner, chunk: int,
+                    sample: ContextSample) -> tuple[float, int, int]:
+    """The whole stream in segments of `window` tokens, one after another, carrying the model's state."""
+    nll, hits, count, state = 0.0, 0, 0, None
+    for w in train_windows(ids.numel() - 1, window):
+        targets = torch.arange(w.start + 1, w.start + w.length + 1, device=ids.device)
+        with runner.autocast():
+            states, state = model.hidden(ids[None, w.start:w.start + w.length].long(), state)
+            weight, bias = model.output_head()
+            loss, correct = head_cross_entropy(states[0], weight, bias, ids[targets].long(), chunk)
+        sample.add(targets, states[0])
+        nll, hits, count = nll + loss.item(), hits + int(correct.item()), count + w.length
+    return nll, hits, count
+
+
+@torch.no_grad()
+def evaluate(model: AutoregressiveModel, ids: torch.Tensor, runner: Runner, *, window: int, stride: int | None,
+             tokens: int, ce_chunk: int, seed: int = 0) -> EvalOutputs:
+    """Summed NLL, hits and count (n − 1) over every position of the stream `ids`, summed over ranks, with
+    a sample of the scored positions' hidden states as extras (see the module docstring for the rule).
+    `window`: a recurrent model's segment; `stride`: an attention model's (None: block_size // 2);
+    `tokens`: an attention model's tokens per pass (whole windows, at least one)."""
+    module = cast(nn.Module, model)
+    was_training, positions = module.training, ids.numel() - 1
+    module.eval()
+    sample = ContextSample(positions, model.embedding_dim, runner.device)
+    if model.block_size is None:  # a sequential pass cannot be split over ranks: rank 0 runs it
+        sums = _recurrent_pass(model, ids, window, runner, ce_chunk, sample) if runner.rank == 0 else (0.0, 0, 0)
+    else:
+        windows = eval_windows(positions, model.block_size, stride or max(model.block_size // 2, 1))
+        mine, batch = runner.shard(len(windows)), max(tokens // windows[0].length, 1)
+        parts = [_pass(model, ids, windows[s.start:s.stop], runner, ce_chunk, None, sample)
+                 for s in spans(mine, batch)]
+        scored = sum(w.length - w.skip for w in windows[mine.start:mine.stop])
+        sums = (sum(p[0] for p in parts), sum(p[1] for p in parts), scored)
+    module.train(was_training)
+    totals = torch.tensor(sums, dtype=torch.float64)
+    if runner.world_size > 1:
+        totals = runner.all_reduce_sum(totals.to(runner.device)).cpu()
+        sample.rows = runner.all_reduce_sum(sample.rows)
+    if int(totals[2]) != positions:
+        raise RuntimeError(f"lm evaluation scored {int(totals[2])} positions of {positions}")
+    return EvalOutputs(nll_sum=float(totals[0]), correct=int(totals[1]), count=positions, seed=seed,
+                       extras={"contexts": sample.rows.cpu(), "context_width": model.embedding_dim})
+
+
+def _optimizer(model: nn.Module, params: list[nn.Parameter], settings: LMSettings) -> torch.optim.AdamW:
+    """AdamW that decays matrices only: biases, norm gains and embedding tables are left undecayed."""
+    tables = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in tables]
+    kept = [p for p in params if p.ndim < 2 or id(p) in tables]
+    groups = [{"params": g, "weight_decay": wd} for g, wd in ((decay, settings.weight_decay), (kept, 0.0)) if g]
+    return torch.optim.AdamW(groups, lr=settings.learning_rate, betas=settings.betas)
+
+
+def _checkpoint_fits(model: nn.Module, window: int) -> Callable[[Saved], None]:
+    """The check handed to `Checkpointer.load`: the saved weights must be this model's, by name and shape,
+    and include every trainable one (the frozen table is rebuilt by the core, so it may be absent); the
+    epochs must have been cut into the same windows."""
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def check(saved: Saved) -> None:
+        if saved.stage != "lm":
+            raise ValueError(f"checkpoint stage {saved.stage!r} is not the lm recipe's")
+        for name, tensor in saved.tensors.get("model", {}).items():
+            if shapes.get(name) != tuple(tensor.shape):
+                raise ValueError(f"checkpoint weight {name} {tuple(tensor.shape)} does not fit the model")
+        if absent := sorted(trainable - saved.tensors.get("model", {}).keys()):
+            raise KeyError(f"checkpoint lacks the model's weights {', '.join(absent[:3])}")
+        missing = [f"tensors[{k!r}]" for k in ("model", "train") if k not in saved.tensors]
+        missing += [f"state[{k!r}]" for k in ("train", "lm") if k not in saved.state]
+        if missing:
+            raise KeyError(f"checkpoint lacks {', '.join(missing)}")
+        if saved.state["lm"]["window"] != window:
+            raise ValueError(f"checkpoint was trained on windows of {saved.state['lm']['window']} tokens, not {window}")
+
+    return check
+
+
+def _bytes_per_token(params: list[nn.Parameter], width: int) -> int:
+    """Cost model for an automatic batch: activations grow with depth × width, parameters with depth ×
+    width², so 8 bytes per trainable parameter per unit of width is one token's generous share (fp32)."""
+    return max(8 * sum(p.numel() for p in params) // width, 4 * width)
+
+
+class LMRecipe:
+    """The `lm` recipe factory: validated `[lm]` settings in, `train(model, data, unit)` per unit."""
+
+    model_protocol: ClassVar[type] = AutoregressiveModel  # checked by name when an experiment file is loaded
+
+    def __init__(self, settings: LMRecipeSettings | None = None) -> None:
+        self.settings = (settings if settings is not None else LMRecipeSettings()).lm
+
+    def _plan(self, model: AutoregressiveModel) -> tuple[int, int | None]:
+        """(training window, evaluation stride) for this model, refusing what it cannot read."""
+        s, block = self.settings, model.block_size
+        if block is None:
+            return s.window or RECURRENT_WINDOW, None
+        for key, value in (("window", s.window), ("eval_stride", s.eval_stride)):
+            if value is not None and value > block:
+                raise ConfigError(f"lm.{key} = {value} is longer than the model's block_size {block}; "
+                                  f"set lm.{key} ≤ {block}")
+        return s.window or block, s.eval_stride or max(block // 2, 1)
+
+    def train(self, model: nn.Module, data: UnitData, unit: UnitContext) -> RecipeResult:
+        s, runner, lm_model = self.settings, unit.runner, cast(AutoregressiveModel, model)
+        groups = lm_model.param_groups()
+        if "train" not in groups:
+            raise ConfigError(f"the lm recipe trains param_groups()['train'], but {type(model).__name__} has "
+                              f"only {sorted(groups)}; use its own recipe ([[models]] recipe = …)")
+        params = [p for p in groups["train"] if p.requires_grad]
+        if not params:
+            raise ConfigError(f"{type(model).__name__} has nothing to train: its 'train' group is empty or frozen")
+        if data.train_ids.numel() < 2 or data.val_ids.numel() < 2:
+            raise DataError("the lm recipe needs at least 2 tokens in both the training and the validation stream")
+        window, stride = self._plan(lm_model)
+
+        saved = unit.checkpoint.load(_checkpoint_fits(model, window))
+        if saved is not None:
+            model.load_state_dict(saved.tensors["model"], strict=False)
+            batch = int(saved.state["lm"]["batch_size"])  # as first resolved: "auto" may differ on this device
+        elif s.batch_size == "auto":  # the runner sizes a batch of tokens (a collective under ddp)
+            batch = max(runner.batch_size(None, _bytes_per_token(params, lm_model.embedding_dim)) // window, 1)
+        else:
+            batch = s.batch_size
+        windows = train_windows(data.train_ids.numel() - 1, window)
+        steps_per_epoch = math.ceil(len(windows) / batch)
+        total_steps = s.epochs * steps_per_epoch
+        optimizer = _optimizer(model, params, s)
+        unit.message(f"lm: {len(windows):,} training windows of ≤ {window} tokens, {steps_per_epoch:,} steps "
+                     f"per epoch of {batch} windows ({s.order}); evaluation "
+                     + ("carries the state through the stream" if stride is None else f"stride {stride}"))
+
+        def run_epoch(epoch: int) -> tuple[float, int]:
+            order = list(range(len(windows)))
+            if s.order == "shuffled":  # distinct (seed, epoch) pairs give distinct generator seeds
+                generator = torch.Generator().manual_seed((unit.seed * 1_000_003 + epoch) % 2**63)
+                order = torch.randperm(len(windows), generator=generator).tolist()
+            train_nll = 0.0
+            for step, rows in enumerate(spans(range(len(order)), batch), start=1):
+                lr = learning_rate_at((epoch - 1) * steps_per_epoch + step - 1, total_steps, s)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                chosen = [windows[order[i]] for i in rows]
+                part = runner.shard(len(chosen))  # this rank's share of the global batch: all ranks step together
+                scale = 1 / sum(w.length for w in chosen)
+                nll, _ = _pass(lm_model, data.train_ids, chosen[part.start:part.stop], runner, s.ce_chunk, scale)
+                train_nll += optimizer_step(params, optimizer, nll, runner, s.grad_clip,
+                                            f"lm, epoch {epoch}, step {step}",
+                                            f"lower lm.learning_rate (now {lr:.3g}) or lm.grad_clip, or raise "
+                                            f"lm.warmup_steps")
+            return train_nll, len(data.train_ids) - 1
+
+        def validate() -> EvalOutputs:
+            return evaluate(lm_model, data.val_ids, runner, window=window, stride=stride, tokens=batch * window,
+                            ce_chunk=s.ce_chunk, seed=unit.seed)
+
+        def save(state: TrainState) -> None:
+            tensors, json_state = state.to_checkpoint()
+            unit.checkpoint.save("lm", {"model": unit.checkpoint.model_state(model), "train": tensors},
+                                 {"train": json_state, "lm": {"batch_size": batch, "window": window}})
+
+        start = None if saved is None else TrainState.from_checkpoint(saved.tensors["train"], saved.state["train"])
+        report = train_epochs(model, params, optimizer, epochs=s.epochs, patience=s.patience,
+                              restore_best=s.restore_best, phase="lm", run_epoch=run_epoch, evaluate=validate,
+                              progress=unit.progress, start=start, on_epoch_end=save)
+        val = report.val
+        if "contexts" not in val.extras:  # the best epoch was evaluated before a resume: its extras were not saved
+            val.extras = validate().extras
+        val.seed = unit.seed
+        notes = []
+        if s.warmup_steps > total_steps:
+            notes.append(f"lm.warmup_steps = {s.warmup_steps} exceeds the run's {total_steps} steps: "
+                         f"the learning rate warmed up over all of them")
+            unit.message(notes[-1])
+        record = {"best_epoch": report.best_epoch, "epochs_run": report.epochs_run, "lm_batch_size": batch,
+                  "window": window, "eval_stride": stride, "steps": report.epochs_run * steps_per_epoch,
+                  "history": report.history}
+        return RecipeResult(val=val, record=record, notes=notes,
+                            columns=[Column("best_epoch", "Best epoch"), Column("epochs_run", "Epochs")])
+
+
+@hookimpl
+def register_recipes(register: Any) -> None:
+    register("lm", LMRecipe, settings=LMRecipeSettings,
+             description="autoregressive next-token training (AdamW, cosine) with every-position evaluation")

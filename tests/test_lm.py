@@ -1,0 +1,374 @@
+"""The lm recipe and its baselines: every validation position scored once, training, resume, presets."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from newllm_kit_plugins import gru, lm, transformer
+from newllm_kit_plugins.gru import GRUArchitecture, GRUSettings
+from newllm_kit_plugins.lm import AutoregressiveModel, LMRecipe, LMRecipeSettings, LMSettings, evaluate
+from newllm_kit_plugins.local_runner import CPURunner
+from newllm_kit_plugins.transformer import TransformerArchitecture, TransformerSettings
+from pydantic import ValidationError
+from torch import nn
+
+from newllm_kit.errors import ConfigError
+from newllm_kit.protocols import LanguageModel, Saved, UnitContext, UnitData, missing_members
+
+VOCAB = 50
+CVFP_V2_TRAINABLE = {"v2-A": 23_960_576, "v2-B": 26_636_032}  # 6L-768 and 3L-1536, gradual reduction, frozen table
+TRANSFORMER_TRAINABLE = {"v2-A": 23_960_538, "v2-B": 26_634_918}
+GRU_TRAINABLE = {"v2-A": 23_964_741, "v2-B": 26_643_645}
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.rows: list[dict[str, float]] = []
+
+    def start(self, phase: str, total: int | None) -> None: ...
+
+    def advance(self, phase: str, **fields: float) -> None:
+        self.rows.append(fields)
+
+    def finish(self, phase: str) -> None: ...
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
+
+
+class Killed(Exception):
+    """Stands in for the process dying right after a checkpoint was published."""
+
+
+class MemoryCheckpoint:
+    """The Checkpointer protocol in memory; JSON state goes through json as the run directory's does."""
+
+    def __init__(self, kill_after: int | None = None) -> None:
+        self.saved: Saved | None = None
+        self.saves = 0
+        self.kill_after = kill_after
+
+    def load(self, check: Callable[[Saved], None] | None = None) -> Saved | None:
+        if self.saved is not None and check is not None:
+            try:
+                check(self.saved)
+            except (KeyError, TypeError, ValueError):
+                return None
+        return self.saved
+
+    def save(self, stage: str, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> None:
+        copied = {group: {k: v.detach().clone() for k, v in named.items()} for group, named in tensors.items()}
+        self.saved = Saved(stage, copied, json.loads(json.dumps(state)))
+        self.saves += 1
+        if self.saves == self.kill_after:
+            raise Killed
+
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+    def file(self, name: str) -> Path:
+        raise NotImplementedError
+
+    def write_stream(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        self.saved = None
+
+
+def pattern_stream(n: int, period: int = 23, seed: int = 0, phase: int = 0) -> torch.Tensor:
+    """A fixed permutation of `period` tokens, repeated: the next token follows from the current one."""
+    cycle = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(seed))[:period]
+    return cycle[(torch.arange(n) + phase) % period]
+
+
+def unit_for(tmp_path: Path, seed: int = 0, checkpoint: MemoryCheckpoint | None = None) -> UnitContext:
+    return UnitContext(id="T-1", seed=seed, runner=CPURunner(), progress=Progress(),
+                       checkpoint=checkpoint or MemoryCheckpoint(), scratch=tmp_path, metrics=lambda outputs: {})
+
+
+def data_for(train: torch.Tensor, val: torch.Tensor) -> UnitData:
+    documents = np.array([[0, train.numel()]], dtype=np.int64)
+    return UnitData(train_ids=train, val_ids=val, train_documents=documents, vocab_size=VOCAB)
+
+
+def tiny_transformer(seed: int = 0, frozen: bool = True, **keys: Any) -> transformer.TransformerModel:
+    torch.manual_seed(seed)
+    options = {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 8, **keys}
+    model = TransformerArchitecture(TransformerSettings(**options)).build(VOCAB)
+    model.set_embedding(torch.randn(VOCAB, 16) * 0.5, freeze=frozen)
+    return model
+
+
+def tiny_gru(seed: int = 0, **keys: Any) -> gru.GRUModel:
+    torch.manual_seed(seed)
+    model = GRUArchitecture(GRUSettings(**{"embedding_dim": 16, "hidden_size": 24, "layers": 2, **keys})).build(VOCAB)
+    model.set_embedding(torch.randn(VOCAB, 16) * 0.5, freeze=True)
+    return model
+
+
+def recipe(**keys: Any) -> LMRecipe:
+    return LMRecipe(LMRecipeSettings(lm=LMSettings(**{"warmup_steps": 2, "batch_size": 4, **keys})))
+
+
+class OneWindowRunner(CPURunner):
+    """A runner after out-of-memory fallbacks down to a micro-batch of one window."""
+
+    def micro_batch(self, batch: int) -> int:
+        return 1
+
+
+@pytest.mark.parametrize(("positions", "block", "stride"), [(1, 8, 3), (7, 8, 3), (8, 8, 3), (30, 8, 3),
+                                                             (31, 8, 8), (40, 8, 1), (23, 5, 4)])
+def test_eval_windows_score_every_position_once_with_enough_context(positions: int, block: int, stride: int) -> None:
+    scored: list[int] = []
+    for w in lm.eval_windows(positions, block, stride):
+        assert 0 <= w.start and w.start + w.length <= positions and w.length == min(block, positions)
+        for offset in range(w.skip, w.length):
+            target = w.start + offset + 1
+            context = target - w.start
+            assert context >= min(block - stride + 1, target)  # the first window's positions see all there is
+            scored.append(target)
+    assert scored == list(range(1, positions + 1))
+
+
+def test_sliding_evaluation_equals_per_position_brute_force() -> None:
+    model, block, stride = tiny_transformer().double().eval(), 8, 3  # float64: sums agree to far below 1e-5
+    ids = torch.randint(0, VOCAB, (41,), generator=torch.Generator().manual_seed(1))
+    out = evaluate(model, ids, CPURunner(), window=8, stride=stride, tokens=16, ce_chunk=7)
+
+    positions, reference = ids.numel() - 1, 0.0
+    with torch.no_grad():
+        for target in range(1, positions + 1):
+            end = min(block, positions)  # the end (in targets) of the window that scores `target`
+            while end < target:
+                end = min(end + stride, positions)
+            start = end - min(block, positions)
+            logits = model(ids[None, start:target])[0, -1]
+            reference += float(F.cross_entropy(logits[None], ids[target:target + 1], reduction="sum"))
+    assert out.count == positions
+    assert out.nll_sum == pytest.approx(reference, abs=1e-5)
+    one_at_a_time = evaluate(model, ids, OneWindowRunner(), window=8, stride=stride, tokens=16, ce_chunk=7)
+    assert one_at_a_time.nll_sum == pytest.approx(out.nll_sum, abs=1e-9) and one_at_a_time.correct == out.correct
+    assert out.extras["contexts"].shape == (positions, 16) and out.extras["context_width"] == 16
+
+
+def test_recurrent_evaluation_carries_state_across_segments() -> None:
+    model = tiny_gru().double().eval()
+    ids = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(2))
+    out = evaluate(model, ids, CPURunner(), window=7, stride=None, tokens=1, ce_chunk=5)
+    with torch.no_grad():
+        states, _ = model.hidden(ids[None, :-1])
+        whole = F.cross_entropy(F.linear(states[0], model.embedding.weight), ids[1:], reduction="sum")
+    assert out.count == ids.numel() - 1
+    assert out.nll_sum == pytest.approx(float(whole), abs=1e-5)
+    assert torch.allclose(out.extras["contexts"], states[0].float(), atol=1e-6)
+
+
+def test_context_sample_is_capped_and_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lm, "MAX_CONTEXT_ROWS", 10)
+    out = evaluate(tiny_transformer(), torch.arange(40) % VOCAB, CPURunner(), window=8, stride=4, tokens=64,
+                   ce_chunk=64)
+    assert out.extras["contexts"].shape == (10, 16)
+    assert not (out.extras["contexts"] == 0).all(dim=1).any()  # every kept row was filled
+
+
+@pytest.mark.parametrize("build", [tiny_transformer, tiny_gru])
+def test_training_learns_a_pattern_below_the_unigram_entropy(tmp_path: Path, build: Callable[..., nn.Module]
+                                                             ) -> None:
+    model = build()
+    data = data_for(pattern_stream(400), pattern_stream(120, phase=5))
+    unit = unit_for(tmp_path)
+    result = recipe(epochs=8, learning_rate=1e-2, window=8, patience=8).train(model, data, unit)
+    val_loss = result.val.nll_sum / result.val.count
+    assert result.val.count == 119
+    assert val_loss < 0.5 * math.log(23)  # every token of the period is equally likely: unigram entropy ln 23
+    assert result.record["best_epoch"] == min(range(8), key=lambda e: result.record["history"][e]["val_loss"]) + 1
+    assert result.record["steps"] == 8 * math.ceil(50 / 4)  # 399 predictions in windows of 8, 4 per step
+    assert any("training windows" in m for m in unit.progress.messages)  # type: ignore[attr-defined]
+    json.dumps(result.record)
+
+
+def test_early_stopping_ends_on_the_best_weights(tmp_path: Path) -> None:
+    model = tiny_transformer()  # trained on a pattern, scored on noise: validation gets worse soon
+    noise = torch.randint(0, VOCAB, (80,), generator=torch.Generator().manual_seed(3))
+    result = recipe(epochs=20, learning_rate=1e-2, patience=2).train(
+        model, data_for(pattern_stream(300), noise), unit_for(tmp_path))
+    record = result.record
+    assert record["epochs_run"] == record["best_epoch"] + 2 < 20
+    again = evaluate(model, noise, CPURunner(), window=8, stride=None, tokens=32, ce_chunk=2048)
+    assert again.nll_sum == pytest.approx(result.val.nll_sum, rel=1e-6)
+
+
+def test_resume_after_a_kill_is_bit_identical(tmp_path: Path) -> None:
+    data = data_for(pattern_stream(300), pattern_stream(60, phase=3))
+    settings = {"epochs": 3, "patience": 10, "order": "shuffled", "learning_rate": 5e-3}
+
+    whole_model = tiny_transformer(seed=4, dropout=0.1)
+    whole = recipe(**settings).train(whole_model, data, unit_for(tmp_path, seed=4))
+
+    checkpoint = MemoryCheckpoint(kill_after=2)
+    with pytest.raises(Killed):
+        recipe(**settings).train(tiny_transformer(seed=4, dropout=0.1), data, unit_for(tmp_path, 4, checkpoint))
+    checkpoint.kill_after = None
+    resumed_model = tiny_transformer(seed=4, dropout=0.1)  # the core rebuilds the model with the unit's seed
+    resumed = recipe(**settings).train(resumed_model, data, unit_for(tmp_path, 4, checkpoint))
+
+    for (name, a), (_, b) in zip(whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+    def without_seconds(record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "history": [{k: v for k, v in row.items() if k != "seconds"} for row in record["history"]]}
+
+    assert without_seconds(resumed.record) == without_seconds(whole.record)
+    assert resumed.val.nll_sum == whole.val.nll_sum
+    assert torch.equal(resumed.val.extras["contexts"], whole.val.extras["contexts"])
+
+
+def test_a_checkpoint_of_another_model_is_ignored(tmp_path: Path) -> None:
+    data = data_for(pattern_stream(100), pattern_stream(30))
+    checkpoint = MemoryCheckpoint()
+    recipe(epochs=1).train(tiny_transformer(), data, unit_for(tmp_path, checkpoint=checkpoint))
+    assert checkpoint.load(lm._checkpoint_fits(tiny_transformer(), window=8)) is not None
+    assert checkpoint.load(lm._checkpoint_fits(tiny_transformer(n_layer=3), window=8)) is None
+    assert checkpoint.load(lm._checkpoint_fits(tiny_transformer(), window=4)) is None
+
+
+class ThreadRank(CPURunner):
+    """One of `world` ranks run as threads; all_reduce_sum sums through a shared board."""
+
+    def __init__(self, rank: int, world: int, board: dict[Any, Any]) -> None:
+        super().__init__()
+        self.rank, self.world_size, self.board = rank, world, board
+
+    def shard(self, n: int) -> range:
+        size = -(-n // self.world_size)
+        return range(min(n, self.rank * size), min(n, (self.rank + 1) * size))
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        barrier: threading.Barrier = self.board["barrier"]
+        self.board[self.rank] = tensor.clone()
+        barrier.wait()
+        total = sum(self.board[r] for r in range(self.world_size))
+        barrier.wait()
+        assert isinstance(total, torch.Tensor)
+        return total
+
+
+@pytest.mark.parametrize("build", [tiny_transformer, tiny_gru])
+def test_ranks_in_lock_step_match_one_process(tmp_path: Path, build: Callable[..., nn.Module]) -> None:
+    data = data_for(pattern_stream(200), pattern_stream(45, phase=2))
+    settings = {"epochs": 2, "patience": 5, "batch_size": 5, "window": 8}
+    single = build().double()
+    expected = recipe(**settings).train(single, data, unit_for(tmp_path))
+    world, board = 2, {"barrier": threading.Barrier(2)}
+    models = [build().double() for _ in range(world)]
+    results: list[Any] = [None] * world
+
+    def rank(r: int) -> None:
+        unit = unit_for(tmp_path)
+        unit.runner = ThreadRank(r, world, board)
+        results[r] = recipe(**settings).train(models[r], data, unit)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for r in range(world):
+        assert results[r].val.count == expected.val.count == 44
+        assert results[r].val.nll_sum == pytest.approx(expected.val.nll_sum, rel=1e-9)
+        torch.testing.assert_close(results[r].val.extras["contexts"], expected.val.extras["contexts"])
+        for (name, a), (_, b) in zip(single.state_dict().items(), models[r].state_dict().items(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize(("build", "counts"), [(TransformerArchitecture, TRANSFORMER_TRAINABLE),
+                                                (GRUArchitecture, GRU_TRAINABLE)])
+@pytest.mark.parametrize("preset", ["v2-A", "v2-B"])
+def test_presets_match_cvfp_v2_trainable_parameters(build: Any, counts: dict[str, int], preset: str) -> None:
+    settings = TransformerSettings(preset=preset) if build is TransformerArchitecture else GRUSettings(preset=preset)
+    with torch.device("meta"):
+        model = build(settings).build(50257)
+        model.set_embedding(torch.empty(50257, 768), freeze=True)
+    trainable = sum(p.numel() for p in model.param_groups()["train"])
+    assert trainable == counts[preset]
+    assert abs(trainable - CVFP_V2_TRAINABLE[preset]) / CVFP_V2_TRAINABLE[preset] < 3e-4  # within 0.03 %
+    assert model.param_counts()["total"] == trainable + 50257 * 768
+
+
+def test_cvfp_v2_counts_are_the_ones_matched() -> None:
+    from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
+
+    for preset, cvfp_preset in (("v2-A", "6L-768"), ("v2-B", "3L-1536")):
+        with torch.device("meta"):
+            model = CVFPArchitecture(CVFPSettings(preset=cvfp_preset, variant="gradual-reduction")).build(50257)
+            model.set_embedding(torch.empty(50257, 768), freeze=True)
+        groups = model.param_groups()
+        assert sum(p.numel() for p in groups["phase1"] + groups["phase2"]) == CVFP_V2_TRAINABLE[preset]
+
+
+@pytest.mark.parametrize("build", [tiny_transformer, tiny_gru])
+def test_models_satisfy_the_protocols_and_group_the_table_by_freeze(build: Callable[..., Any]) -> None:
+    model = build()
+    assert missing_members(model, LanguageModel) == []
+    assert missing_members(model, AutoregressiveModel) == []
+    assert all(id(p) != id(model.embedding.weight) for p in model.param_groups()["train"])
+    model.set_embedding(model.embedding.weight.detach().clone(), freeze=False)
+    assert any(p is model.embedding.weight for p in model.param_groups()["train"])
+    assert model.param_counts()["head"] == 0 and model.output_head()[0] is model.embedding.weight
+
+
+def test_transformer_heads_must_divide_the_width() -> None:
+    with pytest.raises(ValidationError, match="n_embd 30 is not divisible by n_head 4"):
+        TransformerSettings(n_embd=30, n_head=4)
+
+
+def test_recipe_settings_are_one_lm_table_and_refuse_unknown_keys() -> None:
+    assert LMRecipeSettings.model_validate({"lm": {"epochs": 3}}).lm.epochs == 3
+    with pytest.raises(ValidationError):
+        LMRecipeSettings.model_validate({"lm": {"epoch": 3}})
+    with pytest.raises(ValidationError):
+        LMRecipeSettings.model_validate({"phase2": {}})
+
+
+def test_a_window_longer_than_the_block_is_refused(tmp_path: Path) -> None:
+    data = data_for(pattern_stream(100), pattern_stream(30))
+    with pytest.raises(ConfigError, match=r"lm.window = 9 .* block_size 8"):
+        recipe(window=9).train(tiny_transformer(), data, unit_for(tmp_path))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    settings = LMSettings(learning_rate=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    rates = [lm.learning_rate_at(step, 20, settings) for step in range(20)]
+    assert rates[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert rates[4] == 1.0 and all(a >= b for a, b in itertools.pairwise(rates[4:]))
+    assert lm.learning_rate_at(20, 20, settings) == pytest.approx(0.1)
+
+
+def test_plugins_register_their_components() -> None:
+    seen: dict[str, Any] = {}
+
+    def register(name: str, factory: Any, *, settings: Any = None, description: str = "") -> None:
+        seen[name] = (factory, settings)
+
+    lm.register_recipes(register)
+    transformer.register_architectures(register)
+    gru.register_architectures(register)
+    assert seen == {"lm": (LMRecipe, LMRecipeSettings), "transformer": (TransformerArchitecture, TransformerSettings),
+                    "gru": (GRUArchitecture, GRUSettings)}
+    assert TransformerArchitecture().default_recipe == GRUArchitecture().default_recipe == "lm"
+    assert copy.deepcopy(LMRecipe(None).settings) == LMSettings()
