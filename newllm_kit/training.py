@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,8 @@ from torch import nn
 
 from .errors import RunFailed
 from .protocols import EvalOutputs, Progress, Runner
+
+T = TypeVar("T")
 
 
 def _logit_blocks(ctx: Any, states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -196,6 +198,18 @@ def sum_over_ranks(params: list[nn.Parameter], loss_sum: float, runner: Runner) 
     for p, piece in zip(params, flat.split([p.numel() for p in params]), strict=True):
         p.grad = piece.view_as(p)
     return float(runner.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64, device=runner.device)))
+
+
+def retry_after_oom(runner: Runner, batch: int, module: nn.Module, attempt: Callable[[], T]) -> T:
+    """`attempt()`, retried whole after an out-of-memory error while the runner shrinks its micro-batch
+    (`runner.handle_oom`; it raises when it cannot); the failed attempt's partial gradients are dropped."""
+    while True:
+        try:
+            return attempt()
+        except torch.OutOfMemoryError as err:
+            if not runner.handle_oom(err, batch):
+                raise
+            module.zero_grad(set_to_none=True)
 
 
 def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, loss_sum: float, runner: Runner,

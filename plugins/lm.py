@@ -37,7 +37,14 @@ from newllm_kit.protocols import (
     UnitContext,
     UnitData,
 )
-from newllm_kit.training import TrainState, head_cross_entropy, optimizer_step, spans, train_epochs
+from newllm_kit.training import (
+    TrainState,
+    head_cross_entropy,
+    optimizer_step,
+    retry_after_oom,
+    spans,
+    train_epochs,
+)
 
 RECURRENT_WINDOW = 128  # tokens per training window of a recurrent model when [lm] window is unset
 MAX_CONTEXT_ROWS = 10_000  # hidden states kept for the effective-rank metric, taken evenly over the stream
@@ -183,27 +190,24 @@ def _pass(model: AutoregressiveModel, ids: torch.Tensor, windows: Sequence[Windo
           grad_scale: float | None, sample: ContextSample | None = None) -> tuple[float, int]:
     """NLL sum and hits over the scored predictions of `windows`, in micro-batches, backpropagating
     loss × `grad_scale` if given. After an OOM the runner may shrink its micro-batch: the pass is retried."""
-    while True:
-        try:
-            nll, hits = 0.0, 0
-            for span in spans(range(len(windows)), runner.micro_batch(len(windows))):
-                for batch in _batches(ids, windows[span.start:span.stop]):
-                    with runner.autocast():
-                        hidden = model.hidden(batch.inputs)[0]
-                        states = hidden.flatten(0, 1) if batch.scored is None else hidden[batch.scored]
-                        weight, bias = model.output_head()
-                        loss, correct = head_cross_entropy(states, weight, bias, ids[batch.targets].long(),
-                                                           chunk, count_correct=grad_scale is None)
-                    if grad_scale is not None:
-                        (loss * grad_scale).backward()
-                    if sample is not None:
-                        sample.add(batch.targets, states)
-                    nll, hits = nll + loss.item(), hits + int(correct.item())
-            return nll, hits
-        except torch.OutOfMemoryError as err:
-            if not runner.handle_oom(err, len(windows)):
-                raise
-            cast(nn.Module, model).zero_grad(set_to_none=True)  # drop the failed attempt's partial sums
+    def attempt() -> tuple[float, int]:
+        nll, hits = 0.0, 0
+        for span in spans(range(len(windows)), runner.micro_batch(len(windows))):
+            for batch in _batches(ids, windows[span.start:span.stop]):
+                with runner.autocast():
+                    hidden = model.hidden(batch.inputs)[0]
+                    states = hidden.flatten(0, 1) if batch.scored is None else hidden[batch.scored]
+                    weight, bias = model.output_head()
+                    loss, correct = head_cross_entropy(states, weight, bias, ids[batch.targets].long(),
+                                                       chunk, count_correct=grad_scale is None)
+                if grad_scale is not None:
+                    (loss * grad_scale).backward()
+                if sample is not None:
+                    sample.add(batch.targets, states)
+                nll, hits = nll + loss.item(), hits + int(correct.item())
+        return nll, hits
+
+    return retry_after_oom(runner, len(windows), cast(nn.Module, model), attempt)
 
 
 def _recurrent_pass(model: AutoregressiveModel, ids: torch.Tensor, window: int, runner: Runner, chunk: int,

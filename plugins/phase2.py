@@ -28,6 +28,7 @@ from newllm_kit.training import (
     TrainState,
     head_cross_entropy,
     optimizer_step,
+    retry_after_oom,
     spans,
     train_epochs,
 )
@@ -162,23 +163,20 @@ def _pass(model: Model, data: Phase2Data, rows: range, runner: Runner, chunk: in
           grad_scale: float | None) -> tuple[float, int]:
     """NLL sum and hits over `rows` in micro-batches, backpropagating loss × `grad_scale` if given.
     After an OOM the runner may shrink its micro-batch: then the whole pass is retried."""
-    while True:
-        try:
-            nll, hits = 0.0, 0
-            for span in spans(rows, runner.micro_batch(len(rows))):
-                contexts, tokens, targets = data.batch(model, span, runner.device)
-                with runner.autocast():
-                    weight, bias = model.output_head()
-                    loss, correct = head_cross_entropy(model.token_states(contexts, tokens), weight, bias,
-                                                       targets, chunk, count_correct=grad_scale is None)
-                if grad_scale is not None:
-                    (loss * grad_scale).backward()
-                nll, hits = nll + loss.item(), hits + int(correct.item())
-            return nll, hits
-        except torch.OutOfMemoryError as err:
-            if not runner.handle_oom(err, len(rows)):
-                raise
-            cast(nn.Module, model).zero_grad(set_to_none=True)  # drop the failed attempt's partial sums
+    def attempt() -> tuple[float, int]:
+        nll, hits = 0.0, 0
+        for span in spans(rows, runner.micro_batch(len(rows))):
+            contexts, tokens, targets = data.batch(model, span, runner.device)
+            with runner.autocast():
+                weight, bias = model.output_head()
+                loss, correct = head_cross_entropy(model.token_states(contexts, tokens), weight, bias,
+                                                   targets, chunk, count_correct=grad_scale is None)
+            if grad_scale is not None:
+                (loss * grad_scale).backward()
+            nll, hits = nll + loss.item(), hits + int(correct.item())
+        return nll, hits
+
+    return retry_after_oom(runner, len(rows), cast(nn.Module, model), attempt)
 
 
 @torch.no_grad()
