@@ -189,9 +189,10 @@ class Choice:
             self.require(built, protocol, "returned")
         return built
 
-    def require(self, obj: object, protocol: type, verb: str) -> None:
+    def require(self, obj: object, protocol: type, verb: str, advice: str = "") -> None:
         """A PluginError naming the plugin, the component and the first member of `protocol` that `obj`
-        lacks; of a class (no instance yet), only its methods can be checked."""
+        lacks; of a class (no instance yet), only its methods can be checked. `advice` replaces the
+        closing "fix the plugin or choose another <kind>"."""
         missing = missing_methods(obj, protocol) if isinstance(obj, type) else missing_members(obj, protocol)
         if missing:
             c, kind = self.component, self.component.kind.replace("_", " ")
@@ -199,7 +200,7 @@ class Choice:
             others = f" (also {', '.join(missing[1:])})" if missing[1:] else ""
             raise PluginError(f"{self._prefix()}plugin {c.plugin!r}: {kind} {c.name!r} {verb} {what}, which lacks "
                               f"{missing[0]!r}{others} required by {protocol.__module__}.{protocol.__name__}; "
-                              f"fix the plugin or choose another {kind}")
+                              f"{advice or f'fix the plugin or choose another {kind}'}")
 
     def _prefix(self) -> str:
         return f"{self.where}: " if self.where else ""
@@ -687,7 +688,7 @@ def _check_components(config: ExperimentConfig) -> None:
                 section.build()
     declared = getattr(tokenizer, "expected_vocab_size", None)
     vocab_size = declared if isinstance(declared, int) and declared >= 1 else 256
-    for (_, choice), recipe_name in zip(config.models, config.model_recipes, strict=True):
+    for (label, choice), recipe_name in zip(config.models, config.model_recipes, strict=True):
         architecture = choice.build()
         try:
             with torch.device("meta"):
@@ -697,7 +698,10 @@ def _check_components(config: ExperimentConfig) -> None:
         choice.require(model, LanguageModel, "builds")
         wanted = getattr(recipes[recipe_name], "model_protocol", None)
         if isinstance(wanted, type):
-            choice.require(model, wanted, f"builds (for recipe {recipe_name!r})")
+            index = config.models.index((label, choice))
+            choice.require(model, wanted, f"builds (for recipe {recipe_name!r})",
+                           f"set models.{index}.recipe to a recipe this architecture supports (its default: "
+                           f"{architecture.default_recipe!r}), or choose another architecture")
 
 
 def _check_numbers(path: Path, value: Any, key: str) -> None:

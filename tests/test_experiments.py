@@ -72,3 +72,38 @@ def test_quickstart_keeps_v2s_phase_1_objective(registry: Registry) -> None:
     for key in ("learning_rate", "context_noise", "dist_reg_weight", "convergence_threshold", "min_converged_ratio",
                 "min_iterations", "batch_size", "init", "loss_scope"):
         assert quick[key] == v2[key], key
+
+
+def test_baselines_are_matched_to_cvfp_a_by_trainable_parameters(registry: Registry) -> None:
+    """baselines.toml's header states these counts; the table besides the shared 1,024 × 64 table."""
+    rows = {r["label"]: r for r in count_params(load_config(EXPERIMENTS / "baselines.toml", registry))}
+    a = rows["A"]["context_block"] + rows["A"]["token_block"]
+    trained = {label: rows[label]["trainable"]["train"] - 1024 * 64 for label in ("Transformer", "GRU")}
+    assert (a, trained["Transformer"], trained["GRU"]) == (170_320, 170_269, 171_232)
+    assert all(abs(n - a) / a < 0.01 for n in trained.values())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("models.2.recipe=cvfp", r"models\.2: plugin 'transformer': architecture 'transformer' builds \(for recipe "
+                             r"'cvfp'\) TransformerModel, which lacks 'context_block'.* set models\.2\.recipe to a "
+                             r"recipe this architecture supports \(its default: 'lm'\)"),
+    ("models.0.recipe=lmm", r"models\.0\.recipe: unknown recipe 'lmm'; did you mean 'lm'\?"),
+    ("lm.epochz=3", r"lm\.epochz: unknown key; did you mean 'epochs'\?"),
+])
+def test_a_model_trained_by_the_wrong_recipe_or_a_bad_recipe_key_is_one_line(
+        registry: Registry, override: str, message: str) -> None:
+    from newllm_kit.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        load_config(EXPERIMENTS / "baselines.toml", registry, [override])
+
+
+def test_a_table_of_a_recipe_no_model_uses_names_that_recipe(registry: Registry, tmp_path: Path) -> None:
+    from newllm_kit.errors import ConfigError
+
+    text = (EXPERIMENTS / "baselines.toml").read_text()
+    lm_only = text[:text.index("[[models]]")] + text[text.index('[[models]]\nlabel = "Transformer"'):]
+    (tmp_path / "lm.toml").write_text(lm_only)
+    with pytest.raises(ConfigError, match=r"solver: this table belongs to recipe 'cvfp', which no model uses "
+                                          r"\(recipes in use: lm\)"):
+        load_config(tmp_path / "lm.toml", registry)
