@@ -158,7 +158,6 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
     """Build the unit's model, hand it to its recipe, and make the results record from what comes back."""
     schema = config.schema
     vocab_size = corpus.tokenizer.vocab_size
-    architecture = config.models[unit.index][1].build()
     model = build_model(config, unit, vocab_size, runner)
     check_param_groups(config, unit, model)
     recipe_name = config.model_recipes[unit.index]
@@ -167,7 +166,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
                     val_ids=corpus.val.ids.to(runner.device),
                     train_documents=corpus.train.boundaries[:unit.samples], vocab_size=vocab_size)
     logged = _Logged(progress, run, unit, attempt, runner.rank == 0)
-    checkpoint = UnitCheckpoint(run, unit.id, runner, logged, (vocab_size, architecture.embedding_dim))
+    checkpoint = UnitCheckpoint(run, unit.id, runner, logged, (model.vocab_size, model.embedding_dim))
     context = UnitContext(id=unit.id, seed=schema.experiment.seed, runner=runner, progress=logged,
                           checkpoint=checkpoint, scratch=run.inside(run.path / STORE_DIR),
                           metrics=lambda outputs: _metric_values(config, outputs))

@@ -89,15 +89,15 @@ def _solve_notes(messages: list[str], solves: dict[str, SolveResult]) -> list[st
 
 
 @contextmanager
-def out_of_memory(phase: str, plan: StorePlan, fix: str) -> Iterator[None]:
-    """Out of memory in `phase` ends the run in one line: the phase, what the context stores take,
-    and the settings that lower it (the core adds the unit id)."""
+def out_of_memory(unit: str, phase: str, plan: StorePlan, fix: str) -> Iterator[None]:
+    """Out of memory in `phase` ends the run in one line: the unit and phase, what the context stores
+    take, and the settings that lower it."""
     try:
         yield
     except Exception as error:
         if not is_out_of_memory(error):
             raise
-        raise RunFailed(out_of_memory_message("", phase, error, plan, fix).removeprefix(": ")) from error
+        raise RunFailed(out_of_memory_message(unit, phase, error, plan, fix)) from error
 
 
 class CVFPRecipe:
@@ -187,7 +187,7 @@ class CVFPRecipe:
                                      {"phase1": phase1, "phase2": json_state})
 
             started = time.perf_counter()
-            with out_of_memory("phase 2", plan, plan.fix("phase2.batch_size lower")):
+            with out_of_memory(unit.id, "phase 2", plan, plan.fix("phase2.batch_size lower")):
                 report2 = TrainReport(0, 0, [], EvalOutputs(), 0.0) if skip_phase2 else train_phase2(
                     cvfp, Phase2Data(train_solve.layers[-1], train_ids, inputs),
                     Phase2Data(val_solve.layers[-1], val_ids, inputs), p2, runner,
