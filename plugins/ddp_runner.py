@@ -82,6 +82,11 @@ class DDPRunner:
         self.local.setup()
         if dist.is_initialized():
             return
+        # torch.distributed.nn's functions take group.WORLD as a default argument when imported, and the
+        # first optimizer imports it (via torch._dynamo). Imported after the group exists, it would hold
+        # the group past teardown, and a gloo worker releasing its last tensors while the interpreter
+        # shuts down aborts the process ("terminate called without an active exception", ~5% of runs).
+        import torch.distributed.nn  # noqa: F401
         dist.init_process_group(
             backend=self.backend, timeout=timedelta(seconds=self.settings.timeout_s),
             device_id=self.device if self.backend == "nccl" else None)

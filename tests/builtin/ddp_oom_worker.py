@@ -72,15 +72,21 @@ def fit(runner: Any, fail_on_rank: int | None) -> Phase1Report:
 def main(rank: int, fail_on_rank: int | None, out: str) -> None:
     """Phase 1 on this rank (the torchrun variables come from the environment); writes rank<r>.json."""
     torch.set_num_threads(1)
+    threads_before = _threads()
     runner = DDPRunner(RunnerSettings(auto_batch=True, timeout_s=30))
     runner.setup()
     try:
         report = fit(runner, fail_on_rank)
         result = {"contexts": report.contexts.tolist(), "oom_events": runner.describe()["oom_events"]}
-        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         runner.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         runner.teardown()
+    result["extra_threads_after_teardown"] = _threads() - threads_before  # gloo's workers joined, or not
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
 
 
 if __name__ == "__main__":
