@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .hookspecs import hookimpl
+from .hookspecs import hookimpl, hookspec
 
 try:
     __version__ = version("newllm-kit")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = ["__version__", "hookimpl", "hookspec"]

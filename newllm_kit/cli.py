@@ -28,6 +28,7 @@ from . import __version__
 from .allocator import return_large_blocks_to_os
 from .errors import RunFailed, RunInterrupted, UserError
 from .plugins import Plugins, load_plugins
+from .skeleton import KINDS as TEMPLATE_KINDS
 
 
 def _did_you_mean(close: list[str]) -> str:
@@ -152,8 +153,8 @@ app.add_typer(plugins_app, name="plugins")
 def plugins_new_command(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Distribution name, e.g. my-plugin (import name "
                                         "my_plugin); also the plugin's and the component's name.")],
-    kind: Annotated[str, typer.Option("--kind", metavar="KIND", help="The component the package registers: "
-                                      "architecture, solver, recipe, metric, data_source or tokenizer.")],
+    kind: Annotated[str, typer.Option("--kind", metavar="KIND", help="The component the package registers, one of: "
+                                      f"{', '.join(TEMPLATE_KINDS)}.")],
     directory: Annotated[Path, typer.Option("--dir", metavar="DIR",
                                             help="Where the package folder DIR/NAME is written.")] = Path("."),
 ) -> None:

@@ -12,15 +12,16 @@ once per component:
 * `name` is what an experiment file writes (`architecture = "cvfp"`). Two plugins registering
   the same name for the same kind is an error naming both.
 * `factory(settings)` must return an object with every member of its kind's protocol
-  (`newllm_kit.protocols.PROTOCOLS`; a solver: `newllm_kit_plugins.cvfp_contract.Solver`). Loading
+  (`newllm_kit.protocols.PROTOCOLS`; a kind a plugin declares: that plugin's contract). Loading
   an experiment file (`newllm-kit validate` included) calls every factory except the runner's,
   checks the members by name and builds each model on the meta device: keep factories cheap
   (store the settings; read, download or allocate in `load`, `documents`, `build`).
 * `settings` (optional) is a pydantic model: the TOML keys of this component, validated (unknown
   keys get a did-you-mean hint). Its keys sit in the table that names the component: `[data]`,
-  `[tokenizer]`, `[embedding]`, `[runner]`, `[solver]`, or the `[[models]]` entry; a recipe's
-  fields are whole top-level tables. Without a model the component takes no keys and its factory
-  gets `None`; a metric's factory gets its model's defaults (metrics are chosen by name only).
+  `[tokenizer]`, `[embedding]`, `[runner]`, the `[[models]]` entry, or the recipe table that
+  names a component of a declared kind; a recipe's fields are whole top-level tables. Without a
+  model the component takes no keys and its factory gets `None`; a metric's factory gets its
+  model's defaults (metrics are chosen by name only).
 * Errors: raise `ConfigError`, `DataError`, `PluginError` or `UserError` (`newllm_kit.errors`) for
   a one-line message and exit 2, `RunFailed` for an untrustworthy result (exit 1). Any other
   exception from a factory becomes a one-line `PluginError` naming the plugin (exit 2); one from a
@@ -28,7 +29,13 @@ once per component:
   internal error with its traceback.
 
 Hook implementations must not have default argument values (pluggy does not pass them), and
-must be spelt exactly as below: a misspelt `register_solver` is reported when plugins load.
+must be spelt exactly as below: a misspelt `register_metric` is reported when plugins load.
+
+A plugin may declare a kind of component of its own, for components only its recipe uses (the cvfp
+recipe declares `solver`): a function named `register_<kind>s(register)`, decorated with
+`newllm_kit.hookspec`, in its plugin module. Plugins load kinds before components, so any plugin can
+then implement that hook; `[table] name = NAME` in the recipe's table picks one (a `ComponentSection`
+with `kind = "<kind>"`, `newllm_kit.config`).
 """
 
 from __future__ import annotations
@@ -96,26 +103,6 @@ def register_recipes(register: Register) -> None:
         @hookimpl
         def register_recipes(register):
             register("distill", DistillRecipe, settings=DistillSettings)
-    """
-
-
-@hookspec
-def register_solvers(register: Register) -> None:
-    """Register fixed-point solvers for the cvfp recipe (kind `solver`, TOML `[solver] name = NAME`;
-    the table's other keys are the settings). The contract is the cvfp recipe's, in
-    `newllm_kit_plugins.cvfp_contract`.
-
-    `factory(settings)` returns a `Solver`: `fit(model, ids, runner, progress) -> Phase1Report` trains
-    the ContextBlock (Phase 1) and `solve(model, ids, runner, out=None) -> SolveResult` gives the
-    frozen block's final-layer context of every position. `ids` are a stream's [n] token ids, not
-    token inputs: compute the [b, T] token inputs of each chunk with
-    `newllm_kit_plugins.spans.token_span(model, ids, start, stop)`; nothing of size [n, T] may exist.
-
-    Example::
-
-        @hookimpl
-        def register_solvers(register):
-            register("anderson", AndersonSolver, settings=AndersonSettings)
     """
 
 
@@ -194,7 +181,7 @@ def register_runners(register: Register) -> None:
 
     `factory(settings)` returns a `Runner` (`newllm_kit.protocols.Runner`): device placement,
     precision (autocast), batch sizing, out-of-memory fallback and, for distributed runners, the
-    process group and collectives. Recipes and solvers never call `torch.cuda` directly. Only its
+    process group and collectives. Recipes and their components never call `torch.cuda` directly. Only its
     class is checked when a file loads; it is built when a run starts.
 
     Example::

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
+from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -27,17 +28,37 @@ from .registry import Component, DuplicateComponent, Registry
 
 ENTRY_POINT_GROUP = "newllm_kit"
 
-# register_* hook name -> component kind it registers.
-REGISTRATION_HOOKS = {
-    "register_architectures": "architecture",
-    "register_recipes": "recipe",
-    "register_solvers": "solver",
-    "register_tokenizers": "tokenizer",
-    "register_embeddings": "embedding",
-    "register_metrics": "metric",
-    "register_data_sources": "data_source",
-    "register_runners": "runner",
-}
+COMMANDS_HOOK = "register_commands"
+
+
+def kind_of(hook_name: str) -> str:
+    """The component kind a `register_*` hook registers: `register_data_sources` → `data_source`."""
+    return hook_name.removeprefix("register_").removesuffix("s")
+
+
+def registration_hooks(manager: pluggy.PluginManager) -> dict[str, str]:
+    """Every `register_*` hook with a specification (the core's and those plugins declare) → its kind."""
+    return {name: kind_of(name) for name in sorted(_specified_hooks(manager)) if name != COMMANDS_HOOK}
+
+
+def _specified_hooks(manager: pluggy.PluginManager) -> set[str]:
+    return {name for name, caller in vars(manager.hook).items() if caller.has_spec()}
+
+
+def _add_declared_kinds(manager: pluggy.PluginManager, plugin: object) -> None:
+    """Add the hookspecs a plugin module (or class) declares (`@newllm_kit.hookspec def
+    register_<kind>s(register)`): a kind of component of its own, such as the cvfp recipe's solvers."""
+    if not isinstance(plugin, ModuleType | type):
+        return
+    declared = [attr for attr in dir(plugin) if manager.parse_hookspec_opts(plugin, attr) is not None]
+    if not declared:
+        return
+    for name in declared:
+        if not (name.startswith("register_") and name.endswith("s") and kind_of(name).isidentifier()):
+            raise PluginError(f"hookspec {name!r}: a plugin declares kinds only, as register_<kind>s(register)")
+        if name in _specified_hooks(manager):
+            raise PluginError(f"hookspec {name!r} is already declared (by the core or another plugin)")
+    manager.add_hookspecs(plugin)
 
 
 @dataclass
@@ -103,13 +124,21 @@ def _selected_entry_points() -> Iterable[tuple[EntryPoint, bool]]:
 
 
 def _unknown_hooks(manager: pluggy.PluginManager, plugin: object) -> list[str]:
-    """Hook implementations in `plugin` whose names match no hookspec (typos like register_solver)."""
-    known = set(REGISTRATION_HOOKS) | {"register_commands"}
+    """Hook implementations in `plugin` whose names match no hookspec: typos (register_metric), or a
+    kind whose declaring plugin is not loaded."""
+    known = sorted(name.removeprefix("register_") for name in _specified_hooks(manager))
     found = []
     for attr in dir(plugin):
-        if manager.parse_hookimpl_opts(plugin, attr) is not None and attr not in known:
-            close = difflib.get_close_matches(attr, sorted(known), n=1)
-            found.append(f"unknown hook {attr!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if manager.parse_hookimpl_opts(plugin, attr) is None or attr.removeprefix("register_") in known:
+            continue
+        close = difflib.get_close_matches(attr.removeprefix("register_"), known, n=1)
+        if close:
+            hint = f" (did you mean 'register_{close[0]}'?)"
+        elif attr.startswith("register_"):
+            hint = f" (no loaded plugin declares the kind {kind_of(attr)!r}: install or enable the one that does)"
+        else:
+            hint = ""
+        found.append(f"unknown hook {attr!r}{hint}")
     return found
 
 
@@ -141,7 +170,16 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False)
         infos.append(info)
         candidates.append((info, obj))
 
+    for info, obj in candidates:  # kinds first, so any plugin may register components of them
+        try:
+            _add_declared_kinds(manager, obj)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # a malformed or duplicate hookspec
+            _mark_broken(info, error)
     for info, obj in candidates:
+        if info.status == "broken":
+            continue
         try:
             typos = _unknown_hooks(manager, obj)
             if typos:
@@ -156,9 +194,10 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False)
         info.hooks = sorted(c.name for c in manager.get_hookcallers(obj) or [])
     manager.check_pending()
 
-    registry = Registry()
+    hooks = registration_hooks(manager)
+    registry = Registry(kinds=tuple(hooks.values()))
     by_name = {i.name: i for i in infos}
-    for hook_name, kind in REGISTRATION_HOOKS.items():
+    for hook_name, kind in hooks.items():
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             info = by_name[impl.plugin_name]
             if info.status != "ok":

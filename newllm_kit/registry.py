@@ -1,6 +1,6 @@
 """The registry of named components, computed from the plugins' `register_*` hooks.
 
-A TOML file names components (`architecture = "cvfp"`, `[solver] name = "cvfp"`); this module
+A TOML file names components (`architecture = "cvfp"`, `[tokenizer] name = "gpt2"`); this module
 maps each (kind, name) to exactly one factory and remembers which plugin supplied it, so two
 plugins can never silently shadow each other.
 """
@@ -16,7 +16,8 @@ from pydantic import BaseModel
 
 from .errors import PluginError
 
-KINDS = ("architecture", "recipe", "solver", "tokenizer", "embedding", "metric", "data_source", "runner")
+# The core's kinds; a plugin may declare more (newllm_kit.plugins.registration_hooks).
+KINDS = ("architecture", "recipe", "tokenizer", "embedding", "metric", "data_source", "runner")
 
 
 class DuplicateComponent(PluginError):
@@ -39,17 +40,20 @@ class Component:
 class Registry:
     """Components by kind and name; duplicates and unknown names are user errors."""
 
-    components: dict[str, dict[str, Component]] = field(
-        default_factory=lambda: {kind: {} for kind in KINDS}
-    )
+    kinds: tuple[str, ...] = KINDS
+    components: dict[str, dict[str, Component]] = field(default_factory=dict)
     conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind in self.kinds:
+            self.components.setdefault(kind, {})
 
     def add(self, component: Component) -> None:
         if component.kind not in self.components:
             raise PluginError(
                 f"plugin {component.plugin!r} registered unknown kind {component.kind!r}; "
-                f"kinds are {', '.join(KINDS)}"
+                f"kinds are {', '.join(self.components)}"
             )
         if not component.name or not isinstance(component.name, str):
             raise PluginError(f"plugin {component.plugin!r} registered a {component.kind} with an empty name")
@@ -85,10 +89,10 @@ class Registry:
             raise PluginError(
                 f"{prefix}{label} {name!r} is registered by plugins {both}; uninstall or disable all but one"
             )
-        found = self.components[kind].get(name)
+        found = self.components.get(kind, {}).get(name)
         if found is not None:
             return found
-        choices = sorted(self.components[kind])
+        choices = sorted(self.components.get(kind, {}))
         close = difflib.get_close_matches(name, choices, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         available = ", ".join(choices) or "none installed"
@@ -110,7 +114,7 @@ class Registry:
                 self.conflicts[key] = remaining
 
     def names(self, kind: str) -> list[str]:
-        return sorted(self.components[kind])
+        return sorted(self.components.get(kind, {}))
 
     def by_plugin(self, plugin: str) -> dict[str, list[str]]:
         """Component names a plugin registered, by kind (for `newllm-kit plugins`)."""

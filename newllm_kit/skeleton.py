@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import keyword
 import re
+import tomllib
 from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import resources
@@ -27,22 +28,16 @@ TEMPLATES = resources.files("newllm_kit_plugins") / "templates" / "plugin"
 
 @dataclass(frozen=True)
 class Kind:
-    """What the README and pyproject say about the component a kind's template writes."""
+    """What the README and pyproject say about the component a kind's template writes (its about.toml)."""
 
     summary: str
     contract: str
+    built_ins: str  # the built-in plugins its tests load, comma-separated (the one declaring the kind)
 
 
-KINDS = {
-    "architecture": Kind("a tiny GRU language model, trained by the lm recipe",
-                         "`newllm_kit.protocols.Architecture` and `newllm_kit_plugins.lm.AutoregressiveModel`"),
-    "solver": Kind("the exact sequential rollout, a starting point for a fixed-point solver",
-                   "`newllm_kit_plugins.cvfp_contract.Solver`"),
-    "recipe": Kind("a unigram baseline: smoothed training-token counts", "`newllm_kit.protocols.Recipe`"),
-    "metric": Kind("bits per token, the mean next-token NLL in bits", "`newllm_kit.protocols.Metric`"),
-    "data_source": Kind("eight built-in question-and-answer documents", "`newllm_kit.protocols.DataSource`"),
-    "tokenizer": Kind("one id per character of a fixed alphabet", "`newllm_kit.protocols.TokenizerFactory`"),
-}
+# One template per kind, each in its own folder; a kind a plugin declares ships its template there too.
+KINDS = tuple(sorted(entry.name for entry in (TEMPLATES / "kinds").iterdir() if entry.is_dir()))
+
 
 # (template, path in the package); `kind/` stands for the chosen kind's folder, `kinds/<kind>/`.
 FILES = (
@@ -62,10 +57,11 @@ def package_name(name: str) -> str:
 
 def check_kind(kind: str) -> Kind:
     if kind not in KINDS:
-        close = difflib.get_close_matches(kind, list(KINDS), n=1)
+        close = difflib.get_close_matches(kind, KINDS, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise UserError(f"--kind: expected one of {', '.join(KINDS)} (got {kind!r}){hint}")
-    return KINDS[kind]
+    about = tomllib.loads((TEMPLATES / "kinds" / kind / "about.toml").read_text(encoding="utf-8"))
+    return Kind(about["summary"], about["contract"], about["built_ins"])
 
 
 def check_name(name: str, taken: Collection[str] = ()) -> None:
@@ -110,7 +106,7 @@ def write_plugin(name: str, kind: str, parent: Path, taken: Collection[str] = ()
     target = parent / name
     _check_target(target)
     fields = {"name": name, "package": package_name(name), "kind_label": kind.replace("_", " "),
-              "summary": about.summary, "contract": about.contract}
+              "summary": about.summary, "contract": about.contract, "built_ins": about.built_ins}
     fields["usage"] = _template("kind/usage.toml", kind).substitute(fields).rstrip("\n")
     texts = [(target / Template(path).substitute(fields), _template(template, kind).substitute(fields))
              for template, path in FILES]

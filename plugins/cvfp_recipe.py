@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from newllm_kit import hookimpl
+from newllm_kit import hookimpl, hookspec
 from newllm_kit.config import ComponentSection
 from newllm_kit.errors import RunFailed
 from newllm_kit.experiment import seed_everything
@@ -274,6 +274,25 @@ class CVFPRecipe:
             phase1_contexts.read_into(kept_file, previous, unit.runner)
             rollout = store[:rows]
         return context_agreement(model, Phase2Data(previous, ids, inputs), rollout, unit.runner.device)
+
+
+@hookspec
+def register_solvers(register: Any) -> None:
+    """Register fixed-point solvers for the cvfp recipe (kind `solver`, TOML `[solver] name = NAME`;
+    the table's other keys are the settings). The contract is in `newllm_kit_plugins.cvfp_contract`.
+
+    `factory(settings)` returns a `Solver`: `fit(model, ids, runner, progress) -> Phase1Report` trains
+    the ContextBlock (Phase 1) and `solve(model, ids, runner, out=None) -> SolveResult` gives the
+    frozen block's final-layer context of every position. `ids` are a stream's [n] token ids, not
+    token inputs: compute the [b, T] token inputs of each chunk with
+    `newllm_kit_plugins.spans.token_span(model, ids, start, stop)`; nothing of size [n, T] may exist.
+
+    Example::
+
+        @hookimpl
+        def register_solvers(register):
+            register("anderson", AndersonSolver, settings=AndersonSettings)
+    """
 
 
 @hookimpl

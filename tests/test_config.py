@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit.config import apply_override, load_config, parse_override
 from newllm_kit.errors import ConfigError, PluginError
-from newllm_kit.registry import Component, Registry
+from newllm_kit.registry import KINDS, Component, Registry
 
 
 class ArchSettings(BaseModel):
@@ -45,7 +45,7 @@ class Anything:
 
 
 def _registry() -> Registry:
-    registry = Registry()
+    registry = Registry(kinds=(*KINDS, "solver"))  # the kind the cvfp recipe declares
 
     def factory(settings: Any) -> Any:
         return Anything()

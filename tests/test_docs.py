@@ -8,14 +8,14 @@ import importlib
 import inspect
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 from newllm_kit_plugins import cvfp_contract, lm
 from typing_extensions import get_protocol_members
 
 from newllm_kit import hookspecs, protocols
-from newllm_kit.plugins import REGISTRATION_HOOKS
+from newllm_kit.plugins import load_plugins, registration_hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "writing-plugins.md"
@@ -26,9 +26,9 @@ CONTRACTS: list[type] = [
     protocols.Column, protocols.RecipeResult, lm.AutoregressiveModel, cvfp_contract.CVFPModel,
     cvfp_contract.ContextBlock, cvfp_contract.Solver, cvfp_contract.Phase1Report, cvfp_contract.SolveResult,
 ]
-# What each register_* hook's factory returns (solvers belong to the cvfp recipe, not to the core).
+# What each register_* hook's factory returns: the core's kinds, and the kind the cvfp recipe declares.
 HOOK_CONTRACTS = {hook: protocols.PROTOCOLS.get(kind, cvfp_contract.Solver)
-                  for hook, kind in REGISTRATION_HOOKS.items()}
+                  for hook, kind in registration_hooks(load_plugins().manager).items()}
 # The recipes' model contracts may leave the members they share with LanguageModel to its table.
 EXTENDS = {lm.AutoregressiveModel: protocols.LanguageModel, cvfp_contract.CVFPModel: protocols.LanguageModel}
 SPAN = re.compile(r"`((?:[^`\\]|\\.)+)`")
@@ -136,20 +136,27 @@ def stale_signatures(text: str) -> list[str]:
     return stale
 
 
-def hook_names() -> list[str]:
-    return [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
-            if name.startswith("register_")]
+def hook_specs() -> dict[str, Any]:
+    """Every hookspec: the core's, and the kinds the built-in plugins declare (the cvfp recipe's solvers)."""
+    manager = load_plugins().manager
+    return {name: caller.spec.function for name, caller in vars(manager.hook).items()
+            if caller.spec is not None and name.startswith("register_")}
+
+
+def test_the_core_and_the_built_in_plugins_declare_these_hooks() -> None:
+    core = {name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("register_")}
+    assert set(hook_specs()) == core | {"register_solvers"}
+    assert "register_solvers" not in core
 
 
 def test_every_hook_has_a_docstring_with_an_example() -> None:
-    for name in hook_names():
-        doc = getattr(hookspecs, name).__doc__ or ""
-        assert "Example" in doc, name
+    for name, function in hook_specs().items():
+        assert "Example" in (function.__doc__ or ""), name
 
 
 def test_every_hook_is_in_the_plugin_guide() -> None:
     guide = (ROOT / "docs" / "writing-plugins.md").read_text()
-    for name in hook_names():
+    for name in hook_specs():
         assert f"`{name}(" in guide, name
 
 
@@ -215,7 +222,7 @@ def test_each_hook_names_its_contract_and_every_member() -> None:
     """A hook's docstring says what its factory returns: the contract by name, and each of its members
     (except the runner's many, left to its protocol)."""
     for hook, contract in HOOK_CONTRACTS.items():
-        doc = getattr(hookspecs, hook).__doc__ or ""
+        doc = hook_specs()[hook].__doc__ or ""
         assert f"`{contract.__name__}`" in doc, hook
         if contract is not protocols.Runner:
             written = {re.split(r"[(:]", span)[0] for span in code_spans(doc)}

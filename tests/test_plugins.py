@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import load_case
 
+import newllm_kit.registry
 from newllm_kit.errors import PluginError
 from newllm_kit.plugins import load_plugins
 
@@ -53,7 +54,7 @@ def test_misspelt_hook_is_reported_with_a_suggestion(no_autoload: None) -> None:
     plugins = load_plugins(extra=[("typo", load_case("typo_hook")), ("good", load_case("good"))])
     typo = next(i for i in plugins.infos if i.name == "typo")
     assert typo.status == "broken"
-    assert "register_solver" in (typo.error or "") and "register_solvers" in (typo.error or "")
+    assert "'register_metric'" in (typo.error or "") and "'register_metrics'" in (typo.error or "")
     assert "constant" in plugins.registry.names("metric")  # the others still load
 
 
@@ -100,7 +101,7 @@ def test_unknown_component_suggests_the_closest_name() -> None:
 
 @pytest.mark.parametrize(("case", "reason"), [
     ("exiting_hook", "register_metrics raised SystemExit: sys.exit(4) was called"),
-    ("base_exception_hook", "register_solvers raised Escape: escaped the Exception hierarchy"),
+    ("base_exception_hook", "register_metrics raised Escape: escaped the Exception hierarchy"),
 ])
 def test_a_hook_that_exits_or_raises_base_exception_is_broken_not_fatal(no_autoload: None, case: str,
                                                                          reason: str) -> None:
@@ -139,3 +140,36 @@ def test_a_duplicate_disables_only_that_name(no_autoload: None) -> None:
     with pytest.raises(PluginError, match=r"unknown metric 'constnt'.*metric 'constant' is disabled: "
                                           r"registered by plugins 'good' and 'dup'"):
         plugins.registry.get("metric", "constnt")
+
+
+@pytest.mark.parametrize("order", [["uses_kind", "declares_kind"], ["declares_kind", "uses_kind"]])
+def test_a_plugin_declares_a_kind_any_plugin_can_register(no_autoload: None, order: list[str]) -> None:
+    plugins = load_plugins(extra=[(name, load_case(name)) for name in order])
+    assert [i.status for i in plugins.infos if i.name in order] == ["ok", "ok"]
+    assert plugins.registry.get("widget", "knob").plugin == "uses_kind"
+    assert next(i for i in plugins.infos if i.name == "uses_kind").components == {"widget": ["knob"]}
+
+
+def test_a_kind_nobody_declares_is_an_unknown_hook(no_autoload: None) -> None:
+    plugins = load_plugins(extra=[("uses_kind", load_case("uses_kind"))])
+    info = next(i for i in plugins.infos if i.name == "uses_kind")
+    assert info.status == "broken"
+    assert info.error == ("unknown hook 'register_widgets' (no loaded plugin declares the kind 'widget': "
+                          "install or enable the one that does)")
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("bad_kinds", "PluginError: hookspec 'widgets': a plugin declares kinds only, as register_<kind>s(register)"),
+    ("redeclares_kind", "PluginError: hookspec 'register_metrics' is already declared (by the core or another plugin)"),
+])
+def test_a_malformed_kind_declaration_breaks_only_its_plugin(no_autoload: None, case: str, reason: str) -> None:
+    plugins = load_plugins(extra=[(case, load_case(case)), ("good", load_case("good"))])
+    info = next(i for i in plugins.infos if i.name == case)
+    assert info.status == "broken" and info.error == reason
+    assert plugins.registry.get("metric", "constant").plugin == "good"
+
+
+def test_the_cvfp_recipe_declares_the_solver_kind() -> None:
+    plugins = load_plugins()
+    assert plugins.registry.get("solver", "cvfp").plugin == "fixed_point"
+    assert "solver" not in newllm_kit.registry.KINDS

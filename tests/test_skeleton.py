@@ -67,8 +67,8 @@ def test_the_command_writes_the_package_and_lists_its_files(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["new", "my-plugin", "--kind", "metrc"], "--kind: expected one of architecture, solver, recipe, metric, "
-                                              "data_source, tokenizer (got 'metrc'); did you mean metric?"),
+    (["new", "my-plugin", "--kind", "metrc"], "--kind: expected one of architecture, data_source, metric, "
+                                              "recipe, solver, tokenizer (got 'metrc'); did you mean metric?"),
     (["new", "My Plugin", "--kind", "metric"], "plugin name 'My Plugin': use up to 32 lowercase letters"),
     (["new", "../escape", "--kind", "metric"], "plugin name '../escape'"),
     (["new", "cvfp", "--kind", "architecture"], "plugin name 'cvfp' is taken by an installed plugin"),

@@ -1,4 +1,4 @@
-"""A plugin with a misspelt hook name: register_solver instead of register_solvers."""
+"""A plugin with a misspelt hook name: register_metric instead of register_metrics."""
 
 from typing import Any
 
@@ -6,5 +6,5 @@ from newllm_kit import hookimpl
 
 
 @hookimpl
-def register_solver(register: Any) -> None:
+def register_metric(register: Any) -> None:
     register("never", object)
