@@ -108,6 +108,7 @@ class TrainState:
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     best_val: EvalOutputs | None = None
     rng: torch.Tensor | None = None
+    cuda_rng: torch.Tensor | None = None  # this process's CUDA device, where CUDA was in use (dropout there)
     seconds: float = 0.0
 
     def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -116,6 +117,8 @@ class TrainState:
         tensors |= {f"best/{k}": v for k, v in self.best_weights.items()}
         if self.rng is not None:
             tensors["rng"] = self.rng
+        if self.cuda_rng is not None:
+            tensors["cuda_rng"] = self.cuda_rng
         scalars: dict[str, dict[str, Any]] = {}
         for index, entries in self.optimizer.get("state", {}).items():
             for key, value in entries.items():
@@ -147,7 +150,9 @@ class TrainState:
                    history=[dict(row) for row in data["history"]], model=group("model/"),
                    optimizer={"state": state, "param_groups": list(data["optimizer"]["param_groups"])},
                    best_weights=group("best/"), best_val=None if best is None else EvalOutputs(**best),
-                   rng=tensors["rng"].cpu() if "rng" in tensors else None, seconds=float(data["seconds"]))
+                   rng=tensors["rng"].cpu() if "rng" in tensors else None,
+                   cuda_rng=tensors["cuda_rng"].cpu() if "cuda_rng" in tensors else None,
+                   seconds=float(data["seconds"]))
 
 
 @dataclass
@@ -225,6 +230,22 @@ def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
     return loss_sum
 
 
+def rng_states() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generators a training epoch draws from: the CPU's, and the current CUDA device's once CUDA is
+    in use (dropout on a GPU draws there), so a resumed run continues bit-identically on either."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def restore_rng(state: TrainState) -> None:
+    """Put back what `rng_states` saved. A CUDA state is skipped on a host without CUDA: that run draws
+    its dropout on the CPU, whose state is restored, so it continues deterministically, not identically."""
+    if state.rng is not None:
+        torch.set_rng_state(state.rng)
+    if state.cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state.cuda_rng)
+
+
 def train_epochs(module: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, *,
                  epochs: int, patience: int, restore_best: bool, phase: str,
                  run_epoch: Callable[[int], tuple[float, int]], evaluate: Callable[[], EvalOutputs],
@@ -240,8 +261,7 @@ def train_epochs(module: nn.Module, params: list[nn.Parameter], optimizer: torch
     if start is not None:
         module.load_state_dict(start.model, strict=False)
         optimizer.load_state_dict(start.optimizer)
-        if start.rng is not None:
-            torch.set_rng_state(start.rng)
+        restore_rng(start)
     progress.start(phase, epochs)
     for epoch in range(state.epoch + 1, epochs + 1):
         if state.counter >= patience:
@@ -266,8 +286,9 @@ def train_epochs(module: nn.Module, params: list[nn.Parameter], optimizer: torch
             state.best_weights = trainable_copy(module, params) if restore_best else {}
         progress.advance(phase, **row)
         if on_epoch_end is not None:
+            rng, cuda_rng = rng_states()
             on_epoch_end(replace(state, history=list(state.history), model=trainable_copy(module, params),
-                                 optimizer=copy.deepcopy(optimizer.state_dict()), rng=torch.get_rng_state()))
+                                 optimizer=copy.deepcopy(optimizer.state_dict()), rng=rng, cuda_rng=cuda_rng))
         if decision.stop:
             break
     progress.finish(phase)
