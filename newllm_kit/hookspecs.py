@@ -181,8 +181,8 @@ def register_runners(register: Register) -> None:
 
     `factory(settings)` returns a `Runner` (`newllm_kit.protocols.Runner`): device placement,
     precision (autocast), batch sizing, out-of-memory fallback and, for distributed runners, the
-    process group and collectives. Recipes and their components never call `torch.cuda` directly. Only its
-    class is checked when a file loads; it is built when a run starts.
+    process group and collectives. Recipes and their components never call `torch.cuda` directly.
+    Only its class is checked when a file loads; it is built when a run starts.
 
     Example::
 

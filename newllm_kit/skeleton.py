@@ -35,7 +35,7 @@ class Kind:
     built_ins: str  # the built-in plugins its tests load, comma-separated (the one declaring the kind)
 
 
-# One template per kind, each in its own folder; a kind a plugin declares ships its template there too.
+# One template per kind in its own folder, the cvfp recipe's `solver` among them (about.toml says what it is).
 KINDS = tuple(sorted(entry.name for entry in (TEMPLATES / "kinds").iterdir() if entry.is_dir()))
 
 
