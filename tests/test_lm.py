@@ -21,6 +21,7 @@ from newllm_kit_plugins.lm import AutoregressiveModel, LMRecipe, LMRecipeSetting
 from newllm_kit_plugins.local_runner import CPURunner
 from newllm_kit_plugins.transformer import TransformerArchitecture, TransformerSettings
 from pydantic import ValidationError
+from thread_ranks import BoardCollectives, run_ranks
 from torch import nn
 
 from newllm_kit.errors import ConfigError
@@ -247,25 +248,12 @@ def test_a_checkpoint_of_another_model_is_ignored(tmp_path: Path) -> None:
     assert checkpoint.load(lm._checkpoint_fits(tiny_transformer(), window=4)) is None
 
 
-class ThreadRank(CPURunner):
-    """One of `world` ranks run as threads; all_reduce_sum sums through a shared board."""
+class ThreadRank(BoardCollectives, CPURunner):
+    """One of `world` ranks run as threads (tests/thread_ranks.py)."""
 
     def __init__(self, rank: int, world: int, board: dict[Any, Any]) -> None:
         super().__init__()
         self.rank, self.world_size, self.board = rank, world, board
-
-    def shard(self, n: int) -> range:
-        size = -(-n // self.world_size)
-        return range(min(n, self.rank * size), min(n, (self.rank + 1) * size))
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        barrier: threading.Barrier = self.board["barrier"]
-        self.board[self.rank] = tensor.clone()
-        barrier.wait()
-        total = sum(self.board[r] for r in range(self.world_size))
-        barrier.wait()
-        assert isinstance(total, torch.Tensor)
-        return total
 
 
 @pytest.mark.parametrize("build", [tiny_transformer, tiny_gru])
@@ -283,11 +271,7 @@ def test_ranks_in_lock_step_match_one_process(tmp_path: Path, build: Callable[..
         unit.runner = ThreadRank(r, world, board)
         results[r] = recipe(**settings).train(models[r], data, unit)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_ranks(world, rank)
     for r in range(world):
         assert results[r].val.count == expected.val.count == 44
         assert results[r].val.nll_sum == pytest.approx(expected.val.nll_sum, rel=1e-9)

@@ -24,6 +24,7 @@ from newllm_kit_plugins.phase2 import (
     input_weights,
     train_phase2,
 )
+from thread_ranks import BoardCollectives, run_ranks
 from torch import nn
 
 from newllm_kit.errors import RunFailed
@@ -373,25 +374,12 @@ def test_resume_after_an_epoch_is_bit_identical(restore_best: bool) -> None:
 
 # -- ranks ------------------------------------------------------------------------------------------
 
-class ThreadRank(CPURunner):
-    """One of `world` ranks run as threads; all_reduce_sum sums through a shared board."""
+class ThreadRank(BoardCollectives, CPURunner):
+    """One of `world` ranks run as threads (tests/thread_ranks.py)."""
 
     def __init__(self, rank: int, world: int, board: dict[str, Any]) -> None:
         super().__init__(micro=2)
         self.rank, self.world_size, self.board = rank, world, board
-
-    def shard(self, n: int) -> range:
-        size = -(-n // self.world_size)
-        return range(min(n, self.rank * size), min(n, (self.rank + 1) * size))
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        barrier: threading.Barrier = self.board["barrier"]
-        self.board[self.rank] = tensor.clone()
-        barrier.wait()
-        total = sum(self.board[r] for r in range(self.world_size))
-        barrier.wait()
-        assert isinstance(total, torch.Tensor)
-        return total
 
 
 def test_ranks_in_lock_step_match_one_process() -> None:
@@ -406,11 +394,7 @@ def test_ranks_in_lock_step_match_one_process() -> None:
                                                                         learning_rate=0.01),
                                   ThreadRank(r, world, board), Silent())
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_ranks(world, rank)
     assert all(r is not None for r in reports)
     for r in range(world):
         assert reports[r].val.count == single_report.val.count
