@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPModel, CVFPSettings
+from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPModel, CVFPSettings
 
 VOCAB = 50257  # GPT-2
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 from _common import CONFIGS, VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, machine
-from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
-from newllm_kit_plugins.frozen_solve import Tokens, burn_in, estimate_gain, rollout
+from newllm_kit_plugins.cvfp.frozen_solve import Tokens, burn_in, estimate_gain, rollout
+from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
 
 TARGET_SPEEDUP = 3.0
 TOLERANCE = 1e-5

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 from _common import VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, machine
-from newllm_kit_plugins.cvfp import context_flops_per_token
-from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.model import context_flops_per_token
+from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
 
 METHODS = ("sequential", "jacobi", "chunked", "auto")
 
@@ -99,9 +99,9 @@ def phase2_check(device: str, positions: int, long_positions: int) -> dict[str, 
     """Phase 2 of v2 config A through the real runners: 2 epochs on CUDA (TF32 off) vs the CPU from the
     same initial weights and data, then CUDA epoch throughput in fp32 (TF32 on) and bf16."""
     import phase2 as bench  # benchmarks/phase2.py: the model and random-context streams it times
-    from newllm_kit_plugins.frozen_solve import full_precision_matmuls
-    from newllm_kit_plugins.local_runner import CPURunner, GPURunner, RunnerSettings
-    from newllm_kit_plugins.phase2 import Phase2Settings, train_phase2
+    from newllm_kit_plugins.cvfp.frozen_solve import full_precision_matmuls
+    from newllm_kit_plugins.cvfp.phase2 import Phase2Settings, train_phase2
+    from newllm_kit_plugins.runners.local import CPURunner, GPURunner, RunnerSettings
 
     def runner(dev: str, precision: str) -> Any:
         built = (GPURunner if dev == "cuda" else CPURunner)(RunnerSettings(precision=precision))

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 from _common import VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, machine
-from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
-from newllm_kit_plugins.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
-from newllm_kit_plugins.spans import token_span
+from newllm_kit_plugins.cvfp.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
+from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.spans import token_span
 
 TARGET_RATIO = 2.0
 RATES = (0.5, 0.8, 0.9, 0.95)

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 from _common import VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, gemm_peak, machine
-from newllm_kit_plugins.cvfp import context_flops_per_token
-from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.model import context_flops_per_token
+from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
 from torch import nn
 
 TARGET_FRACTION = 0.85

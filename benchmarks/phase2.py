@@ -37,15 +37,15 @@ from functools import partial
 from typing import Any
 
 import torch
-from newllm_kit_plugins.cvfp import (
+from newllm_kit_plugins.cvfp.contract import CVFPModel as Model
+from newllm_kit_plugins.cvfp.model import (
     CVFPArchitecture,
     CVFPModel,
     CVFPSettings,
     context_flops_per_token,
     token_flops_per_token,
 )
-from newllm_kit_plugins.cvfp_contract import CVFPModel as Model
-from newllm_kit_plugins.phase2 import Phase2Data, Phase2Settings, train_phase2
+from newllm_kit_plugins.cvfp.phase2 import Phase2Data, Phase2Settings, train_phase2
 
 VOCAB = 50257
 TARGET_FRACTION_OF_PEAK = 0.80

@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 from _common import emit, machine
-from newllm_kit_plugins.cvfp import CVFPSettings
-from newllm_kit_plugins.synthetic import Synthetic, SyntheticSettings
+from newllm_kit_plugins.cvfp.model import CVFPSettings
+from newllm_kit_plugins.data.synthetic import Synthetic, SyntheticSettings
 
 STORES = ("device", "host", "disk")
 V2_TOKENS = (183_620, 1_000_000, 5_000_000, 10_000_000)

@@ -70,7 +70,7 @@ def register_architectures(register: Register) -> None:
     `LanguageModel` (the core seeds it), `embedding_dim: int` is the width of its token table, and
     `default_recipe: str` names the recipe that trains it unless `[[models]] recipe` says otherwise.
     The model must also have the members that recipe needs (`newllm_kit_plugins.lm.AutoregressiveModel`,
-    `newllm_kit_plugins.cvfp_contract.CVFPModel`), and every parameter that requires a gradient must
+    `newllm_kit_plugins.cvfp.contract.CVFPModel`), and every parameter that requires a gradient must
     be in one of its `param_groups()`, or the core refuses it.
 
     Example::

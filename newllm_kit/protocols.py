@@ -23,7 +23,7 @@ from typing_extensions import get_protocol_members
 class LanguageModel(Protocol):
     """What every architecture builds (an `nn.Module`); each recipe adds the members it needs
     (see the recipe's contract: `newllm_kit_plugins.lm.AutoregressiveModel`,
-    `newllm_kit_plugins.cvfp_contract.CVFPModel`)."""
+    `newllm_kit_plugins.cvfp.contract.CVFPModel`)."""
 
     vocab_size: int
     embedding_dim: int

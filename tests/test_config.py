@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from newllm_kit_plugins.cvfp_recipe import CVFPRecipeSettings
+from newllm_kit_plugins.cvfp.recipe import CVFPRecipeSettings
 from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit.config import apply_override, load_config, parse_override

@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from newllm_kit_plugins import context_store
-from newllm_kit_plugins.context_store import (
+from newllm_kit_plugins.cvfp.context_store import (
     StorePlan,
     allocate,
     context_stores,
@@ -20,8 +19,9 @@ from newllm_kit_plugins.context_store import (
     plan_stores,
     settings_of,
 )
-from newllm_kit_plugins.local_runner import RunnerSettings
-from newllm_kit_plugins.phase2 import Phase2Data
+from newllm_kit_plugins.cvfp.model import context_store
+from newllm_kit_plugins.cvfp.phase2 import Phase2Data
+from newllm_kit_plugins.runners.local import RunnerSettings
 from test_phase2 import CPU, ThreadRank, TinyModel
 
 from newllm_kit.errors import RunFailed, UserError

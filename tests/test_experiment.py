@@ -239,8 +239,8 @@ def test_v2_file_runs_its_real_code_path_offline_on_local_copies(tmp_path: Path)
 
 
 def test_non_contracting_solves_are_reported_once_per_unit_with_what_they_mean() -> None:
-    from newllm_kit_plugins.cvfp_contract import SolveResult
-    from newllm_kit_plugins.cvfp_recipe import _solve_notes
+    from newllm_kit_plugins.cvfp.contract import SolveResult
+    from newllm_kit_plugins.cvfp.recipe import _solve_notes
 
     def solved(gain: float | None) -> SolveResult:
         return SolveResult([], "sequential", 1, 1, 0.0, gain=gain)
@@ -283,7 +283,7 @@ def test_a_bf16_store_halves_the_bytes_and_stays_close(finished: dict[str, Any],
 
 
 def test_out_of_memory_in_phase_2_is_one_line_naming_the_store_and_settings(tmp_path: Path) -> None:
-    from newllm_kit_plugins import cvfp_recipe
+    from newllm_kit_plugins.cvfp.model import recipe as cvfp_recipe
 
     from newllm_kit.errors import RunFailed
 

@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
-from newllm_kit_plugins.cvfp_contract import Phase1Report, SolveResult
-from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
-from newllm_kit_plugins.frozen_solve import solve_frozen
-from newllm_kit_plugins.local_runner import CPURunner
-from newllm_kit_plugins.split_phase1 import SplitModeSolver, phase1_solver, split_ids
+from newllm_kit_plugins.cvfp.contract import Phase1Report, SolveResult
+from newllm_kit_plugins.cvfp.frozen_solve import solve_frozen
+from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.split_phase1 import SplitModeSolver, phase1_solver, split_ids
+from newllm_kit_plugins.runners.local import CPURunner
 from test_experiment import TINY, read_results, write_tiny
 
 from newllm_kit.config import load_config

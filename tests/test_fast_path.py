@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
-from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
-from newllm_kit_plugins.local_runner import CPURunner
-from newllm_kit_plugins.phase2 import Phase2Data, context_agreement
+from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase2 import Phase2Data, context_agreement
+from newllm_kit_plugins.runners.local import CPURunner
 from test_experiment import without_timings, write_tiny
 
 from newllm_kit.errors import RunInterrupted
@@ -59,7 +59,7 @@ def test_the_fast_path_trains_on_phase_1s_contexts_and_says_so(tmp_path: Path) -
 def test_the_fast_path_resumes_from_phase_1s_saved_contexts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = run(tmp_path / "whole", FAST)["results"]
     # Kill after Phase 1's checkpoint: the next start must read P back from the run directory.
-    import newllm_kit_plugins.cvfp_recipe as experiment
+    import newllm_kit_plugins.cvfp.recipe as experiment
 
     def killed(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
@@ -77,7 +77,7 @@ def test_the_fast_path_resumes_from_phase_1s_saved_contexts(tmp_path: Path, monk
 
 
 def test_a_damaged_saved_context_file_restarts_the_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import newllm_kit_plugins.cvfp_recipe as experiment
+    import newllm_kit_plugins.cvfp.recipe as experiment
 
     def killed(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from newllm_kit_plugins import gru, lm, transformer
-from newllm_kit_plugins.gru import GRUArchitecture, GRUSettings
 from newllm_kit_plugins.lm import AutoregressiveModel, LMRecipe, LMRecipeSettings, LMSettings, evaluate
-from newllm_kit_plugins.local_runner import CPURunner
-from newllm_kit_plugins.transformer import TransformerArchitecture, TransformerSettings
+from newllm_kit_plugins.lm.gru import GRUArchitecture, GRUSettings
+from newllm_kit_plugins.lm.recipe import gru, transformer
+from newllm_kit_plugins.lm.recipe import recipe as lm
+from newllm_kit_plugins.lm.transformer import TransformerArchitecture, TransformerSettings
+from newllm_kit_plugins.runners.local import CPURunner
 from pydantic import ValidationError
 from thread_ranks import BoardCollectives, run_ranks
 from torch import nn
@@ -295,7 +296,7 @@ def test_presets_match_cvfp_v2_trainable_parameters(build: Any, counts: dict[str
 
 
 def test_cvfp_v2_counts_are_the_ones_matched() -> None:
-    from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
+    from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
 
     for preset, cvfp_preset in (("v2-A", "6L-768"), ("v2-B", "3L-1536")):
         with torch.device("meta"):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from newllm_kit_plugins import phase2
-from newllm_kit_plugins.phase2 import (
+from newllm_kit_plugins.cvfp.model import phase2
+from newllm_kit_plugins.cvfp.phase2 import (
     Phase2Data,
     Phase2Settings,
     evaluate,
@@ -407,7 +407,7 @@ def test_ranks_in_lock_step_match_one_process() -> None:
 
 @pytest.mark.parametrize("tie_head", [True, False])
 def test_cvfp_model_trains_its_phase2_group(tie_head: bool) -> None:
-    from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
+    from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
 
     torch.manual_seed(0)
     keys = {"layers": 2, "context_dim": 16, "embedding_dim": 8, "tie_head": tie_head}
@@ -440,7 +440,7 @@ CPU = torch.device("cpu")
 
 def cvfp(variant: str, num_input_tokens: int, freeze: bool = True) -> Any:
     """A small real model whose Phase-1 weights are frozen, as Phase 2 gets it."""
-    from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
+    from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
 
     torch.manual_seed(0)
     settings = CVFPSettings(layers=3, context_dim=12, embedding_dim=8, variant=variant,

@@ -9,8 +9,13 @@ from typing import Any
 import pytest
 import torch
 from fixtures import make_gpt2_model_dir
-from newllm_kit_plugins import gpt2
-from newllm_kit_plugins.gpt2 import GPT2Embedding, GPT2EmbeddingSettings, GPT2TokenizerFactory, GPT2TokenizerSettings
+from newllm_kit_plugins.tokens import gpt2_embedding
+from newllm_kit_plugins.tokens.gpt2 import (
+    GPT2Embedding,
+    GPT2EmbeddingSettings,
+    GPT2TokenizerFactory,
+    GPT2TokenizerSettings,
+)
 from test_experiment import TINY, read_results, write_tiny
 
 from newllm_kit.config import load_config
@@ -106,7 +111,7 @@ def test_gpt2_revision_reaches_the_hub(tmp_path: Path, monkeypatch: pytest.Monke
         asked.append({"repo": repo, **kwargs})
         return str(model_dir / filename)
 
-    monkeypatch.setattr(gpt2, "hub_reachable", lambda timeout=0.0: True)
+    monkeypatch.setattr(gpt2_embedding, "hub_reachable", lambda timeout=0.0: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     embedding = GPT2Embedding(GPT2EmbeddingSettings(name_or_path="gpt2", revision="607a30d"))
     assert embedding.load(50, 8, torch.Generator()).shape == (50, 8)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from newllm_kit_plugins import cvfp_recipe
+from newllm_kit_plugins.cvfp.model import recipe as cvfp_recipe
 from safetensors.torch import save_file
 from test_cli import ROOT
 from test_experiment import read_results, without_timings, write_tiny
@@ -441,7 +441,7 @@ class ThreadRank:
 
 
 def tiny_model() -> Any:
-    from newllm_kit_plugins.cvfp import CVFPArchitecture, CVFPSettings
+    from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
 
     torch.manual_seed(0)
     model = CVFPArchitecture(CVFPSettings(layers=1, context_dim=8, embedding_dim=4)).build(20)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from newllm_kit_plugins.spans import token_span
+from newllm_kit_plugins.cvfp.spans import token_span
 
 
 @pytest.mark.parametrize("num_input_tokens", [1, 2, 3])
 def test_every_span_matches_the_whole_stream(num_input_tokens: int) -> None:
-    cvfp = pytest.importorskip("newllm_kit_plugins.cvfp")
+    cvfp = pytest.importorskip("newllm_kit_plugins.cvfp.model")
     torch.manual_seed(0)
     settings = cvfp.CVFPSettings(layers=2, context_dim=8, embedding_dim=4, num_input_tokens=num_input_tokens)
     model = cvfp.CVFPArchitecture(settings).build(30)

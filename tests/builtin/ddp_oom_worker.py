@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from newllm_kit_plugins.cvfp_contract import Phase1Report
-from newllm_kit_plugins.ddp_runner import DDPRunner
-from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
-from newllm_kit_plugins.local_runner import RunnerSettings
+from newllm_kit_plugins.cvfp.contract import Phase1Report
+from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.runners.ddp import DDPRunner
+from newllm_kit_plugins.runners.local import RunnerSettings
 from torch import nn
 
 

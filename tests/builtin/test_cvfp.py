@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from newllm_kit_plugins import cvfp
-from newllm_kit_plugins.cvfp import (
+from newllm_kit_plugins.cvfp.model import (
     CVFPArchitecture,
     CVFPModel,
     CVFPSettings,
     context_flops_per_token,
     token_flops_per_token,
 )
+from newllm_kit_plugins.cvfp.model import model as cvfp
 from pydantic import ValidationError
 
 V, E = 50257, 768

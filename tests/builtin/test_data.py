@@ -26,18 +26,18 @@ from fixtures import (
     ultrachat_rows,
 )
 from huggingface_hub import constants as hub_constants
-from newllm_kit_plugins import gpt2 as gpt2_plugin
-from newllm_kit_plugins.gpt2 import (
+from newllm_kit_plugins import hub
+from newllm_kit_plugins.data.local_corpora import MIN_WORDS, Embedded, TextFiles, TextSettings
+from newllm_kit_plugins.data.synthetic import Synthetic, SyntheticSettings
+from newllm_kit_plugins.data.ultrachat import UltraChat, UltraChatSettings
+from newllm_kit_plugins.tokens.gpt2 import (
     GPT2Embedding,
     GPT2EmbeddingSettings,
     GPT2TokenizerFactory,
     GPT2TokenizerSettings,
 )
-from newllm_kit_plugins.local_corpora import MIN_WORDS, Embedded, TextFiles, TextSettings
-from newllm_kit_plugins.random_embedding import RandomEmbedding, RandomEmbeddingSettings
-from newllm_kit_plugins.simple_tokenizers import BytesFactory, BytesTokenizer
-from newllm_kit_plugins.synthetic import Synthetic, SyntheticSettings
-from newllm_kit_plugins.ultrachat import UltraChat, UltraChatSettings
+from newllm_kit_plugins.tokens.random_embedding import RandomEmbedding, RandomEmbeddingSettings
+from newllm_kit_plugins.tokens.simple import BytesFactory, BytesTokenizer
 from pydantic import ValidationError
 
 from newllm_kit import corpus
@@ -133,8 +133,8 @@ def test_missing_local_path_is_a_data_error(tmp_path: Path) -> None:
 OFFLINE_SCRIPT = """
 import json, sys, time
 from newllm_kit.errors import DataError
-from newllm_kit_plugins.gpt2 import GPT2Embedding, GPT2TokenizerFactory
-from newllm_kit_plugins.ultrachat import UltraChat
+from newllm_kit_plugins.tokens.gpt2 import GPT2Embedding, GPT2TokenizerFactory
+from newllm_kit_plugins.data.ultrachat import UltraChat
 import datasets, huggingface_hub  # importing them is not what the 5 s limit is about
 out = {}
 for name, call in [("ultrachat", lambda: UltraChat().size()),
@@ -190,7 +190,7 @@ def test_unreachable_hub_is_detected_without_waiting_for_retries(tmp_path: Path,
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    assert not gpt2_plugin.hub_reachable()
+    assert not hub.hub_reachable()
     start = time.perf_counter()
     with pytest.raises(DataError) as caught:
         UltraChat(UltraChatSettings(cache_dir=str(tmp_path / "ds"))).size()

@@ -19,7 +19,7 @@ from typing import Any
 
 import ddp_oom_worker
 import torch
-from newllm_kit_plugins.local_runner import CPURunner
+from newllm_kit_plugins.runners.local import CPURunner
 
 WORKER = Path(__file__).with_name("ddp_oom_worker.py")
 WORLD = 2

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from newllm_kit_plugins import fixed_point, frozen_solve, jacobi_pass
-from newllm_kit_plugins.fixed_point import CVFPSolver, CVFPSolverSettings
-from newllm_kit_plugins.spans import token_rows, token_span
+from newllm_kit_plugins.cvfp.model import frozen_solve, jacobi_pass
+from newllm_kit_plugins.cvfp.model import phase1 as fixed_point
+from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.spans import token_rows, token_span
 from pydantic import ValidationError
 from torch import nn
 
@@ -469,7 +470,7 @@ def test_nonfinite_skip_drops_the_chunk_and_keeps_training() -> None:
 
 
 def test_fit_trains_only_phase1_parameters_of_the_real_model() -> None:
-    cvfp = pytest.importorskip("newllm_kit_plugins.cvfp")
+    cvfp = pytest.importorskip("newllm_kit_plugins.cvfp.model")
     torch.manual_seed(0)
     model = cvfp.CVFPArchitecture(cvfp.CVFPSettings(layers=2, context_dim=8, embedding_dim=6,
                                                     num_input_tokens=2)).build(30)
@@ -488,7 +489,7 @@ def test_fit_trains_only_phase1_parameters_of_the_real_model() -> None:
 @pytest.mark.parametrize("solve", ["sequential", "chunked"])
 def test_no_whole_stream_token_inputs_exist(monkeypatch: pytest.MonkeyPatch, solver: str, solve: str) -> None:
     """Token inputs are computed a chunk, block or gather at a time: never for all 3,000 positions."""
-    from newllm_kit_plugins.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
+    from newllm_kit_plugins.cvfp.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
 
     monkeypatch.setattr(frozen_solve, "BLOCK", 512)
     model, ids = tiny(n=3000, **WELL_CONDITIONED)
@@ -549,7 +550,7 @@ def test_an_oom_mid_pass_resumes_where_it_stopped(scope: str, micro: int | None,
 
 
 def test_an_oom_that_cannot_be_retried_is_one_line_naming_phase_memory_and_setting() -> None:
-    from newllm_kit_plugins.local_runner import CPURunner as RealCPURunner
+    from newllm_kit_plugins.runners.local import CPURunner as RealCPURunner
 
     for runner in (CPURunner(), RealCPURunner()):  # refuses by returning False / raising its own UserError
         model, ids = tiny(n=40)
@@ -601,7 +602,7 @@ def per_layer_rollout(model: Any, ids: torch.Tensor, dtype: torch.dtype = torch.
 
 def real_model(num_input_tokens: int, variant: str, damp: float, n: int = 600) -> tuple[Any, torch.Tensor]:
     """A small cvfp model whose context path is damped so the block contracts, and n random ids."""
-    cvfp = pytest.importorskip("newllm_kit_plugins.cvfp")
+    cvfp = pytest.importorskip("newllm_kit_plugins.cvfp.model")
     torch.manual_seed(0)
     settings = cvfp.CVFPSettings(layers=3, context_dim=16, embedding_dim=8, variant=variant,
                                  num_input_tokens=num_input_tokens)

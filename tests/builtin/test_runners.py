@@ -23,9 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from newllm_kit_plugins import ddp_runner, local_runner
-from newllm_kit_plugins.ddp_runner import DDPRunner, contiguous_shard
-from newllm_kit_plugins.local_runner import CPURunner, CudaBackend, GPURunner, RunnerSettings, auto_runner
+from newllm_kit_plugins.runners import ddp as ddp_runner
+from newllm_kit_plugins.runners import local as local_runner
+from newllm_kit_plugins.runners.ddp import DDPRunner, contiguous_shard
+from newllm_kit_plugins.runners.local import CPURunner, CudaBackend, GPURunner, RunnerSettings, auto_runner
 from pydantic import ValidationError
 
 from newllm_kit.errors import UserError

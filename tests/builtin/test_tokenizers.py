@@ -10,15 +10,15 @@ import torch
 from fixtures import FIXTURE_GPT2_VOCAB, make_gpt2_model_dir, make_gpt2_tokenizer_dir, ultrachat_rows
 from hypothesis import given
 from hypothesis import strategies as st
-from newllm_kit_plugins import simple_tokenizers
-from newllm_kit_plugins.gpt2 import (
+from newllm_kit_plugins.data.local_corpora import Embedded
+from newllm_kit_plugins.tokens import simple as simple_tokenizers
+from newllm_kit_plugins.tokens.gpt2 import (
     GPT2Embedding,
     GPT2EmbeddingSettings,
     GPT2TokenizerFactory,
     GPT2TokenizerSettings,
 )
-from newllm_kit_plugins.local_corpora import Embedded
-from newllm_kit_plugins.simple_tokenizers import BPEFactory, BPESettings, BytesFactory, BytesTokenizer
+from newllm_kit_plugins.tokens.simple import BPEFactory, BPESettings, BytesFactory, BytesTokenizer
 from safetensors.torch import save_file
 
 from newllm_kit.errors import DataError

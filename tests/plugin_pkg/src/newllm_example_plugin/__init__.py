@@ -3,7 +3,7 @@ the metric `bits_per_token`.
 
 Uses only the public plugin API: `newllm_kit.hookimpl`, the `register` callback, the contracts in
 `newllm_kit.protocols` and the recipes' model contracts (`newllm_kit_plugins.lm.AutoregressiveModel`,
-`newllm_kit_plugins.cvfp_contract.CVFPModel`).
+`newllm_kit_plugins.cvfp.contract.CVFPModel`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`tanh-rnn`: a CVFP-shaped architecture, trained by the cvfp recipe (its `default_recipe`).
 
-It implements `newllm_kit_plugins.cvfp_contract.CVFPModel`: a one-layer ContextBlock whose fixed point
+It implements `newllm_kit_plugins.cvfp.contract.CVFPModel`: a one-layer ContextBlock whose fixed point
 Phase 1 finds, and a TokenBlock that Phase 2 trains on the frozen contexts.
 """
 

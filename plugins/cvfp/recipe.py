@@ -28,7 +28,7 @@ from newllm_kit.training import TrainReport, TrainState
 
 from . import phase1_contexts
 from .context_store import StorePlan, context_stores, is_out_of_memory, out_of_memory_message, plan_stores
-from .cvfp_contract import CVFPModel, Phase1Report, Solver, SolveResult
+from .contract import CVFPModel, Phase1Report, Solver, SolveResult
 from .diagnostics import diagnostic_warnings, seed_diagnostics
 from .phase2 import Phase2Data, Phase2Settings, context_agreement, input_weights, train_phase2, weights_as
 from .split_phase1 import phase1_solver
@@ -279,13 +279,13 @@ class CVFPRecipe:
 @hookspec
 def register_solvers(register: Any) -> None:
     """Register fixed-point solvers for the cvfp recipe (kind `solver`, TOML `[solver] name = NAME`;
-    the table's other keys are the settings). The contract is in `newllm_kit_plugins.cvfp_contract`.
+    the table's other keys are the settings). The contract is in `newllm_kit_plugins.cvfp.contract`.
 
     `factory(settings)` returns a `Solver`: `fit(model, ids, runner, progress) -> Phase1Report` trains
     the ContextBlock (Phase 1) and `solve(model, ids, runner, out=None) -> SolveResult` gives the
     frozen block's final-layer context of every position. `ids` are a stream's [n] token ids, not
     token inputs: compute the [b, T] token inputs of each chunk with
-    `newllm_kit_plugins.spans.token_span(model, ids, start, stop)`; nothing of size [n, T] may exist.
+    `newllm_kit_plugins.cvfp.spans.token_span(model, ids, start, stop)`; nothing of size [n, T] may exist.
 
     Example::
 

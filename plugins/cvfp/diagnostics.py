@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cvfp_contract import SolveResult
+from .contract import SolveResult
 from .spans import token_span
 
 IDENTITY_PROBES = 100  # the reference's probe count and threshold (spec §3.5, §5)

@@ -16,12 +16,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from newllm_kit_plugins.gpt2 import first_line, hub_offline, hub_reachable
 from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit import hookimpl
 from newllm_kit.corpus import jsonl_rows
 from newllm_kit.errors import DataError
+
+from ..hub import first_line, hub_offline, hub_reachable
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 FULL_HASH_LIMIT = 256 << 20  # bigger files: size + first and last MiB

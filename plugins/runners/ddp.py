@@ -25,7 +25,7 @@ import torch.distributed as dist
 from newllm_kit import hookimpl
 from newllm_kit.errors import UserError
 
-from .local_runner import CPURunner, CudaBackend, GPURunner, RunnerSettings
+from .local import CPURunner, CudaBackend, GPURunner, RunnerSettings
 
 LAUNCH = "torchrun --nproc_per_node=K -m newllm_kit run FILE"
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from newllm_kit_plugins.spans import token_rows, token_span
 
-from .cvfp_contract import SolveResult
+from .contract import SolveResult
+from .spans import token_rows, token_span
 
 METHODS = ("auto", "sequential", "jacobi", "chunked")
 BLOCK = 8192  # rows per batched forward or token projection: bounds memory, large enough for full GEMM speed

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Protocol, cast
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +30,6 @@ from newllm_kit.errors import ConfigError, DataError
 from newllm_kit.protocols import (
     Column,
     EvalOutputs,
-    LanguageModel,
     RecipeResult,
     Runner,
     Saved,
@@ -46,23 +45,12 @@ from newllm_kit.training import (
     train_epochs,
 )
 
+from .contract import AutoregressiveModel
+
 RECURRENT_WINDOW = 128  # tokens per training window of a recurrent model when [lm] window is unset
 MAX_CONTEXT_ROWS = 10_000  # hidden states kept for the effective-rank metric, taken evenly over the stream
 Positive = Annotated[int, Field(ge=1, le=10**9)]  # bounded so a typo fails validation, not an allocation
 Beta = Annotated[float, Field(ge=0, lt=1)]
-
-
-class AutoregressiveModel(LanguageModel, Protocol):
-    """What the lm recipe needs of a model, beyond `newllm_kit.protocols.LanguageModel`; it trains the
-    model's `param_groups()["train"]` and reads logits from `output_head()`."""
-
-    block_size: int | None  # longest input an attention model reads; None: a recurrent model that carries state
-
-    def hidden(self, ids: torch.Tensor, state: Any | None = None) -> tuple[torch.Tensor, Any]:
-        """[b, t] token ids -> ([b, t, E] final hidden states, before the head; the new state).
-        Position j may read only ids[:, :j+1] (and `state`). Attention models ignore `state` and
-        return None; recurrent ones continue from `state` (None: empty) and return theirs."""
-        ...
 
 
 class LMSettings(BaseModel):

@@ -33,7 +33,7 @@ from newllm_kit.training import (
     train_epochs,
 )
 
-from .cvfp_contract import CVFPModel as Model
+from .contract import CVFPModel as Model
 from .spans import token_span
 
 Positions = Annotated[int, Field(ge=1, le=10**9)]  # bounded so a typo fails validation, not an allocation

@@ -16,14 +16,15 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import torch
-from newllm_kit_plugins.context_store import is_out_of_memory
-from newllm_kit_plugins.spans import token_rows, token_span
 
 from newllm_kit.errors import RunFailed, UserError
 from newllm_kit.protocols import Runner
 
+from .context_store import is_out_of_memory
+from .spans import token_rows, token_span
+
 if TYPE_CHECKING:
-    from .fixed_point import CVFPSolverSettings
+    from .phase1 import CVFPSolverSettings
 
 T = TypeVar("T")
 NOISE_ROWS = 1024  # positions per noise draw: a fixed grid, so noise depends on the position only

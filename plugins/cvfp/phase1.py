@@ -15,14 +15,14 @@ import warnings
 from typing import Any, Literal
 
 import torch
-from newllm_kit_plugins.context_store import decide, free_bytes, is_out_of_memory, settings_of
 from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit import hookimpl
 from newllm_kit.errors import RunFailed, UserError
 from newllm_kit.protocols import Progress, Runner
 
-from .cvfp_contract import Phase1Report, SolveResult
+from .context_store import decide, free_bytes, is_out_of_memory, settings_of
+from .contract import Phase1Report, SolveResult
 from .frozen_solve import BLOCK, full_precision_matmuls, solve_frozen
 from .jacobi_pass import InPlacePass, Rows, Sweep, with_oom_retry
 

@@ -18,7 +18,7 @@ import torch
 from newllm_kit.errors import DataError
 from newllm_kit.protocols import Progress, Runner
 
-from .cvfp_contract import Phase1Report, Solver, SolveResult
+from .contract import Phase1Report, Solver, SolveResult
 
 
 def split_ids(ids: torch.Tensor, boundaries: np.ndarray, split: int, splits: int) -> torch.Tensor:

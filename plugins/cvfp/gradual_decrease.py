@@ -18,8 +18,9 @@ from pydantic import Field
 from newllm_kit import hookimpl
 from newllm_kit.protocols import Progress, Runner
 
-from .cvfp_contract import Phase1Report
-from .fixed_point import (
+from .contract import Phase1Report
+from .jacobi_pass import InPlacePass, Rows, with_oom_retry
+from .phase1 import (
     CVFPSolver,
     CVFPSolverSettings,
     gather_rows,
@@ -28,7 +29,6 @@ from .fixed_point import (
     stream_shard,
     take_step,
 )
-from .jacobi_pass import InPlacePass, Rows, with_oom_retry
 
 
 class GradualDecreaseSettings(CVFPSolverSettings):

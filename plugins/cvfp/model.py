@@ -349,7 +349,7 @@ def token_flops_per_token(model: CVFPModel, include_head: bool) -> int:
 class CVFPArchitecture:
     """The `cvfp` architecture factory: validated settings in, `build(vocab_size)` gives a fresh model."""
 
-    default_recipe = "cvfp"  # Phase 1 then Phase 2: `newllm_kit_plugins.cvfp_recipe`
+    default_recipe = "cvfp"  # Phase 1 then Phase 2: `newllm_kit_plugins.cvfp.recipe`
 
     def __init__(self, settings: CVFPSettings | None = None) -> None:
         self.settings = settings if settings is not None else CVFPSettings()

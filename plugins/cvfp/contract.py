@@ -111,7 +111,7 @@ class Solver(Protocol):
     Both read a stream as its [n] token ids (int64 or int32, on runner.device), never as [n, T]
     token inputs: at scale no tensor of T or more floats per position may exist for the whole
     stream, so a solver computes the inputs of each chunk it works on with
-    `newllm_kit_plugins.spans.token_span(model, ids, start, stop)`.
+    `newllm_kit_plugins.cvfp.spans.token_span(model, ids, start, stop)`.
     """
 
     def fit(self, model: Any, ids: torch.Tensor, runner: Runner, progress: Progress) -> Phase1Report:

@@ -1,0 +1,88 @@
+"""The `gpt2` embedding: the pretrained `wte` table (spec §2.1), read alone from model.safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from newllm_kit.errors import DataError
+
+from ..hub import first_line, hub_reachable, local_or_hub
+
+if TYPE_CHECKING:  # torch loads only when the component is used
+    import torch
+
+WTE_KEYS = ("wte.weight", "transformer.wte.weight")  # hub checkpoint / GPT2LMHeadModel.save_pretrained
+
+
+class GPT2EmbeddingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str = Field(
+        default="gpt2", validation_alias=AliasChoices("name_or_path", "path"),
+        description="Hub repo id, or a local directory with model.safetensors (alias: path).")
+    revision: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) of a hub repo id; unset: main.")
+    cache_dir: str | None = Field(
+        default=None, description="Hub download cache (default: huggingface_hub's).")
+
+
+class GPT2Embedding:
+    """The pretrained token-embedding table `wte`, read alone from model.safetensors."""
+
+    def __init__(self, settings: GPT2EmbeddingSettings | None = None) -> None:
+        self.settings = settings if settings is not None else GPT2EmbeddingSettings()
+        self._table: torch.Tensor | None = None
+        self._fingerprint: str | None = None
+
+    def _file(self) -> Path:
+        s = self.settings
+        directory = local_or_hub(s.name_or_path, s.revision, "embedding")
+        if directory is not None:
+            path = directory / "model.safetensors"
+            if not path.is_file():
+                raise DataError(f"embedding 'gpt2': {directory} has no model.safetensors; point "
+                                f"embedding.name_or_path at a GPT-2 directory saved with safetensors")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        online = hub_reachable()
+        try:
+            return Path(hf_hub_download(s.name_or_path, "model.safetensors", revision=s.revision,
+                                        cache_dir=s.cache_dir, local_files_only=not online))
+        except Exception as error:  # offline miss, missing repo, network failure: the remedy is the same
+            reason = "offline or not cached" if not online else first_line(error)
+            raise DataError(f"embedding 'gpt2': cannot load {s.name_or_path} ({reason}); set "
+                            f"embedding.name_or_path to a local GPT-2 directory, or "
+                            f'embedding.source = "random"') from error
+
+    def table(self) -> torch.Tensor:
+        """The float32 wte table as stored, loaded once."""
+        if self._table is None:
+            from safetensors import safe_open
+
+            path = self._file()
+            with safe_open(str(path), framework="pt") as handle:
+                key = next((k for k in WTE_KEYS if k in handle.keys()), None)
+                if key is None:
+                    raise DataError(f"embedding 'gpt2': {path} has no token-embedding table "
+                                    f"(looked for {', '.join(WTE_KEYS)})")
+                self._table = handle.get_tensor(key).float().contiguous()
+        return self._table
+
+    def load(self, vocab_size: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+        table = self.table()
+        if tuple(table.shape) != (vocab_size, dim):
+            rows, cols = table.shape
+            raise DataError(f"embedding 'gpt2': {self.settings.name_or_path} has a {rows}×{cols} wte table "
+                            f"but the model needs {vocab_size}×{dim}; use this checkpoint's tokenizer and "
+                            f'embedding_dim = {cols}, or set embedding.source = "random"')
+        return table.clone()
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(self.table().numpy().data).hexdigest()
+        return self._fingerprint
