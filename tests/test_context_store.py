@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from newllm_kit_plugins.cvfp import context_store
 from newllm_kit_plugins.cvfp.context_store import (
     StorePlan,
     allocate,
@@ -19,7 +20,6 @@ from newllm_kit_plugins.cvfp.context_store import (
     plan_stores,
     settings_of,
 )
-from newllm_kit_plugins.cvfp.model import context_store
 from newllm_kit_plugins.cvfp.phase2 import Phase2Data
 from newllm_kit_plugins.runners.local import RunnerSettings
 from test_phase2 import CPU, ThreadRank, TinyModel

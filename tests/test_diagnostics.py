@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import torch
+from newllm_kit_plugins.cvfp import diagnostics
 from newllm_kit_plugins.cvfp.diagnostics import classify_trials, context_stats, convergence_check, identity_check
 from newllm_kit_plugins.cvfp.frozen_solve import solve_frozen
-from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings, diagnostics
+from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
 from test_experiment import TINY, read_results, write_tiny
 
 from newllm_kit.plugins import load_plugins

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from newllm_kit_plugins.cvfp.model import contract as cvfp_contract
-from newllm_kit_plugins.lm.recipe import recipe as lm
+from newllm_kit_plugins.cvfp import contract as cvfp_contract
+from newllm_kit_plugins.lm import recipe as lm
 from typing_extensions import get_protocol_members
 
 from newllm_kit import hookspecs, protocols

@@ -283,7 +283,7 @@ def test_a_bf16_store_halves_the_bytes_and_stays_close(finished: dict[str, Any],
 
 
 def test_out_of_memory_in_phase_2_is_one_line_naming_the_store_and_settings(tmp_path: Path) -> None:
-    from newllm_kit_plugins.cvfp.model import recipe as cvfp_recipe
+    from newllm_kit_plugins.cvfp import recipe as cvfp_recipe
 
     from newllm_kit.errors import RunFailed
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from newllm_kit_plugins.lm import AutoregressiveModel, LMRecipe, LMRecipeSettings, LMSettings, evaluate
+from newllm_kit_plugins.lm import AutoregressiveModel, gru, transformer
+from newllm_kit_plugins.lm import recipe as lm
 from newllm_kit_plugins.lm.gru import GRUArchitecture, GRUSettings
-from newllm_kit_plugins.lm.recipe import gru, transformer
-from newllm_kit_plugins.lm.recipe import recipe as lm
+from newllm_kit_plugins.lm.recipe import LMRecipe, LMRecipeSettings, LMSettings, evaluate
 from newllm_kit_plugins.lm.transformer import TransformerArchitecture, TransformerSettings
 from newllm_kit_plugins.runners.local import CPURunner
 from pydantic import ValidationError

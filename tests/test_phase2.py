@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from newllm_kit_plugins.cvfp.model import phase2
+from newllm_kit_plugins.cvfp import phase2
 from newllm_kit_plugins.cvfp.phase2 import (
     Phase2Data,
     Phase2Settings,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from newllm_kit_plugins.cvfp.model import recipe as cvfp_recipe
+from newllm_kit_plugins.cvfp import recipe as cvfp_recipe
 from safetensors.torch import save_file
 from test_cli import ROOT
 from test_experiment import read_results, without_timings, write_tiny

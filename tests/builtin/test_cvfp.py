@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from newllm_kit_plugins.cvfp import model as cvfp
 from newllm_kit_plugins.cvfp.model import (
     CVFPArchitecture,
     CVFPModel,
@@ -16,7 +17,6 @@ from newllm_kit_plugins.cvfp.model import (
     context_flops_per_token,
     token_flops_per_token,
 )
-from newllm_kit_plugins.cvfp.model import model as cvfp
 from pydantic import ValidationError
 
 V, E = 50257, 768

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from newllm_kit_plugins.cvfp.model import frozen_solve, jacobi_pass
-from newllm_kit_plugins.cvfp.model import phase1 as fixed_point
+from newllm_kit_plugins.cvfp import frozen_solve, jacobi_pass
+from newllm_kit_plugins.cvfp import phase1 as fixed_point
 from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
 from newllm_kit_plugins.cvfp.spans import token_rows, token_span
 from pydantic import ValidationError

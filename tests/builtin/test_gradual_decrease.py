@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
+from newllm_kit_plugins.cvfp import gradual_decrease
 from newllm_kit_plugins.cvfp.contract import Phase1Report
 from newllm_kit_plugins.cvfp.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
-from newllm_kit_plugins.cvfp.model import gradual_decrease
 from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
 from test_fixed_point import (  # noqa: F401
     WELL_CONDITIONED,
