@@ -7,7 +7,7 @@ stream of `--tokens` random ids, and
   so it is timed on `--sample` tokens and scaled to the stream: a full rollout of 32k tokens
   would take minutes per configuration here; its token projection, one batch per block, is
   included);
-* `CVFPSolver.solve` with `solve = "auto"` over the whole stream, end to end (gain estimate,
+* `CVFPPhase1Solver.solve` with `solve = "auto"` over the whole stream, end to end (gain estimate,
   burn-in scan, run-on checks, token projection included);
 * the max |error| of `auto` and of the fp32 sequential rollout (final-layer contexts, the ones a
   solve keeps) against a float64 rollout over the first `--reference` tokens ("same max error":
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from _common import CONFIGS, VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, machine
 from newllm_kit_plugins.cvfp.frozen_solve import Tokens, burn_in, estimate_gain, rollout
-from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
 
 TARGET_SPEEDUP = 3.0
 TOLERANCE = 1e-5
@@ -83,9 +83,9 @@ def run(config: str, tokens: int, sample: int, reference: int, train_passes: int
         train_tokens: int) -> dict[str, Any]:
     model = cvfp_model(config)
     if train_passes:
-        settings = CVFPSolverSettings(init="random", max_iterations=train_passes + 1, min_iterations=10**6)
+        settings = CVFPPhase1Settings(init="random", max_iterations=train_passes + 1, min_iterations=10**6)
         torch.manual_seed(1)
-        CVFPSolver(settings).fit(model, token_ids(train_tokens, seed=1), BenchRunner(), QuietProgress())
+        CVFPPhase1Solver(settings).fit(model, token_ids(train_tokens, seed=1), BenchRunner(), QuietProgress())
     model.eval()
     stream = token_ids(tokens)
     with torch.no_grad():
@@ -94,7 +94,7 @@ def run(config: str, tokens: int, sample: int, reference: int, train_passes: int
     contracting = gain.gain < 1
     n = tokens if contracting else sample
     reference = min(reference, n)
-    solver = CVFPSolver(CVFPSolverSettings(solve="auto", solve_tolerance=TOLERANCE))
+    solver = CVFPPhase1Solver(CVFPPhase1Settings(solve="auto", solve_tolerance=TOLERANCE))
     started = time.perf_counter()
     result = solver.solve(model, stream[:n], BenchRunner())
     seconds = time.perf_counter() - started

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from _common import VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, machine
 from newllm_kit_plugins.cvfp.model import context_flops_per_token
-from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
 
 METHODS = ("sequential", "jacobi", "chunked", "auto")
 
@@ -55,7 +55,7 @@ def random_ids(n: int, device: str) -> torch.Tensor:
 def timed_solve(config: str, device: str, tokens: int, method: str) -> tuple[list[torch.Tensor], Any, float]:
     model = cvfp_model(config, device=device)
     stream = random_ids(tokens, device)
-    solver = CVFPSolver(CVFPSolverSettings(solve=method))
+    solver = CVFPPhase1Solver(CVFPPhase1Settings(solve=method))
     solver.solve(model, stream[: min(tokens, 256)], BenchRunner(device))  # warm-up (kernels, allocator)
     sync(device)
     started = time.perf_counter()
@@ -82,11 +82,11 @@ def solves(device: str, tokens: int, long_tokens: int) -> dict[str, Any]:
 def phase1(device: str, precision: str, tokens: int, passes: int) -> dict[str, Any]:
     model = cvfp_model("A", device=device)
     stream = random_ids(tokens, device)
-    settings = CVFPSolverSettings(init="random", context_noise=0.0, max_iterations=passes + 1,
+    settings = CVFPPhase1Settings(init="random", context_noise=0.0, max_iterations=passes + 1,
                                   min_iterations=passes + 1)
     torch.manual_seed(1)
     sync(device)
-    report = CVFPSolver(settings).fit(model, stream, BenchRunner(device, precision), QuietProgress())
+    report = CVFPPhase1Solver(settings).fit(model, stream, BenchRunner(device, precision), QuietProgress())
     sync(device)
     seconds = min(h["seconds"] for h in report.history)
     flops = context_flops_per_token(model) * 3 * tokens

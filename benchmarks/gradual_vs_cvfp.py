@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from _common import VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, machine
 from newllm_kit_plugins.cvfp.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
-from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
 from newllm_kit_plugins.cvfp.spans import token_span
 
 TARGET_RATIO = 2.0
@@ -45,7 +45,7 @@ def run(name: str, config: str, tokens: int, keys: dict[str, Any]) -> dict[str, 
     model = cvfp_model(config)
     stream = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0))
     solver: Any = (GradualDecreaseSolver(GradualDecreaseSettings(**keys)) if name == "gradual-decrease"
-                   else CVFPSolver(CVFPSolverSettings(**keys)))
+                   else CVFPPhase1Solver(CVFPPhase1Settings(**keys)))
     torch.manual_seed(1)
     started = time.perf_counter()
     report = solver.fit(model, stream, BenchRunner(), QuietProgress())
@@ -95,7 +95,7 @@ def main() -> None:
                      f"{r['check_rate_noise_0.1']:.3f} (σ 0.1) / {r['check_rate_no_noise']:.3f} (no noise)")
     comparisons = []
     for rate in RATES:
-        first = CVFPSolverSettings().min_iterations - 1
+        first = CVFPPhase1Settings().min_iterations - 1
         a = reach(runs["cvfp"]["curve"], rate, first)
         b = reach(runs["gradual-decrease"]["curve"], rate, first)
         if a and b:

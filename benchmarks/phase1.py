@@ -1,6 +1,6 @@
 """Phase-1 sweep throughput as a fraction of this machine's GEMM peak, fp32 and bf16.
 
-Runs `CVFPSolver.fit` (random iteration 0, so no rollout, v2 settings otherwise: 8000-token
+Runs `CVFPPhase1Solver.fit` (random iteration 0, so no rollout, v2 settings otherwise: 8000-token
 chunks, noise 0.1, one Adam step per pass) for `--passes` passes over `--tokens` random token ids
 of the v2 configurations and takes the fastest pass (token inputs included: they are computed
 per chunk from the ids). FLOPs per pass = `context_flops_per_token` ×
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from _common import VOCAB, BenchRunner, QuietProgress, cvfp_model, emit, gemm_peak, machine
 from newllm_kit_plugins.cvfp.model import context_flops_per_token
-from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
 from torch import nn
 
 TARGET_FRACTION = 0.85
@@ -57,10 +57,10 @@ def exact_flops_per_token(model: Any) -> int:
 def sweep_rate(config: str, tokens: int, passes: int, precision: str) -> dict[str, Any]:
     model = cvfp_model(config)
     stream = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0))
-    settings = CVFPSolverSettings(init="random", max_iterations=passes + 1, min_iterations=passes + 1)
+    settings = CVFPPhase1Settings(init="random", max_iterations=passes + 1, min_iterations=passes + 1)
     progress = QuietProgress()
     torch.manual_seed(1)
-    report = CVFPSolver(settings).fit(model, stream, BenchRunner(precision=precision), progress)
+    report = CVFPPhase1Solver(settings).fit(model, stream, BenchRunner(precision=precision), progress)
     seconds = min(h["seconds"] for h in report.history)
     counted = context_flops_per_token(model) * 3 * tokens
     exact = exact_flops_per_token(model) * tokens
@@ -76,9 +76,9 @@ def fit_peak_rss(config: str, tokens: int) -> dict[str, Any]:
     model = cvfp_model(config)
     ids = torch.randint(0, VOCAB, (tokens,), generator=torch.Generator().manual_seed(0))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    settings = CVFPSolverSettings(init="rollout", solve="sequential", max_iterations=2, min_iterations=2)
+    settings = CVFPPhase1Settings(init="rollout", solve="sequential", max_iterations=2, min_iterations=2)
     torch.manual_seed(1)
-    CVFPSolver(settings).fit(model, ids, BenchRunner(), QuietProgress())
+    CVFPPhase1Solver(settings).fit(model, ids, BenchRunner(), QuietProgress())
     return {"tokens": tokens, "rss_before_fit": before,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 

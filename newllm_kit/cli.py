@@ -1,91 +1,36 @@
-"""The `newllm-kit` command line: thin commands over the library, one error handler.
+"""The `newllm-kit` command line: the Typer app, thin commands over the library, one error handler.
 
 Every user-caused error surfaces as one line on stderr with exit code 2 (`--traceback` shows
 the stack); a run whose numbers cannot be trusted exits 1, an interrupted one 130. Only a bug
-shows a traceback. `--json` prints exactly one JSON document on stdout.
+shows a traceback. `--json` prints exactly one JSON document on stdout. `cli_errors` turns an
+error into that line and code, `cli_help` shapes help and usage, `cli_params` lays out `params`.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import signal
 import sys
-import traceback
-from difflib import get_close_matches
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from . import __version__
 from .allocator import return_large_blocks_to_os
-from .errors import RunFailed, RunInterrupted, UserError
+from .cli_errors import exit_for, stop_on_sigterm
+from .cli_help import Command, Commands
+from .cli_params import params_tables
+from .errors import UserError
 from .plugins import Plugins, load_plugins
 from .skeleton import KINDS as TEMPLATE_KINDS
 
-
-def _did_you_mean(close: list[str]) -> str:
-    return f" (did you mean {' or '.join(sorted(close))}?)" if close else ""
-
-
-class _Argument(TyperArgument):
-    """Help names an argument as click does (`FILE`, `[SOURCE]...`) instead of Typer's `{FILE}`,
-    `[SOURCE...]...` and a type column (`<path>`, `<list[Path]>`) that repeats what the help says."""
-
-    def get_usage_pieces(self, ctx: Any) -> list[str]:
-        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
-        return [name + ("..." if self.nargs != 1 else "")]
-
-    def display_type_rich(self, ctx: Any) -> str | None:
-        return None
-
-
-class _Option(TyperOption):
-    """A flag takes no value, so help shows no `<bool>` placeholder after it."""
-
-    def display_type_rich(self, ctx: Any) -> str | None:
-        return None if self.is_flag else super().display_type_rich(ctx)
-
-
-def _plain_help(params: list[Any]) -> list[Any]:
-    """Typer builds the parameters; they are given the help above before any help is shown."""
-    plain: dict[type, type] = {TyperArgument: _Argument, TyperOption: _Option}
-    for param in params:
-        param.__class__ = plain.get(type(param), type(param))
-    return params
-
-
-class _Command(TyperCommand):
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_help(super().get_params(ctx))
-
-
-class _Commands(TyperGroup):
-    """Unknown command names fail like unknown options: one line with a did-you-mean."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _plain_help(super().get_params(ctx))
-
-    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
-        name = args[0] if args else ""
-        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
-            known = self.list_commands(ctx)
-            close = get_close_matches(name, known)
-            raise UserError(f"no such command {name}" + (_did_you_mean(close) if close else
-                                                           f"; the commands are {', '.join(known)}"))
-        return super().resolve_command(ctx, args)
-
-
 app = typer.Typer(
     name="newllm-kit",
-    cls=_Commands,
+    cls=Commands,
     help="Plugin-based toolkit for language-model experiments from TOML files: CVFP models and baselines.",
     no_args_is_help=True,
     add_completion=False,
@@ -144,12 +89,12 @@ def _load(file: Path, overrides: list[str] | None) -> Any:
 
 
 # A group so that `plugins` still lists while `plugins new` writes a package; the listing is its callback.
-plugins_app = typer.Typer(cls=_Commands, invoke_without_command=True, add_completion=False,
+plugins_app = typer.Typer(cls=Commands, invoke_without_command=True, add_completion=False,
                           rich_markup_mode="markdown")
 app.add_typer(plugins_app, name="plugins")
 
 
-@plugins_app.command("new", cls=_Command)
+@plugins_app.command("new", cls=Command)
 def plugins_new_command(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Distribution name, e.g. my-plugin (import name "
                                         "my_plugin); also the plugin's and the component's name.")],
@@ -201,7 +146,7 @@ def plugins_command(ctx: typer.Context, as_json: JsonOption = False) -> None:
     console.print(table)
 
 
-@app.command("validate", cls=_Command)
+@app.command("validate", cls=Command)
 def validate_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file.")],
                      set_: SetOption = None) -> None:
     """Check an experiment file (and overrides) without running anything.
@@ -228,42 +173,7 @@ def _toml_value(value: Any) -> str:
     return tomli_w.dumps({"v": value}).removeprefix("v = ").strip()
 
 
-def _param_lines(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
-    """(line name, key, is a trainable group) for every part and group any of the models has, in order."""
-    parts = dict.fromkeys(k for row in rows for k in row if k not in ("label", "trainable", "total"))
-    groups = dict.fromkeys(k for row in rows for k in row["trainable"])
-    return ([(k, k, False) for k in parts] + [("total", "total", False)]
-            + [(f"group {group}", group, True) for group in groups])
-
-
-def _params_tables(title: str, rows: list[dict[str, Any]], width: int) -> list[Table]:
-    """One column per model, so every count keeps all its digits at 80 columns; models that do not
-    fit beside each other go into further tables. A part or group a model lacks shows as —."""
-    lines = _param_lines(rows)
-    groups: list[list[tuple[str, list[str]]]] = []
-    used = width
-    for row in rows:
-        cells = [(f"{value:,}" if isinstance(value := (row["trainable"] if group else row).get(key), int) else "—")
-                 for _, key, group in lines]
-        need = max(len(row["label"]), *map(len, cells)) + 3  # padding and border
-        if used + need > width:
-            groups.append([])
-            used = max(len(name) for name, _, _ in lines) + 4
-        groups[-1].append((row["label"], cells))
-        used += need
-    tables = []
-    for group in groups:
-        table = Table(title=title)
-        table.add_column("")
-        for label, _ in group:
-            table.add_column(escape(label), justify="right")
-        for i, (name, _, _) in enumerate(lines):
-            table.add_row(name, *(cells[i] for _, cells in group))
-        tables.append(table)
-    return tables
-
-
-@app.command("params", cls=_Command)
+@app.command("params", cls=Command)
 def params_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file.")],
                    set_: SetOption = None, as_json: JsonOption = False) -> None:
     """Parameter counts per model (built on the meta device: instant, no weights allocated).
@@ -281,11 +191,11 @@ def params_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Ex
         return
     for name, _, counts in variants or [("", {}, rows)]:
         title = f"parameters: {file}" + (f" [variant {name}]" if name else "")
-        for table in _params_tables(escape(title), counts, console.width):
+        for table in params_tables(escape(title), counts, console.width):
             console.print(table)
 
 
-@app.command("run", cls=_Command)
+@app.command("run", cls=Command)
 def run_command(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file, or a run directory to resume.")],
     set_: SetOption = None,
@@ -330,7 +240,7 @@ def _plots_after_run(run_dir: Path) -> str:
     return f"{run_dir / 'plots'} ({len(written)} PNG files; redraw with newllm-kit plot {run_dir})"
 
 
-@app.command("scaling", cls=_Command)
+@app.command("scaling", cls=Command)
 def scaling_command(
     sources: Annotated[list[Path] | None, typer.Argument(
         metavar="SOURCE",
@@ -377,7 +287,7 @@ def scaling_command(
             console.print(escape(f"plot written to {plot}"))
 
 
-@app.command("compare", cls=_Command)
+@app.command("compare", cls=Command)
 def compare_command(
     sources: Annotated[list[Path], typer.Argument(
         metavar="RUN_OR_FILE", help="Run directories, results.jsonl or results.csv files.")],
@@ -404,7 +314,7 @@ def compare_command(
         render(document, console)
 
 
-@app.command("plot", cls=_Command)
+@app.command("plot", cls=Command)
 def plot_command(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (runs/<experiment>/<run>).")],
     out: Annotated[Path | None, typer.Option("--out", metavar="DIR",
@@ -435,57 +345,11 @@ def _register_plugin_commands() -> None:
                   f"{type(error).__name__}: {error}", file=sys.stderr)
 
 
-# What a user can do about an OSError that reaches the top; any other errno is a bug.
-_OS_HINTS = {
-    errno.ENOENT: "check the path",
-    errno.EACCES: "check its permissions or choose another path",
-    errno.EPERM: "check its permissions or choose another path",
-    errno.EISDIR: "give a file, not a folder",
-    errno.ENOTDIR: "part of the path is a file, not a folder; check the path",
-    errno.ENOSPC: "free some disk space or choose another place, then try again",
-    errno.EDQUOT: "free some disk space or choose another place, then try again",
-    errno.EROFS: "choose a writable place",
-}
-
-
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """Stop on SIGTERM (what Slurm and Kubernetes send before SIGKILL) exactly as on Ctrl-C, so a
-    run records that it stopped. The signal's name is the KeyboardInterrupt's argument; a second
-    SIGTERM kills at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise KeyboardInterrupt("SIGTERM")
-
-
-def _usage_message(error: typer.TyperException) -> str:
-    """One line for a command-line mistake (click's usage errors), instead of a usage box."""
-    ctx = getattr(error, "ctx", None)
-    see = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
-    if hasattr(error, "possibilities"):  # no such option; click already picked the close matches
-        close = list(getattr(error, "possibilities", None) or [])
-        return f"no such option {getattr(error, 'option_name', '?')}" + (_did_you_mean(close) or see)
-    text = " ".join(error.format_message().split()).rstrip(".")
-    return text[:1].lower() + text[1:] + see
-
-
-def _explain(error: BaseException) -> tuple[int, str] | None:
-    """The exit code and one-line message for an error a user can cause or fix; None for a bug."""
-    if isinstance(error, UserError | RunFailed | RunInterrupted):
-        return error.exit_code, str(error)
-    if isinstance(error, KeyboardInterrupt):
-        return 130, f"interrupted ({error.args[0] if error.args else 'SIGINT'})"
-    if isinstance(error, typer.TyperException):
-        return error.exit_code, _usage_message(error)
-    if isinstance(error, OSError) and error.errno in _OS_HINTS:
-        names = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
-        return 2, f"{names + ': ' if names else ''}{error.strerror}; {_OS_HINTS[error.errno]}"
-    return None
-
-
 def main() -> None:
     """Console-script entry point: run the app, map errors to one line and an exit code."""
     _state["traceback"] = "--traceback" in sys.argv
     _state["strict"] = "--strict-plugins" in sys.argv
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     return_large_blocks_to_os()
     try:
         _register_plugin_commands()
@@ -501,23 +365,6 @@ def main() -> None:
         command = typer.main.get_command(app)
         with command.make_context("newllm-kit", sys.argv[1:]) as ctx:
             command.invoke(ctx)
-    except typer.Exit as done:  # --help, --version
-        sys.exit(done.exit_code)
-    except BrokenPipeError:  # `newllm-kit plugins | head` stopped reading: not worth a message
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
     except (Exception, KeyboardInterrupt) as error:
-        if type(error).__name__ == "NoArgsIsHelpError":  # no arguments: the help is the answer
-            if help_text := str(error):  # empty where rich has printed the help already
-                print(help_text, file=sys.stderr)
-            sys.exit(2)
-        explained = _explain(error)
-        if explained is None:
-            print(f"error: internal error in newllm-kit {__version__}; please report it with the traceback "
-                  f"below", file=sys.stderr)
-            raise
-        if _state["traceback"]:
-            traceback.print_exc()
-        code, message = explained
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(code)
+        exit_for(error, _state["traceback"])
+        raise  # a bug: its traceback is the report

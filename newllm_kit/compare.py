@@ -21,7 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import DataError, UserError
-from .scaling import Fit, Point, _has_results, _read, _why_empty, check_comparable, fit_all, series
+from .scaling import Fit, Point, check_comparable, fit_all, series
+from .scaling.points import _has_results, _read, _why_empty
 from .stats import Difference, estimate_difference, paired, t_quantile, welch
 
 # Metrics that are shares (0…1): differences read in percentage points, not relative to a mean.

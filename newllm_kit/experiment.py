@@ -27,7 +27,7 @@ from .config import ExperimentConfig, read_toml
 from .corpus import Stream, embedding_provenance, load_streams
 from .errors import DataError, PluginError, RunFailed, UserError
 from .params import check_model_fits
-from .protocols import EvalOutputs, Runner, UnitContext, UnitData
+from .protocols import Collectives, EvalOutputs, Placement, Runner, UnitContext, UnitData
 from .report import metric_key
 from .rundir import STORE_DIR, RunDir
 from .scaling import Point, fit_all, report_to_json, series
@@ -114,7 +114,7 @@ class CorpusCache:
         return ids
 
 
-def build_model(config: ExperimentConfig, unit: Unit, vocab_size: int, runner: Runner) -> Any:
+def build_model(config: ExperimentConfig, unit: Unit, vocab_size: int, runner: Placement) -> Any:
     """Seeded construction: the same seed gives the same weights on every machine."""
     check_model_fits(config, unit.index, vocab_size, runner.device)
     seed_everything(config.schema.experiment.seed)
@@ -224,7 +224,7 @@ class _Logged:
         self.inner.message(text)
 
 
-def meta(config: ExperimentConfig, runner: Runner, plugins: list[dict[str, Any]]) -> dict[str, Any]:
+def meta(config: ExperimentConfig, runner: Placement, plugins: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "newllm_kit": __version__,
         "python": platform.python_version(),
@@ -343,7 +343,8 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
     return [done[u.key] for u in units]
 
 
-def _corpus(config: ExperimentConfig, run: RunDir, runner: Runner, corpora: dict[str, CorpusCache]) -> CorpusCache:
+def _corpus(config: ExperimentConfig, run: RunDir, runner: Collectives, corpora: dict[str, CorpusCache]
+            ) -> CorpusCache:
     """The tokenised corpus of a unit's config, built once per distinct data and tokenizer settings
     (a sweep may change them). Rank 0 tokenises first and the others then read its cache: every rank
     gets the same tokenizer and streams, and no two processes train a tokenizer into the same file at once."""

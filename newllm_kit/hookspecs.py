@@ -179,10 +179,14 @@ def register_data_sources(register: Register) -> None:
 def register_runners(register: Register) -> None:
     """Register runners (kind `runner`, TOML `[runner] name = NAME`; other keys: settings).
 
-    `factory(settings)` returns a `Runner` (`newllm_kit.protocols.Runner`): device placement,
-    precision (autocast), batch sizing, out-of-memory fallback and, for distributed runners, the
-    process group and collectives. Recipes and their components never call `torch.cuda` directly.
-    Only its class is checked when a file loads; it is built when a run starts.
+    `factory(settings)` returns a `Runner` (`newllm_kit.protocols.Runner`), which combines three
+    protocols: `Placement` (device, precision, autocast, setup and teardown), `MemoryPolicy` (batch
+    sizing, the out-of-memory fallback, and the optional `context_store`, `context_dtype` and
+    `memory_fraction`, with defaults for a runner that leaves them out) and `Collectives` (rank, world
+    size, shards and the collectives of a process group; identities on one process). Runners, recipes
+    and their components never call `torch.cuda` directly: every CUDA call goes through
+    `newllm_kit.cuda.backend()`, which tests replace with a fake. Only its class is checked when a file
+    loads; it is built when a run starts.
 
     Example::
 

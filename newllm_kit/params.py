@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import cuda
 from .config import Choice, ExperimentConfig
 from .errors import ConfigError
 
@@ -81,7 +82,7 @@ def _cpu_available() -> int | None:
 def available_bytes(device: torch.device) -> int | None:
     """Bytes a new allocation on `device` can still get, or None where that is unknown."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        return int(cuda.backend().mem_get_info(device)[0])
     return _cpu_available() if device.type == "cpu" else None
 
 

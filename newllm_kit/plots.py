@@ -26,7 +26,8 @@ from .config import read_toml
 from .errors import DataError, UserError
 from .experiment import Unit
 from .report import Shown, metric_columns, metric_key, recipe_columns
-from .scaling import Point, _has_results, _why_empty, fit_all, series
+from .scaling import Point, fit_all, series
+from .scaling.points import _has_results, _why_empty
 from .scaling_plot import new_figure, save_png
 from .scaling_plot import plot as plot_scaling
 from .stats import t_interval

@@ -8,6 +8,7 @@ recipe adds (the cvfp recipe's solvers) keeps its contract beside that recipe.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -75,22 +76,37 @@ class Progress(Protocol):
         ...
 
 
-class Runner(Protocol):
-    """Device placement, precision and (for distributed runners) the process group."""
+@runtime_checkable
+class Placement(Protocol):
+    """Where a unit runs and in what precision: the device models and streams are moved to, the
+    autocast context of forward passes, and what is set up around the run (threads, a process group)."""
 
     name: str
     device: torch.device
     precision: str
-    rank: int
-    world_size: int
 
     def setup(self) -> None: ...
 
     def autocast(self) -> AbstractContextManager[Any]: ...
 
-    def batch_size(self, requested: int | None, bytes_per_item: int) -> int: ...
-
     def describe(self) -> dict[str, Any]: ...
+
+    def teardown(self) -> None: ...
+
+
+@runtime_checkable
+class MemoryPolicy(Protocol):
+    """How much work fits in memory: automatic batch sizes, the out-of-memory fallback, and where a
+    recipe keeps its large per-position state (the cvfp recipe's context stores).
+
+    The three store members have defaults, declared here: a runner may leave them out, and readers
+    then take these values (`member(runner, MemoryPolicy, name)`)."""
+
+    context_store: str = "auto"  # "device", "host", "disk", or "auto": device, else host, else disk, by free memory
+    context_dtype: str = "fp32"  # "fp32" or "bf16": the dtype of those stores
+    memory_fraction: float = 0.5  # the share of free memory an automatic store may fill
+
+    def batch_size(self, requested: int | None, bytes_per_item: int) -> int: ...
 
     def micro_batch(self, batch: int) -> int:
         """Micro-batch in force for a requested batch (smaller after an out-of-memory fallback);
@@ -101,6 +117,16 @@ class Runner(Protocol):
         """Called after `torch.OutOfMemoryError`: True if the micro-batch was reduced (retry the
         step), False if the caller must fail (the runner raises a UserError with a suggestion)."""
         ...
+
+
+@runtime_checkable
+class Collectives(Protocol):
+    """The process group (one process: identities). `device` is where the tensors it reduces must live
+    (NCCL reduces CUDA tensors only), so it is here too: a caller builds those tensors."""
+
+    rank: int
+    world_size: int
+    device: torch.device
 
     def shard(self, n: int) -> range:
         """The contiguous slice of an n-position stream this rank owns (all of it on one process)."""
@@ -119,7 +145,11 @@ class Runner(Protocol):
 
     def barrier(self) -> None: ...
 
-    def teardown(self) -> None: ...
+
+@runtime_checkable
+class Runner(Placement, MemoryPolicy, Collectives, Protocol):
+    """What a runner factory returns and a recipe is handed (`UnitContext.runner`): all three concerns.
+    A function that needs one of them takes that protocol instead."""
 
 
 @runtime_checkable
@@ -316,10 +346,30 @@ PROTOCOLS: dict[str, type] = {
 }
 
 
+_ABSENT = object()  # a member declared without a value
+
+
+def member_defaults(protocol: type) -> dict[str, Any]:
+    """The attribute members `protocol` declares with a value (`MemoryPolicy.context_store = "auto"`):
+    optional, an object may leave them out and readers take the value instead."""
+    found = {}
+    for name in get_protocol_members(protocol):
+        value = inspect.getattr_static(protocol, name, _ABSENT)
+        if value is not _ABSENT and not callable(value) and not isinstance(value, property):
+            found[name] = value
+    return found
+
+
+def member(obj: object, protocol: type, name: str) -> Any:
+    """`obj.<name>`, or `protocol`'s default where `obj` leaves that optional member out."""
+    return getattr(obj, name) if hasattr(obj, name) else member_defaults(protocol)[name]
+
+
 def missing_members(obj: object, protocol: type) -> list[str]:
-    """Members of `protocol` that `obj` lacks, by name only: cheap enough to run before anything is
-    trained, and it catches a factory that returns the wrong kind of object."""
-    return sorted(name for name in get_protocol_members(protocol) if not hasattr(obj, name))
+    """Members of `protocol` that `obj` lacks, by name only (not the optional ones): cheap enough to run
+    before anything is trained, and it catches a factory that returns the wrong kind of object."""
+    optional = member_defaults(protocol)
+    return sorted(name for name in get_protocol_members(protocol) if name not in optional and not hasattr(obj, name))
 
 
 def missing_methods(cls: type, protocol: type) -> list[str]:

@@ -1,5 +1,5 @@
 """What every recipe's training shares: the chunked head cross-entropy, the epoch loop with early
-stopping and resumable state, and gradient sums over ranks.
+stopping and resumable state, the micro-batched loss pass, and gradient sums over ranks.
 
 The head's [b, V] logits are what runs out of memory at GPT-2's vocabulary (spec §7.4), so the
 loss never holds more than one [chunk, V] block of them. The epoch loop is the reference's
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, NamedTuple, TypeVar
 
@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cuda
 from .errors import RunFailed
-from .protocols import EvalOutputs, Progress, Runner
+from .protocols import Collectives, EvalOutputs, MemoryPolicy, Progress
 
 T = TypeVar("T")
 
@@ -194,18 +195,25 @@ def trainable_copy(module: nn.Module, params: list[nn.Parameter]) -> dict[str, t
     return {name: p.detach().to("cpu", copy=True) for name, p in module.named_parameters() if id(p) in wanted}
 
 
-def sum_over_ranks(params: list[nn.Parameter], loss_sum: float, runner: Runner) -> float:
-    """Sum gradients (each rank's already scaled by 1/global batch) and the loss over ranks."""
+def sum_gradients(params: list[nn.Parameter], runner: Collectives) -> None:
+    """Sum gradients over ranks in one collective (each rank's loss is already scaled to a global mean)."""
     if runner.world_size == 1:
-        return loss_sum
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = runner.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
     for p, piece in zip(params, flat.split([p.numel() for p in params]), strict=True):
         p.grad = piece.view_as(p)
+
+
+def sum_over_ranks(params: list[nn.Parameter], loss_sum: float, runner: Collectives) -> float:
+    """Sum gradients (each rank's already scaled by 1/global batch) and the loss over ranks."""
+    if runner.world_size == 1:
+        return loss_sum
+    sum_gradients(params, runner)
     return float(runner.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64, device=runner.device)))
 
 
-def retry_after_oom(runner: Runner, batch: int, module: nn.Module, attempt: Callable[[], T]) -> T:
+def retry_after_oom(runner: MemoryPolicy, batch: int, module: nn.Module, attempt: Callable[[], T]) -> T:
     """`attempt()`, retried whole after an out-of-memory error while the runner shrinks its micro-batch
     (`runner.handle_oom`; it raises when it cannot); the failed attempt's partial gradients are dropped."""
     while True:
@@ -217,7 +225,26 @@ def retry_after_oom(runner: Runner, batch: int, module: nn.Module, attempt: Call
             module.zero_grad(set_to_none=True)
 
 
-def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, loss_sum: float, runner: Runner,
+def loss_pass(module: nn.Module, runner: MemoryPolicy, items: int,
+              losses: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]], grad_scale: float | None
+              ) -> tuple[float, int]:
+    """Summed NLL and top-1 hits over `items` (positions, windows) in the runner's micro-batches.
+
+    `losses(micro)` yields each micro-batch's (summed CE, hits), computed under autocast but yielded
+    outside it, so the backward of loss × `grad_scale` (if given) runs as a plain backward would.
+    After an OOM the runner may shrink its micro-batch: then the whole pass is retried."""
+    def attempt() -> tuple[float, int]:
+        nll, hits = 0.0, 0
+        for loss, correct in losses(runner.micro_batch(items)):
+            if grad_scale is not None:
+                (loss * grad_scale).backward()
+            nll, hits = nll + loss.item(), hits + int(correct.item())
+        return nll, hits
+
+    return retry_after_oom(runner, items, module, attempt)
+
+
+def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, loss_sum: float, runner: Collectives,
                    grad_clip: float, where: str, fix: str) -> float:
     """One step after this rank's backward pass: gradients and loss summed over ranks, a non-finite loss
     refused (RunFailed naming `where` and the `fix`), gradients clipped, the optimizer stepped. Returns
@@ -233,8 +260,9 @@ def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
 def rng_states() -> tuple[torch.Tensor, torch.Tensor | None]:
     """The generators a training epoch draws from: the CPU's, and the current CUDA device's once CUDA is
     in use (dropout on a GPU draws there), so a resumed run continues bit-identically on either."""
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
+    gpu = cuda.backend()
+    state = gpu.get_rng_state() if gpu.is_available() and gpu.is_initialized() else None
+    return torch.get_rng_state(), state
 
 
 def restore_rng(state: TrainState) -> None:
@@ -242,8 +270,8 @@ def restore_rng(state: TrainState) -> None:
     its dropout on the CPU, whose state is restored, so it continues deterministically, not identically."""
     if state.rng is not None:
         torch.set_rng_state(state.rng)
-    if state.cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state.cuda_rng)
+    if state.cuda_rng is not None and cuda.backend().is_available():
+        cuda.backend().set_rng_state(state.cuda_rng)
 
 
 def train_epochs(module: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, *,

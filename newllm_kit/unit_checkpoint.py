@@ -15,11 +15,11 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from .protocols import Progress, Runner, Saved
+from .protocols import Collectives, Progress, Saved
 from .rundir import CheckpointUnreadable, RunDir
 
 
-def share(runner: Runner, value: Any) -> Any:
+def share(runner: Collectives, value: Any) -> Any:
     """Rank 0's `value` (anything JSON holds) on every rank: one rank decides, so ranks cannot diverge."""
     if runner.world_size == 1:
         return value
@@ -31,7 +31,7 @@ def share(runner: Runner, value: Any) -> Any:
     return json.loads(runner.broadcast(buffer, 0).cpu().numpy().tobytes())
 
 
-def _share_saved(runner: Runner, saved: Saved | None) -> Saved | None:
+def _share_saved(runner: Collectives, saved: Saved | None) -> Saved | None:
     """Rank 0's checkpoint on every rank: stage and state as JSON, then each tensor."""
     header = share(runner, None if saved is None else {
         "stage": saved.stage, "state": saved.state,
@@ -51,8 +51,8 @@ def _share_saved(runner: Runner, saved: Saved | None) -> Saved | None:
 class UnitCheckpoint:
     """`checkpoints/<unit>/` of the run directory, as a recipe sees it."""
 
-    def __init__(self, run: RunDir, unit: str, runner: Runner, progress: Progress, table_shape: tuple[int, int]
-                 ) -> None:
+    def __init__(self, run: RunDir, unit: str, runner: Collectives, progress: Progress,
+                 table_shape: tuple[int, int]) -> None:
         self.run, self.unit, self.runner, self.progress = run, unit, runner, progress
         self.table_shape = table_shape  # [V, E]: a frozen table is rebuilt from its source, never saved
 

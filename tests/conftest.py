@@ -1,14 +1,28 @@
-"""Shared fixtures: plugin loading without installed packages, and local data fixtures."""
+"""Shared fixtures: plugin loading without installed packages, local data fixtures, and a fake CUDA
+backend."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from fake_cuda import FakeCuda
+
+from newllm_kit import cuda
 
 HERE = Path(__file__).parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N workers share the cores, so each gets one torch thread instead of all of them, and
+    # so do the CLI processes the tests start (a result compared across them depends on the thread count)
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def load_case(name: str) -> ModuleType:
@@ -19,6 +33,17 @@ def load_case(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def fake_cuda() -> Iterator[FakeCuda]:
+    """A fake GPU (two 24 GiB devices) as the active CUDA backend for one test; its fields can change."""
+    fake = FakeCuda()
+    previous = cuda.set_backend(fake)
+    try:
+        yield fake
+    finally:
+        cuda.set_backend(previous)
 
 
 @pytest.fixture

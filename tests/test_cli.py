@@ -24,6 +24,7 @@ def test_version() -> None:
     assert result.returncode == 0 and result.stdout.startswith("newllm-kit ")
 
 
+@pytest.mark.slow
 def test_every_command_has_an_example_in_its_help() -> None:
     for command in ("run", "scaling", "params", "validate", "plugins"):
         result = cli(command, "--help")
@@ -40,12 +41,14 @@ def test_plugins_json_is_one_document_listing_builtins() -> None:
     assert by_name["cvfp"]["distribution"] == "newllm-kit"
 
 
+@pytest.mark.slow
 def test_plugins_table_for_humans() -> None:
     result = cli("plugins")
     assert result.returncode == 0
     assert "cvfp" in result.stdout and "{" not in result.stdout
 
 
+@pytest.mark.slow
 def test_params_json_gives_the_v2_counts_exactly() -> None:
     result = cli("params", "experiments/v2.toml", "--json")
     assert result.returncode == 0, result.stderr
@@ -69,6 +72,7 @@ def test_params_json_gives_the_v2_counts_exactly() -> None:
         (["scaling", "tests/does-not-exist.csv"], "does-not-exist.csv"),
     ],
 )
+@pytest.mark.slow
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args: list[str], needle: str) -> None:
     result = cli(*args)
     assert result.returncode == 2, (result.stdout, result.stderr)
@@ -77,11 +81,13 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(args: list[str], need
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_traceback_flag_shows_the_stack() -> None:
     result = cli("--traceback", "validate", "experiments/missing.toml")
     assert result.returncode == 2 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_strict_plugins_fails_on_a_broken_plugin(tmp_path: Path) -> None:
     info = tmp_path / "bad_dist-1.0.dist-info"
     info.mkdir()
@@ -97,12 +103,14 @@ def test_strict_plugins_fails_on_a_broken_plugin(tmp_path: Path) -> None:
     assert strict.returncode == 2 and "plugin 'bad' (bad-dist): ImportError: needs libfoo" in strict.stderr
 
 
+@pytest.mark.slow
 def test_validate_ok() -> None:
     result = cli("validate", "experiments/v2.toml")
     assert result.returncode == 0, result.stderr
     assert "2 model(s) × 2 training size(s) = 4 unit(s)" in result.stdout
 
 
+@pytest.mark.slow
 def test_params_keeps_every_count_whole_at_80_columns() -> None:
     result = cli("params", "experiments/v2.toml", env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
@@ -112,6 +120,7 @@ def test_params_keeps_every_count_whole_at_80_columns() -> None:
     assert "…" not in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["", "run", "scaling", "params", "validate", "plugins"])
 def test_help_shows_plain_placeholders(command: str) -> None:
     result = cli(*([command] if command else []), "--help", env={"COLUMNS": "100"})
@@ -134,6 +143,7 @@ def _results(folder: Path, status: str, ppls: tuple[float, ...] = ()) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_scaling_names_the_run_it_fitted_and_the_newer_runs_it_skipped(tmp_path: Path) -> None:
     good = _results(tmp_path / "runs" / "quickstart" / "20261201-1", "finished", (90.0, 70.0))
     failed = _results(tmp_path / "runs" / "quickstart" / "20261201-2", "failed")

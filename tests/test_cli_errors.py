@@ -77,6 +77,7 @@ def test_scaling_prints_markup_like_model_names_literally(tmp_path: Path) -> Non
     assert "Steepest α: [/x]" in result.stdout
 
 
+@pytest.mark.slow
 def test_validate_prints_a_markup_like_file_name_literally(tmp_path: Path) -> None:
     file = tmp_path / "[red]v2.toml"
     file.write_text((ROOT / "experiments" / "v2.toml").read_text())
@@ -100,6 +101,7 @@ LONG_RUN = {"data.docs": "2000", "data.val": "{start = 1500, count = 50}", "expe
             "phase2.patience": "50"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_a_run_with_the_promised_message(tmp_path: Path, sig: signal.Signals) -> None:
     config = write_tiny(tmp_path)
@@ -143,12 +145,14 @@ def test_sigterm_outside_a_run_is_one_line(with_plugin: Install) -> None:
         (["frobnicate"], "error: no such command frobnicate; the commands are validate, params, run"),
     ],
 )
+@pytest.mark.slow
 def test_usage_errors_are_one_line_without_a_usage_box(args: list[str], expected: str) -> None:
     result = cli(*args)
     assert error_line(result).startswith(expected)
     assert "Usage:" not in result.stderr
 
 
+@pytest.mark.slow
 def test_help_and_no_arguments_still_show_help() -> None:
     for args in (["--help"], ["run", "--help"], []):
         result = cli(*args)
@@ -176,6 +180,7 @@ def test_a_bug_asks_for_a_report_and_keeps_the_traceback(with_plugin: Install) -
 
 
 # -- E: experiment files that are not text files ------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["validate", "params"])
 def test_a_folder_or_binary_file_as_experiment_file_is_one_line(tmp_path: Path, command: str) -> None:
     assert str(tmp_path) in error_line(cli(command, str(tmp_path)))
@@ -186,6 +191,7 @@ def test_a_folder_or_binary_file_as_experiment_file_is_one_line(tmp_path: Path, 
 
 
 # -- F: scaling sources -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_scaling_counts_repeated_rows_once_and_says_so(tmp_path: Path) -> None:
     rows = "model,tokens,val_ppl\nA,1000,90\nA,2000,70\nA,4000,55\n"
     first, second = tmp_path / "a.csv", tmp_path / "b.csv"
@@ -203,6 +209,7 @@ def test_scaling_damaged_results_jsonl_names_file_and_line(tmp_path: Path) -> No
     assert "results.jsonl:2: " in error_line(cli("scaling", str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_scaling_plot_to_a_folder_is_one_line(tmp_path: Path) -> None:
     line = error_line(cli("scaling", "tests/data/seed_tables.csv", "--plot", str(tmp_path)))
     assert line.startswith(f"error: --plot: {tmp_path} is a folder")

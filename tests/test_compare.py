@@ -98,6 +98,7 @@ def test_bad_options_are_one_line_errors(run: Path, metric: str, by: str, messag
         compare([run], metric, by, False)
 
 
+@pytest.mark.slow
 def test_cli_prints_one_json_document_and_a_csv_source_works(run: Path, tmp_path: Path) -> None:
     csv_file = tmp_path / "results.csv"
     csv_file.write_text("model,samples,seed,train_tokens,val_ppl\n" + "".join(

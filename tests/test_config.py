@@ -296,7 +296,7 @@ def wrong_kind_registry() -> Registry:
      r"'param_counts' required by newllm_kit\.protocols\.LanguageModel"),
     ('[solver]\nname = "fit-only"\n' + MINIMAL,
      r"exp\.toml: solver: plugin 'wrong_kind': solver 'fit-only' returned FitOnly, which lacks 'solve' "
-     r"required by newllm_kit_plugins\.cvfp_contract\.Solver"),
+     r"required by newllm_kit_plugins\.cvfp\.contract\.Solver"),
     ('[runner]\nname = "lazy"\n' + MINIMAL,
      r"exp\.toml: runner: plugin 'wrong_kind': runner 'lazy' is Lazy, which lacks 'all_reduce_sum' \(also "
      r"autocast, barrier, .*teardown\) required by newllm_kit\.protocols\.Runner"),
@@ -310,6 +310,7 @@ def test_a_factory_returning_the_wrong_kind_of_object_is_caught_when_loading(tmp
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_validate_catches_a_model_missing_a_protocol_member(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import HERE, make_fake_dist

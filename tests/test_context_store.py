@@ -1,41 +1,49 @@
 """Context stores: where auto puts them, what an explicit kind that cannot fit says, the three kinds
-of memory, removal of disk files, and ranks agreeing on one kind."""
+of memory, removal of disk files, ranks agreeing on one kind, the runner's store policy as read
+through `MemoryPolicy`, and free GPU memory as the (fake) CUDA backend reports it."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from fake_cuda import FakeCuda
 from newllm_kit_plugins.cvfp import context_store
 from newllm_kit_plugins.cvfp.context_store import (
     StorePlan,
     allocate,
     context_stores,
     decide,
+    free_bytes,
     is_out_of_memory,
     plan_stores,
     settings_of,
 )
 from newllm_kit_plugins.cvfp.phase2 import Phase2Data
-from newllm_kit_plugins.runners.local import RunnerSettings
+from newllm_kit_plugins.runners.local import CPURunner, RunnerSettings
 from test_phase2 import CPU, ThreadRank, TinyModel
 
+from newllm_kit import protocols
 from newllm_kit.errors import RunFailed, UserError
 
 GiB = 2**30
 
 
 class Runner(ThreadRank):
-    """What the stores read of a runner: device, rank, settings and (under ddp) a sum over ranks."""
+    """What the stores read of a runner: device, rank, the store policy (`MemoryPolicy`'s members) and
+    (under ddp) a sum over ranks."""
 
     def __init__(self, rank: int = 0, world_size: int = 1, board: dict[str, Any] | None = None,
-                 **settings: Any) -> None:
+                 context_store: str = "auto", context_dtype: str = "fp32", memory_fraction: float = 0.5,
+                 device: str = "cpu") -> None:
         super().__init__(rank, world_size, board or {})
-        self.settings = RunnerSettings(**settings)
+        self.context_store, self.context_dtype, self.memory_fraction = context_store, context_dtype, memory_fraction
+        self.device = torch.device(device)
 
 
 @pytest.mark.parametrize(("device_free", "host_free", "on_gpu", "kind"), [
@@ -76,7 +84,37 @@ def test_an_explicit_store_that_cannot_fit_fails_before_allocating(monkeypatch: 
 
 def test_a_runner_without_store_settings_gets_the_defaults() -> None:
     assert settings_of(object()) == ("auto", "fp32", 0.5)
+    bare = ThreadRank(0, 1, {})  # a whole runner that leaves the optional store members out
+    assert protocols.missing_members(bare, protocols.Runner) == []
+    assert settings_of(bare) == ("auto", "fp32", 0.5)
     assert settings_of(Runner(context_store="disk", memory_fraction=0.25)) == ("disk", "fp32", 0.25)
+
+
+def test_the_store_policy_is_read_from_the_runner_s_members_not_its_settings() -> None:
+    """The policy is part of the runner's protocol: a `settings` object is the runner's own business."""
+    only_settings = SimpleNamespace(settings=RunnerSettings(context_store="disk", context_dtype="bf16"))
+    assert settings_of(only_settings) == ("auto", "fp32", 0.5)
+    built_in = CPURunner(RunnerSettings(context_store="host", context_dtype="bf16", memory_fraction=0.3))
+    assert settings_of(built_in) == ("host", "bf16", 0.3)
+
+
+def test_free_gpu_memory_counts_the_allocator_s_cache(fake_cuda: FakeCuda) -> None:
+    """The driver's free memory plus what PyTorch reserved but has not handed out, on the asked device."""
+    fake_cuda.driver_free, fake_cuda.reserved, fake_cuda.allocated = 1 * GiB, 6 * GiB, 4 * GiB
+    assert free_bytes(torch.device("cuda", 1)) == 3 * GiB
+    assert fake_cuda.calls == [("mem_get_info", torch.device("cuda", 1))]
+
+
+def test_auto_on_a_gpu_takes_the_device_while_the_stores_fit_its_free_memory(
+        fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(context_store, "available_bytes", lambda device: 64 * GiB)
+    needed = 1000 * 768 * 4
+    fake_cuda.driver_free, fake_cuda.reserved, fake_cuda.allocated = 2 * needed, 0, 0
+    plan = plan_stores(Runner(device="cuda"), 1000, 768, tmp_path)
+    assert (plan.kind, plan.reason) == ("device", "fits in 0.5 × 5.9 MiB free on the device")
+    fake_cuda.driver_free = 2 * needed - 1  # half of it is no longer enough
+    assert plan_stores(Runner(device="cuda"), 1000, 768, tmp_path).kind == "host"
+    assert plan_stores(Runner(device="cuda", memory_fraction=0.6), 1000, 768, tmp_path).kind == "device"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

@@ -140,6 +140,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "ddp_out": tmp / "ddp", "ddp_stdout": ddp.stdout, "single_out": tmp / "single"}
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(runs: dict[str, Any]) -> None:
     assert_close(runs["ddp"], runs["single"])
     assert all(r["val_ppl"] < 300 for r in runs["ddp"])  # the models learnt something (vocabulary 300)
@@ -175,6 +176,7 @@ def _rank_pids(parent: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
 def test_a_killed_rank_stops_the_job_cleanly_and_resume_finishes_it(runs: dict[str, Any]) -> None:
     out = runs["tmp"] / "killed"

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "writing-plugins.md"
 # Every contract a plugin implements or a recipe is handed: the guide's reference has a table for each.
 CONTRACTS: list[type] = [
-    *protocols.PROTOCOLS.values(), protocols.LanguageModel, protocols.Tokenizer, protocols.Progress,
+    *protocols.PROTOCOLS.values(), protocols.Placement, protocols.MemoryPolicy, protocols.Collectives,
+    protocols.LanguageModel, protocols.Tokenizer, protocols.Progress,
     protocols.Checkpointer, protocols.Saved, protocols.EvalOutputs, protocols.UnitData, protocols.UnitContext,
     protocols.Column, protocols.RecipeResult, lm.AutoregressiveModel, cvfp_contract.CVFPModel,
     cvfp_contract.ContextBlock, cvfp_contract.Solver, cvfp_contract.Phase1Report, cvfp_contract.SolveResult,
@@ -30,8 +31,11 @@ CONTRACTS: list[type] = [
 # What each register_* hook's factory returns: the core's kinds, and the kind the cvfp recipe declares.
 HOOK_CONTRACTS = {hook: protocols.PROTOCOLS.get(kind, cvfp_contract.Solver)
                   for hook, kind in registration_hooks(load_plugins().manager).items()}
-# The recipes' model contracts may leave the members they share with LanguageModel to its table.
-EXTENDS = {lm.AutoregressiveModel: protocols.LanguageModel, cvfp_contract.CVFPModel: protocols.LanguageModel}
+# The recipes' model contracts may leave the members they share with LanguageModel to its table, and
+# Runner all of its members to the tables of the three protocols it combines.
+EXTENDS: dict[type, tuple[type, ...]] = {
+    lm.AutoregressiveModel: (protocols.LanguageModel,), cvfp_contract.CVFPModel: (protocols.LanguageModel,),
+    protocols.Runner: (protocols.Placement, protocols.MemoryPolicy, protocols.Collectives)}
 SPAN = re.compile(r"`((?:[^`\\]|\\.)+)`")
 CALL = re.compile(r"(?P<name>[A-Za-z_]\w*)\((?P<params>[^()]*)\)(?: -> (?P<returns>.+))?")
 ATTRIBUTE = re.compile(r"(?P<name>[A-Za-z_]\w*): (?P<type>.+)")
@@ -203,7 +207,7 @@ def test_the_guide_documents_every_contract_member_as_declared() -> None:
         assert path in tables, f"docs/writing-plugins.md has no reference table for {path}"
         documented = {re.split(r"[(:]", span)[0]: span for span in tables.pop(path)}
         declared = set(members(contract))
-        own = declared - set(members(EXTENDS[contract])) if contract in EXTENDS else declared
+        own = declared - {name for base in EXTENDS.get(contract, ()) for name in members(base)}
         assert set(documented) <= declared, f"{path} has no {sorted(set(documented) - declared)}"
         assert own <= set(documented), f"{path}: {sorted(own - set(documented))} undocumented"
         for name, span in documented.items():

@@ -93,6 +93,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {**result, "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_run_directory_has_every_artifact(finished: dict[str, Any]) -> None:
     run_dir = Path(finished["run_dir"])
     assert run_dir.parent.name == "tiny"
@@ -132,6 +133,7 @@ def test_summary_has_a_scaling_fit_per_model(finished: dict[str, Any]) -> None:
     assert set(fits) == {"A", "B"} and fits["A"]["points"] == 2
 
 
+@pytest.mark.slow
 def test_same_seed_same_results(finished: dict[str, Any], tmp_path: Path) -> None:
     again = execute(write_tiny(tmp_path), [], tmp_path / "runs", False, "none", load_plugins())
     assert without_timings(read_results(Path(again["run_dir"]))) == without_timings(
@@ -169,6 +171,7 @@ def _unfinished_unit_checkpointed(run_dir: Path) -> bool:
     return bool(finished) and any(p.parent.name not in finished for p in (run_dir / "checkpoints").glob("*/LATEST"))
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_results(finished: dict[str, Any], tmp_path: Path) -> None:
     path = write_tiny(tmp_path)
     out = tmp_path / "runs"
@@ -195,6 +198,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_results(finished: dict[str, 
     assert without_timings(read_results(run_dir)) == without_timings(read_results(Path(finished["run_dir"])))
 
 
+@pytest.mark.slow
 def test_run_cli_prints_the_table_and_fit(tmp_path: Path) -> None:
     result = cli("run", str(write_tiny(tmp_path)), "--out", str(tmp_path / "runs"), "--progress", "plain",
                  "--set", "experiment.samples=[12, 24]", "--set", "models.1.layers=2")
@@ -206,6 +210,7 @@ def test_run_cli_prints_the_table_and_fit(tmp_path: Path) -> None:
     assert json.loads(json_run.stdout)["results"][0]["model"] == "A"
 
 
+@pytest.mark.slow
 def test_v2_file_runs_its_real_code_path_offline_on_local_copies(tmp_path: Path) -> None:
     """ultrachat parquet + GPT-2 tokenizer dir + GPT-2 model dir: the loaders the hub path uses."""
     from fixtures import (

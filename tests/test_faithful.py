@@ -11,7 +11,7 @@ import torch
 from newllm_kit_plugins.cvfp.contract import Phase1Report, SolveResult
 from newllm_kit_plugins.cvfp.frozen_solve import solve_frozen
 from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
-from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
 from newllm_kit_plugins.cvfp.split_phase1 import SplitModeSolver, phase1_solver, split_ids
 from newllm_kit_plugins.runners.local import CPURunner
 from test_experiment import TINY, read_results, write_tiny
@@ -86,15 +86,15 @@ def test_a_split_view_is_the_merged_blocks_slice() -> None:
 def test_real_solver_trains_both_splits() -> None:
     model = split_model()
     before = [p.detach().clone() for p in model.param_groups()["phase1"]]
-    settings = CVFPSolverSettings(min_iterations=2, max_iterations=3, batch_size=64, solve="sequential")
-    solver = phase1_solver(CVFPSolver(settings), model, BOUNDARIES)
+    settings = CVFPPhase1Settings(min_iterations=2, max_iterations=3, batch_size=64, solve="sequential")
+    solver = phase1_solver(CVFPPhase1Solver(settings), model, BOUNDARIES)
     report = solver.fit(model, IDS, CPURunner(), NullProgress())
     assert all(not torch.equal(a, b) for a, b in zip(before, model.param_groups()["phase1"], strict=True))
     assert report.contexts.shape == (27, 8) and len(report.extra["splits"]) == 2
 
 
 def test_joint_training_and_one_split_keep_the_plain_solver() -> None:
-    solver = CVFPSolver()
+    solver = CVFPPhase1Solver()
     assert phase1_solver(solver, split_model(split_training="joint"), BOUNDARIES) is solver
     assert phase1_solver(solver, CVFPArchitecture(CVFPSettings(layers=1, context_dim=4, embedding_dim=4)).build(9),
                          BOUNDARIES) is solver

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
-from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
 from newllm_kit_plugins.cvfp.phase2 import Phase2Data, context_agreement
 from newllm_kit_plugins.runners.local import CPURunner
 from test_experiment import without_timings, write_tiny
@@ -32,7 +32,7 @@ def test_the_agreement_of_the_rollout_with_itself_is_exact() -> None:
     torch.manual_seed(0)
     model = CVFPArchitecture(CVFPSettings(layers=2, context_dim=16, embedding_dim=16)).build(50)
     ids = torch.randint(0, 50, (300,), dtype=torch.int32)
-    rollout = CVFPSolver(CVFPSolverSettings(solve="sequential")).solve(model, ids, CPURunner()).layers[-1]
+    rollout = CVFPPhase1Solver(CVFPPhase1Settings(solve="sequential")).solve(model, ids, CPURunner()).layers[-1]
     # F(c_{i−1}, x_i) of the rollout's own contexts is the rollout: cosine 1, no error.
     same = context_agreement(model, Phase2Data(rollout, ids), rollout[:200], torch.device("cpu"))
     assert same["tokens"] == 200 and same["min_cosine"] > 1 - 1e-5 and same["mse"] < 1e-10
@@ -56,6 +56,7 @@ def test_the_fast_path_trains_on_phase_1s_contexts_and_says_so(tmp_path: Path) -
     assert faithful["train_er"] == record["train_er"] and faithful["val_ppl"] != record["val_ppl"]
 
 
+@pytest.mark.slow
 def test_the_fast_path_resumes_from_phase_1s_saved_contexts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = run(tmp_path / "whole", FAST)["results"]
     # Kill after Phase 1's checkpoint: the next start must read P back from the run directory.

@@ -72,6 +72,7 @@ def target_lines(figure: Any) -> list[str]:
             if str(line.get_label()).startswith("target")]
 
 
+@pytest.mark.slow
 def test_every_unit_model_and_the_fit_get_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     run = fake_run(tmp_path / "run", [1, 2], lm=True)
@@ -190,6 +191,7 @@ def test_without_matplotlib_it_says_how_to_install(tmp_path: Path, monkeypatch: 
         write_plots(fake_run(tmp_path / "run", [1]))
 
 
+@pytest.mark.slow
 def test_cli_writes_to_out_and_lists_the_files(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     run = fake_run(tmp_path / "run", [7])

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from fixtures import make_gpt2_model_dir
-from newllm_kit_plugins.tokens import gpt2_embedding
+from newllm_kit_plugins.tokens import gpt2_embedding, gpt2_tokenizer
 from newllm_kit_plugins.tokens.gpt2 import (
     GPT2Embedding,
     GPT2EmbeddingSettings,
@@ -111,7 +111,8 @@ def test_gpt2_revision_reaches_the_hub(tmp_path: Path, monkeypatch: pytest.Monke
         asked.append({"repo": repo, **kwargs})
         return str(model_dir / filename)
 
-    monkeypatch.setattr(gpt2_embedding, "hub_reachable", lambda timeout=0.0: True)
+    for module in (gpt2_embedding, gpt2_tokenizer):
+        monkeypatch.setattr(module, "hub_reachable", lambda timeout=0.0: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     embedding = GPT2Embedding(GPT2EmbeddingSettings(name_or_path="gpt2", revision="607a30d"))
     assert embedding.load(50, 8, torch.Generator()).shape == (50, 8)

@@ -259,6 +259,7 @@ def copy_of(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / "tiny" / run_dir.name, symlinks=True))
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_says_so_and_resumes_to_the_same_results(
         interrupted: Path, uninterrupted: list[dict[str, Any]], tmp_path: Path, plugins: Any) -> None:
     meta = json.loads((interrupted / "meta.json").read_text())

@@ -30,6 +30,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_passes_its_own_tests_without_being_installed(kind: str, tmp_path: Path) -> None:
     name = f"my-{kind.replace('_', '-')}"
@@ -40,6 +41,7 @@ def test_each_kind_passes_its_own_tests_without_being_installed(kind: str, tmp_p
     assert "1 skipped" in result.stdout  # only the entry-point test, which needs an installed package
 
 
+@pytest.mark.slow
 def test_an_installed_package_is_loaded_through_its_entry_point(tmp_path: Path) -> None:
     write_plugin("my-metric", "metric", tmp_path)
     package, site = tmp_path / "my-metric", tmp_path / "site"

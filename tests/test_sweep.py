@@ -81,6 +81,7 @@ def test_bad_sweeps_fail_before_anything_runs(registry: Registry, tmp_path: Path
         load_config(write_micro(tmp_path, f"\n[sweep]\n{sweep}\n"), registry, overrides)
 
 
+@pytest.mark.slow
 def test_validate_and_params_list_the_variants(tmp_path: Path) -> None:
     path = write_micro(tmp_path, SWEEP)
     result = cli("validate", str(path))
@@ -115,6 +116,7 @@ def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
     return {"run_dir": run_dir, "finished": finished, "before": before, "result": result}
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_recomputing_finished_variants(killed_and_resumed: dict[str, Any]) -> None:
     run_dir, finished = killed_and_resumed["run_dir"], killed_and_resumed["finished"]
     records = killed_and_resumed["result"]["results"]
@@ -131,6 +133,7 @@ def test_a_killed_sweep_resumes_without_recomputing_finished_variants(killed_and
     assert json.loads((run_dir / "meta.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_plot_draws_the_metric_against_each_swept_key(killed_and_resumed: dict[str, Any], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from newllm_kit.plots import write_plots

@@ -79,6 +79,7 @@ context_dim = 24
 """
 
 
+@pytest.mark.slow
 def test_plugins_json_shows_the_installed_package(installed: dict[str, str]) -> None:
     result = cli("plugins", "--json", env=installed)
     assert result.returncode == 0, result.stderr
@@ -87,6 +88,7 @@ def test_plugins_json_shows_the_installed_package(installed: dict[str, str]) -> 
     assert example["components"] == {"architecture": ["ngram-mlp", "tanh-rnn"], "metric": ["bits_per_token"]}
 
 
+@pytest.mark.slow
 def test_its_cvfp_architecture_is_built_by_name_and_checked_for_the_cvfp_recipe(
         installed: dict[str, str], tmp_path: Path) -> None:
     path = tmp_path / "exp.toml"
@@ -103,6 +105,7 @@ def test_its_cvfp_architecture_is_built_by_name_and_checked_for_the_cvfp_recipe(
     assert bad.returncode == 2 and "models.0.context_dim" in bad.stderr
 
 
+@pytest.mark.slow
 def test_its_lm_architecture_trains_and_its_metric_reaches_the_table_and_csv(
         installed: dict[str, str], tmp_path: Path) -> None:
     path = tmp_path / "exp.toml"
@@ -133,6 +136,7 @@ def guide_test_snippet() -> str:
     return next(block for block in blocks if block.startswith("# tests/test_plugin.py"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["installed", "not installed"])
 def test_the_guides_testing_snippet_passes_installed_or_not(how: str, installed: dict[str, str],
                                                              source: Path, tmp_path: Path) -> None:
@@ -148,6 +152,7 @@ def test_the_guides_testing_snippet_passes_installed_or_not(how: str, installed:
     assert summary.startswith("3 passed" if how == "installed" else "2 passed, 1 skipped"), summary
 
 
+@pytest.mark.slow
 def test_without_the_package_the_name_is_unknown(tmp_path: Path) -> None:
     path = tmp_path / "exp.toml"
     path.write_text(LM)

@@ -1,45 +1,22 @@
 """The shared epoch loop's resume state: what a checkpoint keeps of the random generators.
 
-The host has no GPU, so the CUDA generator is a stand-in whose state is a draw counter: each
-training epoch draws from it (as dropout on a GPU would), and a resumed run must continue from the
-saved count, not from wherever the new process's generator happens to be.
+The host has no GPU, so the CUDA generator is the fake backend's (tests/fake_cuda.py), whose state is a
+draw counter: each training epoch draws from it (as dropout on a GPU would), and a resumed run must
+continue from the saved count, not from wherever the new process's generator happens to be.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
+from fake_cuda import FakeCuda
 from torch import nn
 
 from newllm_kit.progress import NullProgress
 from newllm_kit.protocols import EvalOutputs
-from newllm_kit.training import TrainState, train_epochs
+from newllm_kit.training import TrainState, restore_rng, rng_states, train_epochs
 
 
-class FakeCudaGenerator:
-    """torch.cuda's generator functions over a counter: get/set state, and one draw per epoch."""
-
-    def __init__(self) -> None:
-        self.draws = 0
-
-    def get_rng_state(self) -> torch.Tensor:
-        return torch.tensor([self.draws], dtype=torch.uint8)
-
-    def set_rng_state(self, state: torch.Tensor) -> None:
-        self.draws = int(state[0])
-
-
-@pytest.fixture
-def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCudaGenerator:
-    fake = FakeCudaGenerator()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", fake.get_rng_state)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", fake.set_rng_state)
-    return fake
-
-
-def _train(cuda: FakeCudaGenerator, epochs: int, start: TrainState | None = None) -> list[TrainState]:
+def _train(cuda: FakeCuda, epochs: int, start: TrainState | None = None) -> list[TrainState]:
     torch.manual_seed(0)
     model = nn.Linear(2, 1)
     params = list(model.parameters())
@@ -64,7 +41,8 @@ def _train(cuda: FakeCudaGenerator, epochs: int, start: TrainState | None = None
     return saved
 
 
-def test_a_checkpoint_keeps_the_cuda_generator_and_a_resume_restores_it(cuda: FakeCudaGenerator) -> None:
+def test_a_checkpoint_keeps_the_cuda_generator_and_a_resume_restores_it(fake_cuda: FakeCuda) -> None:
+    cuda = fake_cuda
     straight = _train(cuda, epochs=3)
     assert [int(s.cuda_rng[0]) for s in straight if s.cuda_rng is not None] == [3, 6, 9]
     tensors, data = straight[0].to_checkpoint()
@@ -80,7 +58,21 @@ def test_a_checkpoint_keeps_the_cuda_generator_and_a_resume_restores_it(cuda: Fa
         assert all(torch.equal(a.model[k], b.model[k]) for k in b.model)
 
 
-def test_without_cuda_in_use_only_the_cpu_generator_is_kept() -> None:
-    saved = _train(FakeCudaGenerator(), epochs=1)
+def test_without_cuda_in_use_only_the_cpu_generator_is_kept(fake_cuda: FakeCuda) -> None:
+    fake_cuda.initialized = False  # CUDA is there, but this process never used it
+    saved = _train(fake_cuda, epochs=1)
     tensors, _ = saved[0].to_checkpoint()
     assert "rng" in tensors and "cuda_rng" not in tensors
+
+
+def test_a_cuda_state_is_restored_only_where_cuda_is_available(fake_cuda: FakeCuda) -> None:
+    fake_cuda.draws = 7
+    _, state = rng_states()
+    assert state is not None and int(state[0]) == 7
+    fake_cuda.draws, fake_cuda.available = 40, False  # resumed on a host without CUDA: the state is skipped
+    restore_rng(TrainState(rng=torch.get_rng_state(), cuda_rng=state))
+    assert fake_cuda.draws == 40
+    assert rng_states()[1] is None
+    fake_cuda.available = True
+    restore_rng(TrainState(rng=torch.get_rng_state(), cuda_rng=state))
+    assert fake_cuda.draws == 7

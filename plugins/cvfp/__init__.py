@@ -2,9 +2,10 @@
 
 recipe → phases (phase1 solvers: phase1, gradual_decrease, split_phase1; phase2) → the pieces they
 use (jacobi_pass, frozen_solve, context_store, phase1_contexts, diagnostics, spans) → model and
-contract. Entry-point modules: `model` (entry point `cvfp`: architecture `cvfp`), `recipe`
-(`cvfp_recipe`: recipe `cvfp`, declares the `solver` kind), `phase1` (`fixed_point`: solver `cvfp`),
-`gradual_decrease` (`gradual_decrease`: solver `gradual-decrease`).
+contract; a module never imports one above it (tests/test_layers.py). Entry-point modules: `model`
+(entry point `cvfp`: architecture `cvfp`, `CVFPArchitecture`), `recipe` (`cvfp_recipe`: recipe `cvfp`,
+`CVFPRecipe`, declares the `solver` kind), `phase1` (`fixed_point`: Phase-1 solver `cvfp`,
+`CVFPPhase1Solver`), `gradual_decrease` (`gradual_decrease`: Phase-1 solver `gradual-decrease`).
 The contract third-party solvers and CVFP-shaped models implement is re-exported here.
 """
 

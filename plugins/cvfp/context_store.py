@@ -2,7 +2,7 @@
 
 Phase 2 keeps only the final-layer context of every position and recomputes the per-layer ones per
 batch, yet at 5M tokens even that is 15 GB for v2 A in fp32: more than a 24 GB card spares next to
-Phase 2. `runner.context_store` says where the stores go:
+Phase 2. `runner.context_store` (a member of `newllm_kit.protocols.MemoryPolicy`) says where the stores go:
 
 * ``device``: runner.device memory; nothing moves per batch.
 * ``host``: CPU memory, pinned on a CUDA runner so each batch's rows copy asynchronously.
@@ -11,7 +11,8 @@ Phase 2. `runner.context_store` says where the stores go:
   host when they fit in that share of the available RAM, else disk.
 
 On a CPU runner device and host are the same memory. `runner.context_dtype = "bf16"` halves every
-store; it applies to these stores only (Phase 1 keeps fp32 targets).
+store; it applies to these stores only (Phase 1 keeps fp32 targets). Free device memory is asked of the
+core's CUDA backend (`newllm_kit.cuda`), so tests can fake a GPU.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from newllm_kit import cuda
 from newllm_kit.errors import RunFailed, UserError
 from newllm_kit.params import available_bytes, human_bytes
+from newllm_kit.protocols import Collectives, MemoryPolicy, Placement, Runner, member
 
 KINDS = ("device", "host", "disk")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -61,20 +64,19 @@ class StorePlan:
         return f"{first}, or {self.advice()}" if self.advice() else first
 
 
-def settings_of(runner: Any) -> tuple[str, str, float]:
-    """(context_store, context_dtype, memory_fraction) of the runner; a plugin runner without these
-    settings gets the defaults."""
-    settings = getattr(runner, "settings", None)
-    return (getattr(settings, "context_store", "auto"), getattr(settings, "context_dtype", "fp32"),
-            float(getattr(settings, "memory_fraction", 0.5)))
+def settings_of(runner: MemoryPolicy) -> tuple[str, str, float]:
+    """(context_store, context_dtype, memory_fraction): the runner's store policy, with `MemoryPolicy`'s
+    defaults for a plugin runner that leaves these members out."""
+    return (str(member(runner, MemoryPolicy, "context_store")), str(member(runner, MemoryPolicy, "context_dtype")),
+            float(member(runner, MemoryPolicy, "memory_fraction")))
 
 
 def free_bytes(device: torch.device) -> int | None:
     """What a new allocation on `device` can get: on CUDA the driver's free memory plus the blocks
     PyTorch has cached but not handed out (Phase 1 leaves many), elsewhere the available RAM."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-                   - torch.cuda.memory_allocated(device))
+        gpu = cuda.backend()
+        return int(gpu.mem_get_info(device)[0] + gpu.memory_reserved(device) - gpu.memory_allocated(device))
     return available_bytes(device)
 
 
@@ -102,7 +104,7 @@ def decide(needed: int, fraction: float, device_free: int | None, host_free: int
     return "disk", f"exceeds {beyond}{share(host_free, 'in RAM')}"
 
 
-def _agree(kind: str, runner: Any) -> str:
+def _agree(kind: str, runner: Collectives) -> str:
     """The most conservative kind any rank chose, so every rank records (and holds) the same."""
     if runner.world_size == 1:
         return kind
@@ -112,7 +114,7 @@ def _agree(kind: str, runner: Any) -> str:
     return KINDS[int(chosen)]
 
 
-def plan_stores(runner: Any, rows: int, width: int, folder: Path) -> StorePlan:
+def plan_stores(runner: Runner, rows: int, width: int, folder: Path) -> StorePlan:
     """Where `rows` contexts of `width` go (every stream of a unit together), checked against the free
     memory or disk of that place: a store that cannot fit fails here, in one line, before allocating."""
     requested, dtype, fraction = settings_of(runner)
@@ -150,11 +152,11 @@ def out_of_memory_message(unit: str, phase: str, error: BaseException, plan: Sto
             f"{plan.kind}, {plan.dtype}); set {fix}")
 
 
-def _pinned(runner: Any) -> bool:
-    return runner.device.type == "cuda" and torch.cuda.is_available()
+def _pinned(runner: Placement) -> bool:
+    return runner.device.type == "cuda" and cuda.backend().is_available()
 
 
-def allocate(plan: StorePlan, rows: int, width: int, runner: Any, file: Path | None = None) -> torch.Tensor:
+def allocate(plan: StorePlan, rows: int, width: int, runner: Placement, file: Path | None = None) -> torch.Tensor:
     """One [rows, width] store as the plan says; `file` (kind disk) is created or overwritten."""
     dtype = DTYPES[plan.dtype]
     if plan.kind == "device":
@@ -177,14 +179,14 @@ def allocate(plan: StorePlan, rows: int, width: int, runner: Any, file: Path | N
     return torch.from_numpy(array).view(dtype)
 
 
-def file_name(unit: str, stream: str, runner: Any, dtype: str) -> str:
+def file_name(unit: str, stream: str, runner: Collectives, dtype: str) -> str:
     """`<unit>-<stream>.<dtype>`, with the rank under ddp (ranks on one host share the run directory)."""
     rank = f".rank{runner.rank}" if runner.world_size > 1 else ""
     return f"{unit}-{stream}{rank}.{dtype}"
 
 
 @contextmanager
-def context_stores(plan: StorePlan, sizes: dict[str, int], width: int, runner: Any, unit: str,
+def context_stores(plan: StorePlan, sizes: dict[str, int], width: int, runner: Runner, unit: str,
                    folder: Path) -> Iterator[dict[str, torch.Tensor]]:
     """The stores of one unit by stream name; disk files are removed when the block ends, however it ends
     (a killed process leaves them to the run's repair on the next start)."""

@@ -3,7 +3,7 @@
 The reference printed these after Phase 1 and acted on one of them (an identity block skipped
 Phase 2); a result is easier to trust when they sit next to its PPL. They read only the `Model`
 protocol (`context_block.step`, `project_tokens`, `token_inputs`) and context matrices, so they
-hold for any architecture. The core runs them, which is why they live here and not in a plugin.
+hold for any CVFP-shaped architecture; the cvfp recipe runs them after the frozen solves.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .contract import SolveResult
+from .frozen_solve import full_precision_matmuls
 from .spans import token_span
 
 IDENTITY_PROBES = 100  # the reference's probe count and threshold (spec §3.5, §5)
@@ -142,9 +143,7 @@ def seed_diagnostics(model: Any, val_ids: torch.Tensor, solves: dict[str, SolveR
     reproducible; with ρ ≥ 1 differences grow along the stream. Matrix products run in full fp32
     (no TF32), like the frozen solves, so the numbers do not depend on the runner's `tf32`.
     """
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with full_precision_matmuls():
         return {
             "identity": identity_check(model, seed),
             "val_convergence": convergence_check(model, val_ids, trials) if trials else None,
@@ -152,8 +151,6 @@ def seed_diagnostics(model: Any, val_ids: torch.Tensor, solves: dict[str, SolveR
             "gain": {name: None if s.gain is None or not math.isfinite(s.gain) else s.gain
                      for name, s in solves.items()},
         }
-    finally:
-        torch.set_float32_matmul_precision(saved)
 
 
 def diagnostic_warnings(diagnostics: dict[str, Any]) -> list[str]:

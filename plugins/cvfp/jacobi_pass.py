@@ -5,30 +5,43 @@ the previous output at row i, so one [n, C] buffer can be overwritten chunk by c
 chunk has read its rows, keeping only the one boundary row the next chunk needs. Token inputs are
 computed per chunk from the ids and noise is drawn per block of positions, so a pass holds one
 context per token plus O(chunk), and its numbers do not depend on chunking, micro-batch or ranks.
-Used by the `cvfp` and `gradual-decrease` solvers.
+Used by the Phase-1 solvers `cvfp` and `gradual-decrease`, which hand it the few settings it reads
+(`PassSettings`), so this module never imports theirs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
 
 from newllm_kit.errors import RunFailed, UserError
-from newllm_kit.protocols import Runner
+from newllm_kit.protocols import Collectives, MemoryPolicy, Runner
 
 from .context_store import is_out_of_memory
 from .spans import token_rows, token_span
 
-if TYPE_CHECKING:
-    from .phase1 import CVFPSolverSettings
-
 T = TypeVar("T")
 NOISE_ROWS = 1024  # positions per noise draw: a fixed grid, so noise depends on the position only
 Rows = range | torch.Tensor  # a chunk's local rows: consecutive (cvfp) or the active ones (gradual-decrease)
+
+
+class PassSettings(Protocol):
+    """The Phase-1 settings a pass reads (`phase1.CVFPPhase1Settings` has them, among others)."""
+
+    @property
+    def loss_scope(self) -> str: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def nonfinite(self) -> str: ...
+    @property
+    def convergence_threshold(self) -> float: ...
+    @property
+    def dist_reg_weight(self) -> float: ...
 
 
 @dataclass
@@ -55,7 +68,7 @@ class GroupLoss:
     loss: torch.Tensor
 
 
-def with_oom_retry(runner: Runner, batch: int, work: Callable[[], T], failure: Callable[[], str]) -> T:
+def with_oom_retry(runner: MemoryPolicy, batch: int, work: Callable[[], T], failure: Callable[[], str]) -> T:
     """Call `work` again with the runner's smaller micro-batch after an out-of-memory error.
 
     `work` must resume where it stopped, not restart (`InPlacePass.run` does). It contains
@@ -77,7 +90,7 @@ def with_oom_retry(runner: Runner, batch: int, work: Callable[[], T], failure: C
                 raise RunFailed(failure()) from error
 
 
-def oom_on_any_rank(runner: Runner, compute: Callable[[], T]) -> T:
+def oom_on_any_rank(runner: Collectives, compute: Callable[[], T]) -> T:
     """Run collective-free `compute` on every rank; if any rank ran out of memory, all raise it here.
 
     A rank that retried on its own would re-enter the sweep's collectives out of step with the
@@ -146,7 +159,7 @@ class InPlacePass:
     """
 
     def __init__(self, model: Any, ids: torch.Tensor, contexts: torch.Tensor, offset: int, chunks: list[Rows],
-                 settings: CVFPSolverSettings, runner: Runner, iteration: int, sigma: float, seed: int,
+                 settings: PassSettings, runner: Runner, iteration: int, sigma: float, seed: int,
                  params: list[torch.nn.Parameter], converged: torch.Tensor | None = None) -> None:
         self.model, self.ids, self.contexts, self.offset, self.chunks = model, ids, contexts, offset, chunks
         self.settings, self.runner, self.iteration, self.sigma, self.seed = settings, runner, iteration, sigma, seed

@@ -1,4 +1,5 @@
-"""The CVFP (Context Vector Fixed-Point) language model: settings, blocks, model and FLOP counts.
+"""The architecture `cvfp`: the CVFP (Context Vector Fixed-Point) language model's settings, blocks,
+model and FLOP counts.
 
 A ContextBlock F(c, x) maps the previous token's context and the current token input to L
 per-layer contexts; Phase 1 trains it towards a fixed point over a stream. A TokenBlock reads
@@ -9,23 +10,27 @@ Both variants of the reference system are options of one implementation:
 
 * ``token-every-layer`` (spec Variant A / A-N, 2025-11-27 and 11/28 v1): every ContextLayer reads
   the token input and keeps width C.
-* ``gradual-reduction`` (spec Variant B, 11/28 v2, "等差減少"): only ContextLayer 1 reads the
-  token input; context widths shrink evenly from C+T to C, token widths from T to E.
+* ``gradual-reduction`` (spec Variant B, 11/28 v2, "等差減少", gradual dimension reduction): only
+  ContextLayer 1 reads the token input; context widths shrink evenly from C+T to C, token widths
+  from T to E. A shape of the model, fixed when it is built; the Phase-1 solver `gradual-decrease`
+  (also 等差) is something else, a training schedule whose step size and noise fall pass by pass.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from torch import nn
 
 from newllm_kit import hookimpl
 from newllm_kit.params import load_table, require_memory, weight_bytes
+from newllm_kit.presets import PresetSettings
 
-PRESETS: dict[str, tuple[int, int]] = {"6L-768": (6, 768), "3L-1536": (3, 1536)}  # (layers, context_dim)
+PRESETS: dict[str, dict[str, Any]] = {"6L-768": {"layers": 6, "context_dim": 768},
+                                     "3L-1536": {"layers": 3, "context_dim": 1536}}
 # Upper bounds keep every weight's element count far inside int64 (torch's size type); whether a
 # model within them fits in memory is checked when it is built.
 MAX_LAYERS = 1024
@@ -33,10 +38,11 @@ MAX_WIDTH = 1 << 20
 MAX_INPUT_TOKENS = 64
 
 
-class CVFPSettings(BaseModel):
+class CVFPSettings(PresetSettings):
     """The `[[models]]` keys of `architecture = "cvfp"`; widths follow spec §2."""
 
     model_config = ConfigDict(extra="forbid")
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
     preset: Literal["6L-768", "3L-1536"] | None = Field(
         default=None, description="Shorthand for layers/context_dim (6/768 or 3/1536); explicit keys win.")
@@ -62,14 +68,6 @@ class CVFPSettings(BaseModel):
                     "Adam, as the reference (spec §2.6); joint: the merged block on the whole stream.")
     tie_head: bool = Field(
         default=True, description="True: logits use the embedding table; False: own Lin(E→V), zero init.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
-            layers, context_dim = PRESETS[data["preset"]]
-            return {"layers": layers, "context_dim": context_dim, **data}
-        return data
 
     @field_validator("num_context_splits")
     @classmethod

@@ -1,4 +1,5 @@
-"""The `cvfp` solver: Phase-1 fixed-point training of the ContextBlock (spec §3) and frozen solves.
+"""The Phase-1 solver `cvfp` (`CVFPPhase1Solver`): fixed-point training of the ContextBlock (spec §3)
+and frozen solves.
 
 Phase 1 alternates one parallel ("Jacobi") pass over the whole stream with one Adam step: every
 token's incoming context is the previous pass's output of the token before it (wrap-around at
@@ -6,6 +7,10 @@ position 0), plus noise, and the loss pulls each output towards the previous pas
 the same position while a diversity term keeps the contexts apart. A pass overwrites one [n, C]
 buffer chunk by chunk (`jacobi_pass.InPlacePass`), so it holds one context per token plus
 O(chunk). The frozen solves (the contexts Phase 2 reads) live in `frozen_solve`.
+
+`fit` is the one Phase-1 loop of both built-in solvers: what changes from pass to pass (the rows a
+pass works on, its step size and noise, which tokens count as converged) is a `PassSchedule`, and
+the `gradual-decrease` solver only brings its own (`gradual_decrease.ShrinkingSchedule`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit import hookimpl
 from newllm_kit.errors import RunFailed, UserError
-from newllm_kit.protocols import Progress, Runner
+from newllm_kit.protocols import Collectives, Placement, Progress, Runner
+from newllm_kit.training import sum_gradients
 
 from .context_store import decide, free_bytes, is_out_of_memory, settings_of
 from .contract import Phase1Report, SolveResult
@@ -30,8 +36,9 @@ MAX_ITERATIONS = 1_000_000  # each pass sweeps the whole stream: far beyond any 
 MAX_BATCH = 10**9
 
 
-class CVFPSolverSettings(BaseModel):
-    """The `[solver]` keys of `name = "cvfp"`; defaults are the 11/28 v2 / `49da23b` values."""
+class CVFPPhase1Settings(BaseModel):
+    """The `[solver]` keys of the Phase-1 solver `name = "cvfp"`; defaults are the 11/28 v2 / `49da23b`
+    values."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -71,7 +78,7 @@ class CVFPSolverSettings(BaseModel):
         default=1e-5, gt=0, description="Max |error| of a frozen solve against the sequential rollout.")
 
 
-def stream_shard(n: int, settings: CVFPSolverSettings, runner: Runner) -> range:
+def stream_shard(n: int, settings: CVFPPhase1Settings, runner: Collectives) -> range:
     """This rank's rows of the stream, cut at chunk boundaries.
 
     Whole chunks per rank keep every chunk's loss (the diversity term depends on its rows) the
@@ -93,7 +100,7 @@ def stream_shard(n: int, settings: CVFPSolverSettings, runner: Runner) -> range:
     return rows
 
 
-def gather_rows(local: torch.Tensor, rows: range, n: int, runner: Runner) -> torch.Tensor:
+def gather_rows(local: torch.Tensor, rows: range, n: int, runner: Collectives) -> torch.Tensor:
     """The whole stream's rows on every rank, where `local` lives: sums of zero-padded shards (exact),
     BLOCK rows per collective on the runner's device."""
     if runner.world_size == 1:
@@ -107,16 +114,6 @@ def gather_rows(local: torch.Tensor, rows: range, n: int, runner: Runner) -> tor
             piece[lo - a:hi - a] = local[lo - rows.start:hi - rows.start].to(runner.device)
         full[a:b] = runner.all_reduce_sum(piece).to(full.device)
     return full
-
-
-def reduce_gradients(params: list[torch.nn.Parameter], runner: Runner) -> None:
-    """Sum gradients over ranks in one collective (losses are already scaled to a global mean)."""
-    if runner.world_size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = runner.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
-    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-        p.grad = g.view_as(p)
 
 
 def _row_bytes(model: Any) -> int:
@@ -137,7 +134,7 @@ def phase1_oom(model: Any, contexts: torch.Tensor, batch: int, runner: Runner) -
             f"or runner.auto_batch = true to split chunks automatically{store}")
 
 
-def solve_oom(model: Any, positions: int, out: torch.Tensor | None, runner: Runner, what: str) -> str:
+def solve_oom(model: Any, positions: int, out: torch.Tensor | None, runner: Placement, what: str) -> str:
     """The one-line failure of a frozen solve (or Phase 1's iteration 0) that ran out of memory."""
     contexts = positions * model.context_dim * (4 if out is None else out.element_size())
     work = BLOCK * _row_bytes(model)
@@ -164,7 +161,7 @@ def buffer_device(runner: Runner, rows: int, width: int) -> torch.device:
     return runner.device if kind == "device" else torch.device("cpu")
 
 
-def initial_contexts(model: Any, ids: torch.Tensor, rows: range, settings: CVFPSolverSettings, runner: Runner
+def initial_contexts(model: Any, ids: torch.Tensor, rows: range, settings: CVFPPhase1Settings, runner: Runner
                      ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Iteration 0 for this rank's rows, in the one buffer the passes overwrite: the noise-free
     rollout P⁰ (a frozen solve) or N(0, 0.01²) contexts."""
@@ -196,7 +193,7 @@ def initial_contexts(model: Any, ids: torch.Tensor, rows: range, settings: CVFPS
     return contexts, info
 
 
-def consecutive_chunks(rows: int, settings: CVFPSolverSettings) -> list[Rows]:
+def consecutive_chunks(rows: int, settings: CVFPPhase1Settings) -> list[Rows]:
     """The loss groups of a pass over `rows` local rows: chunks of batch_size, or the whole stream."""
     if settings.loss_scope == "stream":
         return [range(rows)]
@@ -204,19 +201,50 @@ def consecutive_chunks(rows: int, settings: CVFPSolverSettings) -> list[Rows]:
 
 
 def take_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, runner: Runner,
-              settings: CVFPSolverSettings, result: Sweep) -> None:
+              settings: CVFPPhase1Settings, result: Sweep) -> None:
     """Sum gradients over ranks, clip, and step (unless a stream-scope loss was non-finite)."""
-    reduce_gradients(params, runner)
+    sum_gradients(params, runner)
     torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
     if result.step:
         optimizer.step()
 
 
-class CVFPSolver:
+class PassSchedule:
+    """What changes from pass to pass, for `cvfp`: nothing. Every local row in every pass, in the same
+    consecutive loss groups, at the configured step size and noise. `gradual-decrease` overrides it."""
+
+    def __init__(self, settings: CVFPPhase1Settings, rows: int, n: int, device: torch.device) -> None:
+        self.settings, self.n = settings, n
+        self.chunks = consecutive_chunks(rows, settings)
+        self.flags: torch.Tensor | None = None  # per local row: converged in this pass (filled by the pass if set)
+
+    def next_pass(self, k: int, optimizer: torch.optim.Optimizer) -> tuple[list[Rows], float]:
+        """Pass k's loss groups and noise σ; a schedule that changes the step size sets it on `optimizer`."""
+        return self.chunks, self.settings.context_noise
+
+    def after_pass(self, k: int, result: Sweep) -> tuple[int, int]:
+        """(tokens pass k evaluated, tokens that count as converged after it: the rate's numerator)."""
+        return self.n, result.converged
+
+    def history(self, result: Sweep) -> dict[str, float]:
+        """Pass entries of the history beyond the losses, rate and seconds every schedule records."""
+        return {}
+
+    def shown(self, k: int, result: Sweep, rate: float, seconds: float) -> dict[str, float]:
+        """Pass k's progress fields."""
+        return {"iteration": k, "loss": result.loss, "cvfp_loss": result.cvfp_loss,
+                "diversity_loss": result.diversity_loss, "rate": rate, "seconds": seconds}
+
+
+class CVFPPhase1Solver:
     """Spec §3 Phase 1 (`fit`) and the frozen contexts of a stream (`solve`)."""
 
-    def __init__(self, settings: CVFPSolverSettings | None = None) -> None:
-        self.settings = settings if settings is not None else CVFPSolverSettings()
+    def __init__(self, settings: CVFPPhase1Settings | None = None) -> None:
+        self.settings = settings if settings is not None else CVFPPhase1Settings()
+
+    def schedule(self, rows: int, n: int, device: torch.device) -> PassSchedule:
+        """What changes from pass to pass over `rows` local rows (of `n`) whose contexts live on `device`."""
+        return PassSchedule(self.settings, rows, n, device)
 
     def fit(self, model: Any, ids: torch.Tensor, runner: Runner, progress: Progress) -> Phase1Report:
         """Iteration 0, then parallel passes with one Adam step each until the rate or the budget stops."""
@@ -230,22 +258,24 @@ class CVFPSolver:
         contexts, first = initial_contexts(model, ids, rows, s, runner)
         progress.advance("phase1", iteration=0, seconds=first["seconds"])
         evaluations, rate, iterations, history = first["evaluations"], 0.0, 1, []
-        chunks = consecutive_chunks(len(rows), s)
+        schedule = self.schedule(len(rows), n, contexts.device)
         for k in range(1, s.max_iterations):
             tick = time.perf_counter()
+            chunks, sigma = schedule.next_pass(k, optimizer)
             optimizer.zero_grad(set_to_none=True)
-            sweep = InPlacePass(model, ids, contexts, rows.start, chunks, s, runner, k, s.context_noise, seed, params)
+            sweep = InPlacePass(model, ids, contexts, rows.start, chunks, s, runner, k, sigma, seed, params,
+                                schedule.flags)
             result = with_oom_retry(runner, s.batch_size, sweep.run,
                                     lambda: phase1_oom(model, contexts, s.batch_size, runner))
             take_step(params, optimizer, runner, s, result)
-            evaluations, iterations = evaluations + n, k + 1
-            rate = result.converged / n
+            evaluated, converged = schedule.after_pass(k, result)
+            evaluations, iterations = evaluations + evaluated, k + 1
+            rate = converged / n
             record = {"iteration": float(k), "loss": result.loss, "cvfp_loss": result.cvfp_loss,
                       "diversity_loss": result.diversity_loss, "convergence_rate": rate,
-                      "seconds": time.perf_counter() - tick}
+                      **schedule.history(result), "seconds": time.perf_counter() - tick}
             history.append(record)
-            progress.advance("phase1", iteration=k, loss=result.loss, cvfp_loss=result.cvfp_loss,
-                             diversity_loss=result.diversity_loss, rate=rate, seconds=record["seconds"])
+            progress.advance("phase1", **schedule.shown(k, result, rate, record["seconds"]))
             if k + 1 >= s.min_iterations and rate >= s.min_converged_ratio:
                 break
         progress.finish("phase1")
@@ -275,5 +305,5 @@ class CVFPSolver:
 
 @hookimpl
 def register_solvers(register: Any) -> None:
-    register("cvfp", CVFPSolver, settings=CVFPSolverSettings,
+    register("cvfp", CVFPPhase1Solver, settings=CVFPPhase1Settings,
              description="CVFP Phase 1 (parallel fixed-point passes, one Adam step each) and frozen solves")

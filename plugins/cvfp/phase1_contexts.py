@@ -18,7 +18,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
-from newllm_kit.protocols import Runner
+from newllm_kit.protocols import Collectives
 
 FILE = "phase1-contexts.safetensors"
 KEY = "contexts"
@@ -36,7 +36,7 @@ def write(handle: BinaryIO, contexts: torch.Tensor) -> None:
         handle.write(contexts[a:a + ROWS].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
 
 
-def readable(path: Path, rows: int, width: int, runner: Runner) -> bool:
+def readable(path: Path, rows: int, width: int, runner: Collectives) -> bool:
     """Whether the file holds [rows, width] fp32 contexts (rank 0 looks, every rank gets its answer)."""
     ok = True
     if runner.rank == 0:
@@ -50,7 +50,7 @@ def readable(path: Path, rows: int, width: int, runner: Runner) -> bool:
     return ok
 
 
-def read_into(path: Path, out: torch.Tensor, runner: Runner) -> None:
+def read_into(path: Path, out: torch.Tensor, runner: Collectives) -> None:
     """Fill `out` ([rows, C], any device and dtype) from a file `readable` accepted; under ddp rank 0
     reads and every rank receives the blocks, so the ranks need not share a filesystem."""
     rows, width = out.shape

@@ -5,8 +5,8 @@ them (spec §7.3). Only the final-layer context of each position is kept; a batc
 contexts are one batched ContextBlock step away, c_{i−1} → h_1..h_L(i), so a stream costs C floats
 per position instead of Σ d_j + T. The walk is the reference's (§4.3–4.4): stream order,
 consecutive mini-batches, mean CE, clip, Adam, then validation and patience-based early stopping.
-The epoch loop, early stopping and the chunked head loss are the ones every recipe shares
-(`newllm_kit.training`).
+The epoch loop, early stopping, the micro-batched loss pass and the chunked head loss are the ones
+every recipe shares (`newllm_kit.training`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from newllm_kit.errors import DataError
-from newllm_kit.protocols import EvalOutputs, Progress, Runner
+from newllm_kit.protocols import EvalOutputs, MemoryPolicy, Progress, Runner
 from newllm_kit.training import (
     TrainReport,
     TrainState,
     head_cross_entropy,
+    loss_pass,
     optimizer_step,
-    retry_after_oom,
     spans,
     train_epochs,
 )
@@ -154,29 +154,25 @@ def bytes_per_position(model: Model) -> int:
     return 4 * 5 * (sum(model.layer_widths) + model.token_width)
 
 
-def resolve_batch(requested: int | Literal["auto"], model: Model, runner: Runner) -> int:
+def resolve_batch(requested: int | Literal["auto"], model: Model, runner: MemoryPolicy) -> int:
     """A number from the file, or the runner's choice (a collective under ddp: every rank calls it)."""
     return runner.batch_size(None if requested == "auto" else requested, bytes_per_position(model))
 
 
 def _pass(model: Model, data: Phase2Data, rows: range, runner: Runner, chunk: int,
           grad_scale: float | None) -> tuple[float, int]:
-    """NLL sum and hits over `rows` in micro-batches, backpropagating loss × `grad_scale` if given.
-    After an OOM the runner may shrink its micro-batch: then the whole pass is retried."""
-    def attempt() -> tuple[float, int]:
-        nll, hits = 0.0, 0
-        for span in spans(rows, runner.micro_batch(len(rows))):
+    """NLL sum and hits over `rows` (`newllm_kit.training.loss_pass`), backpropagating loss × `grad_scale`
+    if given."""
+    def losses(micro: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for span in spans(rows, micro):
             contexts, tokens, targets = data.batch(model, span, runner.device)
             with runner.autocast():
                 weight, bias = model.output_head()
-                loss, correct = head_cross_entropy(model.token_states(contexts, tokens), weight, bias,
-                                                   targets, chunk, count_correct=grad_scale is None)
-            if grad_scale is not None:
-                (loss * grad_scale).backward()
-            nll, hits = nll + loss.item(), hits + int(correct.item())
-        return nll, hits
+                scored = head_cross_entropy(model.token_states(contexts, tokens), weight, bias, targets, chunk,
+                                            count_correct=grad_scale is None)
+            yield scored
 
-    return retry_after_oom(runner, len(rows), cast(nn.Module, model), attempt)
+    return loss_pass(cast(nn.Module, model), runner, len(rows), losses, grad_scale)
 
 
 @torch.no_grad()

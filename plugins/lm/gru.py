@@ -18,15 +18,16 @@ preset     hidden_size  trainable                         CVFP v2 (gradual-reduc
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from newllm_kit import hookimpl
 from newllm_kit.params import load_table
+from newllm_kit.presets import PresetSettings
 
 MAX_WIDTH = 1 << 20
 PRESETS: dict[str, dict[str, int]] = {
@@ -35,10 +36,11 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-class GRUSettings(BaseModel):
+class GRUSettings(PresetSettings):
     """The `[[models]]` keys of `architecture = "gru"`."""
 
     model_config = ConfigDict(extra="forbid")
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
     preset: Literal["v2-A", "v2-B"] | None = Field(
         default=None, description="Sizes matching the trainable parameters of CVFP v2 model A (6L-768) or "
@@ -49,13 +51,6 @@ class GRUSettings(BaseModel):
     layers: int = Field(default=2, ge=1, le=1024, description="Stacked GRU layers.")
     dropout: float = Field(default=0.0, ge=0, lt=1,
                            description="Dropout on the embeddings, between GRU layers and on the output.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
-            return {**PRESETS[data["preset"]], **data}
-        return data
 
 
 class GRUModel(nn.Module):

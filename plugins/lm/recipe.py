@@ -18,7 +18,7 @@ windows): windows are then independent, so they can be shuffled and batched.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, cast
 
 import torch
@@ -30,6 +30,7 @@ from newllm_kit.errors import ConfigError, DataError
 from newllm_kit.protocols import (
     Column,
     EvalOutputs,
+    Placement,
     RecipeResult,
     Runner,
     Saved,
@@ -39,8 +40,8 @@ from newllm_kit.protocols import (
 from newllm_kit.training import (
     TrainState,
     head_cross_entropy,
+    loss_pass,
     optimizer_step,
-    retry_after_oom,
     spans,
     train_epochs,
 )
@@ -176,29 +177,25 @@ def _batches(ids: torch.Tensor, windows: Sequence[Window]) -> list[Batch]:
 
 def _pass(model: AutoregressiveModel, ids: torch.Tensor, windows: Sequence[Window], runner: Runner, chunk: int,
           grad_scale: float | None, sample: ContextSample | None = None) -> tuple[float, int]:
-    """NLL sum and hits over the scored predictions of `windows`, in micro-batches, backpropagating
-    loss × `grad_scale` if given. After an OOM the runner may shrink its micro-batch: the pass is retried."""
-    def attempt() -> tuple[float, int]:
-        nll, hits = 0.0, 0
-        for span in spans(range(len(windows)), runner.micro_batch(len(windows))):
+    """NLL sum and hits over the scored predictions of `windows` (`newllm_kit.training.loss_pass`),
+    backpropagating loss × `grad_scale` if given; the scored hidden states go to `sample` if given."""
+    def losses(micro: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for span in spans(range(len(windows)), micro):
             for batch in _batches(ids, windows[span.start:span.stop]):
                 with runner.autocast():
                     hidden = model.hidden(batch.inputs)[0]
                     states = hidden.flatten(0, 1) if batch.scored is None else hidden[batch.scored]
                     weight, bias = model.output_head()
-                    loss, correct = head_cross_entropy(states, weight, bias, ids[batch.targets].long(),
-                                                       chunk, count_correct=grad_scale is None)
-                if grad_scale is not None:
-                    (loss * grad_scale).backward()
+                    scored = head_cross_entropy(states, weight, bias, ids[batch.targets].long(), chunk,
+                                                count_correct=grad_scale is None)
                 if sample is not None:
                     sample.add(batch.targets, states)
-                nll, hits = nll + loss.item(), hits + int(correct.item())
-        return nll, hits
+                yield scored
 
-    return retry_after_oom(runner, len(windows), cast(nn.Module, model), attempt)
+    return loss_pass(cast(nn.Module, model), runner, len(windows), losses, grad_scale)
 
 
-def _recurrent_pass(model: AutoregressiveModel, ids: torch.Tensor, window: int, runner: Runner, chunk: int,
+def _recurrent_pass(model: AutoregressiveModel, ids: torch.Tensor, window: int, runner: Placement, chunk: int,
                     sample: ContextSample) -> tuple[float, int, int]:
     """The whole stream in segments of `window` tokens, one after another, carrying the model's state."""
     nll, hits, count, state = 0.0, 0, 0, None

@@ -18,15 +18,16 @@ preset     mlp_width   trainable                         CVFP v2 (gradual-reduct
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from newllm_kit import hookimpl
 from newllm_kit.params import load_table
+from newllm_kit.presets import PresetSettings
 
 MAX_WIDTH = 1 << 20
 PRESETS: dict[str, dict[str, int]] = {
@@ -35,10 +36,11 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-class TransformerSettings(BaseModel):
+class TransformerSettings(PresetSettings):
     """The `[[models]]` keys of `architecture = "transformer"`. Defaults are GPT-2 small's."""
 
     model_config = ConfigDict(extra="forbid")
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
 
     preset: Literal["v2-A", "v2-B"] | None = Field(
         default=None, description="Sizes matching the trainable parameters of CVFP v2 model A (6L-768) or "
@@ -52,13 +54,6 @@ class TransformerSettings(BaseModel):
                                   description="Hidden width of each MLP (None: 4 × n_embd).")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on embeddings, attention and residuals.")
     bias: bool = Field(default=True, description="Biases in the Linear layers and LayerNorms (GPT-2: true).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") in PRESETS:
-            return {**PRESETS[data["preset"]], **data}
-        return data
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TransformerSettings:

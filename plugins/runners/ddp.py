@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from newllm_kit import hookimpl
+from newllm_kit import cuda, hookimpl
 from newllm_kit.errors import UserError
 
-from .local import CPURunner, CudaBackend, GPURunner, RunnerSettings
+from .local import CPURunner, GPURunner, RunnerSettings
 
 LAUNCH = "torchrun --nproc_per_node=K -m newllm_kit run FILE"
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -57,20 +57,21 @@ class DDPRunner:
 
     name = "ddp"
 
-    def __init__(self, settings: RunnerSettings | None = None, cuda: CudaBackend | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: RunnerSettings | None = None, env: dict[str, str] | None = None) -> None:
         self.settings = settings or RunnerSettings()
         self.rank, self.world_size, self.local_rank = _read_env(dict(os.environ) if env is None else env)
-        cuda = cuda or CudaBackend()
         self.local: CPURunner
-        if cuda.is_available():
+        if cuda.backend().is_available():
             self.backend = "nccl"
-            self.local = GPURunner(self.settings.model_copy(update={"device_index": self.local_rank}), cuda)
+            self.local = GPURunner(self.settings.model_copy(update={"device_index": self.local_rank}))
         else:
             self.backend = "gloo"
             self.local = CPURunner(self.settings)
         self.device: torch.device = self.local.device
         self.precision: str = self.local.precision
+        self.context_store: str = self.local.context_store
+        self.context_dtype: str = self.local.context_dtype
+        self.memory_fraction: float = self.local.memory_fraction
         self._owns_group = False
 
     @property

@@ -1,8 +1,10 @@
 """Single-process runners: `cpu`, `gpu`, and `auto` (gpu when CUDA is available, else cpu).
 
-A runner owns device placement, precision, batch sizing and the out-of-memory fallback, so
-phases and solvers never touch `torch.cuda`. Every CUDA call goes through `CudaBackend`, which
-tests replace with a fake to exercise the GPU logic on a machine without one.
+Each runner implements the three concerns of `newllm_kit.protocols.Runner` together: placement
+(device, precision, autocast), memory policy (batch sizing, the out-of-memory fallback, where the
+context stores go) and single-process collectives. Every CUDA call goes through the core's active
+backend (`newllm_kit.cuda`), which tests replace with a fake to exercise the GPU logic on a machine
+without one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from newllm_kit import hookimpl
+from newllm_kit import cuda, hookimpl
 from newllm_kit.errors import UserError
 
 log = logging.getLogger("newllm_kit")
@@ -60,36 +62,9 @@ class RunnerSettings(BaseModel):
         return self
 
 
-class CudaBackend:
-    """The only door to `torch.cuda`; tests pass a subclass that fakes a device table."""
-
-    def is_available(self) -> bool:
-        return torch.cuda.is_available()
-
-    def device_count(self) -> int:
-        return torch.cuda.device_count()
-
-    def set_device(self, index: int) -> None:
-        torch.cuda.set_device(index)
-
-    def device_name(self, index: int) -> str:
-        return torch.cuda.get_device_name(index)
-
-    def mem_get_info(self, index: int) -> tuple[int, int]:
-        return torch.cuda.mem_get_info(index)  # (free as the driver sees it, total) in bytes
-
-    def memory_allocated(self, index: int) -> int:
-        return torch.cuda.memory_allocated(index)
-
-    def empty_cache(self) -> None:
-        torch.cuda.empty_cache()
-
-    def set_tf32(self, enabled: bool) -> None:
-        torch.set_float32_matmul_precision("high" if enabled else "highest")
-
-
 class CPURunner:
-    """One process on the CPU, and the base of the gpu runner: autocast, batch rule, OOM fallback.
+    """One process on the CPU, and the base of the gpu runner: autocast, batch rule, OOM fallback,
+    the store policy of `[runner]` and identity collectives.
 
     bf16 autocast is the main speed lever on a CPU with bf16 GEMMs (about 4× fp32).
     """
@@ -102,6 +77,9 @@ class CPURunner:
     def __init__(self, settings: RunnerSettings | None = None) -> None:
         self.settings = settings or RunnerSettings()
         self.precision: str = self.settings.precision
+        self.context_store: str = self.settings.context_store
+        self.context_dtype: str = self.settings.context_dtype
+        self.memory_fraction: float = self.settings.memory_fraction
         self.device = torch.device("cpu")
         self.oom_events: list[dict[str, int]] = []
         self._micro_cap: int | None = None
@@ -181,7 +159,7 @@ class CPURunner:
         return {"name": self.name, "resolved": self.resolved, "device": str(self.device),
                 "precision": self.precision, "threads": torch.get_num_threads(),
                 "auto_batch": self.settings.auto_batch, "micro_batch_cap": self._micro_cap,
-                "context_store": self.settings.context_store, "context_dtype": self.settings.context_dtype,
+                "context_store": self.context_store, "context_dtype": self.context_dtype,
                 "oom_events": list(self.oom_events), "rank": self.rank, "world_size": self.world_size}
 
 
@@ -191,22 +169,22 @@ class GPURunner(CPURunner):
     name = "gpu"
     resolved = "gpu"
 
-    def __init__(self, settings: RunnerSettings | None = None, cuda: CudaBackend | None = None) -> None:
+    def __init__(self, settings: RunnerSettings | None = None) -> None:
         super().__init__(settings)
-        self.cuda = cuda or CudaBackend()
         self.index = self.settings.device_index
         self.device = torch.device("cuda", self.index)
 
     def setup(self) -> None:
-        if not self.cuda.is_available():
+        gpu = cuda.backend()
+        if not gpu.is_available():
             raise UserError('runner "gpu" needs CUDA, but none is available; use runner.name = "cpu"/"auto"')
-        count = self.cuda.device_count()
+        count = gpu.device_count()
         if self.index >= count:
             raise UserError(f"CUDA device {self.index} was requested (runner.device_index, or LOCAL_RANK "
                             f"under ddp), but only {count} exist (valid: 0..{count - 1})")
         super().setup()
-        self.cuda.set_device(self.index)
-        self.cuda.set_tf32(self.settings.tf32)
+        gpu.set_device(self.index)
+        gpu.set_tf32(self.settings.tf32)
 
     def _automatic_batch(self, bytes_per_item: int) -> int:
         """Cost model: ⌊(total − allocated) · memory_fraction / bytes_per_item⌋.
@@ -215,14 +193,15 @@ class GPURunner(CPURunner):
         handed out is reusable (spec §7.4). `bytes_per_item` is the caller's peak cost of one item,
         e.g. Phase 2's `bytes_per_position` (the logits are chunked, so they are not per item).
         """
-        free = max(self.cuda.mem_get_info(self.index)[1] - self.cuda.memory_allocated(self.index), 0)
-        batch = int(free * self.settings.memory_fraction) // bytes_per_item
+        gpu = cuda.backend()
+        free = max(gpu.mem_get_info(self.index)[1] - gpu.memory_allocated(self.index), 0)
+        batch = int(free * self.memory_fraction) // bytes_per_item
         log.info("automatic batch on %s: %.2f GiB free × %g / %d bytes per item = %d (before clamping)",
-                 self.device, free / 2**30, self.settings.memory_fraction, bytes_per_item, batch)
+                 self.device, free / 2**30, self.memory_fraction, bytes_per_item, batch)
         return batch
 
     def handle_oom(self, error: BaseException, batch: int) -> bool:
-        self.cuda.empty_cache()  # hand the failed attempt's cached blocks back before any retry
+        cuda.backend().empty_cache()  # hand the failed attempt's cached blocks back before any retry
         return super().handle_oom(error, batch)
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -234,16 +213,16 @@ class GPURunner(CPURunner):
 
     def describe(self) -> dict[str, Any]:
         info = {**super().describe(), "tf32": self.settings.tf32}
-        if self.cuda.is_available() and self.index < self.cuda.device_count():
-            info["device_name"] = self.cuda.device_name(self.index)
-            info["memory_total"] = self.cuda.mem_get_info(self.index)[1]
+        gpu = cuda.backend()
+        if gpu.is_available() and self.index < gpu.device_count():
+            info["device_name"] = gpu.device_name(self.index)
+            info["memory_total"] = gpu.mem_get_info(self.index)[1]
         return info
 
 
-def auto_runner(settings: RunnerSettings | None = None, cuda: CudaBackend | None = None) -> CPURunner:
+def auto_runner(settings: RunnerSettings | None = None) -> CPURunner:
     """`gpu` when CUDA is available, else `cpu`; the choice is logged and kept in describe()."""
-    cuda = cuda or CudaBackend()
-    runner = GPURunner(settings, cuda) if cuda.is_available() else CPURunner(settings)
+    runner = GPURunner(settings) if cuda.backend().is_available() else CPURunner(settings)
     log.info("runner auto: CUDA is %savailable, using %s (%s)",
              "" if runner.resolved == "gpu" else "not ", runner.resolved, runner.device)
     runner.name = "auto"

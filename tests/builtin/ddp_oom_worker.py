@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from newllm_kit_plugins.cvfp.contract import Phase1Report
-from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
 from newllm_kit_plugins.runners.ddp import DDPRunner
 from newllm_kit_plugins.runners.local import RunnerSettings
 from torch import nn
@@ -65,8 +65,8 @@ def fit(runner: Any, fail_on_rank: int | None) -> Phase1Report:
     """Phase 1 of the tiny model on a 64-token stream (noise on: every sharding must draw the same)."""
     torch.manual_seed(0)
     model = Model(Block(fail_on_rank), torch.randn(64, 4))
-    settings = CVFPSolverSettings(batch_size=16, min_iterations=3, max_iterations=3)
-    return CVFPSolver(settings).fit(model, torch.arange(64), runner, Quiet())
+    settings = CVFPPhase1Settings(batch_size=16, min_iterations=3, max_iterations=3)
+    return CVFPPhase1Solver(settings).fit(model, torch.arange(64), runner, Quiet())
 
 
 def main(rank: int, fail_on_rank: int | None, out: str) -> None:

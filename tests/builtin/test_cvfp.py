@@ -333,8 +333,8 @@ def test_a_model_too_large_for_memory_is_refused_before_allocation(monkeypatch: 
         assert architecture.build(V).context_dim == 1_000_000
 
 
-def test_check_model_fits_names_the_model_the_bytes_and_the_keys(tmp_path: Any,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_model_fits_names_the_model_the_bytes_and_the_keys(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                 fake_cuda: Any) -> None:
     from newllm_kit import params
     from newllm_kit.config import load_config
     from newllm_kit.errors import ConfigError
@@ -354,11 +354,13 @@ def test_check_model_fits_names_the_model_the_bytes_and_the_keys(tmp_path: Any,
         params.check_model_fits(config, 0, 256, torch.device("cpu"))
     monkeypatch.setattr(params, "available_bytes", original)
     monkeypatch.setattr(params, "_cpu_available", lambda: 1 << 50)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * total - 1, 1 << 40))
+    fake_cuda.driver_free, fake_cuda.total = 4 * total - 1, 1 << 40  # free memory is asked of the CUDA backend
     with pytest.raises(ConfigError, match=r"but cuda:0 has [\d,]+ bytes"):  # then moved to the runner's device
         params.check_model_fits(config, 0, 256, torch.device("cuda", 0))
+    assert ("mem_get_info", torch.device("cuda", 0)) in fake_cuda.calls
 
 
+@pytest.mark.slow
 def test_run_with_an_unallocatable_width_ends_in_one_line(tmp_path: Any) -> None:
     from test_cli import cli
 

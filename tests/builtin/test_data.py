@@ -150,6 +150,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_hub_sources_fail_fast_and_in_one_line_when_offline(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf")}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ddp_oom_worker
+import pytest
 import torch
 from newllm_kit_plugins.runners.local import CPURunner
 
@@ -41,6 +42,7 @@ def _run(tmp_path: Path, fail_on_rank: int | None) -> list[dict[str, Any]]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 def test_an_oom_on_one_rank_is_retried_by_every_rank_in_step(tmp_path: Path) -> None:
     clean = _run(tmp_path, None)
     failed = _run(tmp_path, 1)

@@ -1,4 +1,4 @@
-"""The `cvfp` solver: Phase 1 of spec §3 (by hand and against a naive re-implementation), the stop
+"""The Phase-1 solver `cvfp`: Phase 1 of spec §3 (by hand and against a naive re-implementation), the stop
 rule, non-finite handling, determinism, and every frozen-solve method against float64 rollouts."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from newllm_kit_plugins.cvfp import frozen_solve, jacobi_pass
 from newllm_kit_plugins.cvfp import phase1 as fixed_point
-from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
 from newllm_kit_plugins.cvfp.spans import token_rows, token_span
 from pydantic import ValidationError
 from torch import nn
@@ -166,7 +166,7 @@ def linear(x: torch.Tensor, **block: Any) -> tuple[TinyModel, torch.Tensor]:
 
 def fit(model: Any, ids: torch.Tensor, seed: int = 1, runner: Any = None, **keys: Any) -> Any:
     torch.manual_seed(seed)
-    solver = CVFPSolver(CVFPSolverSettings(**keys))
+    solver = CVFPPhase1Solver(CVFPPhase1Settings(**keys))
     return solver.fit(model, ids, runner or CPURunner(), RecordingProgress())
 
 
@@ -183,7 +183,7 @@ def spec_noise(n: int, width: int, sigma: float, seed: int, iteration: int) -> t
     return torch.cat(blocks)[:n] * sigma
 
 
-def naive_phase1(model: TinyModel, ids: torch.Tensor, s: CVFPSolverSettings, seed: int
+def naive_phase1(model: TinyModel, ids: torch.Tensor, s: CVFPPhase1Settings, seed: int
                  ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """Token-by-token rollout, explicit chunk loop, one Adam step per pass, no shortcuts."""
     torch.manual_seed(seed)
@@ -245,23 +245,23 @@ def naive_phase1(model: TinyModel, ids: torch.Tensor, s: CVFPSolverSettings, see
 # --- settings and registration --------------------------------------------------------------------
 
 def test_defaults_are_the_v2_values_and_unknown_keys_are_rejected() -> None:
-    s = CVFPSolverSettings()
+    s = CVFPPhase1Settings()
     assert s.model_dump() == {
         "learning_rate": 0.002, "min_iterations": 5, "max_iterations": 40, "convergence_threshold": 0.03,
         "min_converged_ratio": 0.95, "context_noise": 0.1, "dist_reg_weight": 0.5, "batch_size": 8000,
         "grad_clip": 1.0, "init": "rollout", "loss_scope": "chunk", "nonfinite": "stop", "solve": "auto",
         "solve_tolerance": 1e-5}
-    assert all(f.description for f in CVFPSolverSettings.model_fields.values())
+    assert all(f.description for f in CVFPPhase1Settings.model_fields.values())
     with pytest.raises(ValidationError):
-        CVFPSolverSettings(batch_sise=10)  # type: ignore[call-arg]
+        CVFPPhase1Settings(batch_sise=10)  # type: ignore[call-arg]
 
 
 def test_registers_cvfp_with_its_settings() -> None:
     seen: dict[str, Any] = {}
     fixed_point.register_solvers(lambda name, factory, **kw: seen.update({name: (factory, kw)}))
     factory, kw = seen["cvfp"]
-    assert kw["settings"] is CVFPSolverSettings and kw["description"]
-    assert isinstance(factory(CVFPSolverSettings(max_iterations=3)), CVFPSolver)
+    assert kw["settings"] is CVFPPhase1Settings and kw["description"]
+    assert isinstance(factory(CVFPPhase1Settings(max_iterations=3)), CVFPPhase1Solver)
 
 
 # --- Phase 1 ----------------------------------------------------------------------------------------
@@ -289,10 +289,10 @@ def test_iteration_one_by_hand_with_wrap_around() -> None:
 def test_matches_a_naive_implementation_of_spec_3(init: str, scope: str) -> None:
     model, ids = tiny(n=37)
     reference = copy.deepcopy(model)
-    s = CVFPSolverSettings(init=init, loss_scope=scope, batch_size=16, max_iterations=5, solve="sequential",
+    s = CVFPPhase1Settings(init=init, loss_scope=scope, batch_size=16, max_iterations=5, solve="sequential",
                            learning_rate=0.01)
     torch.manual_seed(7)
-    report = CVFPSolver(s).fit(model, ids, CPURunner(), RecordingProgress())
+    report = CVFPPhase1Solver(s).fit(model, ids, CPURunner(), RecordingProgress())
     contexts, history = naive_phase1(reference, ids, s, seed=7)
     torch.testing.assert_close(report.contexts, contexts, atol=1e-4, rtol=1e-4)  # float noise, amplified
     assert len(report.history) == len(history) == 4
@@ -303,7 +303,7 @@ def test_matches_a_naive_implementation_of_spec_3(init: str, scope: str) -> None
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
 
 
-def previous_algorithm(model: TinyModel, ids: torch.Tensor, s: CVFPSolverSettings, seed: int
+def previous_algorithm(model: TinyModel, ids: torch.Tensor, s: CVFPPhase1Settings, seed: int
                        ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """The noise-free pass as it was before it became in-place: whole-stream token inputs, a
     shifted copy of the contexts, a new output tensor and the per-token change, every pass."""
@@ -361,10 +361,10 @@ def test_the_in_place_pass_equals_the_previous_algorithm_without_noise(init: str
     the reference computes it: piecewise sums round differently, as they always did)."""
     model, ids = tiny(n=37)
     reference = copy.deepcopy(model)
-    s = CVFPSolverSettings(init=init, loss_scope=scope, batch_size=batch, max_iterations=6, context_noise=0.0,
+    s = CVFPPhase1Settings(init=init, loss_scope=scope, batch_size=batch, max_iterations=6, context_noise=0.0,
                            solve="sequential", learning_rate=0.01, min_iterations=6)
     torch.manual_seed(7)
-    report = CVFPSolver(s).fit(model, ids, CPURunner(), RecordingProgress())
+    report = CVFPPhase1Solver(s).fit(model, ids, CPURunner(), RecordingProgress())
     contexts, history = previous_algorithm(reference, ids, s, seed=7)
     torch.testing.assert_close(report.contexts, contexts, atol=1e-6, rtol=0)
     for mine, theirs in zip(report.history, history, strict=True):
@@ -438,7 +438,7 @@ def test_progress_and_history_report_every_pass() -> None:
     model, ids = tiny()
     progress = RecordingProgress()
     torch.manual_seed(1)
-    report = CVFPSolver(CVFPSolverSettings(max_iterations=3)).fit(model, ids, CPURunner(), progress)
+    report = CVFPPhase1Solver(CVFPPhase1Settings(max_iterations=3)).fit(model, ids, CPURunner(), progress)
     kinds = [(e[0], e[1]) for e in progress.events]
     assert kinds == [("start", "phase1")] + [("advance", "phase1")] * 3 + [("finish", "phase1")]
     assert progress.events[2][2]["iteration"] == 1 and {"loss", "rate"} <= set(progress.events[2][2])
@@ -497,7 +497,7 @@ def test_no_whole_stream_token_inputs_exist(monkeypatch: pytest.MonkeyPatch, sol
     lookup = model.token_inputs
     monkeypatch.setattr(model, "token_inputs", lambda rows: sizes.append(rows.shape[0]) or lookup(rows))
     keys = dict(batch_size=256, max_iterations=3, solve=solve)
-    chosen: Any = (CVFPSolver(CVFPSolverSettings(**keys)) if solver == "cvfp"
+    chosen: Any = (CVFPPhase1Solver(CVFPPhase1Settings(**keys)) if solver == "cvfp"
                    else GradualDecreaseSolver(GradualDecreaseSettings(**keys, min_iterations=2)))
     torch.manual_seed(1)
     chosen.fit(model, ids, CPURunner(), RecordingProgress())
@@ -562,7 +562,7 @@ def test_an_oom_that_cannot_be_retried_is_one_line_naming_phase_memory_and_setti
     model.context_block = FlakyBlock(model.context_block, 1, training_only=False)
     with pytest.raises(RunFailed, match=r"^frozen solve: out of memory on cpu .* 40 positions .*; set "
                                         r"runner\.context_store = \"disk\""):
-        CVFPSolver(CVFPSolverSettings(solve="sequential")).solve(model, ids, CPURunner())
+        CVFPPhase1Solver(CVFPPhase1Settings(solve="sequential")).solve(model, ids, CPURunner())
 
 
 def test_phase1_contexts_live_where_runner_context_store_says() -> None:
@@ -571,8 +571,8 @@ def test_phase1_contexts_live_where_runner_context_store_says() -> None:
     from types import SimpleNamespace
 
     def runner(store: str, device: str) -> Any:
-        return SimpleNamespace(settings=SimpleNamespace(context_store=store, context_dtype="fp32",
-                                                        memory_fraction=0.5), device=torch.device(device))
+        return SimpleNamespace(context_store=store, context_dtype="fp32", memory_fraction=0.5,
+                               device=torch.device(device))
 
     assert fixed_point.buffer_device(runner("host", "cuda"), 10, 4) == torch.device("cpu")
     assert fixed_point.buffer_device(runner("disk", "cuda"), 10, 4) == torch.device("cpu")
@@ -636,7 +636,7 @@ def test_every_method_meets_its_tolerance_against_float64(frozen_case: Any, meth
     model, ids, reference = frozen_case
     tolerance = 1e-5
     model.train()
-    solver = CVFPSolver(CVFPSolverSettings(solve=method, solve_tolerance=tolerance))
+    solver = CVFPPhase1Solver(CVFPPhase1Settings(solve=method, solve_tolerance=tolerance))
     result = solver.solve(model, ids, CPURunner())
     assert model.training  # restored
     assert result.method == ("chunked" if method == "auto" else method)
@@ -660,7 +660,7 @@ def test_every_method_meets_its_tolerance_against_float64(frozen_case: Any, meth
 def test_solves_write_into_a_given_fp32_or_bf16_tensor(frozen_case: Any, method: str) -> None:
     """The caller's tensor (here on the CPU, as a host or memory-mapped store would be) is the result."""
     model, ids, reference = frozen_case
-    solver = CVFPSolver(CVFPSolverSettings(solve=method))
+    solver = CVFPPhase1Solver(CVFPPhase1Settings(solve=method))
     plain = solver.solve(model, ids, CPURunner())
     out = torch.full(reference.shape, math.nan)
     result = solver.solve(model, ids, CPURunner(), out=out)
@@ -691,7 +691,7 @@ def test_per_layer_contexts_recomputed_from_the_final_layer_equal_the_rollout(
     the per-layer outputs the rollout used to keep, at the stream start and anywhere after it."""
     model, ids = real_model(num_input_tokens, variant, 0.3)
     layers = per_layer_rollout(model, ids)
-    contexts = CVFPSolver(CVFPSolverSettings(solve=method)).solve(model, ids, CPURunner()).layers[0]
+    contexts = CVFPPhase1Solver(CVFPPhase1Settings(solve=method)).solve(model, ids, CPURunner()).layers[0]
     block = model.context_block
     with torch.no_grad():
         for start, stop in [(0, 1), (0, 64), (1, 9), (5, 77), (599, 600)]:
@@ -736,7 +736,7 @@ def _non_contracting() -> tuple[TinyModel, torch.Tensor]:
 def test_auto_falls_back_to_sequential_on_a_non_contracting_block() -> None:
     model, ids = _non_contracting()
     with pytest.warns(RuntimeWarning, match="does not contract"):
-        result = CVFPSolver(CVFPSolverSettings(solve="auto")).solve(model, ids, CPURunner())
+        result = CVFPPhase1Solver(CVFPPhase1Settings(solve="auto")).solve(model, ids, CPURunner())
     assert result.method == "sequential" and result.gain == pytest.approx(1.01, rel=1e-3)
     assert "does not contract" in result.extra["warning"]
     torch.testing.assert_close(result.layers[0].double(), per_layer_rollout(model, ids, torch.float64)[0],
@@ -747,7 +747,7 @@ def test_explicit_jacobi_on_a_non_contracting_block_warns_and_rolls_out_once() -
     """Jacobi from zero needs n sweeps (n² evaluations) where ρ ≥ 1: the sequential rollout is cheaper and exact."""
     model, ids = _non_contracting()
     with pytest.warns(RuntimeWarning, match="does not contract"):
-        result = CVFPSolver(CVFPSolverSettings(solve="jacobi")).solve(model, ids, CPURunner())
+        result = CVFPPhase1Solver(CVFPPhase1Settings(solve="jacobi")).solve(model, ids, CPURunner())
     assert result.method == "sequential" and result.iterations == ids.shape[0]
     assert result.token_evaluations < 4 * ids.shape[0]  # the gain estimate plus one pass, not n sweeps (n²)
     torch.testing.assert_close(result.layers[0].double(), per_layer_rollout(model, ids, torch.float64)[0],
@@ -756,7 +756,7 @@ def test_explicit_jacobi_on_a_non_contracting_block_warns_and_rolls_out_once() -
 
 def test_auto_uses_the_rollout_for_short_streams_and_iteration_zero_does_not_warn() -> None:
     model, ids = tiny(n=50, damp=2.0)  # short and not contracting
-    result = CVFPSolver(CVFPSolverSettings()).solve(model, ids, CPURunner())
+    result = CVFPPhase1Solver(CVFPPhase1Settings()).solve(model, ids, CPURunner())
     assert result.method == "sequential" and result.gain is None
     model, ids = tiny(n=300, damp=2.0)
     with warnings.catch_warnings():
@@ -792,7 +792,7 @@ class RankView(CPURunner):
 @pytest.mark.parametrize(("n", "size", "world"),
                          [(10_000, 1000, 2), (9_500, 1000, 3), (2_001, 1000, 3), (1_500, 1000, 3)])
 def test_phase1_shards_are_whole_chunks_covering_the_stream(n: int, size: int, world: int) -> None:
-    settings = CVFPSolverSettings(batch_size=size)
+    settings = CVFPPhase1Settings(batch_size=size)
     if -(-n // size) < world:
         with pytest.raises(UserError, match=r"rank 2 of 3 without work; lower solver\.batch_size"):
             fixed_point.stream_shard(n, settings, RankView(2, world))
@@ -800,5 +800,5 @@ def test_phase1_shards_are_whole_chunks_covering_the_stream(n: int, size: int, w
     shards = [fixed_point.stream_shard(n, settings, RankView(r, world)) for r in range(world)]
     assert [i for s in shards for i in s] == list(range(n))
     assert all(s.start % size == 0 for s in shards)  # same chunks, hence same losses, as one process
-    stream = fixed_point.stream_shard(n, CVFPSolverSettings(batch_size=size, loss_scope="stream"), RankView(0, 2))
+    stream = fixed_point.stream_shard(n, CVFPPhase1Settings(batch_size=size, loss_scope="stream"), RankView(0, 2))
     assert stream == range(0, n // 2 + n % 2)

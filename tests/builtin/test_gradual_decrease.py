@@ -10,7 +10,7 @@ import torch
 from newllm_kit_plugins.cvfp import gradual_decrease
 from newllm_kit_plugins.cvfp.contract import Phase1Report
 from newllm_kit_plugins.cvfp.gradual_decrease import GradualDecreaseSettings, GradualDecreaseSolver
-from newllm_kit_plugins.cvfp.phase1 import CVFPSolver, CVFPSolverSettings
+from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
 from test_fixed_point import (  # noqa: F401
     WELL_CONDITIONED,
     CPURunner,
@@ -32,7 +32,7 @@ def fit(seed: int = 1, n: int = 48, **keys: Any) -> tuple[Phase1Report, Any]:
 def test_settings_extend_cvfp_and_register() -> None:
     s = GradualDecreaseSettings()
     own = {"lr_end_fraction", "noise_end_fraction"}
-    assert s.model_dump(exclude=own) == CVFPSolverSettings().model_dump()
+    assert s.model_dump(exclude=own) == CVFPPhase1Settings().model_dump()
     assert (s.lr_end_fraction, s.noise_end_fraction) == (0.1, 0.1)
     seen: dict[str, Any] = {}
     gradual_decrease.register_solvers(lambda name, factory, **kw: seen.update({name: (factory, kw)}))
@@ -45,7 +45,7 @@ def test_fewer_token_evaluations_than_cvfp_on_the_same_data() -> None:
     keys = dict(init="random", batch_size=64, max_iterations=20)
     model, ids = tiny(n=256)
     torch.manual_seed(1)
-    cvfp = CVFPSolver(CVFPSolverSettings(**keys)).fit(model, ids, CPURunner(), RecordingProgress())
+    cvfp = CVFPPhase1Solver(CVFPPhase1Settings(**keys)).fit(model, ids, CPURunner(), RecordingProgress())
     model, ids = tiny(n=256)
     torch.manual_seed(1)
     solver = GradualDecreaseSolver(GradualDecreaseSettings(**keys))
@@ -149,6 +149,6 @@ def test_stop_rule_is_cvfp_s() -> None:
 def test_solve_is_the_cvfp_frozen_solve() -> None:
     model, ids = tiny(n=300, **WELL_CONDITIONED)
     mine = GradualDecreaseSolver(GradualDecreaseSettings()).solve(model, ids, CPURunner())
-    theirs = CVFPSolver(CVFPSolverSettings()).solve(model, ids, CPURunner())
+    theirs = CVFPPhase1Solver(CVFPPhase1Settings()).solve(model, ids, CPURunner())
     assert mine.method == theirs.method
     assert all(torch.equal(a, b) for a, b in zip(mine.layers, theirs.layers, strict=True))

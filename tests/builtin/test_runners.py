@@ -1,4 +1,5 @@
-"""Runners: cpu basics, the gpu logic behind a fake CUDA seam, and ddp on a real 2-process gloo group.
+"""Runners: the protocols they implement, cpu basics, the gpu logic behind a fake CUDA backend, and ddp
+on a real 2-process gloo group.
 
 Run as a script (`python test_runners.py SCENARIO OUT`) this file is one ddp worker: the tests
 start two of them with the variables torchrun would set.
@@ -15,7 +16,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -26,47 +27,19 @@ from hypothesis import strategies as st
 from newllm_kit_plugins.runners import ddp as ddp_runner
 from newllm_kit_plugins.runners import local as local_runner
 from newllm_kit_plugins.runners.ddp import DDPRunner, contiguous_shard
-from newllm_kit_plugins.runners.local import CPURunner, CudaBackend, GPURunner, RunnerSettings, auto_runner
+from newllm_kit_plugins.runners.local import CPURunner, GPURunner, RunnerSettings, auto_runner
 from pydantic import ValidationError
 
 from newllm_kit.errors import UserError
+from newllm_kit.protocols import Collectives, MemoryPolicy, Placement, Runner, missing_members
+
+if TYPE_CHECKING:  # the fixture supplies it; this file also runs as a ddp worker, outside pytest's path
+    from fake_cuda import FakeCuda
 
 GiB = 2**30
+TORCHRUN_ENV = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500"}
 PHASE2_BYTES_PER_TOKEN = int(50257 * 4 * 3.5)  # GPT-2 vocabulary: fp32 logits plus backward
-
-
-class FakeCuda(CudaBackend):
-    """A CUDA seam with a configurable device table; records what the runner asked of it."""
-
-    def __init__(self, available: bool = True, count: int = 2, total: int = 24 * GiB, allocated: int = 0,
-                 driver_free: int | None = None) -> None:
-        self.available, self.count, self.total, self.allocated = available, count, total, allocated
-        self.driver_free = total - allocated if driver_free is None else driver_free
-        self.calls: list[tuple[Any, ...]] = []
-
-    def is_available(self) -> bool:
-        return self.available
-
-    def device_count(self) -> int:
-        return self.count if self.available else 0
-
-    def set_device(self, index: int) -> None:
-        self.calls.append(("set_device", index))
-
-    def device_name(self, index: int) -> str:
-        return "Fake L4"
-
-    def mem_get_info(self, index: int) -> tuple[int, int]:
-        return self.driver_free, self.total
-
-    def memory_allocated(self, index: int) -> int:
-        return self.allocated
-
-    def empty_cache(self) -> None:
-        self.calls.append(("empty_cache",))
-
-    def set_tf32(self, enabled: bool) -> None:
-        self.calls.append(("set_tf32", enabled))
 
 
 def test_builtin_plugins_register_every_runner_with_the_shared_settings() -> None:
@@ -97,6 +70,56 @@ def test_context_store_settings_are_validated_and_described() -> None:
         RunnerSettings.model_validate({"context_store": "ram"})
     with pytest.raises(ValidationError, match="context_dtype"):
         RunnerSettings.model_validate({"context_dtype": "fp16"})
+
+
+# --- the protocols -------------------------------------------------------------------------------
+
+def built_in_runners() -> dict[str, Any]:
+    """One of each built-in runner, built on the active (fake) CUDA backend; ddp as rank 1 of 2."""
+    settings = RunnerSettings(context_store="disk", context_dtype="bf16", memory_fraction=0.25)
+    return {"cpu": CPURunner(settings), "gpu": GPURunner(settings), "auto": auto_runner(settings),
+            "ddp": DDPRunner(settings, TORCHRUN_ENV)}
+
+
+@pytest.mark.parametrize("protocol", [Placement, MemoryPolicy, Collectives, Runner])
+def test_every_built_in_runner_implements_each_concern(fake_cuda: FakeCuda, protocol: type) -> None:
+    for name, runner in built_in_runners().items():
+        assert isinstance(runner, protocol), name
+        assert missing_members(runner, protocol) == [], name
+
+
+def test_the_store_policy_is_the_runner_s_own_members(fake_cuda: FakeCuda) -> None:
+    """`[runner]` context_store, context_dtype and memory_fraction become MemoryPolicy members (ddp's
+    come from the single-device runner it delegates to), and describe() records them."""
+    for name, runner in built_in_runners().items():
+        policy = (runner.context_store, runner.context_dtype, runner.memory_fraction)
+        assert policy == ("disk", "bf16", 0.25), name
+        assert (runner.describe()["context_store"], runner.describe()["context_dtype"]) == ("disk", "bf16"), name
+    assert (CPURunner().context_store, CPURunner().context_dtype, CPURunner().memory_fraction) == ("auto", "fp32", 0.5)
+
+
+def test_a_runner_without_a_concern_is_not_taken_for_one() -> None:
+    """Each protocol checks its own members: a placement-only object is no MemoryPolicy or Collectives,
+    and a runner lacking the optional store members is still a whole Runner to the build check."""
+
+    class PlacementOnly:
+        name, device, precision = "p", torch.device("cpu"), "fp32"
+
+        def setup(self) -> None: ...
+
+        def teardown(self) -> None: ...
+
+        def autocast(self) -> Any: ...
+
+        def describe(self) -> dict[str, Any]:
+            return {}
+
+    only = PlacementOnly()
+    assert isinstance(only, Placement)
+    assert not isinstance(only, MemoryPolicy) and not isinstance(only, Collectives)
+    assert missing_members(only, Collectives) == ["all_reduce_sum", "barrier", "broadcast", "neighbour_exchange",
+                                                  "rank", "shard", "world_size"]
+    assert missing_members(only, MemoryPolicy) == ["batch_size", "handle_oom", "micro_batch"]  # not the store's
 
 
 # --- cpu -----------------------------------------------------------------------------------------
@@ -145,41 +168,42 @@ def test_cpu_batch_is_the_request_or_the_seed_default() -> None:
 
 # --- gpu, through the fake seam ------------------------------------------------------------------
 
-def test_gpu_runner_selects_the_configured_device_and_tf32() -> None:
-    cuda = FakeCuda(count=2)
-    runner = GPURunner(RunnerSettings(device_index=1, tf32=False, precision="bf16"), cuda)
+def test_gpu_runner_selects_the_configured_device_and_tf32(fake_cuda: FakeCuda) -> None:
+    runner = GPURunner(RunnerSettings(device_index=1, tf32=False, precision="bf16"))
     runner.setup()
     assert runner.device == torch.device("cuda", 1)
-    assert cuda.calls == [("set_device", 1), ("set_tf32", False)]
+    assert fake_cuda.calls == [("set_device", 1), ("set_tf32", False)]
     info = runner.describe()
     assert (info["device"], info["device_name"], info["tf32"]) == ("cuda:1", "Fake L4", False)
     assert (runner.precision, info["precision"]) == ("bf16", "bf16")
 
 
-def test_gpu_runner_refuses_a_missing_device_with_a_fix() -> None:
-    with pytest.raises(UserError, match=r'use runner\.name = "cpu"/"auto"'):
-        GPURunner(RunnerSettings(), FakeCuda(available=False)).setup()
+def test_gpu_runner_refuses_a_missing_device_with_a_fix(fake_cuda: FakeCuda) -> None:
     with pytest.raises(UserError, match=r"CUDA device 2 .* only 2 exist"):
-        GPURunner(RunnerSettings(device_index=2), FakeCuda(count=2)).setup()
+        GPURunner(RunnerSettings(device_index=2)).setup()
+    fake_cuda.available = False
+    with pytest.raises(UserError, match=r'use runner\.name = "cpu"/"auto"'):
+        GPURunner(RunnerSettings()).setup()
 
 
-def test_gpu_batch_cost_model_uses_total_minus_allocated() -> None:
+def test_gpu_batch_cost_model_uses_total_minus_allocated(fake_cuda: FakeCuda) -> None:
     # 24 GiB card, 4 GiB allocated, allocator cache makes the driver report only 1 GiB free:
     # memory the allocator has cached is reusable, so the model sees 20 GiB.
-    cuda = FakeCuda(total=24 * GiB, allocated=4 * GiB, driver_free=1 * GiB)
-    runner = GPURunner(RunnerSettings(), cuda)
+    fake_cuda.total, fake_cuda.allocated, fake_cuda.driver_free = 24 * GiB, 4 * GiB, 1 * GiB
+    runner = GPURunner(RunnerSettings())
     expected = int(20 * GiB * 0.5) // PHASE2_BYTES_PER_TOKEN
     assert expected == 15260
     assert runner.batch_size(None, PHASE2_BYTES_PER_TOKEN) == expected
     # the seed's 11/29 margins (safety 0.5 × 0.5) are memory_fraction = 0.25
-    seed_like = GPURunner(RunnerSettings(memory_fraction=0.25), cuda)
+    seed_like = GPURunner(RunnerSettings(memory_fraction=0.25))
     assert seed_like.batch_size(None, PHASE2_BYTES_PER_TOKEN) == expected // 2
     assert runner.batch_size(700, PHASE2_BYTES_PER_TOKEN) == 700
 
 
 @pytest.mark.parametrize(("allocated", "expected"), [(int(23.9 * GiB), 256), (0, 16384)])
-def test_gpu_batch_is_clamped_to_the_configured_range(allocated: int, expected: int) -> None:
-    runner = GPURunner(RunnerSettings(), FakeCuda(total=24 * GiB, allocated=allocated))
+def test_gpu_batch_is_clamped_to_the_configured_range(fake_cuda: FakeCuda, allocated: int, expected: int) -> None:
+    fake_cuda.total, fake_cuda.allocated = 24 * GiB, allocated
+    runner = GPURunner(RunnerSettings())
     assert runner.batch_size(None, PHASE2_BYTES_PER_TOKEN) == expected
 
 
@@ -202,15 +226,14 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, runner:
 
 
 def test_oom_with_auto_batch_halves_the_micro_batch_and_keeps_the_gradient(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, fake_cuda: FakeCuda) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 3).double()
     x, y = torch.randn(64, 5, dtype=torch.float64), torch.randn(64, 3, dtype=torch.float64)
     (F.mse_loss(model(x), y, reduction="sum") / 64).backward()
     full = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
 
-    cuda = FakeCuda()
-    runner = GPURunner(RunnerSettings(auto_batch=True), cuda)
+    runner = GPURunner(RunnerSettings(auto_batch=True))
     with caplog.at_level(logging.WARNING, logger="newllm_kit"):
         train_step(model, x, y, runner, oom_above=20)
 
@@ -219,20 +242,20 @@ def test_oom_with_auto_batch_halves_the_micro_batch_and_keeps_the_gradient(
     assert runner.micro_batch(64) == 16 and runner.micro_batch(10) == 10
     assert runner.describe()["oom_events"] == [{"batch": 64, "old_micro": 64, "new_micro": 32},
                                                {"batch": 64, "old_micro": 32, "new_micro": 16}]
-    assert cuda.calls.count(("empty_cache",)) == 2
+    assert fake_cuda.calls.count(("empty_cache",)) == 2
     assert "retrying with 16" in caplog.text
 
 
-def test_oom_without_auto_batch_stops_with_the_batch_to_set() -> None:
-    runner = GPURunner(RunnerSettings(), FakeCuda())
+def test_oom_without_auto_batch_stops_with_the_batch_to_set(fake_cuda: FakeCuda) -> None:
+    runner = GPURunner(RunnerSettings())
     with pytest.raises(UserError, match=r"lower the batch size to 512, or runner.auto_batch = true") as info:
         runner.handle_oom(torch.OutOfMemoryError("CUDA out of memory"), 1024)
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
     assert runner.describe()["oom_events"] == []
 
 
-def test_oom_at_micro_batch_one_is_a_user_error_and_other_errors_are_not_handled() -> None:
-    runner = GPURunner(RunnerSettings(auto_batch=True), FakeCuda())
+def test_oom_at_micro_batch_one_is_a_user_error_and_other_errors_are_not_handled(fake_cuda: FakeCuda) -> None:
+    runner = GPURunner(RunnerSettings(auto_batch=True))
     with pytest.raises(UserError, match="even with a micro-batch of 1"):
         runner.handle_oom(torch.OutOfMemoryError("CUDA out of memory"), 1)
     assert runner.handle_oom(ValueError("not memory"), 8) is False
@@ -240,16 +263,17 @@ def test_oom_at_micro_batch_one_is_a_user_error_and_other_errors_are_not_handled
 
 # --- auto ----------------------------------------------------------------------------------------
 
-def test_auto_picks_cpu_without_cuda_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+def test_auto_picks_cpu_without_cuda_and_says_so(caplog: pytest.LogCaptureFixture, fake_cuda: FakeCuda) -> None:
+    fake_cuda.available = False
     with caplog.at_level(logging.INFO, logger="newllm_kit"):
-        runner = auto_runner(RunnerSettings(), FakeCuda(available=False))
+        runner = auto_runner(RunnerSettings())
     assert isinstance(runner, CPURunner)
     assert (runner.name, runner.describe()["resolved"]) == ("auto", "cpu")
     assert "using cpu" in caplog.text
 
 
-def test_auto_picks_gpu_when_cuda_is_available() -> None:
-    runner = auto_runner(RunnerSettings(device_index=1), FakeCuda())
+def test_auto_picks_gpu_when_cuda_is_available(fake_cuda: FakeCuda) -> None:
+    runner = auto_runner(RunnerSettings(device_index=1))
     assert isinstance(runner, GPURunner)
     assert (runner.name, runner.resolved, runner.device) == ("auto", "gpu", torch.device("cuda", 1))
 
@@ -261,8 +285,6 @@ def test_auto_with_the_real_backend_matches_this_machine() -> None:
 
 # --- ddp -----------------------------------------------------------------------------------------
 
-TORCHRUN_ENV = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": "29500"}
 WORKER_TIMEOUT_S = 20
 
 
@@ -278,27 +300,28 @@ def test_shards_cover_the_stream_once_with_sizes_within_one(n: int, world: int) 
 def test_ddp_without_torchrun_env_says_how_to_start(missing: str) -> None:
     env = {k: v for k, v in TORCHRUN_ENV.items() if k != missing}
     with pytest.raises(UserError, match=rf"{missing} not set.*`torchrun --nproc_per_node=K -m newllm"):
-        DDPRunner(RunnerSettings(), FakeCuda(available=False), env)
+        DDPRunner(RunnerSettings(), env)
 
 
-def test_ddp_places_each_rank_on_its_local_gpu_with_nccl() -> None:
-    gpu = DDPRunner(RunnerSettings(), FakeCuda(count=2), TORCHRUN_ENV)
+def test_ddp_places_each_rank_on_its_local_gpu_with_nccl(fake_cuda: FakeCuda) -> None:
+    gpu = DDPRunner(RunnerSettings(), TORCHRUN_ENV)
     assert (gpu.backend, gpu.device, gpu.rank, gpu.is_main) == ("nccl", torch.device("cuda", 1), 1, False)
-    cpu = DDPRunner(RunnerSettings(), FakeCuda(available=False), TORCHRUN_ENV)
+    fake_cuda.available = False
+    cpu = DDPRunner(RunnerSettings(), TORCHRUN_ENV)
     assert (cpu.backend, cpu.device) == ("gloo", torch.device("cpu"))
 
 
-def test_ddp_setup_joins_with_the_backend_timeout_and_device(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ddp_setup_joins_with_the_backend_timeout_and_device(monkeypatch: pytest.MonkeyPatch,
+                                                            fake_cuda: FakeCuda) -> None:
     joined: list[dict[str, Any]] = []
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
     monkeypatch.setattr(dist, "is_initialized", lambda: len(joined) == 1)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: joined.append({}))
-    cuda = FakeCuda(count=2)
-    runner = DDPRunner(RunnerSettings(timeout_s=7), cuda, TORCHRUN_ENV)
+    runner = DDPRunner(RunnerSettings(timeout_s=7), TORCHRUN_ENV)
     runner.setup()
     expected = {"backend": "nccl", "timeout": timedelta(seconds=7), "device_id": torch.device("cuda:1")}
     assert joined == [expected]
-    assert cuda.calls[:2] == [("set_device", 1), ("set_tf32", True)]
+    assert fake_cuda.calls[:2] == [("set_device", 1), ("set_tf32", True)]
     runner.teardown()
     assert len(joined) == 2  # the group it created is destroyed
 
