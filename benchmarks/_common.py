@@ -132,6 +132,8 @@ class QuietProgress:
 
     def finish(self, phase: str) -> None: ...
 
+    def message(self, text: str) -> None: ...
+
 
 # The v2 configurations (spec §2.4) and the 11/27 / v1 all-layer wiring of the same sizes.
 CONFIGS: dict[str, dict[str, Any]] = {

@@ -103,6 +103,8 @@ class Quiet:
 
     def finish(self, phase: str) -> None: ...
 
+    def message(self, text: str) -> None: ...
+
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of `fn()`. On a shared CPU the CPU clock only counts the

@@ -8,9 +8,9 @@ error into that line and code, `cli_help` shapes help and usage, `cli_params` la
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,12 +21,14 @@ from rich.table import Table
 
 from . import __version__
 from .allocator import return_large_blocks_to_os
-from .cli_errors import exit_for, stop_on_sigterm
+from .cli_errors import STOP_SIGNALS, exit_for, stop_on_signal
 from .cli_help import Command, Commands
 from .cli_params import params_tables
 from .errors import UserError
 from .plugins import Plugins, load_plugins
+from .registry import is_plugin_error, one_line, signals_seen
 from .skeleton import KINDS as TEMPLATE_KINDS
+from .strict_json import json_text
 
 app = typer.Typer(
     name="newllm-kit",
@@ -48,6 +50,11 @@ SetOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 
 
+# Commands that read result files and never build a component: loading the plugins (torch with them,
+# ~2 s) would only slow them down, so their command lines skip it.
+READS_FILES_ONLY = {"scaling", "compare", "plot"}
+
+
 def plugins() -> Plugins:
     """The plugins loaded for this invocation (loaded once, on first use)."""
     if _state["plugins"] is None:
@@ -57,7 +64,8 @@ def plugins() -> Plugins:
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: a NaN or infinite number is null, never a literal other parsers refuse."""
+    sys.stdout.write(json_text(data, indent=2, sort_keys=False) + "\n")
 
 
 def _version(value: bool) -> None:
@@ -149,13 +157,16 @@ def plugins_command(ctx: typer.Context, as_json: JsonOption = False) -> None:
 @app.command("validate", cls=Command)
 def validate_command(file: Annotated[Path, typer.Argument(metavar="FILE", help="Experiment TOML file.")],
                      set_: SetOption = None) -> None:
-    """Check an experiment file (and overrides) without running anything.
+    """Check an experiment file (and overrides) without running anything: everything `run` checks before it
+    reads data, including the split and whether the data, tokenizer and embedding can load here.
 
     Example: `newllm-kit validate experiments/v2.toml --set phase2.epochs=3`
     """
     from .experiment import plan
+    from .preflight import check_before_data
 
     config = _load(file, set_)
+    check_before_data(config)
     units = plan(config)
     seeds = config.schema.experiment.seed_list()
     grid = [f"{len(config.models)} model(s)", f"{len(config.schema.experiment.samples)} training size(s)"]
@@ -316,9 +327,11 @@ def compare_command(
 
 @app.command("plot", cls=Command)
 def plot_command(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (runs/<experiment>/<run>).")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (`runs/<experiment>/<run>`).")],
     out: Annotated[Path | None, typer.Option("--out", metavar="DIR",
                                              help="Folder for the PNGs (default RUN_DIR/plots).")] = None,
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="Plot results whose corpus, tokenizer, "
+                                              "split or embedding fingerprints differ.")] = False,
 ) -> None:
     """Training curves per unit and per model, PPL vs tokens with the fits, and sweep plots, as PNGs
     (needs `pip install 'newllm-kit[plot]'`).
@@ -327,7 +340,7 @@ def plot_command(
     """
     from .plots import write_plots
 
-    written = write_plots(run_dir, out)
+    written = write_plots(run_dir, out, allow_mixed)
     console.print(escape(f"{len(written)} PNG files in {out or run_dir / 'plots'}:"))
     for path in written:
         console.print(escape(f"  {path.name}"))
@@ -336,31 +349,26 @@ def plot_command(
 def _register_plugin_commands() -> None:
     loaded = plugins()
     for impl in loaded.manager.hook.register_commands.get_hookimpls():
-        try:
-            impl.function(cli=app)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:  # sys.exit included: a plugin's registration must not take the CLI down
-            print(f"warning: plugin {impl.plugin_name!r}: register_commands failed: "
-                  f"{type(error).__name__}: {error}", file=sys.stderr)
+        with redirect_stdout(sys.stderr), signals_seen() as seen:  # stdout is the command's (`--json`)
+            try:
+                impl.function(cli=app)
+            except BaseException as error:  # sys.exit included: a plugin's registration must not take the CLI down
+                if not is_plugin_error(error, seen):  # a real Ctrl-C or SIGTERM
+                    raise
+                print(f"warning: plugin {impl.plugin_name!r}: register_commands failed: {one_line(error)}",
+                      file=sys.stderr)
 
 
 def main() -> None:
     """Console-script entry point: run the app, map errors to one line and an exit code."""
     _state["traceback"] = "--traceback" in sys.argv
     _state["strict"] = "--strict-plugins" in sys.argv
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_on_signal)
     return_large_blocks_to_os()
     try:
-        _register_plugin_commands()
-        for info in plugins().problems():
-            where = f"{info.name!r} ({info.distribution or 'local'})"
-            if info.status == "conflict":  # loaded; only the clashing component is disabled
-                print(f"warning: plugin {where}: {info.error}", file=sys.stderr)
-                continue
-            if _state["traceback"] and info.traceback:
-                print(info.traceback, file=sys.stderr, end="" if info.traceback.endswith("\n") else "\n")
-            print(f"warning: plugin {where} not loaded: {info.error}", file=sys.stderr)
+        if _command_word(sys.argv[1:]) not in READS_FILES_ONLY:
+            _warn_about_plugins()
         # Not `app()`: Typer's own main turns Ctrl-C into a silent exit 130 and usage errors into a box.
         command = typer.main.get_command(app)
         with command.make_context("newllm-kit", sys.argv[1:]) as ctx:
@@ -368,3 +376,21 @@ def main() -> None:
     except (Exception, KeyboardInterrupt) as error:
         exit_for(error, _state["traceback"])
         raise  # a bug: its traceback is the report
+
+
+def _command_word(args: list[str]) -> str | None:
+    """The command a command line names (the first word that is not a global option)."""
+    return next((arg for arg in args if not arg.startswith("-")), None)
+
+
+def _warn_about_plugins() -> None:
+    """Load the plugins, add their commands, and say which did not load."""
+    _register_plugin_commands()
+    for info in plugins().problems():
+        where = f"{info.name!r} ({info.distribution or 'local'})"
+        if info.status == "conflict":  # loaded; only the clashing component is disabled
+            print(f"warning: plugin {where}: {info.error}", file=sys.stderr)
+            continue
+        if _state["traceback"] and info.traceback:
+            print(info.traceback, file=sys.stderr, end="" if info.traceback.endswith("\n") else "\n")
+        print(f"warning: plugin {where} not loaded: {info.error}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """How an error reaches the user of the command line: one line on stderr and an exit code.
 
-A user's mistake exits 2, a run whose numbers cannot be trusted 1, an interrupted one 130 (SIGTERM
-stops a run exactly as Ctrl-C does); only a bug shows a traceback, unless `--traceback` asks.
+A user's mistake exits 2, a run whose numbers cannot be trusted 1, an interrupted one 130 (SIGTERM,
+SIGHUP and SIGQUIT stop a run exactly as Ctrl-C does); only a bug shows a traceback, unless `--traceback` asks.
 """
 
 from __future__ import annotations
@@ -36,12 +36,17 @@ _OS_HINTS = {
 }
 
 
-def stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """Stop on SIGTERM (what Slurm and Kubernetes send before SIGKILL) exactly as on Ctrl-C, so a
-    run records that it stopped. The signal's name is the KeyboardInterrupt's argument; a second
-    SIGTERM kills at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise KeyboardInterrupt("SIGTERM")
+# Signals that stop a command as Ctrl-C does: SIGTERM (what Slurm and Kubernetes send before SIGKILL),
+# SIGHUP (the terminal or ssh session closed) and SIGQUIT (Ctrl-\); their default would end the
+# process without recording how the run stopped.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+
+
+def stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    """Stop on one of `STOP_SIGNALS` exactly as on Ctrl-C, so a run records that it stopped. The
+    signal's name is the KeyboardInterrupt's argument; a second one of the same kind kills at once."""
+    signal.signal(signum, signal.SIG_DFL)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _usage_message(error: typer.TyperException) -> str:

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from .errors import DataError, UserError
 from .scaling import Fit, Point, check_comparable, fit_all, series
-from .scaling.points import _has_results, _read, _why_empty
+from .scaling.points import _has_results, _read, _why_empty, positive_number
 from .stats import Difference, estimate_difference, paired, t_quantile, welch
 
 # Metrics that are shares (0…1): differences read in percentage points, not relative to a mean.
@@ -75,15 +75,37 @@ def _jsonl(path: Path, text: str) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:
             raise DataError(f"{path}:{number}: not valid JSON") from None
+        except RecursionError:
+            raise DataError(f"{path}:{number}: not a results record (JSON nested too deeply)") from None
         if not isinstance(row, dict) or not {"model", "samples", "train_tokens"} <= row.keys():
             raise DataError(f"{path}:{number}: expected a results record with model, samples and train_tokens")
-        rows.append(row)
+        rows.append(_checked(row, f"{path}:{number}"))
     return rows
+
+
+def _checked(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """The fields a comparison does arithmetic on or sorts by have the types it needs: a one-line
+    DataError naming the record otherwise."""
+    samples, seed = row.get("samples"), row.get("seed")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
+        raise DataError(f"{where}: samples must be a positive whole number (got {str(samples)[:40]!r})")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise DataError(f"{where}: seed must be a whole number (got {str(seed)[:40]!r})")
+    positive_number(row.get("train_tokens"), "train_tokens", where)
+    return row
 
 
 def _csv(path: Path, text: str) -> list[dict[str, Any]]:
     """A run's results.csv: numbers become numbers, empty cells are dropped."""
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(text.splitlines(), strict=True)  # an unclosed quote is an error, not a swallowed table
+    try:
+        return _csv_rows(path, reader)
+    except csv.Error as error:  # a field over the csv module's limit, a NUL byte, broken quoting
+        raise DataError(f"{path}: line {reader.line_num + 1}: not a CSV table ({error}); give a run's "
+                        f"results.csv") from None
+
+
+def _csv_rows(path: Path, reader: csv.DictReader[str]) -> list[dict[str, Any]]:
     missing = {"model", "samples", "train_tokens"} - set(reader.fieldnames or [])
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}; give a run's results.csv")
@@ -97,7 +119,7 @@ def _csv(path: Path, text: str) -> list[dict[str, Any]]:
                 row[key] = int(value) if value.lstrip("-").isdigit() else float(value)
             except ValueError:
                 row[key] = value
-        rows.append(row)
+        rows.append(_checked(row, f"{path}: row {reader.line_num}"))
     return rows
 
 
@@ -118,23 +140,48 @@ def _sides(record: dict[str, Any], by: str) -> tuple[str, str]:
     return f"{record['model']}, {size}", variant
 
 
+def _numeric(value: Any) -> bool:
+    """A number a metric can be compared by: not text, and not a true/false flag (an int in Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def compare_records(records: list[dict[str, Any]], metric: str, by: str) -> list[Comparison]:
     """Every pair of sides within every context, in the order the records list them."""
-    if not any(metric in r for r in records):
-        known = sorted(k for k, v in records[0].items() if isinstance(v, int | float) and not isinstance(v, bool))
-        raise UserError(f"--metric {metric}: not in the results; choose one of {', '.join(known)}")
+    if not any(_numeric(r.get(metric)) for r in records):  # absent, or text and flags such as `model`
+        known = sorted(k for k, v in records[0].items() if _numeric(v))
+        what = "not a number in the results" if any(metric in r for r in records) else "not in the results"
+        raise UserError(f"--metric {metric}: {what}; choose one of {', '.join(known)}")
     if by == "variant" and not any(r.get("variant") for r in records):
         raise UserError("--by variant: these results have no sweep variants; use --by model")
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         context, side = _sides(r, by)
-        if isinstance(r.get(metric), int | float) and math.isfinite(r[metric]):
+        if _numeric(r.get(metric)) and math.isfinite(r[metric]):
             groups.setdefault(context, {}).setdefault(side, []).append(r)
     out = []
     for context, sides in groups.items():
         for a, b in combinations(sides, 2):
             out.append(_compare(context, a, b, sides[a], sides[b], metric))
+    if not out:
+        raise UserError(_nothing_to_compare(records, metric, by))
     return out
+
+
+def _nothing_to_compare(records: list[dict[str, Any]], metric: str, by: str) -> str:
+    """Why no two sides met at any training size: one side only, or only one side has the metric."""
+    sides = list(dict.fromkeys(_sides(r, by)[1] for r in records))
+    what = "models" if by == "model" else "sweep variants"
+    if len(sides) < 2:
+        hint = ("; --by variant compares its sweep variants"
+                if by == "model" and any(r.get("variant") for r in records) else "")
+        return f"--by {by}: these results have one {what[:-1]} ({sides[0]}), nothing to compare it with{hint}"
+    having = list(dict.fromkeys(_sides(r, by)[1] for r in records
+                                if _numeric(r.get(metric)) and math.isfinite(r[metric])))
+    if len(having) < 2:
+        lacking = ", ".join(s for s in sides if s not in having)
+        return (f"--metric {metric}: only {', '.join(having) or 'no side'} recorded it, not {lacking}; "
+                f"choose a metric both sides recorded")
+    return f"--by {by}: no two {what} share a training size, nothing to compare"
 
 
 def _compare(context: str, a: str, b: str, left: list[dict[str, Any]], right: list[dict[str, Any]],
@@ -147,6 +194,8 @@ def _compare(context: str, a: str, b: str, left: list[dict[str, Any]], right: li
         diff = paired([seeds_a[s] for s in order], [seeds_b[s] for s in order])
     else:
         diff = welch([r[metric] for r in left], [r[metric] for r in right])
+    if diff.low is None:  # a side with one value has no spread: no test was possible
+        diff = replace(diff, method="none")
     mean_a = sum(r[metric] for r in left) / len(left)
     mean_b = sum(r[metric] for r in right) / len(right)
     return Comparison(context, a, b, mean_a, mean_b, diff, verdict(a, b, mean_b, diff, metric))
@@ -204,7 +253,7 @@ def compare(sources: list[Path], metric: str, by: str, allow_mixed: bool) -> dic
     warnings += check_sources(records, allow_mixed)
     pairs = compare_records(records, metric, by)
     points = [Point(series(r), float(r["train_tokens"]), float(r["val_ppl"]), None, r["source"], r.get("seed"))
-              for r in records if isinstance(r.get("val_ppl"), int | float)]
+              for r in records if isinstance(r.get("val_ppl"), int | float) and math.isfinite(r["val_ppl"])]
     fittable = [p for p in points if len({q.tokens for q in points if q.model == p.model}) >= 2]
     # α belongs to the PPL scaling law: shown beside PPL comparisons only
     alphas = compare_alphas(fit_all(fittable, []).fits, records, by) if fittable and metric == "val_ppl" else []
@@ -222,17 +271,21 @@ def _to_json(c: Comparison) -> dict[str, Any]:
 
 def render(document: dict[str, Any], console: Console) -> None:
     console.print(escape(f"sources: {', '.join(document['sources'])}"))
-    table = Table(title=f"{document['metric']}: A − B, 95% interval",
+    # Headers name the sides by position, never by letters a model could be called; names fold onto
+    # further lines instead of being cut, so two rows never look alike.
+    table = Table(title=f"{document['metric']}: first − second, 95% interval",
                   caption="n: seeds (points for a fit); paired: by seed, where both sides ran the same seeds; "
-                          "welch: unequal variances")
-    for column in ("Where", "A", "B", "n", "Mean A", "Mean B", "A − B (95% CI)", "Test"):
-        table.add_column(column, justify="left" if column in ("Where", "A", "B", "Test") else "right")
+                          "welch: unequal variances; no test: a side has one seed, so no test was possible")
+    for column in ("Where", "First", "Second", "n", "Mean, first", "Mean, second", "First − second (95% CI)",
+                   "Test"):
+        text = column in ("Where", "First", "Second", "Test")
+        table.add_column(column, justify="left" if text else "right", overflow="fold")
     rows = document["comparisons"] + document["alpha"]
     for c in rows:
         ci = f"[{c['ci'][0]:.4g}, {c['ci'][1]:.4g}]" if c["ci"] else "—"
         table.add_row(escape(c["context"]), escape(c["a"]), escape(c["b"]), f"{c['n_a']}/{c['n_b']}",
                       f"{c['mean_a']:.4g}", f"{c['mean_b']:.4g}", f"{c['difference']:+.4g} {ci}",
-                      c["method"])
+                      c["method"] if c["ci"] else "no test")
     console.print(table)
     for c in rows:
         console.print(f"{escape(c['context'])}: {escape(c['verdict'])}")

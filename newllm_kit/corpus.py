@@ -6,6 +6,9 @@ the scheme is an explicit name, it is part of every cache key, and the corpus, t
 and split fingerprints are returned so the run directory records exactly what was trained on.
 A stream is cached as raw int32 ids, written a batch of documents at a time and memory-mapped when
 used, so tokenising and holding 10M tokens takes 40 MB, not the 0.4 GB of a list of Python ints.
+The sha256 of the ids and of the boundaries is taken while they are written and kept beside them
+(`sha256sum -c` reads it); a cache whose content no longer matches is rebuilt with a warning, so an
+edited or swapped file cannot change a result while every size and bound still fits.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -25,6 +29,7 @@ import torch
 from .errors import ConfigError, DataError, PluginError
 from .protocols import DataSource, Tokenizer, TokenizerFactory, missing_members
 from .rundir import atomic_write_bytes, atomic_writer
+from .user_files import check_regular
 
 if TYPE_CHECKING:
     from .config import Choice
@@ -33,6 +38,7 @@ CACHE_FORMAT = 2  # 2: raw int32 ids + .npy boundaries, memory-mapped; format 1 
 ENCODE_BATCH = 1024  # documents tokenised per write: bounds the ids held as Python objects
 DOCUMENT_BATCH = 4096  # rows asked of the data source at once: bounds the turns held before the scheme picks
 INT32_LIMIT = 2**31
+HASH_CHUNK = 1 << 20  # bytes hashed at a time when a cache is verified: memory stays flat whatever its size
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ def get_scheme(name: str) -> TextScheme:
 
 def read_text(path: Path, source: str) -> str:
     """A corpus file as text, or a one-line DataError naming the file and why it is not UTF-8 text."""
+    check_regular(path, f"data source {source!r} file", DataError)  # /dev/zero never ends, a FIFO waits
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -84,6 +91,7 @@ def read_text(path: Path, source: str) -> str:
 def jsonl_rows(path: Path, source: str) -> Iterator[tuple[int, Any]]:
     """(line number, value) for every non-blank line of a JSON Lines file; anything that is not UTF-8
     JSON is a one-line DataError naming the file and the line."""
+    check_regular(path, f"data source {source!r} file", DataError)
     try:
         handle = path.open("rb")
     except OSError as error:
@@ -143,6 +151,7 @@ class Stream:
 
     ids: torch.Tensor
     boundaries: np.ndarray
+    sha256: str = ""  # of the ids as written: what meta.json records and a resume compares
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -150,6 +159,44 @@ class Stream:
 
 def _bounds_path(ids_path: Path) -> Path:
     return ids_path.with_name(ids_path.name.removesuffix(".ids") + ".bounds.npy")
+
+
+def _hash_path(ids_path: Path) -> Path:
+    return ids_path.with_name(ids_path.name.removesuffix(".ids") + ".sha256")
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
+
+
+def _write_hashes(ids_path: Path, ids_sha256: str, bounds_sha256: str) -> None:
+    """`<hash>  <file>` lines, the format `sha256sum -c` checks, written after the files they name."""
+    lines = f"{ids_sha256}  {ids_path.name}\n{bounds_sha256}  {_bounds_path(ids_path).name}\n"
+    atomic_write_bytes(_hash_path(ids_path), lines.encode("ascii"))
+
+
+def _read_hashes(ids_path: Path) -> dict[str, str] | None:
+    """File name -> recorded sha256, or None when the record is absent or not in that format."""
+    try:
+        text = _hash_path(ids_path).read_text(encoding="ascii")
+    except (OSError, ValueError):
+        return None
+    recorded = {}
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name:
+            return None
+        recorded[name] = digest
+    return recorded
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file read `HASH_CHUNK` bytes at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _encoded(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int | None) -> tuple[np.ndarray, list[int]]:
@@ -174,11 +221,15 @@ def build_stream(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int | N
         raise DataError(f"tokenizer: vocab_size {tokenizer.vocab_size} does not fit int32 ids; "
                         f"the tokenizer plugin is inconsistent")
     lengths: list[int] = []
+    digest = hashlib.sha256()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _hash_path(path).unlink(missing_ok=True)  # until the new files are complete, nothing vouches for them
     with atomic_writer(path) as handle:
         for start in range(0, len(texts), ENCODE_BATCH):
             ids, batch = _encoded(texts[start:start + ENCODE_BATCH], tokenizer, max_tokens)
-            handle.write(ids.tobytes())
+            raw = ids.tobytes()
+            handle.write(raw)
+            digest.update(raw)
             lengths += batch
         if not any(lengths):
             raise DataError(f"data: the {len(texts)} selected document(s) tokenise to 0 tokens; "
@@ -188,7 +239,8 @@ def build_stream(texts: Sequence[str], tokenizer: Tokenizer, max_tokens: int | N
     buffer = io.BytesIO()
     np.save(buffer, boundaries, allow_pickle=False)
     atomic_write_bytes(_bounds_path(path), buffer.getvalue())
-    return Stream(torch.from_numpy(np.memmap(path, dtype="<i4", mode="c")), boundaries)
+    _write_hashes(path, digest.hexdigest(), hashlib.sha256(buffer.getvalue()).hexdigest())
+    return Stream(torch.from_numpy(np.memmap(path, dtype="<i4", mode="c")), boundaries, digest.hexdigest())
 
 
 def _show(rows: range) -> str:
@@ -237,13 +289,28 @@ def _stream_cache_path(cache_dir: Path, corpus: str, scheme: str, tokenizer: str
     return cache_dir / f"stream-{key[:32]}.ids"
 
 
-def read_stream(path: Path, samples: int, vocab_size: int) -> Stream | None:
-    """The stream cached at `path`, or None when it is absent or does not hold `samples` consistent
-    boundaries and in-vocabulary ids (it is then rebuilt and overwritten). Never unpickles."""
+def read_stream(path: Path, samples: int, vocab_size: int, warn: Callable[[str], None] = _warn) -> Stream | None:
+    """The stream cached at `path`, or None when it is absent, its content differs from the sha256
+    recorded beside it, or it does not hold `samples` consistent boundaries and in-vocabulary ids (it
+    is then rebuilt and overwritten; `warn` names a cache that was there but is not trusted). Never
+    unpickles."""
+    if not path.exists() and not _bounds_path(path).exists():
+        return None
+    recorded = _read_hashes(path)
+    if recorded is None:
+        warn(f"token cache {path} has no readable content hash ({_hash_path(path).name}); rebuilding it")
+        return None
     try:
+        actual = {p.name: file_sha256(p) for p in (path, _bounds_path(path))}
         boundaries = np.load(_bounds_path(path), allow_pickle=False)
         size = path.stat().st_size
     except (OSError, ValueError, EOFError):
+        warn(f"token cache {path} cannot be read; rebuilding it")
+        return None
+    changed = [name for name, digest in actual.items() if recorded.get(name) != digest]
+    if changed:
+        warn(f"token cache {path.parent / changed[0]} does not match the sha256 recorded when it was written; "
+             f"rebuilding it")
         return None
     if boundaries.dtype != np.int64 or boundaries.shape != (samples, 2) or samples == 0:
         return None
@@ -254,12 +321,14 @@ def read_stream(path: Path, samples: int, vocab_size: int) -> Stream | None:
     ids = np.memmap(path, dtype="<i4", mode="c")
     if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
         return None
-    return Stream(torch.from_numpy(ids), boundaries)
+    return Stream(torch.from_numpy(ids), boundaries, actual[path.name])
 
 
-def cached_stream(texts: Sequence[str], tokenizer: Tokenizer, scheme: TextScheme, path: Path) -> Stream:
-    """`build_stream`, reusing the files at `path` when they were written for the same key."""
-    stream = read_stream(path, len(texts), tokenizer.vocab_size)
+def cached_stream(texts: Sequence[str], tokenizer: Tokenizer, scheme: TextScheme, path: Path,
+                  warn: Callable[[str], None] = _warn) -> Stream:
+    """`build_stream`, reusing the files at `path` when they were written for the same key and still
+    hold what was written."""
+    stream = read_stream(path, len(texts), tokenizer.vocab_size, warn)
     return stream if stream is not None else build_stream(texts, tokenizer, scheme.max_tokens, path)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import random
 import time
@@ -23,12 +24,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import ExperimentConfig, read_toml
+from .config import ExperimentConfig
 from .corpus import Stream, embedding_provenance, load_streams
-from .errors import DataError, PluginError, RunFailed, UserError
+from .errors import DataError, PluginError, RunFailed
 from .params import check_model_fits
 from .protocols import Collectives, EvalOutputs, Placement, Runner, UnitContext, UnitData
 from .report import metric_key
+from .resume import PINNED, pin_fingerprints
 from .rundir import STORE_DIR, RunDir
 from .scaling import Point, fit_all, report_to_json, series
 from .training import ppl
@@ -122,6 +124,9 @@ def build_model(config: ExperimentConfig, unit: Unit, vocab_size: int, runner: P
     model = architecture.build(vocab_size)
     generator = torch.Generator().manual_seed(config.schema.experiment.seed)
     weight = config.embedding.build().load(vocab_size, architecture.embedding_dim, generator)
+    if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight).all()):  # else: NaN losses, wrong advice
+        raise DataError(f"{config.embedding.where}: embedding {config.embedding.component.name!r} gave a table "
+                        f"with NaN or infinite values; check its file or source, or choose another embedding.source")
     model.set_embedding(weight, freeze=config.schema.embedding.freeze)
     return model.to(runner.device)
 
@@ -153,6 +158,32 @@ def _metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, 
     return {choice.component.name: float(choice.build().compute(outputs)) for choice in config.metrics}
 
 
+def check_outputs(recipe: str, outputs: Any, val_tokens: int) -> None:
+    """Refuse validation sums no metric could trust: every recipe scores positions 1 … n−1 of the
+    validation stream exactly once, so `count` is n − 1, the NLL sum is finite and the hits are at
+    most the count. A recipe that evaluated nothing (the cvfp recipe when
+    `solver.skip_phase2_if_identity` skips Phase 2) returns all three zero: its metrics are missing,
+    not wrong."""
+    where = f"recipe {recipe!r} returned validation outputs"
+    if not isinstance(outputs, EvalOutputs):
+        raise RunFailed(f"{where} of type {type(outputs).__name__}, not newllm_kit.protocols.EvalOutputs; "
+                        f"fix the recipe")
+    count, correct, nll = outputs.count, outputs.correct, outputs.nll_sum
+    if count == 0 and correct == 0 and nll == 0:
+        return
+    scored = val_tokens - 1
+    problem = None
+    if not isinstance(count, int | np.integer) or isinstance(count, bool) or count != scored:
+        problem = (f"with count = {count!r}, but the validation stream of {val_tokens:,} tokens has {scored:,} "
+                   f"scored positions (1 … n−1, each exactly once)")
+    elif not isinstance(nll, int | float) or not math.isfinite(nll):
+        problem = f"with nll_sum = {nll!r}, not a finite number"
+    elif not isinstance(correct, int | np.integer) or not 0 <= correct <= count:
+        problem = f"with correct = {correct!r}, outside 0 … count ({count:,})"
+    if problem is not None:
+        raise RunFailed(f"{where} {problem}; fix the recipe")
+
+
 def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: Runner, run: RunDir,
              progress: Any, attempt: int) -> dict[str, Any]:
     """Build the unit's model, hand it to its recipe, and make the results record from what comes back."""
@@ -173,6 +204,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
     started = time.perf_counter()
     result = recipe.train(model, data, context)
     seconds = time.perf_counter() - started
+    check_outputs(recipe_name, result.val, data.val_ids.numel())
     result.val.seed = schema.experiment.seed
     metrics = _metric_values(config, result.val)
     counts = model.param_counts()
@@ -185,8 +217,8 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         "train_tokens": int(data.train_ids.numel()),
         "val_tokens": int(data.val_ids.numel()),
         "recipe": recipe_name,
-        "val_ppl": metrics.get("ppl", ppl(result.val.nll_sum / max(result.val.count, 1))),
-        "val_acc": metrics.get("accuracy", result.val.correct / max(result.val.count, 1)),
+        "val_ppl": metrics.get("ppl", ppl(result.val.nll_sum / result.val.count) if result.val.count else math.nan),
+        "val_acc": metrics.get("accuracy", result.val.correct / result.val.count if result.val.count else math.nan),
         **{metric_key(name): value for name, value in metrics.items()},
         "metrics": metrics,
         "params": {**counts, "trainable": {k: sum(p.numel() for p in v) for k, v in groups.items()}},
@@ -241,10 +273,11 @@ def meta(config: ExperimentConfig, runner: Placement, plugins: list[dict[str, An
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-model (and per-variant) scaling fits (≥ 2 sizes) over every seed's point, using the same
-    fitter as `newllm-kit scaling`."""
+    fitter as `newllm-kit scaling`. A unit without a PPL (null in results.jsonl: it evaluated nothing)
+    is no point."""
     points = [Point(series(r), float(r["train_tokens"]), float(r["val_ppl"]),
                     json.dumps(r.get("fingerprints"), sort_keys=True), "results.jsonl", r.get("seed"))
-              for r in records]
+              for r in records if _finite(r.get("val_ppl"))]
     by_model: dict[str, set[float]] = {}
     for p in points:
         by_model.setdefault(p.model, set()).add(p.tokens)
@@ -252,6 +285,10 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     if not fittable:
         return {"fits": [], "warnings": ["fewer than 2 training sizes per model: no scaling fit"]}
     return report_to_json(fit_all(fittable, [], "power"))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 Done = dict[tuple[str, str, int, int], dict[str, Any]]  # finished records by Unit.key
@@ -284,19 +321,22 @@ def _start(config: ExperimentConfig, run: RunDir, units: list[Unit], progress: A
     """Rank 0, before any unit: repair what a killed process left, write each sweep variant's resolved
     config, and mark the run running. Returns this process's attempt number (1, then +1 per resume)
     and the finished records."""
-    records = run.results(progress.message)
+    seed = config.schema.experiment.seed_list()[0]
+    records, set_aside = run.finished_records(lambda r: record_key(r, seed), {u.key for u in units},
+                                              progress.message)
     done = _finished(records, config)
-    if records:
+    if records or set_aside:
         _publish(run, config, units, done)
     run.repair({u.id for u in units if u.key in done})
     if config.variants:
         run.inside(run.path / VARIANTS_DIR).mkdir(exist_ok=True)
         for variant in config.variants:
             run.write_text(f"{VARIANTS_DIR}/{variant.name}.toml", variant.config.resolved_toml())
-    previous, attempt = run.read_json("meta.json"), 1
+    previous, attempt, pinned = run.read_json("meta.json"), 1, {}
     if isinstance(previous, dict):
         attempt = previous["attempt"] + 1 if isinstance(previous.get("attempt"), int) else 2
-    run.write_json("meta.json", {**meta_now, "status": "running", "attempt": attempt})
+        pinned = {k: previous[k] for k in PINNED if isinstance(previous.get(k), dict)}
+    run.write_json("meta.json", {**meta_now, **pinned, "status": "running", "attempt": attempt})
     return attempt, records
 
 
@@ -311,6 +351,7 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
     progress.experiment(config.schema.experiment.name, len(units))
     corpora: dict[str, CorpusCache] = {}
     corpus: CorpusCache | None = None
+    pinned: dict[str, dict[str, str]] = {}  # variant -> the fingerprint set checked against meta.json
     for i, unit in enumerate(units, start=1):
         progress.begin_unit(unit.id, i, len(units))
         if unit.key in done:
@@ -318,9 +359,13 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
             continue
         unit_cfg = unit_config(config, unit)
         corpus = _corpus(unit_cfg, run, runner, corpora)
+        if runner.rank == 0 and unit.variant not in pinned:
+            pinned[unit.variant] = pin_fingerprints(run, unit.variant, unit_fingerprints(unit_cfg, corpus))
         try:
             record = run_unit(unit_cfg, unit, corpus, runner, run, progress, attempt)
-        except RunFailed as error:  # name the unit, once
+        except RunFailed as error:  # name the unit, once, and record it as the one that failed
+            if runner.rank == 0:
+                _record_failed_unit(run, unit)
             if str(error).startswith(f"{unit.id}:"):
                 raise
             raise RunFailed(f"{unit.id}: {error}") from error
@@ -337,10 +382,21 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
     if runner.rank == 0:
         run.repair({u.id for u in units})  # nothing left to resume: no checkpoints/ either
         stores = {u.id: done[u.key].get("context_store") for u in units}
-        prints = corpus.fingerprints if corpus is not None else next(iter(done.values())).get("fingerprints")
-        run.write_json("meta.json", {**meta(config, runner, plugin_report), "status": "finished",
-                                     "attempt": attempt, "fingerprints": prints, "context_stores": stores})
+        recorded = run.read_json("meta.json")
+        kept = {k: recorded[k] for k in PINNED if isinstance(recorded, dict) and isinstance(recorded.get(k), dict)}
+        if "fingerprints" not in kept:  # a run finished before sets were pinned: its records say
+            kept["fingerprints"] = next(iter(done.values())).get("fingerprints")
+        run.write_json("meta.json", {**meta(config, runner, plugin_report), **kept, "status": "finished",
+                                     "attempt": attempt, "context_stores": stores})
     return [done[u.key] for u in units]
+
+
+def _record_failed_unit(run: RunDir, unit: Unit) -> None:
+    """meta.json's `failed_unit`: the unit whose numbers were refused. Its record is not written, so
+    results.jsonl keeps the finished units only, and a resume runs that unit again."""
+    recorded = run.read_json("meta.json")
+    if isinstance(recorded, dict):
+        run.write_json("meta.json", {**recorded, "failed_unit": unit.id})
 
 
 def _corpus(config: ExperimentConfig, run: RunDir, runner: Collectives, corpora: dict[str, CorpusCache]
@@ -358,39 +414,8 @@ def _corpus(config: ExperimentConfig, run: RunDir, runner: Collectives, corpora:
     return corpora[key]
 
 
-def check_resume_compatible(saved_file: Path, config: ExperimentConfig) -> None:
-    """Refuse to mix results of two different configurations in one run directory."""
-    saved = _flatten(read_toml(saved_file))
-    now = _flatten(config.resolved())
-    differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if differing:
-        shown = ", ".join(differing[:8]) + (" …" if len(differing) > 8 else "")
-        raise UserError(f"cannot resume: the configuration differs from the run's config.resolved.toml in "
-                        f"{shown}; start a new run instead")
-    # The same settings can name another table (the hub's `main` moves): the run's meta.json says which it used.
-    try:
-        recorded = json.loads((saved_file.parent / "meta.json").read_text(encoding="utf-8")).get("embedding")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    if isinstance(recorded, dict):
-        now_embedding = embedding_provenance(config.embedding)
-        changed = sorted(k for k in set(recorded) | set(now_embedding) if recorded.get(k) != now_embedding.get(k))
-        if changed:
-            key = changed[0]
-            raise UserError(f"cannot resume: embedding.{key} differs from the run's meta.json ({recorded.get(key)!r} "
-                            f"then, {now_embedding.get(key)!r} now), so Phase 2 would read another table; pin "
-                            f"embedding.revision to the run's, or start a new run")
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}.{i}"))
-        return out
-    return {prefix: value}
+def unit_fingerprints(config: ExperimentConfig, corpus: CorpusCache) -> dict[str, str]:
+    """What a unit of this run trains and scores on: corpus, tokenizer, scheme, split, embedding
+    table, and the sha256 of the training and validation token ids."""
+    return {**corpus.fingerprints, "embedding": embedding_provenance(config.embedding)["sha256"],
+            "train_ids": corpus.train.sha256, "val_ids": corpus.val.sha256}

@@ -31,15 +31,18 @@ def vocab_size_of(config: ExperimentConfig) -> int:
 
 def count_params(config: ExperimentConfig) -> list[dict[str, Any]]:
     """Per model: its `param_counts()` parts (with "total") and, under "trainable", what each of its
-    `param_groups()` trains (a frozen embedding table counts in its part but in no group)."""
+    `param_groups()` trains (a frozen embedding table counts in its part but in no group).
+
+    Counted after the calls a run makes: `build`, then `set_embedding` with `[embedding] freeze`, so a
+    model that keeps its table frozen until `set_embedding` says otherwise is counted as it trains. The
+    table passed is an empty one of the model's own shape: no embedding is downloaded or loaded."""
     vocab_size = vocab_size_of(config)
     rows = []
     for label, choice in config.models:
         with torch.device("meta"):
             model = choice.build().build(vocab_size)
-        if config.schema.embedding.freeze:
             table, _ = model.output_head()
-            model.set_embedding(torch.empty_like(table), freeze=True)
+            model.set_embedding(torch.empty_like(table), freeze=config.schema.embedding.freeze)
         counts = {k: int(v) for k, v in model.param_counts().items()}
         trainable = {group: sum(p.numel() for p in params if p.requires_grad)
                      for group, params in model.param_groups().items()}

@@ -3,7 +3,8 @@
 - `unit-<unit>.png`: one panel per phase its recipe logged, in the order logged. An epoch phase (rows with
   `epoch`) shows train and validation loss, the record's best epoch starred on the unit's last one; an
   iteration phase (rows with `iteration`) shows its loss and, where the rows have a `rate`, that share in % on
-  a second axis, with the record's `<phase>_target_rate` as a line;
+  a second axis, with the record's `<phase>_target_rate` as a line and its `<phase>_rate_note` (what the
+  rate measures, e.g. a first pass compared with its own starting point) as a caption;
 - `model-<model>.png`: the same curves of every size and seed of one model (or sweep variant), overlaid;
 - `scaling.png`: validation PPL against training tokens with each fit and its band (scaling_plot's figure);
 - `sweep-<key>.png`: for a sweep, val PPL, the configured validation metrics and the recipes' averaged
@@ -18,14 +19,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
-from .compare import load_records
+from .compare import check_sources, load_records
 from .config import read_toml
 from .errors import DataError, UserError
 from .experiment import Unit
 from .report import Shown, metric_columns, metric_key, recipe_columns
+from .rundir import RunDir
 from .scaling import Point, fit_all, series
 from .scaling.points import _has_results, _why_empty
 from .scaling_plot import new_figure, save_png
@@ -36,24 +39,29 @@ WHAT = "newllm-kit plot"
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v")
 STEP_KEYS = ("iteration", "epoch")  # what a metrics row counts; the key names the kind of phase
+CURVE_KEYS = {"iteration": ("loss", "rate"), "epoch": ("train_loss", "val_loss")}  # what each kind's panel draws
+NO_CURVES = "no curves: this unit logged no epoch/iteration with a loss"
 LOSS_LABEL = "cross-entropy (nats per token)"
 RATE_LABEL = "share converged (%)"
 Curves = dict[str, list[dict[str, Any]]]  # one unit's rows by phase, in the order the phases were first logged
 
 
-def write_plots(run_dir: Path, out: Path | None = None) -> list[Path]:
+def write_plots(run_dir: Path, out: Path | None = None, allow_mixed: bool = False) -> list[Path]:
     """Every figure of the run into `out` (default RUN_DIR/plots); returns the files written."""
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a run directory; give one under runs/<experiment>/")
     if not _has_results(run_dir):
         raise DataError(f"{run_dir}: {_why_empty(run_dir)}")
-    out = out if out is not None else run_dir / "plots"
+    if out is None:  # the run's own folder: a plots/ link leading out of the run directory is refused
+        out = run_dir / "plots"
+        RunDir(run_dir).inside(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"--out: cannot create {out}: {error.strerror or error}; choose another folder") from None
     new_figure((1, 1), WHAT)  # says how to install matplotlib before any work
     records, _ = load_records([run_dir])
+    check_sources(records, allow_mixed)  # results on different data share no axis
     curves = read_curves(run_dir / "metrics.jsonl")
     seeded = _seeded(run_dir, records)
     written = []
@@ -66,7 +74,7 @@ def write_plots(run_dir: Path, out: Path | None = None) -> list[Path]:
     for name, group in by_series.items():
         written.append(_save(model_figure(name, group, curves, seeded), out / f"model-{_file_name(name)}.png"))
     points = [Point(series(r), float(r["train_tokens"]), float(r["val_ppl"]), None, str(run_dir / "results.jsonl"),
-                    r.get("seed")) for r in records]
+                    r.get("seed")) for r in records if _number(r.get("val_ppl"))]  # null: no PPL to fit
     fittable = [p for p in points if len({q.tokens for q in points if q.model == p.model}) >= 2]
     if fittable:
         plot_scaling(fit_all(fittable, []), fittable, out / "scaling.png")
@@ -127,11 +135,13 @@ def _number(value: Any) -> bool:
 
 def _phases(units: list[Curves]) -> dict[str, str]:
     """Each phase of these units → "iteration" or "epoch", by the step its rows count, in the order first
-    logged; a phase whose rows count neither is left out."""
+    logged; a phase whose rows count neither, or carry none of the values its panel draws (CURVE_KEYS),
+    is left out, so it never becomes a blank panel."""
     kinds: dict[str, str] = {}
     for curves in units:
         for phase, rows in curves.items():
-            if rows and (key := _step_key(rows[0])) is not None:
+            key = _step_key(rows[0]) if rows else None
+            if key is not None and any(_has(rows, value) for value in CURVE_KEYS[key]):
                 kinds.setdefault(phase, key)
     return kinds
 
@@ -154,15 +164,17 @@ def _has(rows: list[dict[str, Any]], key: str) -> bool:
     return any(_number(r.get(key)) for r in rows)
 
 
-def _panels(figure: Any, count: int) -> list[Any]:
-    """`count` side-by-side axes with a grid and whole-number steps (one empty, titled, for a unit that
-    logged no curves)."""
+def _panels(figure: Any, count: int, empty: str = NO_CURVES) -> list[Any]:
+    """`count` side-by-side axes with a grid and whole-number steps; with none, one axes that says `empty`
+    across it instead of a blank panel."""
     axes = list(figure.subplots(1, max(count, 1), squeeze=False)[0])
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     if count == 0:
-        axes[0].set_title("no training curves in metrics.jsonl")
+        axes[0].set_axis_off()
+        axes[0].text(0.5, 0.5, f"{empty}\n(see docs/writing-plugins.md, Progress and metrics.jsonl)",
+                     ha="center", va="center", transform=axes[0].transAxes, fontsize=11, wrap=True)
     return axes[:count]
 
 
@@ -184,8 +196,23 @@ def unit_figure(record: dict[str, Any], unit: str, curves: Curves) -> Any:
     variant = f" [{record['variant']}]" if record.get("variant") else ""
     figure.suptitle(f"{unit}: model {record['model']}{variant}, {record['samples']:,} documents "
                     f"({record['train_tokens']:,} tokens), seed {record.get('seed', '?')}; "
-                    f"final val PPL {record['val_ppl']:.1f}", fontsize=11)
+                    f"final val PPL {_ppl_text(record.get('val_ppl'))}", fontsize=11)
+    _rate_caption(figure, [record], phases)
     return figure
+
+
+def _rate_caption(figure: Any, records: list[dict[str, Any]], phases: dict[str, str]) -> None:
+    """Under the figure, what an iteration phase's share converged measures where the recipe recorded a
+    note on it (`<phase>_rate_note`: e.g. a first pass compared with its own starting point)."""
+    notes = dict.fromkeys(f"{phase}: {r[f'{phase}_rate_note']}" for phase, kind in phases.items()
+                          if kind == "iteration" for r in records if isinstance(r.get(f"{phase}_rate_note"), str))
+    if notes:
+        figure.supxlabel("\n".join(textwrap.fill(note, 150) for note in notes), fontsize=8)
+
+
+def _ppl_text(value: Any) -> str:
+    """A record's PPL, or what its null means: the unit evaluated nothing (or its PPL overflowed)."""
+    return f"{value:.1f}" if _number(value) else "none recorded"
 
 
 def _iteration_panel(ax: Any, phase: str, rows: list[dict[str, Any]], target: Any) -> None:
@@ -232,7 +259,7 @@ def model_figure(name: str, group: list[dict[str, Any]], curves: dict[str, Curve
             if any(_has(u.get(phase, []), "rate") for u in units):
                 quantities.append((phase, "rate"))
     figure = new_figure((4.4 * max(len(quantities), 1) + 1.6, 4.4), WHAT)
-    axes = _panels(figure, len(quantities))
+    axes = _panels(figure, len(quantities), "no curves: no unit of this model logged an epoch/iteration with a loss")
     sizes = sorted({r["samples"] for r in group})
     seeds = sorted({r.get("seed", 0) for r in group})
     for r, unit in zip(group, units, strict=True):
@@ -262,6 +289,7 @@ def model_figure(name: str, group: list[dict[str, Any]], curves: dict[str, Curve
     if axes:
         axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     figure.suptitle(f"Training curves of model {name}: every size" + (" and seed" if seeded else ""), fontsize=11)
+    _rate_caption(figure, group, phases)
     return figure
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 import traceback
 from collections.abc import Iterable
+from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
@@ -24,7 +26,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .registry import Component, DuplicateComponent, Registry
+from .registry import Component, DuplicateComponent, Registry, is_plugin_error, one_line, signals_seen
 
 ENTRY_POINT_GROUP = "newllm_kit"
 
@@ -98,16 +100,17 @@ class Plugins:
         return [i for i in self.infos if i.status in ("broken", "conflict")]
 
 
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, SystemExit):
-        return f"SystemExit: sys.exit({error.code!r}) was called"
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _mark_broken(info: PluginInfo, error: BaseException, prefix: str = "") -> None:
-    info.status, info.error = "broken", prefix + _one_line(error)
+    info.status, info.error = "broken", prefix + one_line(error)
     info.traceback = "".join(traceback.format_exception(error))
+
+
+def _mark_broken_or_stop(info: PluginInfo, error: BaseException, seen: list[int], prefix: str = "") -> None:
+    """`info`'s plugin is broken by `error`, unless it is a Ctrl-C or SIGTERM (a signal in `seen`):
+    then the user stops the command, whatever plugin was loading."""
+    if not is_plugin_error(error, seen):
+        raise error
+    _mark_broken(info, error, prefix)
 
 
 def _env_list(name: str) -> set[str]:
@@ -146,8 +149,20 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False)
     """Load entry-point plugins plus `extra` (name, object) pairs and build the registry.
 
     With `strict`, the first broken plugin raises PluginError; otherwise problems are recorded
-    in the returned infos and in `registry.unavailable`.
+    in the returned infos and in `registry.unavailable`. What plugins print while loading goes to
+    stderr: stdout carries only a command's output (one JSON document under `--json`).
     """
+    with redirect_stdout(sys.stderr), signals_seen() as seen:
+        plugins = _load(extra, seen)
+    if strict and plugins.problems():
+        first = plugins.problems()[0]
+        raise PluginError(f"plugin {first.name!r} ({first.distribution or 'local'}): {first.error}")
+    return plugins
+
+
+def _load(extra: Iterable[tuple[str, object]], seen: list[int]) -> Plugins:
+    """Every plugin loaded, each failure recorded against its plugin; a KeyboardInterrupt that a signal
+    in `seen` caused stops the loading instead."""
     manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
     manager.add_hookspecs(hookspecs)
     infos: list[PluginInfo] = []
@@ -161,10 +176,8 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False)
             continue
         try:
             candidates.append((info, ep.load()))
-        except KeyboardInterrupt:
-            raise
         except BaseException as error:  # any import-time failure of third-party code, sys.exit included
-            _mark_broken(info, error)
+            _mark_broken_or_stop(info, error, seen)
     for name, obj in extra:
         info = PluginInfo(name)
         infos.append(info)
@@ -173,10 +186,8 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False)
     for info, obj in candidates:  # kinds first, so any plugin may register components of them
         try:
             _add_declared_kinds(manager, obj)
-        except KeyboardInterrupt:
-            raise
         except BaseException as error:  # a malformed or duplicate hookspec
-            _mark_broken(info, error)
+            _mark_broken_or_stop(info, error, seen)
     for info, obj in candidates:
         if info.status == "broken":
             continue
@@ -186,10 +197,8 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False)
                 info.status, info.error = "broken", "; ".join(typos)
                 continue
             manager.register(obj, name=info.name)
-        except KeyboardInterrupt:
-            raise
         except BaseException as error:  # pluggy validation (bad signatures), a duplicate plugin name, …
-            _mark_broken(info, error)
+            _mark_broken_or_stop(info, error, seen)
             continue
         info.hooks = sorted(c.name for c in manager.get_hookcallers(obj) or [])
     manager.check_pending()
@@ -202,7 +211,7 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False)
             info = by_name[impl.plugin_name]
             if info.status != "ok":
                 continue
-            _call_registration(impl.function, kind, info, registry)
+            _call_registration(impl.function, kind, info, registry, seen)
     for info in infos:
         if info.status == "ok" or info.status == "conflict":
             info.components = registry.by_plugin(info.name)
@@ -210,14 +219,10 @@ def load_plugins(extra: Iterable[tuple[str, object]] = (), strict: bool = False)
             registry.unavailable[info.name] = info.error or "unknown error"
             if manager.is_registered(manager.get_plugin(info.name)):
                 manager.unregister(name=info.name)
-    plugins = Plugins(manager, registry, infos)
-    if strict and plugins.problems():
-        first = plugins.problems()[0]
-        raise PluginError(f"plugin {first.name!r} ({first.distribution or 'local'}): {first.error}")
-    return plugins
+    return Plugins(manager, registry, infos)
 
 
-def _call_registration(function: Any, kind: str, info: PluginInfo, registry: Registry) -> None:
+def _call_registration(function: Any, kind: str, info: PluginInfo, registry: Registry, seen: list[int]) -> None:
     """Call one plugin's register_* hook with a callback that attributes components to it."""
 
     def register(name: str, factory: Any, *, settings: Any = None, description: str = "") -> None:
@@ -229,8 +234,6 @@ def _call_registration(function: Any, kind: str, info: PluginInfo, registry: Reg
 
     try:
         function(register=register)
-    except KeyboardInterrupt:
-        raise
     except BaseException as error:  # a plugin's own bug inside its hook, sys.exit included
-        _mark_broken(info, error, f"{function.__name__} raised ")
+        _mark_broken_or_stop(info, error, seen, f"{function.__name__} raised ")
         registry.drop_plugin(info.name)

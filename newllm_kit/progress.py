@@ -44,6 +44,7 @@ class PlainProgress:
         self._totals: dict[str, int | None] = {}
         self._started = time.monotonic()
         self._units_ended = self._units_total = 0  # a run that fails says so instead of "finished"
+        self._announced = False  # experiment() seen: before it, nothing ran that could have finished
 
     def _emit(self, text: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -52,7 +53,7 @@ class PlainProgress:
         self._pending = None
 
     def experiment(self, name: str, units: int) -> None:
-        self._units_total = units
+        self._units_total, self._announced = units, True
         self._emit(f"experiment {name}: {units} unit(s)")
 
     def begin_unit(self, label: str, index: int, total: int) -> None:
@@ -85,8 +86,11 @@ class PlainProgress:
     def close(self) -> None:
         seconds = time.monotonic() - self._started
         ended, total = self._units_ended, self._units_total
-        self._emit(f"finished in {seconds:.1f} s" if ended == total else
-                   f"stopped after {seconds:.1f} s with {ended} of {total} unit(s) done")
+        if not self._announced:
+            self._emit(f"stopped after {seconds:.1f} s, before any unit started")
+        else:
+            self._emit(f"finished in {seconds:.1f} s" if ended == total else
+                       f"stopped after {seconds:.1f} s with {ended} of {total} unit(s) done")
 
 
 class RichProgress:

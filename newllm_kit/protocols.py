@@ -169,7 +169,10 @@ class TokenizerFactory(Protocol):
     """Loads (or trains, on training documents only) a tokenizer. `cache_dir` is shared by the runs
     of one experiment (`<out>/<experiment>/.cache`): name what you keep there by what it was made from.
     Optional attribute `expected_vocab_size: int`, the vocabulary size known before loading: what
-    `newllm-kit params` needs, and what the models are test-built with when a file loads (else 256)."""
+    `newllm-kit params` needs, and what the models are test-built with when a file loads (else 256).
+    Optional `check()`: raise the DataError loading would raise, where finding out is cheap and downloads
+    nothing (a missing local path, a hub file while offline); `run` and `validate` call it before any
+    data is read (`newllm_kit.preflight`)."""
 
     def load(self, train_texts: Sequence[str], cache_dir: Path) -> Tokenizer: ...
 
@@ -178,7 +181,10 @@ class EmbeddingSource(Protocol):
     """Supplies the token-embedding table the head is tied to: `load` returns a float [vocab_size, dim]
     table, drawing any randomness from `generator` (seeded with the unit's seed), and `fingerprint`
     identifies it (recorded, and compared on resume). Whether it stays frozen is `[embedding] freeze`,
-    which the core passes to the model's `set_embedding`."""
+    which the core passes to the model's `set_embedding`.
+    Optional `check()`: raise the DataError loading would raise, where finding out is cheap and downloads
+    nothing (a missing local path, a hub file while offline); `run` and `validate` call it before any
+    data is read (`newllm_kit.preflight`)."""
 
     def load(self, vocab_size: int, dim: int, generator: torch.Generator) -> torch.Tensor: ...
 
@@ -189,7 +195,10 @@ class DataSource(Protocol):
     """A corpus of documents (each a list of turns), addressed by stable row indices: `size` is the
     number of rows, `documents(rows)` one non-empty list of turns per row in the order asked (the
     same every time), and `fingerprint` a hash of what was read. `[data] text` picks the turns that
-    become a document's text (`newllm_kit.corpus.SCHEMES`)."""
+    become a document's text (`newllm_kit.corpus.SCHEMES`).
+    Optional `check()`: raise the DataError loading would raise, where finding out is cheap and downloads
+    nothing (a missing local path, a hub file while offline); `run` and `validate` call it before any
+    data is read (`newllm_kit.preflight`)."""
 
     def size(self) -> int: ...
 

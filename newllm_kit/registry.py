@@ -8,8 +8,12 @@ plugins can never silently shadow each other.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 from pydantic import BaseModel
@@ -18,6 +22,54 @@ from .errors import PluginError
 
 # The core's kinds; a plugin may declare more (newllm_kit.plugins.registration_hooks).
 KINDS = ("architecture", "recipe", "tokenizer", "embedding", "metric", "data_source", "runner")
+
+
+@contextmanager
+def signals_seen() -> Iterator[list[int]]:
+    """Around plugin code: the SIGINT/SIGTERM signals that arrived, so a KeyboardInterrupt from a real
+    Ctrl-C (or SIGTERM) still stops the command, while one a plugin raised itself (like its
+    `sys.exit`) is that plugin's error. Off the main thread no handler can be set: every
+    KeyboardInterrupt then counts as a real one."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        seen.append(signal.SIGINT)
+        yield seen
+        return
+    installed: dict[signal.Signals, tuple[Any, Any]] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if not callable(previous):  # SIG_DFL / SIG_IGN: no KeyboardInterrupt comes from it
+            continue
+
+        def note(number: int, frame: FrameType | None, previous: Any = previous) -> None:
+            seen.append(number)
+            previous(number, frame)
+
+        signal.signal(signum, note)
+        installed[signum] = (note, previous)
+    try:
+        yield seen
+    finally:
+        for number, (note, previous) in installed.items():
+            if signal.getsignal(number) is note:  # the handler may have reset itself (a second SIGTERM kills)
+                signal.signal(number, previous)
+
+
+def is_plugin_error(error: BaseException, seen: list[int]) -> bool:
+    """Whether `error`, escaping plugin code, is that plugin's failure: any exception, `sys.exit`, a
+    KeyboardInterrupt no signal caused; not a Ctrl-C or SIGTERM in `seen`, which stops the command."""
+    return not (isinstance(error, KeyboardInterrupt) and seen)
+
+
+def one_line(error: BaseException) -> str:
+    """`error` as "Type: first line", with the two a plugin may use to leave (sys.exit, KeyboardInterrupt)
+    said in words: their text alone ("0", "") would explain nothing."""
+    if isinstance(error, SystemExit):
+        return f"SystemExit: sys.exit({error.code!r}) was called"
+    if isinstance(error, KeyboardInterrupt):
+        return "KeyboardInterrupt: raised by the plugin itself (no Ctrl-C or SIGTERM arrived)"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 class DuplicateComponent(PluginError):

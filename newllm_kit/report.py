@@ -20,6 +20,7 @@ from .stats import Interval, t_interval
 # Built-in metrics' table headers; any other metric shows its name, unit and direction.
 HEADERS = {"ppl": "Val PPL", "accuracy": "Val Acc", "effective_rank": "Val ER", "convergence_rate": "Conv. rate"}
 ARROWS = {"min": "↓", "max": "↑"}
+GAP = 2  # characters between two columns of the results table
 # Metric record keys: the built-ins keep the names results files had before metrics were plugins.
 METRIC_KEYS = {"ppl": "val_ppl", "accuracy": "val_acc", "effective_rank": "val_er",
                "convergence_rate": "convergence_rate"}
@@ -101,20 +102,37 @@ def _mean_cell(interval: Interval, scale: float) -> str:
 
 
 def _table(result: dict[str, Any], headers: list[str], rows: list[tuple[str, ...]], width: int,
-           caption: str | None = None) -> Table:
-    """Numbers are never cut: each column keeps at least its widest cell. Headers stay on one line where
-    the whole table fits `width`; otherwise every column narrows to its widest cell or header word and
-    headers wrap at spaces (the seed-shaped table then fits 80 columns)."""
-    table = Table(title=escape(f"{result['experiment']} — {result['run_dir']}"), box=box.SIMPLE_HEAD,
-                  show_edge=False, pad_edge=False, collapse_padding=True, caption=caption)
+           caption: str | None = None) -> list[Table]:
+    """Numbers are never cut and no column is dropped. Headers stay on one line where the whole table fits
+    `width`; otherwise every column narrows to its widest cell or header word and headers wrap at spaces
+    (the seed-shaped table then fits 80 columns); where even that is too wide (a file or pipe is 80
+    columns, and sweeps have long model names), the columns go into further tables, each repeating the
+    Model column, so every value is printed at any width."""
+    title = escape(f"{result['experiment']} — {result['run_dir']}")
     natural = [max([len(row[i]) for row in rows] + [len(header)]) for i, header in enumerate(headers)]
-    fits = sum(natural) + 2 * (len(headers) - 1) <= width
-    for i, header in enumerate(headers):
-        widest = max([len(row[i]) for row in rows] + [len(word) for word in header.split()])
-        table.add_column(header, justify="left" if i == 0 else "right", min_width=widest,
-                         max_width=None if fits else widest)
+    narrow = [max([len(row[i]) for row in rows] + [len(word) for word in header.split()])
+              for i, header in enumerate(headers)]
+    if sum(natural) + GAP * (len(headers) - 1) <= width:
+        return [_part(title, headers, rows, range(len(headers)), narrow, None, caption)]
+    parts: list[list[int]] = [[0]]
+    for i in range(1, len(headers)):
+        if sum(narrow[j] for j in parts[-1]) + GAP * len(parts[-1]) + narrow[i] > width and len(parts[-1]) > 1:
+            parts.append([0])
+        parts[-1].append(i)
+    return [_part(title if n == 0 else f"{title} (continued)", headers, rows, columns, narrow, narrow,
+                  caption if n == len(parts) - 1 else None) for n, columns in enumerate(parts)]
+
+
+def _part(title: str, headers: list[str], rows: list[tuple[str, ...]], columns: Any, least: list[int],
+          most: list[int] | None, caption: str | None) -> Table:
+    """The results table over `columns` (indices; 0 is the Model column), each at least `least` wide."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True,
+                  caption=caption)
+    for i in columns:
+        table.add_column(headers[i], justify="left" if i == 0 else "right", min_width=least[i],
+                         max_width=None if most is None else most[i])
     for row in rows:
-        table.add_row(escape(row[0]), *row[1:])
+        table.add_row(*(escape(row[i]) if i == 0 else row[i] for i in columns))
     return table
 
 
@@ -130,8 +148,9 @@ def _print_means(console: Console, result: dict[str, Any], columns: list[Shown])
             cells.append(_mean_cell(t_interval(values), 100.0 if column.percent else 1.0) if values else "—")
         rows.append((name, f"{samples:,}", f"{group[0]['train_tokens']:,}", str(len(group)), *cells))
     headers = ["Model", "Samples", "Tokens", "n", *(c.mean_header for c in averaged)]
-    console.print(_table(result, headers, rows, console.width,
-                         "mean ± 95% t-interval half-width over n seeds; each seed's values are in results.csv"))
+    for table in _table(result, headers, rows, console.width,
+                        "mean ± 95% t-interval half-width over n seeds; each seed's values are in results.csv"):
+        console.print(table)
 
 
 def _unit_name(record: dict[str, Any], seeded: bool) -> str:
@@ -150,7 +169,8 @@ def print_results(console: Console, result: dict[str, Any]) -> None:
     rows = [(series(r), f"{r['samples']:,}", f"{r['train_tokens']:,}",
              *(_cell(r.get(c.key), c) + ("*" if c.key in r.get("flags", {}) else "") for c in columns))
             for r in records]
-    console.print(_table(result, ["Model", "Samples", "Tokens", *(c.header for c in columns)], rows, console.width))
+    for table in _table(result, ["Model", "Samples", "Tokens", *(c.header for c in columns)], rows, console.width):
+        console.print(table)
     _print_notes(console, result)
 
 

@@ -1,17 +1,23 @@
-"""`newllm-kit run`: pick or create the run directory, lock it, set up the runner, run, report."""
+"""`newllm-kit run`: check what can be checked before any data is read, pick or create the run
+directory, lock it, set up the runner, run, report. A run that stops with a user error before any unit
+computed anything leaves no run directory behind."""
 
 from __future__ import annotations
 
+import shutil
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from .config import ExperimentConfig, load_config
 from .errors import RunInterrupted, UserError
-from .experiment import check_resume_compatible, metric_info, run_experiment
+from .experiment import VARIANTS_DIR, metric_info, run_experiment
 from .plugins import Plugins
+from .preflight import check_before_data
 from .progress import NullProgress, make_progress
-from .rundir import RunDir
+from .resume import check_resume_compatible
+from .rundir import LOCK, RunDir
 from .unit_checkpoint import share
 
 
@@ -37,6 +43,19 @@ def _mark(run: RunDir, status: str, **fields: str) -> None:
             pass  # e.g. the disk is full: the error already on its way says so
 
 
+# What a new run directory holds before its first unit computes anything.
+UNSTARTED = {"config.resolved.toml", "overrides.txt", "meta.json", LOCK, VARIANTS_DIR}
+
+
+def _discard_unstarted(run: RunDir) -> None:
+    """Remove a run directory this process created when it holds only what the start wrote: the run
+    never started, and an empty run would only be one more folder for `scaling` to warn about."""
+    with suppress(OSError):
+        if {p.name for p in run.path.iterdir()} <= UNSTARTED:
+            shutil.rmtree(run.path)
+            run.path.parent.rmdir()  # the experiment's folder too, when this was its only run (else OSError)
+
+
 def execute(file: Path, overrides: list[str], out: Path, resume: bool, progress_mode: str,
             plugins: Plugins) -> dict[str, Any]:
     registry = plugins.registry
@@ -51,14 +70,18 @@ def execute(file: Path, overrides: list[str], out: Path, resume: bool, progress_
         if resume:
             existing = _latest_run(out, config.schema.experiment.name)
             check_resume_compatible(existing.path / "config.resolved.toml", config)
+    check_before_data(config)  # every problem found without data in one message, before a folder exists
 
     runner = config.runner.build()
     runner.setup()
     mine: RunDir | None = None  # rank 0's, holding the lock
+    created = False  # `mine` is new: removed again if the run stops with a user error before it starts
     try:
         if runner.rank == 0:
             mine = existing or RunDir.create(out, config.schema.experiment.name)
-            mine.lock(_warn)  # before anything is written
+            created = existing is None
+            mine.check_links()  # before anything is written or trained
+            mine.lock(_warn)
             if existing is None:
                 mine.write_text("config.resolved.toml", config.resolved_toml())
                 mine.write_text("overrides.txt", "".join(f"{o}\n" for o in overrides))
@@ -82,6 +105,12 @@ def execute(file: Path, overrides: list[str], out: Path, resume: bool, progress_
         summary = run.read_json("summary.json") if runner.rank == 0 else {}
         return {"experiment": config.schema.experiment.name, "run_dir": str(run.path), "results": records,
                 "scaling": summary.get("scaling", {}), "metrics": metric_info(config), "rank": runner.rank}
+    except UserError:
+        if mine is not None:
+            mine.unlock()
+            if created:
+                _discard_unstarted(mine)
+        raise
     finally:
         if mine is not None:
             mine.unlock()

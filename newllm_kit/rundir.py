@@ -19,7 +19,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,9 +29,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import UserError
+from .result_records import record_problem
+from .strict_json import finite_json, json_text
 
 LOCK = ".lock"
 STORE_DIR = "store"  # a running unit's scratch folder (UnitContext.scratch): large temporary files
+ORPHANS = "results.orphans.jsonl"  # records a resume found but cannot use: kept, never deleted
+KIT_NAMES = ("config.resolved.toml", "overrides.txt", "meta.json", "results.jsonl", "results.csv", ORPHANS,
+             "summary.json", "metrics.jsonl", LOCK, "plots", "checkpoints", STORE_DIR, "variants")
 
 # (stage, tensor groups by file name, JSON state) of one checkpoint
 Checkpoint = tuple[str, dict[str, dict[str, torch.Tensor]], dict[str, Any]]
@@ -96,13 +101,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json_text(data, indent=2) + "\n")
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; a pid beyond pid_t names none
         return False
     except PermissionError:  # someone else's process
         pass
@@ -152,11 +157,31 @@ class RunDir:
             raise UserError(f"{path}: outside the run directory {self.path}; refusing to write or delete it")
         return resolved
 
+    def check_links(self) -> None:
+        """Refuse, before any work, a file or folder the kit reads or writes that is a symbolic link
+        leading out of the run directory: a unit would train, and its results, plots or checkpoints
+        then land elsewhere (or be read from elsewhere)."""
+        for name in KIT_NAMES:
+            top = self.path / name
+            paths = [top]
+            if top.is_dir() and not top.is_symlink():
+                for folder, dirs, files in os.walk(top):  # does not descend into linked folders
+                    paths += [Path(folder) / entry for entry in (*dirs, *files)]
+            for path in paths:
+                if path.is_symlink() and not path.resolve().is_relative_to(self.path.resolve()):
+                    raise UserError(f"{path}: a symbolic link to {path.resolve()}, outside the run directory; "
+                                    f"newllm-kit writes only inside it: replace the link with a plain "
+                                    f"{'folder' if path.is_dir() else 'file'} (or remove it) and run again")
+
     def _write_error(self, file: Path, error: OSError) -> UserError:
-        """One line naming the file and how to go on."""
+        """One line naming the file and how to go on: continue the run where it holds its configuration
+        (it is resumable), else start it again, since nothing of it was kept."""
         fix = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
-        return UserError(f"{file}: cannot write ({error.strerror or error}); {fix} and continue with "
-                         f"`newllm-kit run {self.path}`")
+        if (self.path / "config.resolved.toml").is_file():
+            return UserError(f"{file}: cannot write ({error.strerror or error}); {fix} and continue with "
+                             f"`newllm-kit run {self.path}`")
+        return UserError(f"{file}: cannot write ({error.strerror or error}); {fix} and start the run again "
+                         f"(nothing was kept in {self.path}, which may be deleted)")
 
     @contextmanager
     def _writing(self, file: Path) -> Iterator[None]:
@@ -177,7 +202,7 @@ class RunDir:
             write(handle)
 
     def write_json(self, name: str, data: Any) -> None:
-        self.write_text(name, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        self.write_text(name, json_text(data, indent=2) + "\n")
 
     def read_json(self, name: str) -> Any:
         """The file's JSON value, or None when it is missing or damaged (the caller rewrites it)."""
@@ -246,16 +271,21 @@ class RunDir:
         self._lock = None
 
     # -- records ------------------------------------------------------------------------------
-    def results(self, warn: Callable[[str], None]) -> list[dict[str, Any]]:
-        """The records of results.jsonl; a cut last line (a killed writer) is skipped with a warning."""
+    def finished_records(self, key: Callable[[dict[str, Any]], Hashable], planned: set[Any],
+                         warn: Callable[[str], None]) -> tuple[list[dict[str, Any]], bool]:
+        """The records of results.jsonl that count as finished units of the plan, and whether any were
+        set aside. Nothing is deleted silently: a record of a unit not in `planned` (by `key`), a second
+        record of one unit, or one whose fields the kit cannot read is moved to results.orphans.jsonl
+        with a warning naming its line, and such a unit runs again. A cut last line (a killed writer) is
+        skipped with a warning; a line elsewhere that is no JSON object is refused, to repair by hand."""
         file = self.path / "results.jsonl"
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
+            lines = self.inside(file).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            return []
+            return [], False
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"{file}: cannot read ({error})") from error
-        records = []
+        records, aside, seen = [], [], set()
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -263,29 +293,50 @@ class RunDir:
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if isinstance(record, dict) and {"model", "samples"} <= record.keys():
-                records.append(record)
-            elif number == len(lines):
+            if not isinstance(record, dict):
+                if number != len(lines):
+                    raise UserError(f"{file}:{number}: not a result record; repair or delete that line")
                 warn(f"warning: {file}:{number}: skipping a cut-off last line (left by a killed run)")
+                continue
+            problem = record_problem(record)
+            why = problem and f"unreadable record ({problem}); its unit runs again"
+            if why is None:
+                unit = key(record)
+                why = ("a record of a unit not in this run's plan" if unit not in planned
+                       else "a second record of one unit; the first is kept" if unit in seen else None)
+                seen.add(unit)
+            if why is None:
+                records.append(record)
             else:
-                raise UserError(f"{file}:{number}: not a result record; repair or delete that line")
-        return records
+                warn(f"warning: {file}:{number}: {why}; moved to {ORPHANS}")
+                aside.append(line.strip())
+        self._set_aside(aside)
+        return records, bool(aside)
+
+    def _set_aside(self, lines: list[str]) -> None:
+        """Append `lines` to results.orphans.jsonl (once each: a resume killed before results.jsonl was
+        rewritten finds them again)."""
+        file = self.inside(self.path / ORPHANS)
+        kept = file.read_text(encoding="utf-8").splitlines() if file.is_file() else []
+        new = [line for line in dict.fromkeys(lines) if line not in set(kept)]
+        if new:
+            self.write_text(ORPHANS, "".join(f"{line}\n" for line in [*kept, *new]))
 
     def write_results(self, records: list[dict[str, Any]], columns: Sequence[str]) -> None:
         """Rewrite results.jsonl and results.csv whole (they are small) so neither is ever partial."""
-        self.write_text("results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        self.write_text("results.jsonl", "".join(json_text(r) + "\n" for r in records))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore",
                                 lineterminator="\n")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(finite_json(records))  # a missing number is an empty cell, never "nan"
         self.write_text("results.csv", buffer.getvalue())
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         """Append one per-iteration/per-epoch line; `repair` cuts a line a kill left unfinished."""
         file = self.inside(self.path / "metrics.jsonl")
         with self._writing(file), open(file, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.write(json_text(record) + "\n")
 
     def repair(self, finished: set[str]) -> None:
         """Finish what a killed process left half done (records are rewritten by the caller): remove
@@ -351,8 +402,10 @@ class RunDir:
         except (OSError, UnicodeDecodeError) as error:
             raise CheckpointUnreadable(f"{pointer}: {error}") from error
         folder = unit_dir / name
-        if not plain_name(name) or not folder.is_dir():
+        if not plain_name(name) or folder.is_symlink() or not folder.is_dir():
             raise CheckpointUnreadable(f"{pointer} names {name!r}, not a checkpoint folder")
+        if pointer.is_symlink() or any(file.is_symlink() for file in folder.iterdir()):  # data from elsewhere
+            raise CheckpointUnreadable(f"{folder}: a symbolic link where the kit writes plain files")
         if (folder / "state.pt").exists() and not (folder / "state.json").exists():
             raise UserError(f"{folder}: checkpoint written by an older newllm-kit (pickle state.pt, no longer "
                             f"loaded for safety); delete {unit_dir} to restart that unit, finished units are kept")

@@ -1,8 +1,10 @@
 """The `scaling --plot` figure: measured points, fitted power laws and predictions on log-log axes.
 
 A report figure, not a draft: it names what it shows (experiment and run), explains every mark
-in the legend, says when a line rests on two points (exact, so no uncertainty can be drawn), and
-labels ticks as plain numbers (200, 300; 30k, 1M), which is how PPLs and token counts are quoted.
+in the legend, says when a line rests on two points (exact, so no uncertainty can be drawn), writes
+beside each prediction past the data how far it extrapolates, says when a band is clipped at the
+frame, and labels ticks as plain numbers (200, 300; 30k, 1M), which is how PPLs and token counts
+are quoted.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .scaling import Point, ScalingReport, mean_band
+from .scaling import Point, Prediction, ScalingReport, mean_band
 
 # Tick multipliers per decade, coarse to fine: the first that puts 3 ticks on the axis is used;
 # an axis narrower than all of them gets evenly spaced round numbers.
@@ -65,19 +67,34 @@ def title(sources: list[str]) -> str:
     return "; ".join(names) or "scaling fit"
 
 
+def extrapolation_label(prediction: Prediction) -> str | None:
+    """The words beside a prediction beyond the largest measured size, so the picture says what the
+    text warns about: "extrapolated ×82"."""
+    factor = prediction.extrapolation
+    if factor <= 1:
+        return None
+    return f"extrapolated ×{factor:,.0f}" if factor >= 10 else f"extrapolated ×{factor:.1f}"
+
+
 def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
     """Write the figure as a PNG (atomically: readers never see half a file)."""
     if path.is_dir():
         raise UserError(f"--plot: {path} is a folder; give a file name such as {path / 'fit.png'}")
     if not path.parent.is_dir():
         raise UserError(f"--plot: folder {path.parent} does not exist; create it or choose another path")
+    save_png(scaling_figure(report, points), path, "--plot")
+
+
+def scaling_figure(report: ScalingReport, points: list[Point]) -> Any:
+    """The figure `plot` writes: one axes, every mark explained in the legend or written beside it."""
     figure = new_figure((8.5, 5), "--plot")
     from matplotlib.lines import Line2D  # after new_figure, which says how to install matplotlib
     ax = figure.add_subplot()
     xs: list[float] = []
     ys: list[float] = []
     handles: list[Any] = []
-    for f in report.fits:
+    bands: dict[str, tuple[float, float]] = {}  # model → its band's lowest and highest PPL
+    for index, f in enumerate(report.fits):
         own = [p for p in points if p.model == f.model]
         seen = [p.tokens for p in own]
         every = seen + [p.tokens for p in f.predictions]
@@ -91,9 +108,13 @@ def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
         grid = np.geomspace(lo, hi, 50)
         if band := mean_band(seen, [p.ppl for p in own], grid):
             ax.fill_between(grid, *band, color=color, alpha=0.15, linewidth=0)
+            bands[f.model] = (float(min(band[0])), float(max(band[1])))
         for p in f.predictions:
             err = [[p.ppl - p.pi[0]], [p.pi[1] - p.ppl]] if p.pi else None
             ax.errorbar([p.tokens], [p.ppl], yerr=err, fmt="D", color=color, capsize=3, mfc="none")
+            if label := extrapolation_label(p):
+                ax.annotate(label, (p.tokens, p.ppl), xytext=(-6, 8 + 11 * index), textcoords="offset points",
+                            ha="right", fontsize=8, color=color)  # staggered: predictions often share a size
             ys.extend(p.pi or ())
         handles.append(dots)
         xs.extend(every)
@@ -125,8 +146,19 @@ def plot(report: ScalingReport, points: list[Point], path: Path) -> None:
         ax.set_xticks(ticks := log_ticks(x_lo, x_hi), [tokens_label(t) for t in ticks])
         ax.set_yticks(ticks := log_ticks(y_lo, y_hi), [f"{t:,g}" for t in ticks])
         ax.minorticks_off()
+        if wide := band_note(bands, (y_lo, y_hi)):
+            ax.text(0.99, 0.01, wide, transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="0.35",
+                    wrap=True)
     ax.grid(True, alpha=0.3)
-    save_png(figure, path, "--plot")
+    return figure
+
+
+def band_note(bands: dict[str, tuple[float, float]], limits: tuple[float, float]) -> str | None:
+    """Axis limits follow the points, not the bands: a loose fit's band is clipped at the frame, and
+    this note says so with its true span, instead of a panel shaded edge to edge without a word."""
+    wide = [f"{model}: PPL {lo:,.0f}…{hi:,.0f}" for model, (lo, hi) in bands.items()
+            if lo < limits[0] or hi > limits[1]]
+    return f"95% band wider than the axes, clipped ({'; '.join(wide)})" if wide else None
 
 
 INSTALL = "pip install 'newllm-kit[plot]'"
@@ -145,13 +177,22 @@ def new_figure(size: tuple[float, float], what: str) -> Any:
     return figure
 
 
+def file_mode() -> int:
+    """What `open()` would give a new file under the current umask (reading the umask means setting it,
+    so it is set back at once): mkstemp alone makes 0600 files, which README does not promise."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_png(figure: Any, path: Path, what: str) -> None:
     """Write the figure as a PNG atomically (a temporary file beside the target, then a rename), so
-    readers never see half a file."""
+    readers never see half a file; it gets the umask's permissions like every other file the kit writes."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), file_mode())
             figure.savefig(handle, format="png", dpi=120)
         os.replace(tmp, path)
     except BaseException as error:

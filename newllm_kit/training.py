@@ -12,7 +12,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from . import cuda
 from .errors import RunFailed
 from .protocols import Collectives, EvalOutputs, MemoryPolicy, Progress
+from .train_state import TrainState
 
 T = TypeVar("T")
 
@@ -93,67 +94,6 @@ def head_cross_entropy(states: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """(summed CE, top-1 hits) of `states @ weight.T + bias`, as `F.cross_entropy(..., reduction="sum")`
     but with one [chunk, V] logits block alive at a time; matmuls follow autocast. Hits: 0 unless counted."""
     return _HeadCrossEntropy.apply(states, weight, bias, targets, chunk, count_correct)
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint holds after a finished epoch: enough to continue bit-identically."""
-
-    epoch: int = 0
-    best_epoch: int = 0
-    best_val_loss: float = math.inf
-    counter: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    model: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable parameters only
-    optimizer: dict[str, Any] = field(default_factory=dict)
-    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    best_val: EvalOutputs | None = None
-    rng: torch.Tensor | None = None
-    cuda_rng: torch.Tensor | None = None  # this process's CUDA device, where CUDA was in use (dropout there)
-    seconds: float = 0.0
-
-    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Tensors for safetensors and the rest for JSON: a checkpoint holds data, never code."""
-        tensors = {f"model/{k}": v for k, v in self.model.items()}
-        tensors |= {f"best/{k}": v for k, v in self.best_weights.items()}
-        if self.rng is not None:
-            tensors["rng"] = self.rng
-        if self.cuda_rng is not None:
-            tensors["cuda_rng"] = self.cuda_rng
-        scalars: dict[str, dict[str, Any]] = {}
-        for index, entries in self.optimizer.get("state", {}).items():
-            for key, value in entries.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optimizer/{index}/{key}"] = value
-                else:
-                    scalars.setdefault(str(index), {})[key] = value
-        best = None if self.best_val is None else {
-            f.name: getattr(self.best_val, f.name) for f in fields(EvalOutputs) if f.name != "extras"}
-        data = {"epoch": self.epoch, "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
-                "counter": self.counter, "history": self.history, "seconds": self.seconds, "best_val": best,
-                "optimizer": {"param_groups": self.optimizer.get("param_groups", []), "state": scalars}}
-        return tensors, data
-
-    @classmethod
-    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], data: dict[str, Any]) -> TrainState:
-        """The inverse of `to_checkpoint`; tensors may be on any device (the RNG state goes to the CPU,
-        and so does Adam's step count, where the optimizer keeps it)."""
-        def group(prefix: str) -> dict[str, torch.Tensor]:
-            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-
-        state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in data["optimizer"]["state"].items()}
-        for name, value in group("optimizer/").items():
-            index, key = name.split("/", 1)
-            state.setdefault(int(index), {})[key] = value.cpu() if key == "step" else value
-        best = data["best_val"]
-        return cls(epoch=int(data["epoch"]), best_epoch=int(data["best_epoch"]),
-                   best_val_loss=float(data["best_val_loss"]), counter=int(data["counter"]),
-                   history=[dict(row) for row in data["history"]], model=group("model/"),
-                   optimizer={"state": state, "param_groups": list(data["optimizer"]["param_groups"])},
-                   best_weights=group("best/"), best_val=None if best is None else EvalOutputs(**best),
-                   rng=tensors["rng"].cpu() if "rng" in tensors else None,
-                   cuda_rng=tensors["cuda_rng"].cpu() if "cuda_rng" in tensors else None,
-                   seconds=float(data["seconds"]))
 
 
 @dataclass

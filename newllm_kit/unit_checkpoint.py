@@ -2,7 +2,8 @@
 
 Rank 0 reads and writes the run directory; every other rank gets rank 0's checkpoint by
 broadcast, so ranks on machines without a shared --out continue from the same point. A damaged
-checkpoint, or one that does not fit the model, is reported and removed: the unit starts over.
+checkpoint, or one that does not fit the model (the recipe's check says which), is reported in one
+line and removed: the unit starts over.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from torch import nn
 
 from .protocols import Collectives, Progress, Saved
 from .rundir import CheckpointUnreadable, RunDir
+
+# What a damaged checkpoint, or a recipe's check of one, raises. A check reads untrusted JSON, so a
+# wrong type there surfaces as any of these; each means "do not resume from it", never a crash.
+DAMAGED = (CheckpointUnreadable, ArithmeticError, AttributeError, LookupError, TypeError, ValueError)
 
 
 def share(runner: Collectives, value: Any) -> Any:
@@ -69,9 +74,10 @@ class UnitCheckpoint:
             if saved is not None and check is not None:
                 check(saved)
             return saved
-        except (CheckpointUnreadable, KeyError, TypeError, ValueError) as error:
+        except DAMAGED as error:
+            why = " ".join(str(error).split()) or type(error).__name__  # one line, also for torch's messages
             self.progress.message(f"warning: {self.unit}: the checkpoint in {self.run.checkpoint_dir(self.unit)} "
-                                  f"is unreadable ({error}); starting the unit over")
+                                  f"is unreadable ({why}); starting the unit over")
             self.run.drop_checkpoint(self.unit)
             return None
 

@@ -20,7 +20,9 @@ def effective_rank(matrix: torch.Tensor, max_rows: int = 10_000, seed: int = 0) 
     """exp(entropy) of the normalised singular values of the uncentred [n, C] matrix (spec §5).
 
     Above `max_rows` rows a random subset is used, drawn from a generator seeded with `seed` (the
-    original used the global RNG, so its number depended on everything run before it).
+    original used the global RNG, so its number depended on everything run before it). Rows holding
+    NaN or inf have no singular values: the rank is NaN ("—" in the table), as for a missing extra,
+    since a metric sees no unit to fail; the run itself refuses such outputs (non-finite NLL).
     """
     if matrix.ndim != 2 or matrix.numel() == 0:
         raise ValueError(f"effective rank needs a non-empty [rows, width] matrix; got {tuple(matrix.shape)}")
@@ -28,7 +30,10 @@ def effective_rank(matrix: torch.Tensor, max_rows: int = 10_000, seed: int = 0) 
     if rows.shape[0] > max_rows:
         picked = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
         rows = rows[picked.to(rows.device)]
-    s = torch.linalg.svdvals(rows.to("cpu", torch.float64))
+    rows = rows.to("cpu", torch.float64)
+    if not bool(torch.isfinite(rows).all()):
+        return math.nan
+    s = torch.linalg.svdvals(rows)
     if s.sum() == 0:
         return 0.0  # the zero matrix spans nothing
     p = s / s.sum()

@@ -20,6 +20,8 @@ from conftest import make_fake_dist
 from test_cli import ROOT, cli
 from test_experiment import write_tiny
 
+from newllm_kit.cli_errors import STOP_SIGNALS, stop_on_signal
+
 Install = Callable[[str], dict[str, str]]  # plugin source -> environment for the CLI
 MARKUP = ("[/x]", "[bold red]X")  # a closing tag that matches nothing, and a tag that would colour
 
@@ -80,7 +82,7 @@ def test_scaling_prints_markup_like_model_names_literally(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_validate_prints_a_markup_like_file_name_literally(tmp_path: Path) -> None:
     file = tmp_path / "[red]v2.toml"
-    file.write_text((ROOT / "experiments" / "v2.toml").read_text())
+    file.write_text((ROOT / "experiments" / "quickstart.toml").read_text())  # one that validates offline
     result = cli("validate", str(file))
     assert result.returncode == 0, result.stderr
     assert "[red]v2.toml" in result.stdout
@@ -101,15 +103,23 @@ LONG_RUN = {"data.docs": "2000", "data.val": "{start = 1500, count = 50}", "expe
             "phase2.patience": "50"}
 
 
+def _default_sigint() -> None:
+    """In the child before it starts: a shell's background job inherits SIGINT ignored, and Python then
+    installs no Ctrl-C handler; the test is of the kit, not of the disposition pytest was started with."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"])
 def test_a_signal_stops_a_run_with_the_promised_message(tmp_path: Path, sig: signal.Signals) -> None:
     config = write_tiny(tmp_path)
     out = tmp_path / "runs"
     overrides = [arg for key, value in LONG_RUN.items() for arg in ("--set", f"{key}={value}")]
     process = subprocess.Popen([sys.executable, "-m", "newllm_kit", "run", str(config), *overrides, "--out", str(out),
                                 "--progress", "plain"], cwd=ROOT, env={**os.environ, "NO_COLOR": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("tiny/*/meta.json")) and process.poll() is None and time.monotonic() < deadline:
@@ -126,6 +136,18 @@ def test_a_signal_stops_a_run_with_the_promised_message(tmp_path: Path, sig: sig
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"interrupted ({sig.name})" in lines[0] and str(run_dir) in lines[0], stderr
     assert json.loads((run_dir / "meta.json").read_text())["status"] != "running"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT], ids=["SIGTERM", "SIGHUP", "SIGQUIT"])
+def test_a_stop_signal_is_a_named_interrupt_and_a_second_one_kills(sig: signal.Signals) -> None:
+    assert sig in STOP_SIGNALS
+    previous = signal.signal(sig, stop_on_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=sig.name):
+            stop_on_signal(sig, None)
+        assert signal.getsignal(sig) == signal.SIG_DFL
+    finally:
+        signal.signal(sig, previous)
 
 
 def test_sigterm_outside_a_run_is_one_line(with_plugin: Install) -> None:

@@ -73,12 +73,12 @@ def test_a_plan_says_what_it_chose_and_why(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_an_explicit_store_that_cannot_fit_fails_before_allocating(monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path: Path) -> None:
     monkeypatch.setattr(context_store, "available_bytes", lambda device: GiB)
-    with pytest.raises(RunFailed, match=r'^allocating the context stores: they need 3,145,728,000 bytes \(2\.9 GiB\) '
+    with pytest.raises(UserError, match=r'^allocating the context stores: they need 3,145,728,000 bytes \(2\.9 GiB\) '
                                         r'but RAM has 1\.0 GiB free; set runner.context_store = "disk" or '
                                         r'runner.context_dtype = "bf16"$'):
         plan_stores(Runner(context_store="host"), 1024000, 768, tmp_path)
     monkeypatch.setattr(context_store, "disk_free", lambda folder: GiB)
-    with pytest.raises(RunFailed, match=r"but the disk at .* has 1\.0 GiB free; free disk space$"):
+    with pytest.raises(UserError, match=r"but the disk at .* has 1\.0 GiB free; free disk space$"):
         plan_stores(Runner(context_store="disk", context_dtype="bf16"), 1024000, 768, tmp_path)
 
 

@@ -225,8 +225,8 @@ def test_v2_file_runs_its_real_code_path_offline_on_local_copies(tmp_path: Path)
     model = make_gpt2_model_dir(tmp_path / "gpt2", FIXTURE_GPT2_VOCAB, 32)
     overrides = [f"data.path={data}", f"tokenizer.path={tokenizer}", f"embedding.path={model}",
                  f"tokenizer.expect_vocab={FIXTURE_GPT2_VOCAB}", "experiment.samples=[20, 40]",
-                 "data.val.start=50", "data.val.count=10", "solver.max_iterations=3", "phase2.epochs=2",
-                 "runner.name=cpu"]
+                 "data.val.start=50", "data.val.count=10", "solver.min_iterations=2", "solver.max_iterations=3",
+                 "phase2.epochs=2", "runner.name=cpu"]
     for i, (layers, width) in enumerate([(2, 32), (1, 64)]):
         overrides += [f"models.{i}.layers={layers}", f"models.{i}.context_dim={width}",
                       f"models.{i}.embedding_dim=32"]

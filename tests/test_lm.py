@@ -244,9 +244,15 @@ def test_a_checkpoint_of_another_model_is_ignored(tmp_path: Path) -> None:
     data = data_for(pattern_stream(100), pattern_stream(30))
     checkpoint = MemoryCheckpoint()
     recipe(epochs=1).train(tiny_transformer(), data, unit_for(tmp_path, checkpoint=checkpoint))
-    assert checkpoint.load(lm._checkpoint_fits(tiny_transformer(), window=8)) is not None
-    assert checkpoint.load(lm._checkpoint_fits(tiny_transformer(n_layer=3), window=8)) is None
-    assert checkpoint.load(lm._checkpoint_fits(tiny_transformer(), window=4)) is None
+    settings = recipe(epochs=1).settings
+
+    def fits(model: nn.Module, window: int) -> Callable[[Saved], None]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return lm._checkpoint_fits(model, params, lm._optimizer(model, params, settings), window, settings)
+
+    assert checkpoint.load(fits(tiny_transformer(), window=8)) is not None
+    assert checkpoint.load(fits(tiny_transformer(n_layer=3), window=8)) is None
+    assert checkpoint.load(fits(tiny_transformer(), window=4)) is None
 
 
 class ThreadRank(BoardCollectives, CPURunner):

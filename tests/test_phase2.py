@@ -88,6 +88,8 @@ class Silent:
 
     def finish(self, phase: str) -> None: ...
 
+    def message(self, text: str) -> None: ...
+
 
 class TinyBlock(nn.Module):
     """A two-layer ContextBlock: h_1 = tanh(A·c + P·x), h_2 = tanh(B·h_1); `project_tokens` is P·x."""

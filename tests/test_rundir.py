@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import torch
 from newllm_kit_plugins.cvfp import recipe as cvfp_recipe
+from newllm_kit_plugins.cvfp.checkpoint_fit import check_checkpoint, shapes
+from newllm_kit_plugins.cvfp.phase2 import Phase2Settings, phase2_optimizer
 from safetensors.torch import save_file
 from test_cli import ROOT
 from test_experiment import read_results, without_timings, write_tiny
@@ -26,6 +28,7 @@ from newllm_kit import experiment, rundir
 from newllm_kit.errors import RunInterrupted, UserError
 from newllm_kit.plugins import load_plugins
 from newllm_kit.progress import NullProgress
+from newllm_kit.protocols import EvalOutputs
 from newllm_kit.run import execute
 from newllm_kit.rundir import CheckpointUnreadable, RunDir
 from newllm_kit.training import TrainState as Phase2State
@@ -204,15 +207,22 @@ def test_the_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
 
 # -- results and repair ---------------------------------------------------------------------------------
 
+A_12 = {"model": "A", "samples": 12, "train_tokens": 300, "val_tokens": 90, "val_ppl": 12.5, "val_acc": 0.25}
+
+
+def finished_records(run: RunDir, warn: Any) -> list[dict[str, Any]]:
+    return run.finished_records(lambda r: (r["model"], r["samples"]), {("A", 12)}, warn)[0]
+
+
 def test_a_cut_last_results_line_is_skipped_and_a_bad_one_elsewhere_named(tmp_path: Path) -> None:
-    run, notes = run_dir_of(tmp_path), []
-    good = json.dumps({"model": "A", "samples": 12})
+    run, notes = run_dir_of(tmp_path), list[str]()
+    good = json.dumps(A_12)
     (run.path / "results.jsonl").write_text(f'{good}\n{{"model": "B", "sam')
-    assert run.results(notes.append) == [{"model": "A", "samples": 12}]
+    assert finished_records(run, notes.append) == [A_12]
     assert notes == [f"warning: {run.path / 'results.jsonl'}:2: skipping a cut-off last line (left by a killed run)"]
     (run.path / "results.jsonl").write_text(f"garbage\n{good}\n")
     with pytest.raises(UserError, match=r"results\.jsonl:1: not a result record"):
-        run.results(notes.append)
+        finished_records(run, notes.append)
 
 
 # -- end to end -------------------------------------------------------------------------------------
@@ -451,12 +461,16 @@ def tiny_model() -> Any:
 
 
 def phase2_state(model: Any) -> Phase2State:
-    params = list(model.param_groups()["phase2"])
-    optimizer = torch.optim.Adam(params)
+    """After one Phase-2 epoch with the default [phase2] settings."""
+    params, optimizer = phase2_optimizer(model, Phase2Settings())
     torch.stack([p.sum() for p in params]).sum().backward()
     optimizer.step()
-    return Phase2State(epoch=1, best_epoch=1, best_val_loss=2.5, history=[{"epoch": 1, "val_loss": 2.5}],
-                       model={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if any(p is q for q in params)}
+    row = {"epoch": 1, "train_loss": 3.0, "train_ppl": 20.1, "val_loss": 2.5, "val_ppl": 12.2, "val_acc": 0.1,
+           "seconds": 0.5}
+    return Phase2State(epoch=1, best_epoch=1, best_val_loss=2.5, history=[row], model=trained,
+                       best_weights={n: t.clone() for n, t in trained.items()},
+                       best_val=EvalOutputs(nll_sum=5.0, count=2),
                        optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
 
 
@@ -466,7 +480,7 @@ def test_every_rank_continues_from_rank_0s_checkpoint(tmp_path: Path, holder: in
     model = tiny_model()
     saved = phase2_state(model)
     tensors, data = saved.to_checkpoint()
-    phase1 = {key: 1.0 for key in cvfp_recipe.PHASE1_KEYS}
+    phase1 = {"iterations": 3, "convergence_rate": 1.0, "token_evaluations": 60, "seconds": 1.0, "train_er": 0.5}
     runs = [run_dir_of(tmp_path / str(rank)) for rank in (0, 1)]
     table = (20, 4)
     state = UnitCheckpoint(runs[holder], "A-12", ThreadRank(0, {}), NullProgress(), table).model_state(model)
@@ -478,8 +492,8 @@ def test_every_rank_continues_from_rank_0s_checkpoint(tmp_path: Path, holder: in
     def rank(r: int) -> None:
         checkpoint = UnitCheckpoint(runs[r], "A-12", ThreadRank(r, board), NullProgress(), table)
         fresh = tiny_model()
-        expected = cvfp_recipe._shapes(checkpoint.model_state(fresh))
-        saved = checkpoint.load(lambda saved: cvfp_recipe.CVFPRecipe._check(fresh, expected, saved))
+        expected = shapes(checkpoint.model_state(fresh))
+        saved = checkpoint.load(lambda saved: check_checkpoint(fresh, expected, Phase2Settings(), saved))
         got[r] = None if saved is None else (saved.tensors["model"], saved.state["phase1"], Phase2State.from_checkpoint(
             saved.tensors["phase2"], saved.state["phase2"]))
 

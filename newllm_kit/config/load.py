@@ -9,17 +9,21 @@ built once and checked against its protocol, so `validate` catches a broken plug
 from __future__ import annotations
 
 import copy
+import datetime
 import difflib
+import json
 import math
+import sys
+from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError, PluginError
 from ..protocols import PROTOCOLS, LanguageModel
-from ..registry import Registry
+from ..registry import Registry, is_plugin_error, signals_seen
 from .messages import format_error, valid_keys
 from .reading import apply_override, read_toml, set_key
 from .schema import (
@@ -38,9 +42,17 @@ from .sweeps import parse_sweep, variant_names
 
 INT64 = (-(2**63), 2**63 - 1)  # TOML integers are 64-bit; tomllib accepts any size
 
+Settings = TypeVar("Settings", bound=BaseModel)
+
 
 def load_config(path: Path, registry: Registry, overrides: list[str] | None = None) -> ExperimentConfig:
-    """The validated experiment; with a `[sweep]`, every variant is validated too, before anything runs."""
+    """The validated experiment; with a `[sweep]`, every variant is validated too, before anything runs.
+    Components built to check them print to stderr: stdout is the command's (one document under `--json`)."""
+    with redirect_stdout(sys.stderr):
+        return _load(path, registry, overrides)
+
+
+def _load(path: Path, registry: Registry, overrides: list[str] | None) -> ExperimentConfig:
     overrides = list(overrides or [])
     data = read_toml(path)
     for text in overrides:
@@ -63,10 +75,10 @@ def load_config(path: Path, registry: Registry, overrides: list[str] | None = No
 
 
 def _validated(path: Path, registry: Registry, data: dict[str, Any], overrides: list[str]) -> ExperimentConfig:
-    _check_numbers(path, data, "")
+    _check_values(path, data, "")
     tables = {key: data[key] for key in data if key not in FileSchema.model_fields}  # the recipes' tables
     try:
-        schema = FileSchema.model_validate({k: v for k, v in data.items() if k not in tables})
+        schema = strict_validate(FileSchema, {k: v for k, v in data.items() if k not in tables})
     except ValidationError as error:
         loc = error.errors()[0]["loc"]
         valid = valid_keys(FileSchema, loc) + (["sweep"] if len(loc) == 1 else [])
@@ -125,7 +137,7 @@ def _choose(path: Path, registry: Registry, kind: str, key: str, name: str, sect
             raise ConfigError(f"{path}: {key}.{bad}: unknown key ({kind} {name!r} takes no settings)")
         return Choice(key, component, None, f"{path}: {key}")
     try:
-        settings = component.settings.model_validate(extra)
+        settings = strict_validate(component.settings, extra)
     except ValidationError as error:
         valid = sorted(set(component.settings.model_fields) | core)
         raise format_error(path, error, key, valid, component.settings) from None
@@ -154,7 +166,7 @@ def _recipes(path: Path, registry: Registry, names: list[str], tables: dict[str,
         settings = None
         if component.settings is not None:
             try:
-                settings = component.settings.model_validate({k: v for k, v in tables.items() if k in owned})
+                settings = strict_validate(component.settings, {k: v for k, v in tables.items() if k in owned})
             except ValidationError as error:
                 loc = error.errors()[0]["loc"]
                 raise format_error(path, error, "", valid_keys(component.settings, loc), component.settings) from None
@@ -202,11 +214,16 @@ def _check_components(config: ExperimentConfig) -> None:
     vocab_size = declared if isinstance(declared, int) and declared >= 1 else 256
     for (label, choice), recipe_name in zip(config.models, config.model_recipes, strict=True):
         architecture = choice.build()
-        try:
-            with torch.device("meta"):
-                model = architecture.build(vocab_size)
-        except Exception:  # an architecture that needs real tensors to build is checked when a run builds it
-            continue
+        with signals_seen() as seen:
+            try:
+                with torch.device("meta"):
+                    model = architecture.build(vocab_size)
+            except Exception:  # an architecture that needs real tensors to build is checked when a run builds it
+                continue
+            except BaseException as error:  # sys.exit: the plugin's error, never a silent exit
+                if not is_plugin_error(error, seen):
+                    raise
+                raise choice.failed(f"building a model of architecture {choice.component.name!r}", error) from error
         choice.require(model, LanguageModel, "builds")
         wanted = getattr(recipes[recipe_name], "model_protocol", None)
         if isinstance(wanted, type):
@@ -216,9 +233,22 @@ def _check_components(config: ExperimentConfig) -> None:
                            f"{architecture.default_recipe!r}), or choose another architecture")
 
 
-def _check_numbers(path: Path, value: Any, key: str) -> None:
+def strict_validate(model: type[Settings], data: dict[str, Any]) -> Settings:
+    """`model` validated from TOML data by pydantic's strict rules for JSON: TOML has real booleans,
+    integers and strings, so `seed = true`, `freeze = "no"` or `samples = ["40"]` is a mistake to report,
+    never a value to convert (to 1, False, [40]). An integer where a float is expected stays a number
+    (`learning_rate = 1`), and arrays fill tuples and strings fill paths and enums, as they would from
+    JSON. Applies to the core's sections and to every plugin's settings model alike."""
+    return model.model_validate_json(json.dumps(data), strict=True)
+
+
+def _check_values(path: Path, value: Any, key: str) -> None:
     """Plugin settings may accept plain floats and ints: NaN and inf are never meaningful in an
-    experiment, and an integer beyond 64 bits (which TOML forbids) would overflow in torch or numpy."""
+    experiment, and an integer beyond 64 bits (which TOML forbids) would overflow in torch or numpy.
+    No setting takes a TOML date or time, and strict validation reads values as JSON has them."""
+    if isinstance(value, datetime.date | datetime.time):
+        raise ConfigError(f"{path}: {key}: a TOML date or time ({value.isoformat()}) is not a setting's "
+                          f"value; quote it if you mean the text")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{path}: {key}: non-finite value {value!r}; use a finite number")
     if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
@@ -226,7 +256,7 @@ def _check_numbers(path: Path, value: Any, key: str) -> None:
                           f"(-2**63 … 2**63-1); use a smaller number")
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_numbers(path, v, f"{key}.{k}" if key else k)
+            _check_values(path, v, f"{key}.{k}" if key else k)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_numbers(path, v, f"{key}.{i}")
+            _check_values(path, v, f"{key}.{i}")

@@ -51,6 +51,37 @@ def _allowed_range(model: Any, loc: tuple[Any, ...]) -> str | None:
     return f"{_SYMBOLS[low]} {limits[low]:,} and {_SYMBOLS[high]} {limits[high]:,}"
 
 
+# Types strict validation refuses to convert into (TOML values are typed): what to write instead.
+_TYPE_ERRORS = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+                "string_type": "a string"}
+
+
+def _type_message(error_type: str, value: Any) -> str | None:
+    """What is wrong with a TOML value of the wrong type, in the user's terms: quotes make text, never a
+    number or a boolean, and true/false is not a number. None: pydantic's own words will do."""
+    wanted = _TYPE_ERRORS.get(error_type)
+    if wanted is None:
+        return None
+    if isinstance(value, str):
+        number = error_type in ("int_type", "float_type") and _is_number(value, error_type)
+        advice = (" (true or false, without quotes)" if error_type == "bool_type"
+                  else f" (write {value.strip()} without quotes)" if number else "")
+        return f"must be {wanted}, not text{advice}"
+    if isinstance(value, bool):
+        return f"must be {wanted}, not true/false"
+    if isinstance(value, float) and error_type == "int_type":
+        return "must be a whole number, without a decimal point"
+    return None
+
+
+def _is_number(text: str, error_type: str) -> bool:
+    try:
+        (int if error_type == "int_type" else float)(text.strip())
+    except ValueError:
+        return False
+    return len(text) <= 40
+
+
 def format_error(path: Path, error: ValidationError, prefix: str, valid: list[str],
                   model: type[BaseModel]) -> ConfigError:
     errors = error.errors()
@@ -72,6 +103,8 @@ def format_error(path: Path, error: ValidationError, prefix: str, valid: list[st
     allowed = _allowed_range(model, loc) if first["type"] in _BOUND_ERRORS else None
     if allowed is not None:
         message = f"must be {allowed}"
+    if len(same_key) == 1:
+        message = _type_message(first["type"], value) or message
     return ConfigError(f"{path}: {key}: {message}{shown}{more}")
 
 

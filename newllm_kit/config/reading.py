@@ -9,20 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..user_files import read_bounded
 
 MAX_FILE_BYTES = 1 << 20
 MAX_DEPTH = 16
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    data = read_bounded(path, MAX_FILE_BYTES, "experiment file", ConfigError)
     try:
-        size = path.stat().st_size
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read experiment file ({error.strerror or error})") from None
-    if size > MAX_FILE_BYTES:
-        raise ConfigError(f"{path}: file is {size:,} bytes; experiment files are limited to 1 MiB")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        value = tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
     except UnicodeDecodeError:  # before ValueError, its base class
@@ -30,20 +26,18 @@ def read_toml(path: Path) -> dict[str, Any]:
     except ValueError:  # int() refuses more than 4300 digits
         raise ConfigError(f"{path}: invalid TOML: an integer with thousands of digits; TOML integers "
                           f"are 64-bit") from None
-    except OSError as error:  # a folder, no read permission, an I/O error
-        raise ConfigError(f"{path}: cannot read experiment file ({error.strerror or error})") from None
     except RecursionError:
         raise ConfigError(f"{path}: nesting too deep (limit {MAX_DEPTH} levels)") from None
-    _check_depth(path, data, 0)
-    return data
+    _check_depth(str(path), value, 0)
+    return value
 
 
-def _check_depth(path: Path, value: Any, depth: int) -> None:
+def _check_depth(where: str, value: Any, depth: int) -> None:
     if depth > MAX_DEPTH:
-        raise ConfigError(f"{path}: nesting too deep (limit {MAX_DEPTH} levels)")
+        raise ConfigError(f"{where}: nesting too deep (limit {MAX_DEPTH} levels)")
     children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     for child in children:
-        _check_depth(path, child, depth + 1)
+        _check_depth(where, child, depth + 1)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -56,6 +50,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except ValueError:  # TOMLDecodeError, or an integer of thousands of digits
         value = raw.strip()  # the shell ate the quotes of a string: data.source=embedded
+    except RecursionError:
+        raise ConfigError(f"--set {key}: value: nesting too deep (limit {MAX_DEPTH} levels)") from None
+    _check_depth(f"--set {key}: value", value, len(key.split(".")))
     return key.split("."), value
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
+from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -16,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from ..errors import PluginError, UserError
 from ..protocols import PROTOCOLS, missing_members, missing_methods
-from ..registry import Component
+from ..registry import Component, is_plugin_error, one_line, signals_seen
 
 TEXT_SCHEMES = ("first_turn", "first_turn_128", "all_turns", "all_turns_space_512")
 # Experiment names and model labels become folder and file names in the run directory: matched
@@ -161,16 +163,18 @@ class Choice:
     protocol: type | None = None  # what the built object must provide (default: the kind's protocol)
 
     def build(self) -> Any:
-        """The component's object, checked against its protocol before anything uses it."""
+        """The component's object, checked against its protocol before anything uses it. What the
+        factory prints goes to stderr, so `--json` output stays one document."""
         c = self.component
-        try:
-            built = c.factory(self.settings)
-        except UserError:
-            raise
-        except Exception as error:  # a plugin's bug: name the plugin, keep the cause for --traceback
-            text = (str(error).strip().splitlines() or [""])[0]
-            raise PluginError(f"{self._prefix()}plugin {c.plugin!r}: building {c.kind.replace('_', ' ')} "
-                              f"{c.name!r} failed: {type(error).__name__}: {text}") from error
+        with redirect_stdout(sys.stderr), signals_seen() as seen:
+            try:
+                built = c.factory(self.settings)
+            except UserError:
+                raise
+            except BaseException as error:  # a plugin's bug or sys.exit: name the plugin, keep the cause
+                if not is_plugin_error(error, seen):
+                    raise
+                raise self.failed(f"building {c.kind.replace('_', ' ')} {c.name!r}", error) from error
         protocol = self.protocol or PROTOCOLS.get(c.kind)
         if protocol is not None:
             self.require(built, protocol, "returned")
@@ -188,6 +192,10 @@ class Choice:
             raise PluginError(f"{self._prefix()}plugin {c.plugin!r}: {kind} {c.name!r} {verb} {what}, which lacks "
                               f"{missing[0]!r}{others} required by {protocol.__module__}.{protocol.__name__}; "
                               f"{advice or f'fix the plugin or choose another {kind}'}")
+
+    def failed(self, doing: str, error: BaseException) -> PluginError:
+        """The one-line error for plugin code of this component that raised (or exited) while `doing`."""
+        return PluginError(f"{self._prefix()}plugin {self.component.plugin!r}: {doing} failed: {one_line(error)}")
 
     def _prefix(self) -> str:
         return f"{self.where}: " if self.where else ""

@@ -5,12 +5,14 @@ them, predictions with prediction intervals, and the confidence band the plots d
 from __future__ import annotations
 
 import math
+from collections import Counter
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
-from .offset import fit_offset
+from .offset import OFFSET_SIZES, fit_offset
 from .points import Point, positive_number
 from .report import Fit, Prediction, ScalingReport
 
@@ -72,17 +74,36 @@ def mean_band(tokens: list[float], ppls: list[float], grid: Any) -> tuple[Any, A
 
 
 def fit_all(points: list[Point], predict: list[float], form: str = "power") -> ScalingReport:
-    """One fit per model, sorted by name; points are sorted first so input order never matters."""
-    by_model: dict[str, list[Point]] = {}
-    for p in sorted(points, key=lambda p: (p.model, p.tokens, p.ppl)):
-        by_model.setdefault(p.model, []).append(p)
-    report = ScalingReport([], [], form, sorted({p.source for p in points}))
-    for model, group in by_model.items():
-        tokens, ppls = [p.tokens for p in group], [p.ppl for p in group]
-        fit = fit_power(model, tokens, ppls, predict)
+    """One fit per model, sorted by name; each model's points are sorted by tokens and PPL first so
+    input order never matters. numpy groups and sorts them: a table may hold millions of rows."""
+    names = list(map(attrgetter("model"), points))
+    models = sorted(set(names))
+    code = {model: i for i, model in enumerate(models)}
+    codes = np.fromiter(map(code.__getitem__, names), np.intp, len(names))
+    x = np.fromiter(map(attrgetter("tokens"), points), float, len(points))
+    y = np.fromiter(map(attrgetter("ppl"), points), float, len(points))
+    order = np.lexsort((y, x, codes))
+    ends = np.searchsorted(codes[order], np.arange(len(models) + 1))
+    report = ScalingReport([], [], form, sorted(set(map(attrgetter("source"), points))))
+    for i, model in enumerate(models):
+        group = order[ends[i]:ends[i + 1]]
+        tokens, ppls = x[group].tolist(), y[group].tolist()
+        try:
+            fit = fit_power(model, tokens, ppls, predict)
+        except OverflowError:  # values near the float maximum: A or a prediction is beyond any float
+            raise DataError(f"model {model}: the fit overflows a float (PPL {min(ppls):.3g} … {max(ppls):.3g} "
+                            f"over {min(tokens):.3g} … {max(tokens):.3g} tokens); check those values") from None
         fit.sizes = len(set(tokens))
-        fit.seeds = max(tokens.count(t) for t in set(tokens))
-        fit.offset = fit_offset(model, tokens, ppls, predict) if form == "offset" else None
+        fit.seeds = max(Counter(tokens).values())  # Counter: tokens.count per size is quadratic in the rows
+        if form == "offset" and fit.sizes >= OFFSET_SIZES:
+            fit.offset = fit_offset(model, tokens, ppls, predict)
+        elif form == "offset":
+            fit.warnings.append(f"model {model}: {fit.sizes} training sizes; the offset form needs at least "
+                                f"{OFFSET_SIZES}, so only the power law is shown")
         report.fits.append(fit)
         report.warnings.extend(fit.warnings)
+    if form == "offset" and report.fits and not any(f.offset for f in report.fits):
+        sizes = ", ".join(f"{f.model}: {f.sizes}" for f in report.fits)
+        raise DataError(f"--form offset needs at least {OFFSET_SIZES} distinct token counts for a model; "
+                        f"no model has them ({sizes}); add training sizes or use --form power")
     return report

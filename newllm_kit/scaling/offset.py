@@ -1,5 +1,5 @@
 """The offset form `PPL = E + A · tokens^α`: an irreducible PPL E plus a power law, fitted with a
-Huber loss on log residuals. Reported beside the power law, never instead (it needs ≥ 4 sizes).
+Huber loss on log residuals. Reported beside the power law, never instead, for each model with ≥ 4 sizes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ..errors import DataError
 from .points import positive_number
 from .report import OffsetFit, Prediction
 
+OFFSET_SIZES = 4  # distinct token counts: E, A and α, and one to spare so the fit is not exact
 HUBER_DELTA = 1e-3  # on log-PPL residuals, as in Chinchilla-style fits: nearly L1 beyond 0.1 %
 
 
@@ -27,8 +28,8 @@ def fit_offset(model: str, tokens: list[float], ppls: list[float], predict: list
     Starts: for a grid of E below the smallest PPL, log(PPL − E) is linear in log tokens, so OLS
     gives A and α in closed form; the best few grid points are refined with least_squares.
     """
-    if len(set(tokens)) < 4:
-        raise DataError(f"model {model}: --form offset needs at least 4 distinct token counts "
+    if len(set(tokens)) < OFFSET_SIZES:
+        raise DataError(f"model {model}: --form offset needs at least {OFFSET_SIZES} distinct token counts "
                         f"(got {len(set(tokens))})")
     from scipy import optimize  # imported on use, like scipy.stats in fit_power
 

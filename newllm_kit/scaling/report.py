@@ -107,7 +107,8 @@ def render(report: ScalingReport, console: Console) -> None:
             for i, p in enumerate(f.predictions):
                 table.add_row(escape(f.model), f"{p.tokens:,.0f}", f"{p.ppl:,.1f}",
                               f"{p.pi[0]:,.1f} … {p.pi[1]:,.1f}" if p.pi else "—", f"{p.extrapolation:,.1f}",
-                              *([f"{f.offset.predictions[i].ppl:,.1f}"] if f.offset else []))
+                              *([f"{f.offset.predictions[i].ppl:,.1f}" if f.offset else "—"]
+                                if report.form == "offset" else []))
         console.print(table)
     if len(report.fits) > 1:
         steep = min(report.fits, key=lambda f: f.alpha)

@@ -116,7 +116,8 @@ def _agree(kind: str, runner: Collectives) -> str:
 
 def plan_stores(runner: Runner, rows: int, width: int, folder: Path) -> StorePlan:
     """Where `rows` contexts of `width` go (every stream of a unit together), checked against the free
-    memory or disk of that place: a store that cannot fit fails here, in one line, before allocating."""
+    memory or disk of that place: a store that cannot fit fails here, in one line, before allocating
+    (a UserError: exit 2, like any full disk)."""
     requested, dtype, fraction = settings_of(runner)
     needed = rows * width * DTYPES[dtype].itemsize
     device = runner.device
@@ -129,10 +130,10 @@ def plan_stores(runner: Runner, rows: int, width: int, folder: Path) -> StorePla
         kind, reason = requested, "runner.context_store"
     plan = StorePlan(kind, dtype, needed, reason)
     free = {"device": free_bytes(device), "host": host_free, "disk": disk_free(folder)}[kind]
-    if free is not None and needed > free:
+    if free is not None and needed > free:  # a setting or free space fixes it, as README's exit 2 says
         where = f"{device} memory" if kind == "device" else "RAM" if kind == "host" else f"the disk at {folder}"
         fixes = ["free disk space"] * (kind == "disk") + [f"set {plan.advice()}"] * bool(plan.advice())
-        raise RunFailed(f"allocating the context stores: they need {needed:,} bytes ({human_bytes(needed)}) but "
+        raise UserError(f"allocating the context stores: they need {needed:,} bytes ({human_bytes(needed)}) but "
                         f"{where} has {human_bytes(free)} free; {' or '.join(fixes)}")
     return plan
 

@@ -84,6 +84,8 @@ class Phase1Report:
     # The solver's own target, so a run can say "stopped at max_iterations, 11 % converged":
     target_rate: float | None = None  # the convergence rate the solver stops at
     converged: bool | None = None  # True: stopped on reaching target_rate; False: ran out of iterations
+    # Where a pass's rate measures something else than later ones (recorded, drawn under the rate):
+    rate_note: str | None = None
 
 
 @dataclass

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from newllm_kit.errors import RunFailed
+
 from .contract import SolveResult
 from .frozen_solve import full_precision_matmuls
 from .spans import token_span
@@ -27,6 +29,7 @@ RANK_TOLERANCE = 1e-6  # actual rank = #(s_k > this)
 SPARSE_BELOW = 0.01  # sparsity = share of |values| below this
 ZERO_NORM = 0.1  # "zero solution" if the mean row norm is below this
 ATTRACTOR_DISTANCE, ATTRACTOR_COSINE = 0.1, 0.99  # "global attractor": every context (nearly) the same
+CONVERGENCE_PHASE = "val convergence trials"  # the progress phase of the sequential validation rollouts
 
 
 @torch.no_grad()
@@ -47,11 +50,22 @@ def identity_check(model: Any, seed: int) -> dict[str, Any]:
     return {"mean_cosine": cosine, "identity": cosine > IDENTITY_THRESHOLD}
 
 
+def _slope(losses: list[float]) -> float | None:
+    """The slope of a degree-1 fit; None for fewer than two trials, and for a trial whose MSE overflowed
+    to inf or NaN (the fit's SVD cannot converge on them)."""
+    if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
+        return None
+    return float(np.polyfit(np.arange(len(losses)), losses, 1)[0])
+
+
 def classify_trials(losses: list[float]) -> str:
-    """The reference's verdict on the trial-to-trial MSE history: slope of a degree-1 fit and std."""
+    """The reference's verdict on the trial-to-trial MSE history: slope of a degree-1 fit and std. A
+    rollout whose error overflowed (inf or NaN) diverged."""
     if len(losses) < 2:
         return "INSUFFICIENT_DATA"
-    slope = float(np.polyfit(np.arange(len(losses)), losses, 1)[0])
+    slope = _slope(losses)
+    if slope is None:
+        return "DIVERGING"
     if slope < -0.001:
         return "CONVERGING"
     if abs(slope) < 0.001 and float(np.std(losses)) < 0.01:
@@ -62,18 +76,22 @@ def classify_trials(losses: list[float]) -> str:
 
 
 @torch.no_grad()
-def convergence_check(model: Any, ids: torch.Tensor, trials: int) -> dict[str, Any]:
+def convergence_check(model: Any, ids: torch.Tensor, trials: int, progress: Any = None) -> dict[str, Any]:
     """`trials` sequential rollouts over the stream, each from the previous one's last context (spec §3.6).
 
     Trial 1 starts from zero; the token inputs are the same every trial (the history restarts
     from zeros). Once a trial's context equals the previous trial's at some position, the rest
-    of the rollout repeats it bit for bit, so the trial stops there and adds no error.
+    of the rollout repeats it bit for bit, so the trial stops there and adds no error. A rollout is
+    sequential and takes seconds on a long stream, so each trial advances the phase
+    `CONVERGENCE_PHASE` of `progress` (a `newllm_kit.protocols.Progress`, or None).
     """
     block, n, width = model.context_block, ids.shape[0], model.context_dim
     device = next(block.parameters()).device
     previous = torch.empty(n, width, device=device)  # the last trial's contexts, overwritten by the next
     start = torch.zeros(1, width, device=device)
     history: list[float] = []  # MSE(trial t, trial t − 1) for t ≥ 2
+    if progress is not None:
+        progress.start(CONVERGENCE_PHASE, trials)
     for trial in range(trials):
         context, squared, repeated = start, torch.zeros((), dtype=torch.float64, device=device), False
         for a in range(0, n, ROLLOUT_BLOCK):
@@ -91,9 +109,13 @@ def convergence_check(model: Any, ids: torch.Tensor, trials: int) -> dict[str, A
         if trial:
             history.append(float(squared) / (n * width))
         start = previous[-1:].clone()
+        if progress is not None:
+            progress.advance(CONVERGENCE_PHASE, trial=trial + 1, **({"mse": history[-1]} if trial else {}))
+    if progress is not None:
+        progress.finish(CONVERGENCE_PHASE)
     first, last = (history[0], history[-1]) if history else (None, None)
     reduction = (100 * (first - last) / first) if first and last is not None else None
-    slope = float(np.polyfit(np.arange(len(history)), history, 1)[0]) if len(history) >= 2 else None
+    slope = _slope(history)
     return {"status": classify_trials(history), "trials": trials, "history": history, "first_loss": first,
             "last_loss": last, "reduction_pct": reduction, "slope": slope}
 
@@ -106,11 +128,22 @@ def _sample(contexts: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
     return contexts[picked.sort().values.to(contexts.device)].to("cpu", torch.float64)
 
 
-def context_stats(contexts: torch.Tensor, seed: int, rows: int = STATS_ROWS) -> dict[str, Any]:
+def context_stats(contexts: torch.Tensor, seed: int, rows: int = STATS_ROWS, stream: str = "") -> dict[str, Any]:
     """Actual rank, sparsity, mean row norm and mean pairwise distance and cosine (spec §5) of ≤ `rows`
     sampled rows, with the reference's two degeneracy flags: every context near zero ("zero
-    solution"), or every context near one point ("global attractor")."""
+    solution"), or every context near one point ("global attractor").
+
+    Non-finite contexts end the run (RunFailed, exit 1) instead of becoming NaN statistics: Phase 2
+    would train on them and every number after it would be meaningless, and the cause (a block or
+    embedding with NaN/inf weights) is worth naming where it first shows."""
     x = _sample(contexts, rows, seed)
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        which = f"{stream} " if stream else ""
+        raise RunFailed(f"diagnostics: {bad:,} of {x.numel():,} sampled values of the frozen {which}contexts are "
+                        f"NaN or infinite; the ContextBlock's weights or the embedding table hold "
+                        f"NaN/inf (a damaged checkpoint or embedding file): check them, or delete the unit's "
+                        f"checkpoint to retrain it")
     m = x.shape[0]
     norms = x.norm(dim=1)
     unit = x / norms.clamp_min(1e-12).unsqueeze(1)
@@ -135,7 +168,7 @@ def context_stats(contexts: torch.Tensor, seed: int, rows: int = STATS_ROWS) -> 
 
 
 def seed_diagnostics(model: Any, val_ids: torch.Tensor, solves: dict[str, SolveResult], trials: int,
-                     seed: int) -> dict[str, Any]:
+                     seed: int, progress: Any = None) -> dict[str, Any]:
     """Every diagnostic of the seed for one unit's frozen block, as one JSON-able dict.
 
     `gain` is the contraction gain ρ the frozen solves measured (None where a solve did not need
@@ -144,10 +177,12 @@ def seed_diagnostics(model: Any, val_ids: torch.Tensor, solves: dict[str, SolveR
     (no TF32), like the frozen solves, so the numbers do not depend on the runner's `tf32`.
     """
     with full_precision_matmuls():
+        # first: non-finite contexts end the run before the rollouts spend time on them
+        contexts = {name: context_stats(s.layers[-1], seed, stream=name) for name, s in solves.items()}
         return {
             "identity": identity_check(model, seed),
-            "val_convergence": convergence_check(model, val_ids, trials) if trials else None,
-            "contexts": {name: context_stats(s.layers[-1], seed) for name, s in solves.items()},
+            "val_convergence": convergence_check(model, val_ids, trials, progress) if trials else None,
+            "contexts": contexts,
             "gain": {name: None if s.gain is None or not math.isfinite(s.gain) else s.gain
                      for name, s in solves.items()},
         }

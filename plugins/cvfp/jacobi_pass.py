@@ -196,9 +196,11 @@ class InPlacePass:
             where = f"chunk {first_bad}" if first_bad is not None else "a chunk on another rank"
             if runner.world_size > 1 and first_bad is not None:
                 where += f" of rank {runner.rank}"
-            raise RunFailed(f"phase 1: non-finite loss at iteration {self.iteration}, {where}; lower "
-                            f"solver.learning_rate, or set solver.nonfinite = \"skip\" to drop such chunks "
-                            f"as the original did")
+            fix = ("no step has been taken yet, so the learning rate is not the cause: the embedding table or the "
+                   "initial weights hold NaN/inf; check the embedding (embedding.source and its file)"
+                   if self.iteration == 1 else "lower solver.learning_rate")
+            raise RunFailed(f"phase 1: non-finite loss at iteration {self.iteration}, {where}; {fix}, or set "
+                            f"solver.nonfinite = \"skip\" to drop such chunks as the original did")
         loss, cvfp, diversity = (sums[:3] / max(self.tokens, 1)).tolist()
         stream = s.loss_scope == "stream"
         return Sweep(loss, cvfp, diversity, int(sums[4]), self.tokens, not (stream and sums[3] > 0))

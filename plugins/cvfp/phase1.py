@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from newllm_kit import hookimpl
 from newllm_kit.errors import RunFailed, UserError
@@ -76,6 +76,15 @@ class CVFPPhase1Settings(BaseModel):
                     "that meets solve_tolerance.")
     solve_tolerance: float = Field(
         default=1e-5, gt=0, description="Max |error| of a frozen solve against the sequential rollout.")
+
+    @model_validator(mode="after")
+    def _budget_holds_the_minimum(self) -> Self:
+        """A minimum written above the budget can never be reached: the run would stop at max_iterations.
+        Lowering only the budget is fine: the default minimum then ends where the budget does."""
+        if "min_iterations" in self.model_fields_set and self.min_iterations > self.max_iterations:
+            raise ValueError(f"min_iterations ({self.min_iterations}) is more than max_iterations "
+                             f"({self.max_iterations}); raise max_iterations or lower min_iterations")
+        return self
 
 
 def stream_shard(n: int, settings: CVFPPhase1Settings, runner: Collectives) -> range:
@@ -193,6 +202,15 @@ def initial_contexts(model: Any, ids: torch.Tensor, rows: range, settings: CVFPP
     return contexts, info
 
 
+# Pass 1 compares the untrained block's outputs with iteration 0's rollout of that same block, which is
+# its fixed point by construction: only the context noise (and position 0's wrap-around input) separate
+# them, so its rate is high whatever the block learns. From pass 2 on, the previous pass was made by
+# weights one Adam step older, and the rate measures how far training has settled.
+ROLLOUT_RATE_NOTE = ("rate = share of tokens within convergence_threshold of the previous pass; at iteration 1 "
+                     "that is iteration 0's rollout of the same untrained block, its fixed point, so only the "
+                     "context noise separates them: a high first rate, then the trained block's own")
+
+
 def consecutive_chunks(rows: int, settings: CVFPPhase1Settings) -> list[Rows]:
     """The loss groups of a pass over `rows` local rows: chunks of batch_size, or the whole stream."""
     if settings.loss_scope == "stream":
@@ -257,6 +275,9 @@ class CVFPPhase1Solver:
         progress.start("phase1", s.max_iterations)
         contexts, first = initial_contexts(model, ids, rows, s, runner)
         progress.advance("phase1", iteration=0, seconds=first["seconds"])
+        note = ROLLOUT_RATE_NOTE if first["init"] == "rollout" else None
+        if note is not None:
+            progress.message(f"phase1: {note}")
         evaluations, rate, iterations, history = first["evaluations"], 0.0, 1, []
         schedule = self.schedule(len(rows), n, contexts.device)
         for k in range(1, s.max_iterations):
@@ -282,7 +303,8 @@ class CVFPPhase1Solver:
         return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started,
                             gather_rows(contexts, rows, n, runner), history, {"iteration0": first},
                             target_rate=s.min_converged_ratio,
-                            converged=iterations >= s.min_iterations and rate >= s.min_converged_ratio)
+                            converged=iterations >= s.min_iterations and rate >= s.min_converged_ratio,
+                            rate_note=note)
 
     def solve(self, model: Any, ids: torch.Tensor, runner: Runner, out: torch.Tensor | None = None) -> SolveResult:
         """The final-layer context of every position, position 0 from a zero context (spec §4.2).

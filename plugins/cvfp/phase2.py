@@ -191,6 +191,13 @@ def evaluate(model: Model, data: Phase2Data, settings: Phase2Settings, runner: R
     return EvalOutputs(nll_sum=float(totals[0]), correct=int(totals[1]), count=int(totals[2]))
 
 
+def phase2_optimizer(model: Model, settings: Phase2Settings) -> tuple[list[nn.Parameter], torch.optim.Adam]:
+    """The parameters Phase 2 trains and its Adam: one definition for training and for the recipe's
+    check of a Phase-2 checkpoint, which must continue exactly this optimizer."""
+    params = [p for p in model.param_groups()["phase2"] if p.requires_grad]
+    return params, torch.optim.Adam(params, lr=settings.learning_rate)
+
+
 def train_phase2(model: Model, train: Phase2Data, val: Phase2Data, settings: Phase2Settings, runner: Runner,
                  progress: Progress, *, start: TrainState | None = None,
                  on_epoch_end: Callable[[TrainState], None] | None = None) -> TrainReport:
@@ -199,8 +206,7 @@ def train_phase2(model: Model, train: Phase2Data, val: Phase2Data, settings: Pha
     if train.positions < 1 or val.positions < 1:
         raise DataError("phase 2 needs at least 2 tokens in both the training and the validation stream")
     module = cast(nn.Module, model)
-    params = [p for p in model.param_groups()["phase2"] if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+    params, optimizer = phase2_optimizer(model, settings)
     batch_size = resolve_batch(settings.batch_size, model, runner)
     batches = spans(range(train.positions), batch_size)
 

@@ -41,17 +41,24 @@ from newllm_kit import hookimpl, hookspec
 from newllm_kit.config import ComponentSection
 from newllm_kit.errors import RunFailed
 from newllm_kit.experiment import seed_everything
-from newllm_kit.protocols import Column, EvalOutputs, RecipeResult, Saved, UnitContext, UnitData
+from newllm_kit.protocols import Column, EvalOutputs, RecipeResult, UnitContext, UnitData
 from newllm_kit.training import TrainReport, TrainState
 
 from . import phase1_contexts
+from .checkpoint_fit import check_checkpoint, shapes
 from .context_store import StorePlan, context_stores, is_out_of_memory, out_of_memory_message, plan_stores
 from .contract import CVFPModel, Phase1Report, Solver, SolveResult
 from .diagnostics import diagnostic_warnings, seed_diagnostics
-from .phase2 import Phase2Data, Phase2Settings, context_agreement, input_weights, train_phase2, weights_as
+from .phase2 import (
+    Phase2Data,
+    Phase2Settings,
+    context_agreement,
+    input_weights,
+    train_phase2,
+    weights_as,
+)
 from .split_phase1 import phase1_solver
 
-PHASE1_KEYS = {"iterations", "convergence_rate", "token_evaluations", "seconds", "train_er"}
 NON_CONTRACTING = "the ContextBlock does not contract"
 
 
@@ -81,10 +88,6 @@ class CVFPRecipeSettings(BaseModel):
 
 COLUMNS = [Column("train_er", "Train ER", percent=True, mean=True), Column("phase1_iterations", "Phase-1 it."),
            Column("best_epoch", "Best epoch")]
-
-
-def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
 
 
 def _stopped_by(report: Phase1Report) -> str | None:
@@ -213,8 +216,8 @@ class CVFPRecipe:
         """The checkpoint's weights, Phase-1 summary and Phase-2 state, or None when there is none that
         fits (a damaged or missing file of kept contexts discards it: the unit starts over)."""
         unit, runner = run.unit, run.unit.runner
-        expected = _shapes(unit.checkpoint.model_state(run.module))
-        saved = unit.checkpoint.load(lambda saved: self._check(run.module, expected, saved))
+        expected = shapes(unit.checkpoint.model_state(run.module))
+        saved = unit.checkpoint.load(lambda saved: check_checkpoint(run.module, expected, self.settings.phase2, saved))
         if saved is None:
             return None
         if run.keep and not phase1_contexts.readable(run.kept_file, run.keep, run.model.context_dim, runner):
@@ -242,7 +245,8 @@ class CVFPRecipe:
         summary = {"iterations": report.iterations, "convergence_rate": report.convergence_rate,
                    "token_evaluations": report.token_evaluations, "seconds": seconds,
                    "train_er": unit.metrics(train).get("effective_rank", float("nan")),
-                   "stopped_by": _stopped_by(report), "target_rate": report.target_rate}
+                   "stopped_by": _stopped_by(report), "target_rate": report.target_rate,
+                   "rate_note": report.rate_note}
         if report.converged is False:
             unit.message(f"Phase 1 stopped at max_iterations ({report.iterations}) with "
                          f"{report.convergence_rate:.0%} of tokens converged (target "
@@ -298,10 +302,13 @@ class CVFPRecipe:
     def _diagnose(run: UnitRun, solved: Solved) -> Diagnosed:
         """The seed's diagnostics of the frozen block, one note per flagged one; an identity block skips
         Phase 2 where `solver.skip_phase2_if_identity` asks for it, as the reference did."""
-        s = run.settings.solver
+        s, unit = run.settings.solver, run.unit
+        trials = (f", {s.val_convergence_trials} sequential rollouts over the {run.val_ids.numel():,} validation "
+                  f"tokens (solver.val_convergence_trials)" if s.val_convergence_trials else "")
+        unit.message(f"diagnostics of the frozen block: identity check{trials}, context statistics")
         with weights_as(run.module, run.inputs):
             values = seed_diagnostics(run.model, run.val_ids, {"train": solved.train, "val": solved.val},
-                                      s.val_convergence_trials, run.unit.seed)
+                                      s.val_convergence_trials, unit.seed, unit.progress)
         skip = s.skip_phase2_if_identity and values["identity"]["identity"]
         for note in diagnostic_warnings(values) + (["Phase 2 skipped (solver.skip_phase2_if_identity)"]
                                                    if skip else []):
@@ -344,6 +351,7 @@ class CVFPRecipe:
             "convergence_rate": summary["convergence_rate"],
             "phase1_stopped_by": summary.get("stopped_by"),
             "phase1_target_rate": summary.get("target_rate"),
+            "phase1_rate_note": summary.get("rate_note"),
             "phase1_token_evaluations": summary["token_evaluations"],
             "best_epoch": report.best_epoch,
             "phase2_batch_size": report.batch_size,
@@ -363,20 +371,6 @@ class CVFPRecipe:
                                           f"{summary['target_rate']:.0%} converged tokens (had "
                                           f"{summary['convergence_rate']:.0%})")
         return RecipeResult(val=report.val, record=record, columns=COLUMNS, notes=run.notes, flags=flags)
-
-    @staticmethod
-    def _check(model: nn.Module, expected: dict[str, Any], saved: Saved) -> None:
-        """A checkpoint fits when its weights, Phase-1 summary and Phase-2 state match the model."""
-        weights, phase1 = saved.tensors["model"], saved.state["phase1"]
-        if not PHASE1_KEYS <= set(phase1):
-            raise ValueError("its phase-1 summary is incomplete")
-        if _shapes(weights) != expected:
-            raise ValueError("its weights do not fit the model")
-        if "phase2" in saved.state:
-            state = TrainState.from_checkpoint(saved.tensors["phase2"], saved.state["phase2"])
-            trained = _shapes(dict(model.named_parameters())).items()
-            if not (_shapes(state.model).items() <= trained and _shapes(state.best_weights).items() <= trained):
-                raise ValueError("its phase-2 weights do not fit the model")
 
     @staticmethod
     def _agreement(run: UnitRun, store: torch.Tensor) -> dict[str, float]:

@@ -117,6 +117,10 @@ class TextFiles(DocumentList):
                                 f".jsonl files")
         return found
 
+    def check(self) -> None:
+        """A path in data.paths that does not exist (or is not .txt/.jsonl), before any file is read."""
+        self.files()
+
     def _read(self) -> list[list[str]]:
         docs: list[list[str]] = []
         for path in self.files():

@@ -152,6 +152,15 @@ class UltraChat:
                                 f"{', '.join(columns) or 'none'}); expected prompt, prompt_id, messages")
         return found
 
+    def check(self) -> None:
+        """The DataError loading would raise, where finding out downloads nothing: a data.path without
+        ultrachat files, or a hub dataset neither reachable nor in the local cache."""
+        s = self.settings
+        if s.path is not None:
+            self.files()
+        elif not hub_reachable() and not _may_be_cached(s.dataset, s.cache_dir):
+            raise DataError(self._cannot_load())
+
     def _load(self) -> Any:
         s = self.settings
         online = s.path is None and hub_reachable()

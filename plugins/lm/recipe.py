@@ -250,27 +250,42 @@ def _optimizer(model: nn.Module, params: list[nn.Parameter], settings: LMSetting
     return torch.optim.AdamW(groups, lr=settings.learning_rate, betas=settings.betas)
 
 
-def _checkpoint_fits(model: nn.Module, window: int) -> Callable[[Saved], None]:
-    """The check handed to `Checkpointer.load`: the saved weights must be this model's, by name and shape,
-    and include every trainable one (the frozen table is rebuilt by the core, so it may be absent); the
-    epochs must have been cut into the same windows."""
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+def _checkpoint_fits(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, window: int,
+                     settings: LMSettings) -> Callable[[Saved], None]:
+    """The check handed to `Checkpointer.load`: every field is checked before the recipe uses it. The saved
+    weights must be this model's, by name, shape and dtype, finite, and include every trainable one (the
+    frozen table is rebuilt by the core, so it may be absent); the epochs must have been cut into the same
+    windows, in batches of the configured size (any positive one for "auto": it was resolved on the
+    device that wrote it); the training state must continue these settings (`TrainState.check_resume`)."""
+    shapes = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
 
     def check(saved: Saved) -> None:
         if saved.stage != "lm":
             raise ValueError(f"checkpoint stage {saved.stage!r} is not the lm recipe's")
-        for name, tensor in saved.tensors.get("model", {}).items():
-            if shapes.get(name) != tuple(tensor.shape):
-                raise ValueError(f"checkpoint weight {name} {tuple(tensor.shape)} does not fit the model")
-        if absent := sorted(trainable - saved.tensors.get("model", {}).keys()):
-            raise KeyError(f"checkpoint lacks the model's weights {', '.join(absent[:3])}")
         missing = [f"tensors[{k!r}]" for k in ("model", "train") if k not in saved.tensors]
         missing += [f"state[{k!r}]" for k in ("train", "lm") if k not in saved.state]
         if missing:
-            raise KeyError(f"checkpoint lacks {', '.join(missing)}")
-        if saved.state["lm"]["window"] != window:
-            raise ValueError(f"checkpoint was trained on windows of {saved.state['lm']['window']} tokens, not {window}")
+            raise ValueError(f"checkpoint lacks {', '.join(missing)}")
+        for name, tensor in saved.tensors["model"].items():
+            if shapes.get(name) != (tuple(tensor.shape), tensor.dtype):
+                raise ValueError(f"checkpoint weight {name} {tuple(tensor.shape)} {tensor.dtype} does not fit "
+                                 f"the model")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"checkpoint weight {name} holds NaN or infinite values")
+        if absent := sorted(trainable - saved.tensors["model"].keys()):
+            raise ValueError(f"checkpoint lacks the model's weights {', '.join(absent[:3])}")
+        lm = saved.state["lm"]
+        if not isinstance(lm, dict) or lm.get("window") != window or isinstance(lm.get("window"), bool):
+            got = lm.get("window") if isinstance(lm, dict) else lm
+            raise ValueError(f"checkpoint was trained on windows of {got!r} tokens, not {window}")
+        batch = lm.get("batch_size")
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 10**9 \
+                or settings.batch_size not in ("auto", batch):
+            raise ValueError(f"checkpoint batch_size {batch!r} is not the configured {settings.batch_size!r}")
+        TrainState.from_checkpoint(saved.tensors["train"], saved.state["train"]).check_resume(
+            model, params, optimizer, epochs=settings.epochs, patience=settings.patience,
+            restore_best=settings.restore_best, saved_lr=False)  # the schedule sets it before every step
 
     return check
 
@@ -313,10 +328,11 @@ class LMRecipe:
             raise DataError("the lm recipe needs at least 2 tokens in both the training and the validation stream")
         window, stride = self._plan(lm_model)
 
-        saved = unit.checkpoint.load(_checkpoint_fits(model, window))
+        optimizer = _optimizer(model, params, s)
+        saved = unit.checkpoint.load(_checkpoint_fits(model, params, optimizer, window, s))
         if saved is not None:
             model.load_state_dict(saved.tensors["model"], strict=False)
-            batch = int(saved.state["lm"]["batch_size"])  # as first resolved: "auto" may differ on this device
+            batch = saved.state["lm"]["batch_size"]  # as first resolved: "auto" may differ on this device
         elif s.batch_size == "auto":  # the runner sizes a batch of tokens (a collective under ddp)
             batch = max(runner.batch_size(None, _bytes_per_token(params, lm_model.embedding_dim)) // window, 1)
         else:
@@ -324,7 +340,6 @@ class LMRecipe:
         windows = train_windows(data.train_ids.numel() - 1, window)
         steps_per_epoch = math.ceil(len(windows) / batch)
         total_steps = s.epochs * steps_per_epoch
-        optimizer = _optimizer(model, params, s)
         unit.message(f"lm: {len(windows):,} training windows of ≤ {window} tokens, {steps_per_epoch:,} steps "
                      f"per epoch of {batch} windows ({s.order}); evaluation "
                      + ("carries the state through the stream" if stride is None else f"stride {stride}"))

@@ -59,18 +59,17 @@ class GPT2Embedding:
                             f"embedding.name_or_path to a local GPT-2 directory, or "
                             f'embedding.source = "random"') from error
 
+    def check(self) -> None:
+        """The DataError loading would raise, where finding out downloads nothing: a local directory
+        without model.safetensors, or a hub id neither reachable nor in the local cache."""
+        s = self.settings
+        if local_or_hub(s.name_or_path, s.revision, "embedding") is not None or not hub_reachable():
+            read_wte(self._file(), header_only=True)  # the header only: its values are checked when loaded
+
     def table(self) -> torch.Tensor:
         """The float32 wte table as stored, loaded once."""
         if self._table is None:
-            from safetensors import safe_open
-
-            path = self._file()
-            with safe_open(str(path), framework="pt") as handle:
-                key = next((k for k in WTE_KEYS if k in handle.keys()), None)
-                if key is None:
-                    raise DataError(f"embedding 'gpt2': {path} has no token-embedding table "
-                                    f"(looked for {', '.join(WTE_KEYS)})")
-                self._table = handle.get_tensor(key).float().contiguous()
+            self._table = read_wte(self._file())
         return self._table
 
     def load(self, vocab_size: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -86,3 +85,32 @@ class GPT2Embedding:
         if self._fingerprint is None:
             self._fingerprint = hashlib.sha256(self.table().numpy().data).hexdigest()
         return self._fingerprint
+
+
+def read_wte(path: Path, header_only: bool = False) -> torch.Tensor:
+    """The float32 wte table of a model.safetensors, or a DataError naming the file: a damaged file (a
+    header that does not parse, offsets beyond its end), no wte table, or a table with NaN/inf values,
+    which no trained GPT-2 has and which would otherwise surface as a non-finite loss mid-run. With
+    `header_only`, opening the file (parsing its header) and finding the table is all: cheap enough for
+    `validate`."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            key = next((k for k in WTE_KEYS if k in handle.keys()), None)
+            if key is None:
+                raise DataError(f"embedding 'gpt2': {path} has no token-embedding table "
+                                f"(looked for {', '.join(WTE_KEYS)})")
+            table = torch.empty(0) if header_only else handle.get_tensor(key).float().contiguous()
+    except DataError:
+        raise
+    except Exception as error:  # safetensors' own error for a damaged file, or an OSError reading it
+        raise DataError(f"embedding 'gpt2': {path} is not a readable safetensors file ({first_line(error)}); "
+                        f"download it again or point embedding.name_or_path at an intact copy") from error
+    bad = int((~torch.isfinite(table)).sum())
+    if bad:
+        raise DataError(f"embedding 'gpt2': {path}: {bad:,} of {table.numel():,} values of its wte table are "
+                        f"NaN or infinite; the file is damaged: download it again or point "
+                        f"embedding.name_or_path at an intact copy")
+    return table

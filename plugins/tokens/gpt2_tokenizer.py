@@ -75,6 +75,11 @@ class GPT2TokenizerFactory:
         except Exception as error:  # any miss in the local cache means the same thing here
             raise self._offline_error() from error
 
+    def check(self) -> None:
+        """The DataError loading would raise, where finding out downloads nothing: a local path that does
+        not exist, or a hub id neither reachable nor in the local cache."""
+        self._directory()
+
     def _from_pretrained(self) -> Any:
         s = self.settings
         directory = self._directory()

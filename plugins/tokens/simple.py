@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -135,13 +136,21 @@ class BPEFactory:
             raise DataError('tokenizer \'bpe\': no training text to learn merges from; select training rows '
                             'with text, or set tokenizer.name = "bytes"')
         path = self.cache_path(train_texts, cache_dir)
+        record = path.with_suffix(".sha256")  # what was written, so an edited or swapped file is not trusted
         if path.is_file():
             try:
-                return BPETokenizer(path.read_text(encoding="utf-8"))
-            except Exception:  # an unreadable cache entry is retrained and overwritten
-                pass
+                cached = path.read_text(encoding="utf-8")
+                if record.read_text(encoding="ascii").split()[0] == hashlib.sha256(cached.encode()).hexdigest():
+                    return BPETokenizer(cached)
+                print(f"warning: tokenizer cache {path} does not match the sha256 recorded when it was written; "
+                      f"retraining it", file=sys.stderr)
+            except Exception:  # an unreadable cache entry (or its record) is retrained and overwritten
+                print(f"warning: tokenizer cache {path} or its {record.name} cannot be read; retraining it",
+                      file=sys.stderr)
         serialised = train_bpe(train_texts, self.settings.vocab_size, self.settings.min_frequency)
+        record.unlink(missing_ok=True)
         atomic_write_text(path, serialised)
+        atomic_write_text(record, f"{hashlib.sha256(serialised.encode()).hexdigest()}  {path.name}\n")
         return BPETokenizer(serialised)
 
 

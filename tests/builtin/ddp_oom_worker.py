@@ -60,6 +60,8 @@ class Quiet:
 
     def finish(self, phase: str) -> None: ...
 
+    def message(self, text: str) -> None: ...
+
 
 def fit(runner: Any, fail_on_rank: int | None) -> Phase1Report:
     """Phase 1 of the tiny model on a 64-token stream (noise on: every sharding must draw the same)."""

@@ -78,6 +78,7 @@ class CPURunner:
 class RecordingProgress:
     def __init__(self) -> None:
         self.events: list[tuple[str, str, dict[str, float]]] = []
+        self.messages: list[str] = []
 
     def start(self, phase: str, total: int | None) -> None:
         self.events.append(("start", phase, {"total": float(total or 0)}))
@@ -87,6 +88,9 @@ class RecordingProgress:
 
     def finish(self, phase: str) -> None:
         self.events.append(("finish", phase, {}))
+
+    def message(self, text: str) -> None:
+        self.messages.append(text)
 
 
 class TinyBlock(nn.Module):
@@ -442,6 +446,7 @@ def test_progress_and_history_report_every_pass() -> None:
     kinds = [(e[0], e[1]) for e in progress.events]
     assert kinds == [("start", "phase1")] + [("advance", "phase1")] * 3 + [("finish", "phase1")]
     assert progress.events[2][2]["iteration"] == 1 and {"loss", "rate"} <= set(progress.events[2][2])
+    assert len(progress.messages) == 1 and "iteration 1" in progress.messages[0]  # what the first rate measures
     assert set(report.history[0]) == {"iteration", "loss", "cvfp_loss", "diversity_loss", "convergence_rate",
                                       "seconds"}
     assert report.extra["iteration0"]["init"] == "rollout"
@@ -455,7 +460,8 @@ def _poisoned(n: int = 16) -> tuple[TinyModel, torch.Tensor]:
 
 def test_nonfinite_loss_stops_naming_phase_iteration_and_chunk() -> None:
     model, ids = _poisoned()
-    with pytest.raises(RunFailed, match=r"phase 1: non-finite loss at iteration 1, chunk 1"):
+    with pytest.raises(RunFailed, match=r"phase 1: non-finite loss at iteration 1, chunk 1; no step has been taken "
+                                        r"yet, so the learning rate is not the cause: .*check the embedding"):
         fit(model, ids, batch_size=8, init="random")
 
 
