@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from scipy import stats
 from test_cli import cli
 
 from newllm_kit.compare import compare
@@ -63,10 +65,20 @@ def test_one_seed_gives_no_interval_and_says_how_to_get_one(tmp_path: Path) -> N
 
 
 def test_alpha_difference_of_the_fits(run: Path) -> None:
+    """Each side's α and standard error from scipy's least squares on ln PPL against ln tokens, then
+    Welch's interval with Welch–Satterthwaite degrees of freedom, written out here."""
     (alpha,) = compare([run], "val_ppl", "model", False)["alpha"]
-    assert alpha["a"] == "A" and alpha["b"] == "B" and alpha["n_a"] == 6
-    assert alpha["ci"][0] < alpha["difference"] < alpha["ci"][1]
-    assert alpha["verdict"].startswith("α(A) − α(B) = ")
+    fits = {m: stats.linregress(np.log([n * 50.0 for (k, n, _) in PPL if k == m]),
+                                np.log([v for (k, _, _), v in PPL.items() if k == m])) for m in ("A", "B")}
+    se2 = fits["A"].stderr ** 2 + fits["B"].stderr ** 2
+    df = se2**2 / (fits["A"].stderr ** 4 / 4 + fits["B"].stderr ** 4 / 4)  # 6 points − 2 parameters a side
+    half = stats.t.ppf(0.975, df) * np.sqrt(se2)
+    expected = fits["A"].slope - fits["B"].slope
+    assert alpha["a"] == "A" and alpha["b"] == "B" and alpha["n_a"] == alpha["n_b"] == 6
+    assert (alpha["mean_a"], alpha["mean_b"]) == pytest.approx((fits["A"].slope, fits["B"].slope), rel=1e-9)
+    assert alpha["difference"] == pytest.approx(expected, rel=1e-9)
+    assert alpha["ci"] == pytest.approx([expected - half, expected + half], rel=1e-9)
+    assert alpha["verdict"].startswith(f"α(A) − α(B) = {expected:+.4f} (95% CI {expected - half:+.4f} … ")
 
 
 def test_variants_are_compared_within_each_model(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from newllm_kit_plugins.cvfp.context_store import (
 from newllm_kit_plugins.cvfp.phase2 import Phase2Data
 from newllm_kit_plugins.runners.local import CPURunner, RunnerSettings
 from test_phase2 import CPU, ThreadRank, TinyModel
+from thread_ranks import run_ranks
 
 from newllm_kit import protocols
 from newllm_kit.errors import RunFailed, UserError
@@ -176,21 +177,23 @@ def test_what_counts_as_out_of_memory() -> None:
     assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(UserError("bad key"))
 
 
-def test_ranks_agree_on_the_most_conservative_kind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Rank 1 has less free RAM: both ranks take the disk, so every rank holds and records the same."""
-    free = {0: 64 * GiB, 1: GiB}
+@pytest.mark.parametrize(("free_gib", "kind"), [
+    ((64, 64, 64), "device"),  # the stores fit in half of every host's RAM
+    ((64, 1, 64), "disk"),  # one host short of RAM: every rank takes the disk, not only that one
+    ((1, 64, 64), "disk"),  # the short host is rank 0's: the choice is not rank 0's alone
+])
+def test_ranks_agree_on_the_most_conservative_kind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   free_gib: tuple[int, ...], kind: str) -> None:
+    """Three CPU ranks on three hosts (multi-node ddp), each reading its own host's free RAM: every rank
+    holds and records the kind the shortest host needs."""
     rank_of = threading.local()
-    monkeypatch.setattr(context_store, "available_bytes", lambda device: free[rank_of.value])
-    board: dict[str, Any] = {"barrier": threading.Barrier(2)}
-    kinds: list[str] = ["", ""]
+    monkeypatch.setattr(context_store, "available_bytes", lambda device: free_gib[rank_of.value] * GiB)
+    board: dict[str, Any] = {"barrier": threading.Barrier(3)}
+    plans: list[StorePlan | None] = [None, None, None]
 
     def rank(r: int) -> None:
         rank_of.value = r
-        kinds[r] = plan_stores(Runner(r, 2, board), 1024000, 768, tmp_path).kind
+        plans[r] = plan_stores(Runner(r, 3, board), 1024000, 768, tmp_path)
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert kinds == ["disk", "disk"]
+    run_ranks(3, rank)
+    assert [(p.kind, p.bytes) if p else None for p in plans] == [(kind, 1024000 * 768 * 4)] * 3

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from newllm_kit_plugins.cvfp import diagnostics
 from newllm_kit_plugins.cvfp.diagnostics import classify_trials, context_stats, convergence_check, identity_check
 from newllm_kit_plugins.cvfp.frozen_solve import solve_frozen
 from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
+from scipy.spatial.distance import pdist
 from test_experiment import TINY, read_results, write_tiny
 
 from newllm_kit.plugins import load_plugins
@@ -70,6 +73,19 @@ def test_context_stats_flag_zero_solutions_and_global_attractors() -> None:
     assert same["global_attractor"] and same["mean_pairwise_cosine"] > 0.99
 
 
+def test_context_stats_match_numpy_and_scipy_references() -> None:
+    """Rank 4 of 6 columns (3 random directions and one constant), signed values, two columns below the
+    sparsity threshold: each statistic against an independent formula (numpy, scipy's pairwise distances)."""
+    rng = np.random.default_rng(0)
+    x = np.hstack([rng.normal(size=(40, 3)) @ rng.normal(size=(3, 4)), np.full((40, 2), -0.005)])
+    stats = context_stats(torch.from_numpy(x), seed=0)
+    assert stats["rows"] == 40 and stats["actual_rank"] == np.linalg.matrix_rank(x, tol=1e-6) == 4
+    assert stats["sparsity"] == float((np.abs(x) < 0.01).mean()) == 80 / 240
+    assert stats["mean_row_norm"] == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=1e-12)
+    assert stats["mean_pairwise_distance"] == pytest.approx(pdist(x).mean(), rel=1e-9)
+    assert stats["mean_pairwise_cosine"] == pytest.approx(1 - pdist(x, "cosine").mean(), rel=1e-9)
+
+
 def test_context_stats_sample_at_most_5000_rows_with_the_seed() -> None:
     contexts = torch.randn(6000, 3)
     first = context_stats(contexts, seed=1)
@@ -81,12 +97,21 @@ def test_convergence_trials_start_where_the_previous_trial_ended() -> None:
     model = tiny_model()
     ids = torch.randint(0, 40, (60,), generator=torch.Generator().manual_seed(0))
     check = convergence_check(model, ids, trials=4)
-    assert len(check["history"]) == 3 and check["status"] in {"CONVERGING", "CONVERGED", "DIVERGING", "UNSTABLE"}
-    # trial 2 differs from trial 1 (a zero start) only through its start: the last context of trial 1
+    # trial 1 is the sequential solve from zeros; every later trial is the rollout from the last context
+    # of the one before, and the history is the MSE of each trial against the previous one
     with torch.no_grad():
-        first = solve_frozen(model, ids, "sequential", 1e-5).layers[-1]
-    assert check["history"][0] > 0 and check["first_loss"] == check["history"][0]
-    assert check["history"][0] <= float((first[-1] ** 2).mean())  # a decaying difference, below its start's
+        trials = [solve_frozen(model, ids, "sequential", 1e-5).layers[-1]]
+        projected = model.context_block.project_tokens(model.token_inputs(ids))
+        for _ in range(3):
+            context, rows = trials[-1][-1:], []
+            for i in range(ids.shape[0]):
+                context = model.context_block.step(context, projected[i:i + 1])[-1]
+                rows.append(context[0])
+            trials.append(torch.stack(rows))
+    expected = [float(((b.double() - a.double()) ** 2).mean()) for a, b in itertools.pairwise(trials)]
+    assert check["history"] == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    assert check["first_loss"] == check["history"][0] and check["last_loss"] == check["history"][-1]
+    assert check["status"] == classify_trials(expected)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +128,8 @@ def test_each_record_holds_the_seeds_diagnostics(recorded: dict[str, Any]) -> No
     assert found["val_convergence"]["trials"] == 3 and len(found["val_convergence"]["history"]) == 2
     for stream in ("train", "val"):
         stats = found["contexts"][stream]
-        assert stats["actual_rank"] >= 1 and 0 <= stats["sparsity"] <= 1 and stats["mean_row_norm"] > 0
+        # every row of the stream is kept (fewer than 5,000), and a random 8-wide block's contexts span all 8
+        assert stats["rows"] == recorded[f"{stream}_tokens"] and stats["actual_rank"] == 8
         assert stats["zero_solution"] is False and stats["global_attractor"] is False
         assert found["gain"][stream] is None or found["gain"][stream] > 0
     assert found["gain"]["train"] == recorded["solve"]["gain"]  # ρ as the frozen solve measured it

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from fake_cuda import FakeCuda
 from newllm_kit_plugins.cvfp.contract import Phase1Report, SolveResult
 from newllm_kit_plugins.cvfp.frozen_solve import solve_frozen
 from newllm_kit_plugins.cvfp.model import CVFPArchitecture, CVFPSettings
@@ -26,9 +28,17 @@ SEED_FILES = ("2025-11-27-3L.toml", "2025-11-27-6L.toml", "v1.toml", "v2.toml")
 
 
 @pytest.mark.parametrize("name", SEED_FILES)
-def test_seed_reproductions_run_fp32_matmuls_without_tf32(name: str) -> None:
-    runner = load_config(EXPERIMENTS / name, load_plugins().registry).resolved()["runner"]
-    assert runner["tf32"] is False and runner["precision"] == "fp32"
+def test_seed_reproductions_run_fp32_matmuls_without_tf32(name: str, fake_cuda: FakeCuda) -> None:
+    """The runner the file builds, set up on a (fake) GPU, turns TF32 off and autocasts nothing."""
+    runner = load_config(EXPERIMENTS / name, load_plugins().registry).runner.build()
+    runner.setup()
+    try:
+        assert str(runner.device) == "cuda:0" and runner.precision == "fp32"
+        assert [call for call in fake_cuda.calls if call[0] == "set_tf32"] == [("set_tf32", False)]
+        # torch.autocast("cuda") switches itself off without a real GPU, so ask what the runner opens
+        assert type(runner.autocast()) is contextlib.nullcontext
+    finally:
+        runner.teardown()
 
 
 def split_model(**settings: Any) -> Any:

@@ -283,12 +283,42 @@ def test_stops_with_patience_and_reports_the_best_epoch(monkeypatch: pytest.Monk
 
 # -- the loop on real numbers -----------------------------------------------------------------------
 
-def test_training_lowers_the_loss_and_leaves_frozen_weights_alone() -> None:
+def reference_training(model: TinyModel, epochs: int, learning_rate: float, batch: int) -> list[float]:
+    """Phase 2 written out on its own: batches of `batch` positions in stream order, the mean NLL of a
+    batch (position i reads contexts[i − 1], zeros for i = 0, and predicts ids[i + 1]), the gradient norm
+    clipped to 1, one Adam step on the TokenBlock and head; each epoch's mean NLL before its steps."""
+    params = [*model.mix.parameters(), *model.head.parameters()]
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    n = TRAIN.ids.numel() - 1
+    previous = torch.cat([TRAIN.contexts.new_zeros(1, C), TRAIN.contexts[:n - 1]])
+    tokens = model.embedding(TRAIN.ids[:n])
+    layers = model.context_block.step(previous, model.context_block.p(tokens))
+    losses = []
+    for _ in range(epochs):
+        total = 0.0
+        for lo in range(0, n, batch):
+            rows = slice(lo, min(lo + batch, n))
+            optimizer.zero_grad()
+            states = model.token_states([h[rows] for h in layers], tokens[rows])
+            loss = F.cross_entropy(model.head(states), TRAIN.ids[1:][rows], reduction="sum")
+            (loss / states.shape[0]).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            total += float(loss.detach())
+        losses.append(total / n)
+    return losses
+
+
+def test_training_matches_a_reference_loop_and_leaves_frozen_weights_alone() -> None:
     model = TinyModel()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("embedding", "context_block"))}
-    _, report = run(model, epochs=4, learning_rate=0.05)
+    _, report = run(model, epochs=4, learning_rate=0.05, restore_best=False)
+    by_hand = TinyModel()
+    expected = reference_training(by_hand, epochs=4, learning_rate=0.05, batch=16)
     losses = [h["train_loss"] for h in report.history]
-    assert losses[-1] < losses[0]
+    assert losses == pytest.approx(expected, rel=1e-10)
+    for name, value in params_of(by_hand).items():
+        torch.testing.assert_close(params_of(model)[name], value, rtol=1e-9, atol=1e-12)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
     assert report.history[0]["train_ppl"] == pytest.approx(math.exp(losses[0]))
 
@@ -426,9 +456,12 @@ def test_cvfp_model_trains_its_phase2_group(tie_head: bool) -> None:
 
     before = params_of(model)
     options = Phase2Settings(batch_size=32, epochs=3, patience=3, learning_rate=0.01, ce_chunk=7)
-    report = train_phase2(model, stream(200, 1), stream(40, 2), options, CPURunner(), Silent())
+    val = stream(40, 2)
+    report = train_phase2(model, stream(200, 1), val, options, CPURunner(), Silent())
     after = params_of(model)
-    assert report.history[-1]["train_loss"] < report.history[0]["train_loss"]
+    # the model handed back is the one whose validation the report gives (the best epoch's weights)
+    assert evaluate(model, val, options, CPURunner()) == report.val
+    assert report.history[report.best_epoch - 1]["val_loss"] == report.val.nll_sum / report.val.count
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert any(name.startswith("token_block") for name in changed)
     assert ("head.weight" in changed) is (not tie_head)

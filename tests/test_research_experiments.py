@@ -35,9 +35,13 @@ def registry() -> Registry:
 
 @pytest.mark.parametrize(("name", "units"), sorted(FOLLOW_UPS.items()))
 def test_the_full_experiment_and_its_question(registry: Registry, name: str, units: int) -> None:
+    """The file plans the units it was written for, and its header's question states that count (the
+    quick variant below it is checked by the next test)."""
     path = EXPERIMENTS / name
     assert len(plan(load_config(path, registry))) == units
-    assert "# Question:" in path.read_text().split("[experiment]")[0]
+    header = path.read_text().split("# Question:")[1].split("# Quick variant")[0]
+    question = " ".join(line.lstrip("#").strip() for line in header.splitlines())
+    assert re.findall(r"\b(\d+) units\b", question) == [str(units)]
 
 
 @pytest.mark.parametrize("name", sorted(FOLLOW_UPS))

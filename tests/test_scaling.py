@@ -64,11 +64,22 @@ def test_seed_doubling_reduction_and_v2_predictions_correct_the_summary() -> Non
 
 
 def test_seed_interval_exists_only_with_three_or_more_token_counts() -> None:
+    """The 3L table's 4 sizes: scipy's slope ± t(2)·stderr, and the textbook prediction interval of
+    ln PPL at 500k tokens, ±t(2)·s·√(1 + 1/n + (x − x̄)²/Sxx)."""
+    from scipy import stats
+
     fits = seed_report([5e5])
-    lo, hi = fits["2025-11-27-3L"]["alpha_ci"]
-    assert lo < fits["2025-11-27-3L"]["alpha"] < hi
-    pi = fits["2025-11-27-3L"]["predictions"][0]["pi"]
-    assert pi[0] < fits["2025-11-27-3L"]["predictions"][0]["ppl"] < pi[1]
+    x, y = np.log([3495.0, 7466, 15832, 39814]), np.log([7152.0, 3360, 2439, 1171])
+    line, t = stats.linregress(x, y), stats.t.ppf(0.975, 2)
+    assert fits["2025-11-27-3L"]["alpha_ci"] == pytest.approx([line.slope - t * line.stderr,
+                                                               line.slope + t * line.stderr], rel=1e-9)
+    s = np.sqrt(np.sum((y - line.intercept - line.slope * x) ** 2) / 2)
+    at = np.log(5e5)
+    centre = line.intercept + line.slope * at
+    half = t * s * np.sqrt(1 + 1 / 4 + (at - x.mean()) ** 2 / np.sum((x - x.mean()) ** 2))
+    (prediction,) = fits["2025-11-27-3L"]["predictions"]
+    assert prediction["ppl"] == pytest.approx(np.exp(centre), rel=1e-9)
+    assert prediction["pi"] == pytest.approx([np.exp(centre - half), np.exp(centre + half)], rel=1e-9)
     assert fits["v2-A"]["alpha_ci"] is None
 
 
