@@ -190,6 +190,17 @@ def _read_hashes(ids_path: Path) -> dict[str, str] | None:
     return recorded
 
 
+def texts_sha256(texts: Sequence[str]) -> str:
+    """Order-sensitive sha256 of a list of texts, each length-prefixed so boundaries count: what data
+    sources and trained tokenizers fingerprint their texts with."""
+    digest = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file read `HASH_CHUNK` bytes at a time."""
     digest = hashlib.sha256()

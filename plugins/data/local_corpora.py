@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit import hookimpl
-from newllm_kit.corpus import jsonl_rows, read_text
+from newllm_kit.corpus import jsonl_rows, read_text, texts_sha256
 from newllm_kit.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -29,15 +29,6 @@ def paragraphs(text: str) -> list[str]:
     """Non-empty blocks separated by blank lines, stripped."""
     blocks = BLANK_LINES.split(text.replace("\r\n", "\n"))
     return [block.strip() for block in blocks if block.strip()]
-
-
-def texts_sha256(texts: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        data = text.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
 
 
 class DocumentList:

@@ -26,9 +26,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from newllm_kit import hookimpl
-from newllm_kit.corpus import Stream
+from newllm_kit.corpus import Stream, texts_sha256
 
-from .local_corpora import DocumentList, texts_sha256
+from .local_corpora import DocumentList
 
 MAX_STATES_TIMES_VOCAB = 1 << 24  # with vocab ≥ 2 this allows order ≤ 23 and vocab ≤ 4096
 DOCS_PER_BLOCK = 256  # documents are drawn in fixed blocks, so row i does not depend on `docs`

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from newllm_kit import hookimpl
+from newllm_kit.corpus import texts_sha256
 from newllm_kit.errors import DataError
 from newllm_kit.rundir import atomic_write_text
 
@@ -83,16 +84,6 @@ class BPETokenizer:
         return str(self._tokenizer.decode(list(ids)))
 
 
-def texts_digest(texts: Sequence[str]) -> str:
-    """Order-sensitive hash of a list of texts (length-prefixed, so boundaries matter)."""
-    digest = hashlib.sha256()
-    for text in texts:
-        data = text.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
-
-
 def train_bpe(texts: Sequence[str], vocab_size: int, min_frequency: int) -> str:
     """Train a byte-level BPE on `texts` and return its JSON serialisation (no special tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -126,7 +117,7 @@ class BPEFactory:
     def cache_path(self, train_texts: Sequence[str], cache_dir: Path) -> Path:
         import tokenizers
 
-        key = {"texts": texts_digest(train_texts), "vocab_size": self.settings.vocab_size,
+        key = {"texts": texts_sha256(train_texts), "vocab_size": self.settings.vocab_size,
                "min_frequency": self.settings.min_frequency, "tokenizers": tokenizers.__version__}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return Path(cache_dir) / f"bpe-{digest[:32]}.json"
