@@ -48,7 +48,18 @@ class CudaBackend:
         torch.cuda.empty_cache()
 
     def set_tf32(self, enabled: bool) -> None:
+        """TF32 tensor cores for fp32 work, or not: cuBLAS matmuls (`torch.backends.cuda.matmul.allow_tf32`,
+        through the matmul precision) and cuDNN (`torch.backends.cudnn.allow_tf32`: the GRU)."""
         torch.set_float32_matmul_precision("high" if enabled else "highest")
+        torch.backends.cudnn.allow_tf32 = enabled
+
+    def tf32_settings(self) -> tuple[str, bool]:
+        """What `set_tf32` changes, to put back with `restore_tf32`: (matmul precision, cuDNN's TF32 flag)."""
+        return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+
+    def restore_tf32(self, settings: tuple[str, bool]) -> None:
+        torch.set_float32_matmul_precision(settings[0])
+        torch.backends.cudnn.allow_tf32 = settings[1]
 
     def get_rng_state(self) -> torch.Tensor:
         """The current device's generator state."""

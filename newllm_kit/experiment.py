@@ -33,7 +33,7 @@ from .report import metric_key
 from .resume import PINNED, pin_fingerprints
 from .rundir import STORE_DIR, RunDir
 from .scaling import Point, fit_all, report_to_json, series
-from .training import ppl
+from .training import ppl, start_unit
 from .unit_checkpoint import UnitCheckpoint, share
 
 VARIANTS_DIR = "variants"  # each sweep variant's resolved config, <name>.toml
@@ -188,6 +188,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
              progress: Any, attempt: int) -> dict[str, Any]:
     """Build the unit's model, hand it to its recipe, and make the results record from what comes back."""
     schema = config.schema
+    start_unit(runner, unit.id)
     vocab_size = corpus.tokenizer.vocab_size
     model = build_model(config, unit, vocab_size, runner)
     check_param_groups(config, unit, model)

@@ -8,12 +8,14 @@ loss never holds more than one [chunk, V] block of them. The epoch loop is the r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +155,21 @@ def sum_over_ranks(params: list[nn.Parameter], loss_sum: float, runner: Collecti
     return float(runner.all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64, device=runner.device)))
 
 
+def memory_phase(runner: object, phase: str) -> AbstractContextManager[Any]:
+    """The runner's `memory_phase(phase)` block, in which its micro-batch cap is `phase`'s own (a
+    halving in Phase 1 leaves Phase 2's and the lm windows' alone); a no-op for a runner without the
+    optional member."""
+    scope = getattr(runner, "memory_phase", None)
+    return contextlib.nullcontext() if scope is None else cast(AbstractContextManager[Any], scope(phase))
+
+
+def start_unit(runner: object, unit: str) -> None:
+    """Tell the runner a unit starts (its micro-batch caps go back to none), if it has the optional member."""
+    begin = getattr(runner, "start_unit", None)
+    if begin is not None:
+        begin(unit)
+
+
 def retry_after_oom(runner: MemoryPolicy, batch: int, module: nn.Module, attempt: Callable[[], T]) -> T:
     """`attempt()`, retried whole after an out-of-memory error while the runner shrinks its micro-batch
     (`runner.handle_oom`; it raises when it cannot); the failed attempt's partial gradients are dropped."""
@@ -166,13 +183,14 @@ def retry_after_oom(runner: MemoryPolicy, batch: int, module: nn.Module, attempt
 
 
 def loss_pass(module: nn.Module, runner: MemoryPolicy, items: int,
-              losses: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]], grad_scale: float | None
-              ) -> tuple[float, int]:
+              losses: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]], grad_scale: float | None,
+              phase: str = "default") -> tuple[float, int]:
     """Summed NLL and top-1 hits over `items` (positions, windows) in the runner's micro-batches.
 
     `losses(micro)` yields each micro-batch's (summed CE, hits), computed under autocast but yielded
     outside it, so the backward of loss × `grad_scale` (if given) runs as a plain backward would.
-    After an OOM the runner may shrink its micro-batch: then the whole pass is retried."""
+    After an OOM the runner may shrink its micro-batch (`phase`'s cap, see `memory_phase`): then the
+    whole pass is retried."""
     def attempt() -> tuple[float, int]:
         nll, hits = 0.0, 0
         for loss, correct in losses(runner.micro_batch(items)):
@@ -181,7 +199,8 @@ def loss_pass(module: nn.Module, runner: MemoryPolicy, items: int,
             nll, hits = nll + loss.item(), hits + int(correct.item())
         return nll, hits
 
-    return retry_after_oom(runner, items, module, attempt)
+    with memory_phase(runner, phase):
+        return retry_after_oom(runner, items, module, attempt)
 
 
 def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, loss_sum: float, runner: Collectives,

@@ -26,6 +26,7 @@ class FakeCuda(CudaBackend):
         self.initialized = True  # whether this process has used CUDA (its generator is kept only then)
         self.draws = 0  # the generator's state: how many draws so far
         self.calls: list[tuple[Any, ...]] = []
+        self.matmul_precision, self.cudnn_tf32 = "highest", True  # torch's defaults
 
     def is_available(self) -> bool:
         return self.available
@@ -57,6 +58,14 @@ class FakeCuda(CudaBackend):
 
     def set_tf32(self, enabled: bool) -> None:
         self.calls.append(("set_tf32", enabled))
+        self.matmul_precision, self.cudnn_tf32 = "high" if enabled else "highest", enabled
+
+    def tf32_settings(self) -> tuple[str, bool]:
+        return self.matmul_precision, self.cudnn_tf32
+
+    def restore_tf32(self, settings: tuple[str, bool]) -> None:
+        self.calls.append(("restore_tf32", settings))
+        self.matmul_precision, self.cudnn_tf32 = settings
 
     def get_rng_state(self) -> torch.Tensor:
         return torch.tensor([self.draws], dtype=torch.uint8)

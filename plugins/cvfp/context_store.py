@@ -138,11 +138,16 @@ def plan_stores(runner: Runner, rows: int, width: int, folder: Path) -> StorePla
     return plan
 
 
+OUT_OF_MEMORY = ("can't allocate memory",  # the CPU allocator
+                 "CUDA error: out of memory")  # a failed cudaHostAlloc: a pinned host store or copy
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA out-of-memory error, the CPU allocator's, or a runner's refusal (UserError) caused by one."""
+    """A CUDA out-of-memory error, the CPU allocator's, a failed pinned host allocation, or a runner's
+    refusal (UserError) caused by one."""
     cause = error.__cause__ if isinstance(error, UserError) else error
     return isinstance(cause, torch.OutOfMemoryError) or (
-        isinstance(cause, RuntimeError) and "can't allocate memory" in str(cause))
+        isinstance(cause, RuntimeError) and any(text in str(cause) for text in OUT_OF_MEMORY))
 
 
 def out_of_memory_message(unit: str, phase: str, error: BaseException, plan: StorePlan, fix: str) -> str:

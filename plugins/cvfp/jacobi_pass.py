@@ -20,6 +20,7 @@ import torch
 
 from newllm_kit.errors import RunFailed, UserError
 from newllm_kit.protocols import Collectives, MemoryPolicy, Runner
+from newllm_kit.training import memory_phase
 
 from .context_store import is_out_of_memory
 from .spans import token_rows, token_span
@@ -68,26 +69,29 @@ class GroupLoss:
     loss: torch.Tensor
 
 
-def with_oom_retry(runner: MemoryPolicy, batch: int, work: Callable[[], T], failure: Callable[[], str]) -> T:
+def with_oom_retry(runner: MemoryPolicy, batch: int, work: Callable[[], T], failure: Callable[[], str],
+                   phase: str = "default") -> T:
     """Call `work` again with the runner's smaller micro-batch after an out-of-memory error.
 
     `work` must resume where it stopped, not restart (`InPlacePass.run` does). It contains
     collectives, so under ddp every rank must retry together: `oom_on_any_rank` turns one rank's
     OOM into an OOM on all of them at the same point of the sweep. An OOM the runner cannot
     retry ends the run with `failure()`: one line naming the phase, the memory and the setting.
+    The micro-batch cap is `phase`'s own (`newllm_kit.training.memory_phase`).
     """
-    while True:
-        try:
-            return work()
-        except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not is_out_of_memory(error):
-                raise
+    with memory_phase(runner, phase):
+        while True:
             try:
-                retry = runner.handle_oom(error, batch)
-            except UserError:  # the runner's own advice names Phase 2's settings
-                retry = False
-            if not retry:
-                raise RunFailed(failure()) from error
+                return work()
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                try:
+                    retry = runner.handle_oom(error, batch)
+                except UserError:  # the runner's own advice names Phase 2's settings
+                    retry = False
+                if not retry:
+                    raise RunFailed(failure()) from error
 
 
 def oom_on_any_rank(runner: Collectives, compute: Callable[[], T]) -> T:

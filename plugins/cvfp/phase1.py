@@ -287,7 +287,7 @@ class CVFPPhase1Solver:
             sweep = InPlacePass(model, ids, contexts, rows.start, chunks, s, runner, k, sigma, seed, params,
                                 schedule.flags)
             result = with_oom_retry(runner, s.batch_size, sweep.run,
-                                    lambda: phase1_oom(model, contexts, s.batch_size, runner))
+                                    lambda: phase1_oom(model, contexts, s.batch_size, runner), phase="phase1")
             take_step(params, optimizer, runner, s, result)
             evaluated, converged = schedule.after_pass(k, result)
             evaluations, iterations = evaluations + evaluated, k + 1

@@ -34,6 +34,7 @@ from newllm_kit.training import (
 )
 
 from .contract import CVFPModel as Model
+from .frozen_solve import full_precision_matmuls
 from .spans import token_span
 
 Positions = Annotated[int, Field(ge=1, le=10**9)]  # bounded so a typo fails validation, not an allocation
@@ -118,15 +119,17 @@ class Phase2Data:
     def batch(self, model: Model, rows: range, to: torch.device
               ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Per-layer contexts, token inputs and targets of `rows` on `to`: the token inputs from the ids
-        and every layer from one batched step of the frozen block, h_1..h_L(i) = F(c_{i−1}, x_i)."""
+        and every layer from one batched step of the frozen block, h_1..h_L(i) = F(c_{i−1}, x_i), in full
+        fp32 (no TF32, as the frozen solve that made `contexts`)."""
         lo, hi = rows.start, rows.stop
         block = model.context_block
-        with weights_as(cast(nn.Module, model), self.input_weights):
-            tokens = token_span(model, self.ids, lo, hi)
-        previous = self.contexts[max(lo - 1, 0):hi - 1].to(to, non_blocking=True).to(tokens.dtype)
-        if lo == 0:
-            previous = torch.cat([previous.new_zeros(1, previous.shape[1]), previous])
-        layers = block.step(previous, block.project_tokens(tokens))
+        with full_precision_matmuls():
+            with weights_as(cast(nn.Module, model), self.input_weights):
+                tokens = token_span(model, self.ids, lo, hi)
+            previous = self.contexts[max(lo - 1, 0):hi - 1].to(to, non_blocking=True).to(tokens.dtype)
+            if lo == 0:
+                previous = torch.cat([previous.new_zeros(1, previous.shape[1]), previous])
+            layers = block.step(previous, block.project_tokens(tokens))
         return layers, tokens, self.ids[lo + 1:hi + 1].to(to, torch.long)
 
 
@@ -139,10 +142,11 @@ def context_agreement(model: Model, phase1: Phase2Data, rollout: torch.Tensor, t
     module = cast(nn.Module, model)
     was_training = module.training
     module.eval()
-    fast = torch.cat([phase1.batch(model, span, to)[0][-1].float() for span in spans(rows, 4096)])
-    module.train(was_training)
-    slow = rollout.to(to, torch.float32)
-    cosine = F.cosine_similarity(fast, slow, dim=1)
+    with full_precision_matmuls():  # both paths in full fp32, as the rollout was solved
+        fast = torch.cat([phase1.batch(model, span, to)[0][-1].float() for span in spans(rows, 4096)])
+        module.train(was_training)
+        slow = rollout.to(to, torch.float32)
+        cosine = F.cosine_similarity(fast, slow, dim=1)
     return {"tokens": float(len(rows)), "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),
             "mse": float((fast - slow).pow(2).mean())}
 
@@ -172,7 +176,7 @@ def _pass(model: Model, data: Phase2Data, rows: range, runner: Runner, chunk: in
                                             count_correct=grad_scale is None)
             yield scored
 
-    return loss_pass(cast(nn.Module, model), runner, len(rows), losses, grad_scale)
+    return loss_pass(cast(nn.Module, model), runner, len(rows), losses, grad_scale, phase="phase2")
 
 
 @torch.no_grad()

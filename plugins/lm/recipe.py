@@ -192,7 +192,7 @@ def _pass(model: AutoregressiveModel, ids: torch.Tensor, windows: Sequence[Windo
                     sample.add(batch.targets, states)
                 yield scored
 
-    return loss_pass(cast(nn.Module, model), runner, len(windows), losses, grad_scale)
+    return loss_pass(cast(nn.Module, model), runner, len(windows), losses, grad_scale, phase="lm")
 
 
 def _recurrent_pass(model: AutoregressiveModel, ids: torch.Tensor, window: int, runner: Placement, chunk: int,

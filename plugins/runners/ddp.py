@@ -109,6 +109,12 @@ class DDPRunner:
         dist.all_reduce(batch, op=dist.ReduceOp.MIN)
         return int(batch.item())
 
+    def start_unit(self, unit: str) -> None:
+        self.local.start_unit(unit)
+
+    def memory_phase(self, phase: str) -> AbstractContextManager[None]:
+        return self.local.memory_phase(phase)
+
     def micro_batch(self, batch: int) -> int:
         return self.local.micro_batch(batch)
 

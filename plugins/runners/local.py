@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Literal
 
@@ -81,8 +82,10 @@ class CPURunner:
         self.context_dtype: str = self.settings.context_dtype
         self.memory_fraction: float = self.settings.memory_fraction
         self.device = torch.device("cpu")
-        self.oom_events: list[dict[str, int]] = []
-        self._micro_cap: int | None = None
+        self.oom_events: list[dict[str, Any]] = []
+        self._micro_caps: dict[str, int] = {}  # per phase, for the current unit only
+        self._phase = "default"
+        self._unit: str | None = None
         self._saved_threads: int | None = None
 
     def setup(self) -> None:
@@ -114,8 +117,23 @@ class CPURunner:
     def _automatic_batch(self, bytes_per_item: int) -> int:
         return CPU_BATCH
 
+    def start_unit(self, unit: str) -> None:
+        """A new unit starts with no micro-batch cap: a halving in one unit never slows the next."""
+        self._micro_caps.clear()
+        self._unit = unit
+
+    @contextlib.contextmanager
+    def memory_phase(self, phase: str) -> Iterator[None]:
+        """`micro_batch` and `handle_oom` inside the block read and halve `phase`'s own cap."""
+        previous, self._phase = self._phase, phase
+        try:
+            yield
+        finally:
+            self._phase = previous
+
     def micro_batch(self, batch: int) -> int:
-        return batch if self._micro_cap is None else min(batch, self._micro_cap)
+        cap = self._micro_caps.get(self._phase)
+        return batch if cap is None else min(batch, cap)
 
     def handle_oom(self, error: BaseException, batch: int) -> bool:
         """Halve the micro-batch (auto_batch), or stop with the batch size to set instead."""
@@ -131,10 +149,11 @@ class CPURunner:
             raise UserError(f"out of memory on {self.device} at batch {old}: lower the batch size to {new}, "
                             f"or runner.auto_batch = true to halve the micro-batch automatically "
                             f"(same effective batch)") from error
-        self._micro_cap = new
-        self.oom_events.append({"batch": batch, "old_micro": old, "new_micro": new})
-        log.warning("out of memory on %s at micro-batch %d: retrying with %d (gradients accumulated, "
-                    "effective batch %d unchanged)", self.device, old, new, batch)
+        self._micro_caps[self._phase] = new
+        self.oom_events.append({"batch": batch, "old_micro": old, "new_micro": new, "phase": self._phase,
+                                "unit": self._unit})
+        log.warning("out of memory on %s in %s at micro-batch %d: retrying with %d (gradients accumulated, "
+                    "effective batch %d unchanged)", self.device, self._phase, old, new, batch)
         return True
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -158,7 +177,7 @@ class CPURunner:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "resolved": self.resolved, "device": str(self.device),
                 "precision": self.precision, "threads": torch.get_num_threads(),
-                "auto_batch": self.settings.auto_batch, "micro_batch_cap": self._micro_cap,
+                "auto_batch": self.settings.auto_batch, "micro_batch_caps": dict(self._micro_caps),
                 "context_store": self.context_store, "context_dtype": self.context_dtype,
                 "oom_events": list(self.oom_events), "rank": self.rank, "world_size": self.world_size}
 
@@ -173,6 +192,7 @@ class GPURunner(CPURunner):
         super().__init__(settings)
         self.index = self.settings.device_index
         self.device = torch.device("cuda", self.index)
+        self._saved_tf32: tuple[str, bool] | None = None
 
     def setup(self) -> None:
         gpu = cuda.backend()
@@ -184,7 +204,15 @@ class GPURunner(CPURunner):
                             f"under ddp), but only {count} exist (valid: 0..{count - 1})")
         super().setup()
         gpu.set_device(self.index)
+        self._saved_tf32 = gpu.tf32_settings()
         gpu.set_tf32(self.settings.tf32)
+
+    def teardown(self) -> None:
+        """Puts back the TF32 settings `setup` changed (matmul precision and cuDNN's flag)."""
+        if self._saved_tf32 is not None:
+            cuda.backend().restore_tf32(self._saved_tf32)
+            self._saved_tf32 = None
+        super().teardown()
 
     def _automatic_batch(self, bytes_per_item: int) -> int:
         """Cost model: ⌊(total − allocated) · memory_fraction / bytes_per_item⌋.

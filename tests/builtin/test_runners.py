@@ -240,8 +240,9 @@ def test_oom_with_auto_batch_halves_the_micro_batch_and_keeps_the_gradient(
     for grad, expected in zip((p.grad for p in model.parameters()), full, strict=True):
         assert torch.allclose(grad, expected, rtol=1e-12, atol=1e-14)  # type: ignore[arg-type]
     assert runner.micro_batch(64) == 16 and runner.micro_batch(10) == 10
-    assert runner.describe()["oom_events"] == [{"batch": 64, "old_micro": 64, "new_micro": 32},
-                                               {"batch": 64, "old_micro": 32, "new_micro": 16}]
+    assert runner.describe()["oom_events"] == [
+        {"batch": 64, "old_micro": 64, "new_micro": 32, "phase": "default", "unit": None},
+        {"batch": 64, "old_micro": 32, "new_micro": 16, "phase": "default", "unit": None}]
     assert fake_cuda.calls.count(("empty_cache",)) == 2
     assert "retrying with 16" in caplog.text
 
