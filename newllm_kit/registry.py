@@ -69,7 +69,7 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "KeyboardInterrupt: raised by the plugin itself (no Ctrl-C or SIGTERM arrived)"
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 class DuplicateComponent(PluginError):

@@ -94,8 +94,3 @@ def local_or_hub(name_or_path: str, revision: str | None, section: str) -> Path 
         raise DataError(f"{section}.revision = {revision!r} applies to a hub repo id, but {section}.name_or_path is "
                         f"the local directory {directory}; remove {section}.revision")
     return directory
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from newllm_kit import hookimpl
 from newllm_kit.corpus import jsonl_rows
 from newllm_kit.errors import DataError
+from newllm_kit.registry import one_line
 
-from ..hub import first_line, hub_offline, hub_reachable
+from ..hub import hub_offline, hub_reachable
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 FULL_HASH_LIMIT = 256 << 20  # bigger files: size + first and last MiB
@@ -75,7 +76,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _corrupt_parquet(path: Path, error: Exception) -> DataError:
-    return DataError(f"data source 'ultrachat': {path}: not a readable parquet file ({first_line(error)}); "
+    return DataError(f"data source 'ultrachat': {path}: not a readable parquet file ({one_line(error)}); "
                      f"download or export it again")
 
 
@@ -178,7 +179,7 @@ class UltraChat:
                                                 split="train", cache_dir=s.cache_dir)
             except Exception as error:
                 _check_readable(files)
-                raise DataError(f"data source 'ultrachat': cannot read {s.path} ({first_line(error)}); "
+                raise DataError(f"data source 'ultrachat': cannot read {s.path} ({one_line(error)}); "
                                 f"check that it is in the ultrachat_200k schema") from error
             finally:
                 datasets.logging.set_verbosity(verbosity)
@@ -190,7 +191,7 @@ class UltraChat:
                     dataset = datasets.load_dataset(s.dataset, split=s.split, revision=s.revision,
                                                     cache_dir=s.cache_dir)
             except Exception as error:  # offline miss, missing split, network failure: same remedy
-                raise DataError(self._cannot_load(first_line(error) if online else None)) from error
+                raise DataError(self._cannot_load(one_line(error) if online else None)) from error
             if "messages" not in dataset.column_names:
                 raise DataError(f"data source 'ultrachat': {s.dataset} split {s.split} has no column "
                                 f"'messages' (has: {', '.join(dataset.column_names)})")

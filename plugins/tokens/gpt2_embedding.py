@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from newllm_kit.errors import DataError
+from newllm_kit.registry import one_line
 
-from ..hub import first_line, hub_reachable, local_or_hub
+from ..hub import hub_reachable, local_or_hub
 
 if TYPE_CHECKING:  # torch loads only when the component is used
     import torch
@@ -54,7 +55,7 @@ class GPT2Embedding:
             return Path(hf_hub_download(s.name_or_path, "model.safetensors", revision=s.revision,
                                         cache_dir=s.cache_dir, local_files_only=not online))
         except Exception as error:  # offline miss, missing repo, network failure: the remedy is the same
-            reason = "offline or not cached" if not online else first_line(error)
+            reason = "offline or not cached" if not online else one_line(error)
             raise DataError(f"embedding 'gpt2': cannot load {s.name_or_path} ({reason}); set "
                             f"embedding.name_or_path to a local GPT-2 directory, or "
                             f'embedding.source = "random"') from error
@@ -106,7 +107,7 @@ def read_wte(path: Path, header_only: bool = False) -> torch.Tensor:
     except DataError:
         raise
     except Exception as error:  # safetensors' own error for a damaged file, or an OSError reading it
-        raise DataError(f"embedding 'gpt2': {path} is not a readable safetensors file ({first_line(error)}); "
+        raise DataError(f"embedding 'gpt2': {path} is not a readable safetensors file ({one_line(error)}); "
                         f"download it again or point embedding.name_or_path at an intact copy") from error
     bad = int((~torch.isfinite(table)).sum())
     if bad:

@@ -10,8 +10,9 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from newllm_kit.errors import DataError
+from newllm_kit.registry import one_line
 
-from ..hub import first_line, hub_offline, hub_reachable, local_or_hub
+from ..hub import hub_offline, hub_reachable, local_or_hub
 
 GPT2_VOCAB = 50257
 
@@ -89,14 +90,14 @@ class GPT2TokenizerFactory:
             try:
                 return AutoTokenizer.from_pretrained(s.name_or_path, revision=s.revision, cache_dir=s.cache_dir)
             except Exception as error:  # the remedy is the same whatever failed
-                raise DataError(f"tokenizer 'gpt2': cannot load {s.name_or_path} ({first_line(error)}); set "
+                raise DataError(f"tokenizer 'gpt2': cannot load {s.name_or_path} ({one_line(error)}); set "
                                 f"tokenizer.name_or_path to a local GPT-2 tokenizer directory") from error
         with hub_offline():
             try:
                 return AutoTokenizer.from_pretrained(str(directory))
             except Exception as error:  # the remedy is the same whatever failed
                 raise DataError(f"tokenizer 'gpt2': {directory} holds no usable tokenizer "
-                                f"({first_line(error)}); it needs tokenizer.json, or vocab.json and "
+                                f"({one_line(error)}); it needs tokenizer.json, or vocab.json and "
                                 f"merges.txt") from error
 
     def load(self, train_texts: Sequence[str], cache_dir: Path) -> HFTokenizer:
