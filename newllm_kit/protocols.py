@@ -99,12 +99,13 @@ class MemoryPolicy(Protocol):
     """How much work fits in memory: automatic batch sizes, the out-of-memory fallback, and where a
     recipe keeps its large per-position state (the cvfp recipe's context stores).
 
-    The three store members have defaults, declared here: a runner may leave them out, and readers
+    The store members have defaults, declared here: a runner may leave them out, and readers
     then take these values (`member(runner, MemoryPolicy, name)`)."""
 
     context_store: str = "auto"  # "device", "host", "disk", or "auto": device, else host, else disk, by free memory
     context_dtype: str = "fp32"  # "fp32" or "bf16": the dtype of those stores
     memory_fraction: float = 0.5  # the share of free memory an automatic store may fill
+    local_world_size: int = 1  # processes of the job on this host, which share its RAM and disk
 
     def batch_size(self, requested: int | None, bytes_per_item: int) -> int: ...
 
@@ -264,7 +265,12 @@ class Checkpointer(Protocol):
         ...
 
     def write_stream(self, name: str, write: Callable[[BinaryIO], None]) -> None:
-        """`write(handle)` into `file(name)` atomically (rank 0 only)."""
+        """`write(handle)` into `file(name)` atomically, by the rank that calls it (rank 0 for shared
+        files; a ddp rank's own files carry its rank in the name)."""
+        ...
+
+    def append(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        """`write(handle)` at the end of `file(name)`, synced to disk before it returns."""
         ...
 
     def discard(self) -> None:

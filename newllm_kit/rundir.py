@@ -201,6 +201,15 @@ class RunDir:
         with self._writing(file), atomic_writer(file) as handle:
             write(handle)
 
+    def append_stream(self, file: Path, write: Callable[[BinaryIO], None]) -> None:
+        """`write(handle)` at the end of `file` (inside the run), fsynced before this returns: what a
+        later atomic record then counts as written is on disk."""
+        file = self.inside(file)
+        with self._writing(file), open(file, "ab") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
     def write_json(self, name: str, data: Any) -> None:
         self.write_text(name, json_text(data, indent=2) + "\n")
 

@@ -98,5 +98,11 @@ class UnitCheckpoint:
         file.parent.mkdir(parents=True, exist_ok=True)
         self.run.write_stream(file, write)
 
+    def append(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        """`write(handle)` at the end of this rank's file `name`, synced (see `RunDir.append_stream`)."""
+        file = self.file(name)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self.run.append_stream(file, write)
+
     def discard(self) -> None:
         self.run.drop_checkpoint(self.unit)

@@ -16,6 +16,15 @@ from newllm_kit import hookimpl
 from newllm_kit.protocols import EvalOutputs
 
 
+def rank_rows(n: int, max_rows: int = 10_000, seed: int = 0) -> torch.Tensor:
+    """The rows `effective_rank` reads of an n-row matrix, in the order it reads them: all of them up
+    to `max_rows`, else a seeded random subset (so a recipe holding a stream in shards can gather just
+    these rows and get the same number)."""
+    if n <= max_rows:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_rows]
+
+
 def effective_rank(matrix: torch.Tensor, max_rows: int = 10_000, seed: int = 0) -> float:
     """exp(entropy) of the normalised singular values of the uncentred [n, C] matrix (spec §5).
 
@@ -28,8 +37,7 @@ def effective_rank(matrix: torch.Tensor, max_rows: int = 10_000, seed: int = 0) 
         raise ValueError(f"effective rank needs a non-empty [rows, width] matrix; got {tuple(matrix.shape)}")
     rows = matrix.detach()
     if rows.shape[0] > max_rows:
-        picked = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]
-        rows = rows[picked.to(rows.device)]
+        rows = rows[rank_rows(rows.shape[0], max_rows, seed).to(rows.device)]
     rows = rows.to("cpu", torch.float64)
     if not bool(torch.isfinite(rows).all()):
         return math.nan

@@ -66,7 +66,7 @@ def test_a_plan_says_what_it_chose_and_why(monkeypatch: pytest.MonkeyPatch, tmp_
     plan = plan_stores(Runner(context_dtype="bf16"), 1000, 768, tmp_path / "store")
     assert (plan.kind, plan.dtype, plan.bytes) == ("device", "bf16", 1000 * 768 * 2)
     assert plan.describe() == "context stores on device (bf16, 1.5 MiB): fits in 0.5 × 64.0 GiB free in RAM"
-    assert plan.to_json() == {"kind": "device", "dtype": "bf16", "bytes": 1536000}
+    assert plan.to_json() == {"kind": "device", "dtype": "bf16", "bytes": 1536000, "host_ranks": 1}
     monkeypatch.setattr(context_store, "available_bytes", lambda device: 2 * 10**6)
     assert plan_stores(Runner(), 1000, 768, tmp_path).kind == "disk"
 

@@ -12,8 +12,9 @@ PACKAGE = "newllm_kit_plugins.cvfp"
 LAYERS = [
     {"recipe"},
     {"phase1", "gradual_decrease", "split_phase1", "phase2", "checkpoint_fit"},
-    {"jacobi_pass", "frozen_solve", "context_store", "phase1_contexts", "diagnostics", "spans"},
-    {"model", "contract"},
+    {"jacobi_pass", "frozen_solve", "context_store", "phase1_contexts", "diagnostics", "spans",
+     "solve_checkpoint"},
+    {"model", "contract", "row_map"},
 ]
 LAYER = {name: depth for depth, names in enumerate(LAYERS) for name in names}
 

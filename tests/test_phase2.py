@@ -22,6 +22,7 @@ from newllm_kit_plugins.cvfp.phase2 import (
     Phase2Settings,
     evaluate,
     input_weights,
+    store_rows,
     train_phase2,
 )
 from thread_ranks import BoardCollectives, run_ranks
@@ -428,6 +429,37 @@ def test_ranks_in_lock_step_match_one_process() -> None:
 
     run_ranks(world, rank)
     assert all(r is not None for r in reports)
+    for r in range(world):
+        assert reports[r].val.count == single_report.val.count
+        assert reports[r].val.nll_sum == pytest.approx(single_report.val.nll_sum, rel=1e-9)
+        for name, value in params_of(single).items():
+            torch.testing.assert_close(params_of(models[r])[name], value, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_holding_only_the_rows_they_read_match_one_process(world: int) -> None:
+    """Each rank's stores hold only its slices of the training batches and its shard of the validation
+    positions (about 1/W of each stream); the training is the same as with whole stores."""
+    single, single_report = run(epochs=3)
+    shared: dict[str, Any] = {"barrier": threading.Barrier(world)}
+    models = [TinyModel() for _ in range(world)]
+    reports: list[Any] = [None] * world
+    held: list[int] = [0] * world
+
+    def only_mine(data: Phase2Data, batch: int | None, runner: Any) -> Phase2Data:
+        where = store_rows(data.ids.numel(), batch, runner)
+        rows = torch.cat([data.contexts[a:b] for a, b in where.spans])
+        return Phase2Data(rows, data.ids, rows=where)
+
+    def rank(r: int) -> None:
+        runner = ThreadRank(r, world, shared)
+        train, val = only_mine(TRAIN, 16, runner), only_mine(VAL, None, runner)
+        held[r] = train.contexts.shape[0] + val.contexts.shape[0]
+        reports[r] = train_phase2(models[r], train, val, Phase2Settings(batch_size=16, epochs=3, patience=5,
+                                                                        learning_rate=0.01), runner, Silent())
+
+    run_ranks(world, rank)
+    assert sum(held) == TRAIN.contexts.shape[0] + VAL.contexts.shape[0]  # every row once, over the ranks
     for r in range(world):
         assert reports[r].val.count == single_report.val.count
         assert reports[r].val.nll_sum == pytest.approx(single_report.val.nll_sum, rel=1e-9)

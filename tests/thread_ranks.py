@@ -13,8 +13,8 @@ import torch
 
 
 class BoardCollectives:
-    """Mix into a runner: a contiguous shard per rank, and all_reduce_sum through `board` (its
-    "barrier" is a `threading.Barrier(world_size)`)."""
+    """Mix into a runner: a contiguous shard per rank, and all_reduce_sum, broadcast and barrier
+    through `board` (its "barrier" is a `threading.Barrier(world_size)`)."""
 
     rank: int
     world_size: int
@@ -32,6 +32,19 @@ class BoardCollectives:
         barrier.wait()
         assert isinstance(total, torch.Tensor)
         return total
+
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        barrier: threading.Barrier = self.board["barrier"]
+        if self.rank == src:
+            self.board["sent"] = tensor.clone()
+        barrier.wait()
+        tensor.copy_(self.board["sent"])
+        barrier.wait()
+        return tensor
+
+    def barrier(self) -> None:
+        self.board["barrier"].wait()
 
 
 def run_ranks(world: int, rank: Callable[[int], None], timeout_s: float = 60) -> None:

@@ -14,6 +14,7 @@ from newllm_kit.protocols import Saved
 from newllm_kit.training import TrainState
 
 from .contract import CVFPModel
+from .diagnostics import diagnostic_warnings
 from .phase2 import Phase2Settings, phase2_optimizer
 
 PHASE1_KEYS = {"iterations", "convergence_rate", "token_evaluations", "seconds", "train_er"}
@@ -49,12 +50,32 @@ def check_phase1(summary: Any) -> None:
         raise ValueError(f"its phase-1 summary has {bad[0]} = {summary.get(bad[0])!r}")
 
 
+def check_checked(checked: Any) -> None:
+    """Raise ValueError unless `checked` holds diagnostics and a context agreement as `_diagnose` keeps
+    them: the warnings and the results read every field."""
+    if not isinstance(checked, dict) or set(checked) != {"diagnostics", "agreement"}:
+        raise ValueError("its diagnostics are incomplete")
+    values, agreement = checked["diagnostics"], checked["agreement"]
+    try:
+        diagnostic_warnings(values)
+        valid = isinstance(values["identity"]["identity"], bool) and isinstance(values["contexts"], dict)
+    except (KeyError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError("its diagnostics are damaged")
+    if agreement is not None and not (isinstance(agreement, dict) and all(
+            isinstance(agreement.get(k), int | float) for k in ("tokens", "mean_cosine", "min_cosine", "mse"))):
+        raise ValueError("its context agreement is damaged")
+
+
 def check_checkpoint(model: nn.Module, expected: dict[str, Any], p2: Phase2Settings, saved: Saved) -> None:
     """A checkpoint fits when every field does before any is used: its stage and groups, its weights
     (this model's names, shapes and dtypes, finite), its Phase-1 summary, and a Phase-2 state that
     continues these [phase2] settings (`TrainState.check_resume`)."""
-    layout = {"phase1": ({"model"}, {"phase1"}), "phase2": ({"model", "phase2"}, {"phase1", "phase2"})}
-    if layout.get(saved.stage) != (set(saved.tensors), set(saved.state)):  # (tensor groups, state keys)
+    layout = {"phase1": [({"model"}, {"phase1"})], "checked": [({"model"}, {"phase1", "checked"})],
+              "phase2": [({"model", "phase2"}, {"phase1", "checked", "phase2"}),
+                         ({"model", "phase2"}, {"phase1", "phase2"})]}  # the second: before diagnostics were kept
+    if (set(saved.tensors), set(saved.state)) not in layout.get(saved.stage, []):  # (tensor groups, state keys)
         raise ValueError(f"its stage {saved.stage!r} does not match its groups {sorted(saved.tensors)} "
                          f"and state {sorted(saved.state)}")
     weights = saved.tensors["model"]
@@ -63,6 +84,8 @@ def check_checkpoint(model: nn.Module, expected: dict[str, Any], p2: Phase2Setti
     if not all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point()):
         raise ValueError("its weights hold NaN or infinite values")
     check_phase1(saved.state["phase1"])
+    if "checked" in saved.state:
+        check_checked(saved.state["checked"])
     if "phase2" in saved.state:
         params, optimizer = phase2_optimizer(cast(CVFPModel, model), p2)
         TrainState.from_checkpoint(saved.tensors["phase2"], saved.state["phase2"]).check_resume(

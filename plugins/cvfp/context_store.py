@@ -40,18 +40,24 @@ FILE_TYPES = {"fp32": np.float32, "bf16": np.uint16}  # numpy has no bfloat16: t
 
 @dataclass(frozen=True)
 class StorePlan:
-    """Where a unit's stores go and why; `bytes` covers all of them together."""
+    """Where a unit's stores go and why; `bytes` covers all of this rank's stores together, as
+    allocated (pinned host blocks rounded up to powers of two), and `host_ranks` ranks of the job
+    share this host, each with its own stores."""
 
     kind: str
     dtype: str
     bytes: int
     reason: str
+    host_ranks: int = 1
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "dtype": self.dtype, "bytes": self.bytes}
+        return {"kind": self.kind, "dtype": self.dtype, "bytes": self.bytes, "host_ranks": self.host_ranks}
 
     def describe(self) -> str:
-        return f"context stores on {self.kind} ({self.dtype}, {human_bytes(self.bytes)}): {self.reason}"
+        size = human_bytes(self.bytes) if self.host_ranks == 1 else (
+            f"{human_bytes(self.bytes)} per rank, {human_bytes(self.bytes * self.host_ranks)} for the "
+            f"{self.host_ranks} ranks on this host")
+        return f"context stores on {self.kind} ({self.dtype}, {size}): {self.reason}"
 
     def advice(self) -> str:
         """The settings that lower the memory (or disk) these stores take; empty when none is left."""
@@ -62,6 +68,12 @@ class StorePlan:
     def fix(self, first: str) -> str:
         """`first`, then the store's own advice: what an out-of-memory message tells to set."""
         return f"{first}, or {self.advice()}" if self.advice() else first
+
+
+def pinned_bytes(size: int) -> int:
+    """What PyTorch's caching host allocator takes for a pinned block of `size` bytes: it rounds every
+    block up to a power of two (a 15.4 GB store pins 16 GiB)."""
+    return 1 << (size - 1).bit_length() if size > 0 else 0
 
 
 def settings_of(runner: MemoryPolicy) -> tuple[str, str, float]:
@@ -86,17 +98,18 @@ def disk_free(folder: Path) -> int:
 
 
 def decide(needed: int, fraction: float, device_free: int | None, host_free: int | None,
-           on_gpu: bool) -> tuple[str, str]:
-    """(kind, why) for `auto`: device, else host, else disk; None means unknown, taken as room enough."""
-    def fits(free: int | None) -> bool:
-        return free is None or needed <= fraction * free
+           on_gpu: bool, host_needed: int | None = None) -> tuple[str, str]:
+    """(kind, why) for `auto`: device, else host, else disk; None means unknown, taken as room enough.
+    `host_needed` is what the stores take in host memory when it differs (pinned rounding)."""
+    def fits(free: int | None, size: int = needed) -> bool:
+        return free is None or size <= fraction * free
 
     def share(free: int | None, where: str) -> str:
         return f"{fraction:g} × {human_bytes(free)} free {where}" if free is not None else f"unknown free {where}"
 
     if on_gpu and fits(device_free):
         return "device", f"fits in {share(device_free, 'on the device')}"
-    if fits(host_free):
+    if fits(host_free, needed if host_needed is None else host_needed):
         kind = "host" if on_gpu else "device"
         return kind, f"fits in {share(host_free, 'in RAM')}" + (
             f", not in {share(device_free, 'on the device')}" if on_gpu else "")
@@ -114,28 +127,39 @@ def _agree(kind: str, runner: Collectives) -> str:
     return KINDS[int(chosen)]
 
 
-def plan_stores(runner: Runner, rows: int, width: int, folder: Path) -> StorePlan:
-    """Where `rows` contexts of `width` go (every stream of a unit together), checked against the free
-    memory or disk of that place: a store that cannot fit fails here, in one line, before allocating
-    (a UserError: exit 2, like any full disk)."""
+def plan_stores(runner: Runner, rows: int | dict[str, int], width: int, folder: Path) -> StorePlan:
+    """Where this rank's stores of `rows` contexts of `width` go (a count, or rows by store), checked
+    against its share of the free memory or disk of that place: the ranks on one host
+    (`local_world_size`) split its RAM and disk, and pinned host stores are counted as the allocator
+    rounds them. A store that cannot fit fails here, in one line, before allocating (a UserError:
+    exit 2, like any full disk)."""
     requested, dtype, fraction = settings_of(runner)
-    needed = rows * width * DTYPES[dtype].itemsize
+    sizes = rows if isinstance(rows, dict) else {"stores": rows}
+    raw = [r * width * DTYPES[dtype].itemsize for r in sizes.values()]
     device = runner.device
-    host_free = available_bytes(torch.device("cpu"))
     on_gpu = device.type == "cuda"
+    ranks = max(int(member(runner, MemoryPolicy, "local_world_size")), 1)
+    host_free = _share(available_bytes(torch.device("cpu")), ranks)
+    pinned = sum(pinned_bytes(size) for size in raw) if on_gpu else sum(raw)
     if requested == "auto":
-        kind, reason = decide(needed, fraction, free_bytes(device) if on_gpu else None, host_free, on_gpu)
+        kind, reason = decide(sum(raw), fraction, free_bytes(device) if on_gpu else None, host_free, on_gpu, pinned)
         kind = _agree(kind, runner)
     else:
         kind, reason = requested, "runner.context_store"
-    plan = StorePlan(kind, dtype, needed, reason)
-    free = {"device": free_bytes(device), "host": host_free, "disk": disk_free(folder)}[kind]
+    needed = pinned if kind == "host" else sum(raw)
+    plan = StorePlan(kind, dtype, needed, reason, ranks)
+    free = {"device": free_bytes(device), "host": host_free, "disk": _share(disk_free(folder), ranks)}[kind]
     if free is not None and needed > free:  # a setting or free space fixes it, as README's exit 2 says
         where = f"{device} memory" if kind == "device" else "RAM" if kind == "host" else f"the disk at {folder}"
+        share = f" (its share for each of the {ranks} ranks on this host)" if ranks > 1 and kind != "device" else ""
         fixes = ["free disk space"] * (kind == "disk") + [f"set {plan.advice()}"] * bool(plan.advice())
         raise UserError(f"allocating the context stores: they need {needed:,} bytes ({human_bytes(needed)}) but "
-                        f"{where} has {human_bytes(free)} free; {' or '.join(fixes)}")
+                        f"{where} has {human_bytes(free)} free{share}; {' or '.join(fixes)}")
     return plan
+
+
+def _share(free: int | None, ranks: int) -> int | None:
+    return None if free is None else free // ranks
 
 
 OUT_OF_MEMORY = ("can't allocate memory",  # the CPU allocator

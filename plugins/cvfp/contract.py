@@ -6,6 +6,7 @@ implements these; the core knows none of them. Structural, like `newllm_kit.prot
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -78,7 +79,7 @@ class Phase1Report:
     tokens: int
     token_evaluations: int
     seconds: float
-    contexts: torch.Tensor  # [n, C] fp32 final contexts, whole stream on every rank (the Train ER; freed after)
+    contexts: torch.Tensor  # fp32 final contexts of the rows `rows` (the Train ER, the fast path; freed after)
     history: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     # The solver's own target, so a run can say "stopped at max_iterations, 11 % converged":
@@ -86,6 +87,8 @@ class Phase1Report:
     converged: bool | None = None  # True: stopped on reaching target_rate; False: ran out of iterations
     # Where a pass's rate measures something else than later ones (recorded, drawn under the rate):
     rate_note: str | None = None
+    # The stream rows `contexts` holds: this rank's shard under ddp; None: the whole stream (every rank)
+    rows: range | None = None
 
 
 @dataclass
@@ -123,5 +126,20 @@ class Solver(Protocol):
     def solve(self, model: Any, ids: torch.Tensor, runner: Runner, out: torch.Tensor | None = None) -> SolveResult:
         """The frozen block's final-layer context of every position, written into `out` ([n, C], fp32
         or bf16, any device: pinned host memory, a memory-mapped file) block by block when given,
-        else into a new fp32 tensor on runner.device; returned as `layers[0]`."""
+        else into a new fp32 tensor on runner.device; returned as `layers[0]`.
+
+        A solver may also take two keywords, which the cvfp recipe passes where `solve` names them:
+        `where` (a `row_map.RowMap`: only those rows go into `out`, in that order, so that each ddp
+        rank stores only the rows it reads) and `progress` (a `frozen_solve.RolloutProgress`: a long
+        sequential rollout resumes from its last checkpoint and reports each block). Without them
+        every rank stores whole streams and a killed solve starts over."""
         ...
+
+
+def accepts(function: Any, keyword: str) -> bool:
+    """Whether a solver's method takes `keyword` (the optional keywords of `Solver.solve`)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())

@@ -18,6 +18,7 @@ from newllm_kit.errors import RunFailed
 
 from .contract import SolveResult
 from .frozen_solve import full_precision_matmuls
+from .solve_checkpoint import TrialsCheckpoint
 from .spans import token_span
 
 IDENTITY_PROBES = 100  # the reference's probe count and threshold (spec §3.5, §5)
@@ -76,23 +77,31 @@ def classify_trials(losses: list[float]) -> str:
 
 
 @torch.no_grad()
-def convergence_check(model: Any, ids: torch.Tensor, trials: int, progress: Any = None) -> dict[str, Any]:
+def convergence_check(model: Any, ids: torch.Tensor, trials: int, progress: Any = None,
+                      saved: TrialsCheckpoint | None = None) -> dict[str, Any]:
     """`trials` sequential rollouts over the stream, each from the previous one's last context (spec §3.6).
 
     Trial 1 starts from zero; the token inputs are the same every trial (the history restarts
     from zeros). Once a trial's context equals the previous trial's at some position, the rest
     of the rollout repeats it bit for bit, so the trial stops there and adds no error. A rollout is
     sequential and takes seconds on a long stream, so each trial advances the phase
-    `CONVERGENCE_PHASE` of `progress` (a `newllm_kit.protocols.Progress`, or None).
+    `CONVERGENCE_PHASE` of `progress` (a `newllm_kit.protocols.Progress`, or None), and `saved`
+    keeps finished trials so a killed unit continues with the next one.
     """
     block, n, width = model.context_block, ids.shape[0], model.context_dim
     device = next(block.parameters()).device
     previous = torch.empty(n, width, device=device)  # the last trial's contexts, overwritten by the next
     start = torch.zeros(1, width, device=device)
     history: list[float] = []  # MSE(trial t, trial t − 1) for t ≥ 2
+    done = 0
+    if saved is not None and (resumed := saved.resume(previous)) is not None:
+        done, history = resumed
+        start = previous[-1:].clone()
     if progress is not None:
         progress.start(CONVERGENCE_PHASE, trials)
-    for trial in range(trials):
+        for trial in range(done):
+            progress.advance(CONVERGENCE_PHASE, trial=trial + 1)
+    for trial in range(done, trials):
         context, squared, repeated = start, torch.zeros((), dtype=torch.float64, device=device), False
         for a in range(0, n, ROLLOUT_BLOCK):
             projected = block.project_tokens(token_span(model, ids, a, min(a + ROLLOUT_BLOCK, n)))
@@ -109,6 +118,8 @@ def convergence_check(model: Any, ids: torch.Tensor, trials: int, progress: Any 
         if trial:
             history.append(float(squared) / (n * width))
         start = previous[-1:].clone()
+        if saved is not None:
+            saved.after(trial + 1, previous, history)
         if progress is not None:
             progress.advance(CONVERGENCE_PHASE, trial=trial + 1, **({"mse": history[-1]} if trial else {}))
     if progress is not None:
@@ -120,12 +131,16 @@ def convergence_check(model: Any, ids: torch.Tensor, trials: int, progress: Any 
             "last_loss": last, "reduction_pct": reduction, "slope": slope}
 
 
+def stats_rows(n: int, seed: int, rows: int = STATS_ROWS) -> torch.Tensor:
+    """The rows the statistics read of an n-row stream: all up to `rows`, else that many drawn with a
+    private generator (the run's RNG stream is untouched), in stream order."""
+    if n <= rows:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows].sort().values
+
+
 def _sample(contexts: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
-    """At most `rows` rows, drawn with a private generator (the run's RNG stream is untouched)."""
-    if contexts.shape[0] <= rows:
-        return contexts[:].to("cpu", torch.float64)
-    picked = torch.randperm(contexts.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
-    return contexts[picked.sort().values.to(contexts.device)].to("cpu", torch.float64)
+    return contexts[stats_rows(contexts.shape[0], seed, rows).to(contexts.device)].to("cpu", torch.float64)
 
 
 def context_stats(contexts: torch.Tensor, seed: int, rows: int = STATS_ROWS, stream: str = "") -> dict[str, Any]:
@@ -167,21 +182,23 @@ def context_stats(contexts: torch.Tensor, seed: int, rows: int = STATS_ROWS, str
     }
 
 
-def seed_diagnostics(model: Any, val_ids: torch.Tensor, solves: dict[str, SolveResult], trials: int,
-                     seed: int, progress: Any = None) -> dict[str, Any]:
+def seed_diagnostics(model: Any, val_ids: torch.Tensor, sampled: dict[str, torch.Tensor],
+                     solves: dict[str, SolveResult], trials: int, seed: int, progress: Any = None,
+                     saved: TrialsCheckpoint | None = None) -> dict[str, Any]:
     """Every diagnostic of the seed for one unit's frozen block, as one JSON-able dict.
 
-    `gain` is the contraction gain ρ the frozen solves measured (None where a solve did not need
-    it, e.g. `solver.solve = "sequential"`): with ρ < 1 parallel solves are exact and fp32 contexts
-    reproducible; with ρ ≥ 1 differences grow along the stream. Matrix products run in full fp32
-    (no TF32), like the frozen solves, so the numbers do not depend on the runner's `tf32`.
+    `sampled` holds each stream's rows `stats_rows` picks (a ddp rank gathers them from the ranks'
+    stores). `gain` is the contraction gain ρ the frozen solves measured (None where a solve did
+    not need it, e.g. `solver.solve = "sequential"`): with ρ < 1 parallel solves are exact and
+    fp32 contexts reproducible; with ρ ≥ 1 differences grow along the stream. Matrix products run
+    in full fp32 (no TF32), like the frozen solves, so the numbers do not depend on the runner's `tf32`.
     """
     with full_precision_matmuls():
         # first: non-finite contexts end the run before the rollouts spend time on them
-        contexts = {name: context_stats(s.layers[-1], seed, stream=name) for name, s in solves.items()}
+        contexts = {name: context_stats(rows, seed, stream=name) for name, rows in sampled.items()}
         return {
             "identity": identity_check(model, seed),
-            "val_convergence": convergence_check(model, val_ids, trials, progress) if trials else None,
+            "val_convergence": convergence_check(model, val_ids, trials, progress, saved) if trials else None,
             "contexts": contexts,
             "gain": {name: None if s.gain is None or not math.isfinite(s.gain) else s.gain
                      for name, s in solves.items()},

@@ -32,11 +32,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .contract import SolveResult
+from .row_map import RowMap
 from .spans import token_rows, token_span
 
 METHODS = ("auto", "sequential", "jacobi", "chunked")
@@ -95,25 +96,41 @@ class Tokens:
         return self.block.project_tokens(token_rows(self.model, self.ids, positions))
 
 
-def rollout(block: Any, tokens: Tokens, out: torch.Tensor, first: int = 0) -> None:
-    """The batch-1 loop from a zero context at position 0; positions first … first + len(out) − 1
-    land in `out`. Tokens are projected BLOCK at a time, and each block is copied out at once."""
-    stop, width = first + out.shape[0], out.shape[1]
-    context: torch.Tensor | None = None
-    for a in range(0, stop, BLOCK):
-        b = min(a + BLOCK, stop)
+class RolloutProgress(Protocol):
+    """Where a sequential rollout resumes, and what it reports as it goes (`solve_checkpoint`)."""
+
+    def resumed(self) -> tuple[int, torch.Tensor | None]:
+        """(position, carried context) to continue from, the rows before it already in `out`; (0, None)."""
+        ...
+
+    def reached(self, position: int, context: torch.Tensor, out: torch.Tensor) -> None:
+        """Every held row before `position` is final in `out`; `context` is c_{position − 1}."""
+        ...
+
+
+def rollout(block: Any, tokens: Tokens, out: torch.Tensor, where: RowMap,
+            progress: RolloutProgress | None = None) -> None:
+    """The batch-1 loop from a zero context at position 0 through the whole stream; the rows `where`
+    holds land in `out`. Tokens are projected BLOCK at a time, and each block is copied out at once.
+    Every rank of a ddp job rolls the whole stream, whichever rows it keeps, so all of them reach
+    the next collective together. `progress` resumes the loop and hears of every block."""
+    n, width = len(tokens), out.shape[1]
+    start, context = (0, None) if progress is None else progress.resumed()
+    for a in range(start, n, BLOCK):
+        b = min(a + BLOCK, n)
         projected = tokens.span(a, b)
-        context = projected.new_zeros(1, width) if context is None else context
+        context = projected.new_zeros(1, width) if context is None else context.to(projected)
         rows = projected.new_empty(b - a, width)
         for i in range(b - a):
             context = block.step(context, projected[i:i + 1])[-1]
             rows[i] = context[0]
-        if b > first:
-            kept = max(a, first)
-            out[kept - first:b - first].copy_(rows[kept - a:])
+        for lo, hi, at in where.pieces(a, b):
+            out[at:at + hi - lo].copy_(rows[lo - a:hi - a])
+        if progress is not None:
+            progress.reached(b, context, out)
 
 
-def jacobi(block: Any, tokens: Tokens, out: torch.Tensor, first: int, tolerance: float) -> tuple[int, float]:
+def jacobi(block: Any, tokens: Tokens, out: torch.Tensor, where: RowMap, tolerance: float) -> tuple[int, float]:
     """Shifted sweeps from zero (position 0 always gets the zero context) until the error is below tolerance.
 
     Each sweep overwrites the contexts block by block, after reading them and keeping the previous
@@ -122,10 +139,10 @@ def jacobi(block: Any, tokens: Tokens, out: torch.Tensor, first: int, tolerance:
     single ratios are noisy), the remaining error is at most Δ·r/(1 − r); a plain Δ < tolerance
     can leave several times more when ρ is near 1. Once Δ stops shrinking (r ≥ 1: the fp32
     rounding floor, or no contraction) Δ < tolerance has to do; n + 1 sweeps are exact anyway.
-    Sweeps run on an fp32 copy when `out` is narrower or starts after position 0.
+    Sweeps run on a whole-stream fp32 copy when `out` is narrower or holds only some rows.
     """
-    stop, width, device = first + out.shape[0], out.shape[1], tokens.ids.device
-    direct = first == 0 and out.dtype == torch.float32
+    stop, width, device = len(tokens), out.shape[1], tokens.ids.device
+    direct = where.is_whole and out.dtype == torch.float32
     work = out.zero_() if direct else torch.zeros(stop, width, device=out.device)
     changes: list[float] = []
     while len(changes) <= stop:  # sweep n + 1 changes nothing: the rollout is exact
@@ -148,18 +165,19 @@ def jacobi(block: Any, tokens: Tokens, out: torch.Tensor, first: int, tolerance:
             if ratio >= 1 or change * ratio / (1 - ratio) < tolerance:
                 break
     if not direct:
-        out.copy_(work[first:])
+        for lo, hi, at in where.pieces(0, stop):
+            out[at:at + hi - lo].copy_(work[lo:hi])
     return len(changes), changes[-1]
 
 
-def _write(out: torch.Tensor, first: int, positions: torch.Tensor, contexts: torch.Tensor) -> None:
-    """out[p − first] = context for every position p that `out` holds (the rest are dropped)."""
-    kept = (positions >= first) & (positions < first + out.shape[0])
-    rows = (positions[kept] - first).to(out.device)
-    out.index_copy_(0, rows, contexts[kept].to(out.device, out.dtype))
+def _write(out: torch.Tensor, where: RowMap, positions: torch.Tensor, contexts: torch.Tensor) -> None:
+    """The context of every position that `out` holds, in its local row (the rest are dropped)."""
+    rows = where.local_index(positions)
+    kept = rows >= 0
+    out.index_copy_(0, rows[kept].to(out.device), contexts[kept].to(out.device, out.dtype))
 
 
-def chunked(block: Any, tokens: Tokens, out: torch.Tensor, first: int, window: int, chunk: int,
+def chunked(block: Any, tokens: Tokens, out: torch.Tensor, where: RowMap, window: int, chunk: int,
             tolerance: float) -> tuple[int, float] | None:
     """Burn-in scan: every chunk starts `window` tokens early from zero; all roll forward as one batch.
 
@@ -167,17 +185,17 @@ def chunked(block: Any, tokens: Tokens, out: torch.Tensor, first: int, window: i
     chunk's own burn-in, overwriting the stored contexts until the two agree within tolerance/2,
     or within tolerance after SETTLE steps (fp32 rounding alone keeps two rollouts of a trained
     block ~1e-5 apart); a narrower `out` widens that by its own rounding. The first gap measures
-    each chunk's burn-in error; the run-on repairs chunks where the gain was underestimated. Only
-    the chunks `out` needs are scanned (plus the one before, whose row runs on into them); a
-    row still before `first` has nothing stored to agree with and runs on. Returns (F
-    evaluations, largest first gap), or None when a row runs on for another window + chunk
-    tokens without agreeing.
+    each chunk's burn-in error; the run-on repairs chunks where the gain was underestimated. The
+    whole stream is scanned whichever rows `out` holds, so every rank of a ddp job does one
+    process's work and reaches the next collective with the others; a row at a position `out`
+    does not hold has nothing stored to agree with and runs on. Returns (F evaluations, largest
+    first gap), or None when a row runs on for another window + chunk tokens (plus the longest
+    stretch `out` does not hold) without agreeing.
     """
     n, width, device = len(tokens), out.shape[1], tokens.ids.device
-    stop, steps = first + out.shape[0], window + chunk
-    low = max(first // chunk - 1, 0)
-    rows = -(-stop // chunk) - low
-    starts = torch.arange(low, low + rows, device=device) * chunk - window
+    steps = window + chunk
+    rows = -(-n // chunk)
+    starts = torch.arange(rows, device=device) * chunk - window
     context = torch.zeros(rows, width, device=device)
     per_block = max(1, BLOCK // rows)  # time steps whose tokens are projected together
     for t0 in range(0, steps, per_block):
@@ -191,21 +209,28 @@ def chunked(block: Any, tokens: Tokens, out: torch.Tensor, first: int, window: i
             if t >= window:
                 kept.append(context)
         if kept:
-            _write(out, first, positions[:, -len(kept):], torch.stack(kept, dim=1))
+            _write(out, where, positions[:, -len(kept):], torch.stack(kept, dim=1))
     evaluations, first_gap = rows * steps, 0.0
     slack = 0.0 if out.dtype == torch.float32 else torch.finfo(out.dtype).eps
+    if not where.spans:  # this rank holds none of the stream's rows: nothing to check
+        return evaluations, first_gap
     position, context = starts[:-1] + steps, context[:-1]  # each row's first token of the next chunk
-    for t in range(steps + 1):
+    first, stop = where.spans[0][0], where.spans[-1][1]  # nothing outside these rows to agree with
+    near = position >= first - chunk
+    position, context = position[near], context[near]
+    longest = steps + where.longest_gap()
+    for t in range(longest + 1):
         inside = position < stop
         position, context = position[inside], context[inside]
         if position.numel() == 0:
             return evaluations, first_gap
-        if t == steps:
+        if t == longest:
             return None
         context = block.step(context, tokens.at(position))[-1]
         evaluations += position.numel()
-        stored = position >= first
-        index = (position[stored] - first).to(out.device)
+        local = where.local_index(position)
+        stored = local >= 0
+        index = local[stored].to(out.device)
         previous = out[index].to(device, torch.float32)
         gap = torch.full_like(position, math.inf, dtype=context.dtype)
         gap[stored] = (context[stored] - previous).abs().amax(dim=1)
@@ -293,12 +318,13 @@ def plan(block: Any, n: int, window: int, device: torch.device) -> tuple[str, in
 
 
 def solve_frozen(model: Any, ids: torch.Tensor, method: str, tolerance: float, out: torch.Tensor | None = None,
-                 first: int = 0) -> SolveResult:
+                 where: RowMap | None = None, progress: RolloutProgress | None = None) -> SolveResult:
     """The final-layer context of every position (no grad, no noise), as `SolveResult.layers == [contexts]`.
 
-    `out` receives positions first … first + len(out) − 1 (default: a new fp32 [n, C] tensor on
-    the ids' device). Every position's value is the whole stream's, whatever `first` is: ranks
-    that share a stream each write their own rows.
+    `out` receives the rows `where` holds (default: the whole stream), in its local order (default:
+    a new fp32 tensor on the ids' device). Every row's value is the whole stream's, whichever rows
+    are kept: ranks that share a stream each write their own. `progress` resumes a sequential
+    rollout and hears of its blocks (the parallel methods restart: they take minutes, not hours).
     """
     if method not in METHODS:
         raise ValueError(f"unknown solve method {method!r}; choose one of {', '.join(METHODS)}")
@@ -306,7 +332,8 @@ def solve_frozen(model: Any, ids: torch.Tensor, method: str, tolerance: float, o
     n, block, width = ids.shape[0], model.context_block, model.context_dim
     if n == 0:
         raise ValueError("cannot solve an empty stream")
-    out = torch.empty(n - first, width, device=ids.device) if out is None else out
+    where = RowMap.whole(n) if where is None else where
+    out = torch.empty(where.rows, width, device=ids.device) if out is None else out
     tokens = Tokens(model, ids)
     extra: dict[str, Any] = {}
     gain: Gain | None = None
@@ -331,7 +358,7 @@ def solve_frozen(model: Any, ids: torch.Tensor, method: str, tolerance: float, o
             method = chosen if method == "auto" else ("chunked" if chunk else "sequential")
     measured = gain.gain if gain else None
     if method == "chunked":
-        solved = chunked(block, tokens, out, first, window, chunk, tolerance)
+        solved = chunked(block, tokens, out, where, window, chunk, tolerance)
         if solved is not None:
             used, gap = solved
             extra.update(window=window, chunk=chunk, burn_in_error=gap)
@@ -340,11 +367,10 @@ def solve_frozen(model: Any, ids: torch.Tensor, method: str, tolerance: float, o
         extra["warning"] = "neighbouring chunks did not agree: using the sequential rollout"
         warnings.warn(extra["warning"], RuntimeWarning, stacklevel=2)
         method = "sequential"
-    stop = first + out.shape[0]
     if method == "jacobi":
-        sweeps, change = jacobi(block, tokens, out, first, tolerance)
-        return SolveResult([out], "jacobi", sweeps, evaluations + sweeps * stop, time.perf_counter() - started,
+        sweeps, change = jacobi(block, tokens, out, where, tolerance)
+        return SolveResult([out], "jacobi", sweeps, evaluations + sweeps * n, time.perf_counter() - started,
                            change, measured, extra)
-    rollout(block, tokens, out, first)
-    return SolveResult([out], "sequential", stop, evaluations + stop, time.perf_counter() - started, None,
+    rollout(block, tokens, out, where, progress)
+    return SolveResult([out], "sequential", n, evaluations + n, time.perf_counter() - started, None,
                        measured, extra)

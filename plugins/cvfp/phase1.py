@@ -29,11 +29,14 @@ from newllm_kit.training import sum_gradients
 
 from .context_store import decide, free_bytes, is_out_of_memory, settings_of
 from .contract import Phase1Report, SolveResult
-from .frozen_solve import BLOCK, full_precision_matmuls, solve_frozen
+from .frozen_solve import BLOCK, RolloutProgress, full_precision_matmuls, solve_frozen
 from .jacobi_pass import InPlacePass, Rows, Sweep, with_oom_retry
+from .row_map import RowMap
 
 MAX_ITERATIONS = 1_000_000  # each pass sweeps the whole stream: far beyond any real budget
 MAX_BATCH = 10**9
+RANDOM_ROWS = 8192  # rows per block of the random iteration 0: a multiple of 16, so blocks draw what one
+# [n, C] randn draws (the CPU generator fills 16 values at a time)
 
 
 class CVFPPhase1Settings(BaseModel):
@@ -109,22 +112,6 @@ def stream_shard(n: int, settings: CVFPPhase1Settings, runner: Collectives) -> r
     return rows
 
 
-def gather_rows(local: torch.Tensor, rows: range, n: int, runner: Collectives) -> torch.Tensor:
-    """The whole stream's rows on every rank, where `local` lives: sums of zero-padded shards (exact),
-    BLOCK rows per collective on the runner's device."""
-    if runner.world_size == 1:
-        return local
-    full = local.new_empty(n, *local.shape[1:])
-    for a in range(0, n, BLOCK):
-        b = min(a + BLOCK, n)
-        piece = torch.zeros(b - a, *local.shape[1:], dtype=local.dtype, device=runner.device)
-        lo, hi = max(a, rows.start), min(b, rows.stop)
-        if lo < hi:
-            piece[lo - a:hi - a] = local[lo - rows.start:hi - rows.start].to(runner.device)
-        full[a:b] = runner.all_reduce_sum(piece).to(full.device)
-    return full
-
-
 def _row_bytes(model: Any) -> int:
     """Rough fp32 bytes per token of one Phase-1 forward and backward (inputs, every layer's activations)."""
     widths = getattr(model, "layer_widths", (model.context_dim,))
@@ -173,31 +160,34 @@ def buffer_device(runner: Runner, rows: int, width: int) -> torch.device:
 def initial_contexts(model: Any, ids: torch.Tensor, rows: range, settings: CVFPPhase1Settings, runner: Runner
                      ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Iteration 0 for this rank's rows, in the one buffer the passes overwrite: the noise-free
-    rollout P⁰ (a frozen solve) or N(0, 0.01²) contexts."""
+    rollout P⁰ (a frozen solve) or N(0, 0.01²) contexts.
+
+    Under ddp every rank does one process's whole work here (the rollout runs through the whole
+    stream, the random draw covers every row) and keeps its rows, so all ranks reach the first
+    collective together and the numbers are one process's."""
     started = time.perf_counter()
     n, width = ids.shape[0], model.context_dim
     device = buffer_device(runner, len(rows), width)
     pinned = device.type == "cpu" and runner.device.type == "cuda"
-    if settings.init == "random":  # drawn for the whole stream on the CPU generator, as in b1a2782
-        drawn = torch.randn(n, width).mul_(0.01)  # in place: one [n, C] tensor, never two
-        local = drawn if len(rows) == n else drawn[rows.start:rows.stop].clone()
-        local = local.pin_memory() if pinned else local.to(device)
-        return local, {"init": "random", "evaluations": 0, "seconds": time.perf_counter() - started}
+    contexts = torch.empty(len(rows), width, device=device, pin_memory=pinned)
+    if settings.init == "random":  # the CPU generator's stream of one [n, C] draw (as in b1a2782), kept by rows
+        for a in range(0, n, RANDOM_ROWS):
+            b = min(a + RANDOM_ROWS, n)
+            drawn = torch.randn(b - a, width).mul_(0.01)
+            lo, hi = max(a, rows.start), min(b, rows.stop)
+            if lo < hi:
+                contexts[lo - rows.start:hi - rows.start] = drawn[lo - a:hi - a]
+        return contexts, {"init": "random", "evaluations": 0, "seconds": time.perf_counter() - started}
     try:
-        contexts = torch.empty(len(rows), width, device=device, pin_memory=pinned)
         with torch.no_grad(), full_precision_matmuls(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an untrained block rarely contracts: the fallback is the original
-            # Every rank solves the same whole stream (the same numbers as one process) but keeps
-            # only its rows; a chunked solve scans only the chunks those rows need.
             result = solve_frozen(model, ids, settings.solve, settings.solve_tolerance, out=contexts,
-                                  first=rows.start)
+                                  where=RowMap.of(n, rows))
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
         raise RunFailed(solve_oom(model, len(rows), None, runner, "phase 1, iteration 0 (rollout)")) from error
-    # Each rank solved only as far, and (chunked) only as wide, as its rows need: count all ranks' work.
-    evaluations = runner.all_reduce_sum(torch.tensor([float(result.token_evaluations)], device=runner.device))
-    info = {"init": "rollout", "method": result.method, "gain": result.gain, "evaluations": int(evaluations.item()),
+    info = {"init": "rollout", "method": result.method, "gain": result.gain, "evaluations": result.token_evaluations,
             "contexts_on": str(device), "seconds": time.perf_counter() - started}
     return contexts, info
 
@@ -301,26 +291,30 @@ class CVFPPhase1Solver:
                 break
         progress.finish("phase1")
         return Phase1Report(iterations, rate, n, evaluations, time.perf_counter() - started,
-                            gather_rows(contexts, rows, n, runner), history, {"iteration0": first},
+                            contexts, history, {"iteration0": first}, rows=rows,
                             target_rate=s.min_converged_ratio,
                             converged=iterations >= s.min_iterations and rate >= s.min_converged_ratio,
                             rate_note=note)
 
-    def solve(self, model: Any, ids: torch.Tensor, runner: Runner, out: torch.Tensor | None = None) -> SolveResult:
+    def solve(self, model: Any, ids: torch.Tensor, runner: Runner, out: torch.Tensor | None = None, *,
+              where: RowMap | None = None, progress: RolloutProgress | None = None) -> SolveResult:
         """The final-layer context of every position, position 0 from a zero context (spec §4.2).
 
-        `out` ([n, C], fp32 or bf16, any device) receives them block by block; without it they
-        are a new fp32 tensor on the runner's device.
+        `out` ([where.rows, C], fp32 or bf16, any device) receives the rows `where` holds (default:
+        all) block by block; without it they are a new fp32 tensor on the runner's device. `progress`
+        resumes and checkpoints a sequential rollout.
         """
         training = model.training
         model.eval()
         try:
             with torch.no_grad(), full_precision_matmuls():
-                return solve_frozen(model, ids, self.settings.solve, self.settings.solve_tolerance, out)
+                return solve_frozen(model, ids, self.settings.solve, self.settings.solve_tolerance, out, where,
+                                    progress)
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not is_out_of_memory(error):
                 raise
-            raise RunFailed(solve_oom(model, ids.shape[0], out, runner, "frozen solve")) from error
+            raise RunFailed(solve_oom(model, ids.shape[0] if where is None else where.rows, out, runner,
+                                      "frozen solve")) from error
         finally:
             model.train(training)
 

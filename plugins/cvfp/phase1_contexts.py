@@ -2,15 +2,21 @@
 
 The reference's later code (spec §4.2, §7 item 7) dropped the sequential rollout over the training
 stream: position i reads F(P_{i−1}, x_i), P being Phase 1's final contexts, position 0 a zero
-context. `Phase2Data` computes F(c_{i−1}, x_i) from whatever [n, C] store it is given, so P itself
-is that store. A killed unit must resume with the same P, which nothing later can recreate, so it
-is saved once beside the unit's checkpoints: a safetensors file streamed block by block (a 5M-token
-v2 stream is 15 GB; it is never held twice), read back block by block into the store.
+context. `Phase2Data` computes F(c_{i−1}, x_i) from whatever store it is given, so P itself is that
+store. A killed unit must resume with the same P, which nothing later can recreate, so it is saved
+once beside the unit's checkpoints: a safetensors file streamed block by block (a 5M-token v2
+stream is 15 GB; it is never held twice), read back block by block into the store.
+
+Under ddp each rank holds only its Phase-1 shard, so each writes its own file (rank and world
+size in the name, the shard's first row in the header) and no rank ever holds the whole stream;
+reading them back moves every row to the rank whose Phase-2 slices read it (`row_map.redistribute`).
+A resume with another number of ranks is refused: the files are another job's shards.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -18,46 +24,91 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 
+from newllm_kit.errors import UserError
 from newllm_kit.protocols import Collectives
+
+from .row_map import RowMap, redistribute
 
 FILE = "phase1-contexts.safetensors"
 KEY = "contexts"
-ROWS = 8192  # rows per block written, read or broadcast
+ROWS = 8192  # rows per block written or read
+SHARD = re.compile(r"phase1-contexts\.rank(\d+)-of-(\d+)\.safetensors")
 
 
-def write(handle: BinaryIO, contexts: torch.Tensor) -> None:
-    """`contexts` ([n, C] fp32, any device) in the safetensors layout: header length, JSON header
-    padded to 8 bytes, raw little-endian data; written a block of rows at a time."""
-    n, width = contexts.shape
-    header = json.dumps({KEY: {"dtype": "F32", "shape": [n, width], "data_offsets": [0, n * width * 4]}}).encode()
+def file_name(runner: Collectives) -> str:
+    """This rank's file: FILE over one process."""
+    if runner.world_size == 1:
+        return FILE
+    return f"phase1-contexts.rank{runner.rank}-of-{runner.world_size}.safetensors"
+
+
+def write(handle: BinaryIO, contexts: torch.Tensor, first: int = 0) -> None:
+    """`contexts` ([m, C] fp32, any device: stream rows first … first + m − 1) in the safetensors
+    layout: header length, JSON header padded to 8 bytes, raw little-endian data; written a block
+    of rows at a time."""
+    m, width = contexts.shape
+    header = json.dumps({"__metadata__": {"first": str(first)},
+                         KEY: {"dtype": "F32", "shape": [m, width], "data_offsets": [0, m * width * 4]}}).encode()
     header += b" " * (-len(header) % 8)
     handle.write(struct.pack("<Q", len(header)) + header)
-    for a in range(0, n, ROWS):
+    for a in range(0, m, ROWS):
         handle.write(contexts[a:a + ROWS].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
 
 
-def readable(path: Path, rows: int, width: int, runner: Collectives) -> bool:
-    """Whether the file holds [rows, width] fp32 contexts (rank 0 looks, every rank gets its answer)."""
-    ok = True
-    if runner.rank == 0:
-        try:
-            source = safe_open(str(path), framework="pt").get_slice(KEY)
-            ok = list(source.get_shape()) == [rows, width] and source.get_dtype() == "F32"
-        except (OSError, SafetensorError):
-            ok = False
+def _shard(path: Path, width: int) -> range | None:
+    """The stream rows the file holds, or None when it is missing, damaged or of another width."""
+    try:
+        with safe_open(str(path), framework="pt") as opened:
+            first = int((opened.metadata() or {}).get("first", "0"))
+            source = opened.get_slice(KEY)
+            shape = list(source.get_shape())
+            if len(shape) != 2 or shape[1] != width or source.get_dtype() != "F32" or first < 0:
+                return None
+            return range(first, first + shape[0])
+    except (OSError, SafetensorError, ValueError):
+        return None
+
+
+def _foreign_world(folder: Path, runner: Collectives) -> int:
+    """The world size of another job's files in `folder` (0: none)."""
+    names = [path.name for path in folder.glob("phase1-contexts*.safetensors")] if folder.is_dir() else []
+    sizes = {int(m.group(2)) for m in map(SHARD.fullmatch, names) if m} | ({1} if FILE in names else set())
+    return max(sizes - {runner.world_size}, default=0)
+
+
+def readable(folder: Path, rows: int, width: int, runner: Collectives) -> bool:
+    """Whether the ranks' files in `folder` together hold stream rows [0, rows) of width `width`, each
+    row once. Files of a job with another number of ranks are refused in one line (a UserError)."""
+    shard = _shard(folder / file_name(runner), width)
+    foreign = _foreign_world(folder, runner)
+    table = torch.zeros(runner.world_size, 3, dtype=torch.long, device=runner.device)
+    table[runner.rank] = torch.tensor([shard is not None, shard.start if shard else 0, shard.stop if shard else 0])
+    table[runner.rank, 0] += 2 * foreign  # bit 0: readable; the rest: another job's world size
     if runner.world_size > 1:
-        ok = bool(runner.broadcast(torch.tensor([float(ok)], device=runner.device), 0).item())
-    return ok
+        table = runner.all_reduce_sum(table)
+    table = table.cpu()
+    other = int((table[:, 0] // 2).max())
+    if other:
+        raise UserError(f"{folder}: Phase 1's contexts were saved by a {other}-process job; resume with "
+                        f"{other} processes (torchrun --nproc_per_node={other}), or delete that folder to train "
+                        f"the unit again with {runner.world_size}")
+    if not bool((table[:, 0] % 2 == 1).all()):
+        return False
+    covered = sorted((int(a), int(b)) for _, a, b in table.tolist() if b > a)
+    expected = 0
+    for a, b in covered:
+        if a != expected:
+            return False
+        expected = b
+    return expected == rows
 
 
-def read_into(path: Path, out: torch.Tensor, runner: Collectives) -> None:
-    """Fill `out` ([rows, C], any device and dtype) from a file `readable` accepted; under ddp rank 0
-    reads and every rank receives the blocks, so the ranks need not share a filesystem."""
-    rows, width = out.shape
-    source = safe_open(str(path), framework="pt").get_slice(KEY) if runner.rank == 0 else None
-    for a in range(0, rows, ROWS):
-        b = min(a + ROWS, rows)
-        block = source[a:b] if source is not None else torch.empty(b - a, width)
-        if runner.world_size > 1:
-            block = runner.broadcast(block.to(runner.device), 0)
-        out[a:b] = block.to(out.device, out.dtype)
+def read_into(folder: Path, out: torch.Tensor, wanted: RowMap, runner: Collectives) -> None:
+    """Fill `out` (the rows `wanted` holds, any device and dtype) from the ranks' files, which
+    `readable` accepted: every rank sends its file's rows, every rank keeps what it wants."""
+    path = folder / file_name(runner)
+    with safe_open(str(path), framework="pt") as opened:
+        first = int((opened.metadata() or {}).get("first", "0"))
+        source = opened.get_slice(KEY)
+        rows = range(first, first + source.get_shape()[0])
+        redistribute(lambda a, b: source[a - first:b - first], rows, out, wanted, runner)

@@ -35,6 +35,7 @@ from newllm_kit.training import (
 
 from .contract import CVFPModel as Model
 from .frozen_solve import full_precision_matmuls
+from .row_map import RowMap, batch_rows
 from .spans import token_span
 
 Positions = Annotated[int, Field(ge=1, le=10**9)]  # bounded so a typo fails validation, not an allocation
@@ -104,12 +105,18 @@ def weights_as(module: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[N
 class Phase2Data:
     """One stream for Phase 2: position i reads context `contexts[i − 1]` (zeros for i = 0) and token i,
     and predicts ids[i + 1]. `contexts` is the frozen rollout's final layer, [n, C] on any device, in
-    any dtype (a pinned host tensor or a memory-mapped file for long streams); `input_weights` are
-    the weights the contexts were solved with, where Phase 2 trains them (see `input_weights`)."""
+    any dtype (a pinned host tensor or a memory-mapped file for long streams), or under ddp only the
+    rows `rows` lists, those this rank's batch slices read; `input_weights` are the weights the
+    contexts were solved with, where Phase 2 trains them (see `input_weights`)."""
 
     contexts: torch.Tensor
     ids: torch.Tensor
     input_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: RowMap | None = None  # the rows `contexts` holds, in order (None: all); a ddp rank's own
+
+    def held(self, start: int, stop: int) -> torch.Tensor:
+        """Context rows [start, stop) of the stream, from wherever this rank holds them."""
+        return self.contexts[self.rows.local(start, stop) if self.rows is not None else slice(start, stop)]
 
     @property
     def positions(self) -> int:
@@ -126,7 +133,7 @@ class Phase2Data:
         with full_precision_matmuls():
             with weights_as(cast(nn.Module, model), self.input_weights):
                 tokens = token_span(model, self.ids, lo, hi)
-            previous = self.contexts[max(lo - 1, 0):hi - 1].to(to, non_blocking=True).to(tokens.dtype)
+            previous = self.held(max(lo - 1, 0), hi - 1).to(to, non_blocking=True).to(tokens.dtype)
             if lo == 0:
                 previous = torch.cat([previous.new_zeros(1, previous.shape[1]), previous])
             layers = block.step(previous, block.project_tokens(tokens))
@@ -193,6 +200,15 @@ def evaluate(model: Model, data: Phase2Data, settings: Phase2Settings, runner: R
     if runner.world_size > 1:
         totals = runner.all_reduce_sum(totals.to(runner.device)).cpu()
     return EvalOutputs(nll_sum=float(totals[0]), correct=int(totals[1]), count=int(totals[2]))
+
+
+def store_rows(n: int, batch: int | None, runner: Runner) -> RowMap:
+    """The rows of an n-token stream's store this rank reads: its slices of the training batches of
+    `batch` positions, or (None) its shard of the evaluation positions. Every row once over all
+    ranks; the whole stream over one process."""
+    if runner.world_size == 1:
+        return RowMap.whole(n)
+    return batch_rows(n, max(n - 1, 1) if batch is None else batch, runner.shard)
 
 
 def phase2_optimizer(model: Model, settings: Phase2Settings) -> tuple[list[nn.Parameter], torch.optim.Adam]:

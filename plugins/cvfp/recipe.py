@@ -42,24 +42,30 @@ from newllm_kit.config import ComponentSection
 from newllm_kit.errors import RunFailed
 from newllm_kit.experiment import seed_everything
 from newllm_kit.protocols import Column, EvalOutputs, RecipeResult, UnitContext, UnitData
-from newllm_kit.training import TrainReport, TrainState
+from newllm_kit.training import TrainReport, TrainState, memory_phase
 
+from ..metrics import EffectiveRankSettings, rank_rows
 from . import phase1_contexts
 from .checkpoint_fit import check_checkpoint, shapes
 from .context_store import StorePlan, context_stores, is_out_of_memory, out_of_memory_message, plan_stores
-from .contract import CVFPModel, Phase1Report, Solver, SolveResult
-from .diagnostics import diagnostic_warnings, seed_diagnostics
+from .contract import CVFPModel, Phase1Report, Solver, SolveResult, accepts
+from .diagnostics import diagnostic_warnings, seed_diagnostics, stats_rows
 from .phase2 import (
     Phase2Data,
     Phase2Settings,
     context_agreement,
     input_weights,
+    resolve_batch,
+    store_rows,
     train_phase2,
     weights_as,
 )
+from .row_map import RowMap, gather
+from .solve_checkpoint import StoreCheckpoint, TrialsCheckpoint
 from .split_phase1 import phase1_solver
 
 NON_CONTRACTING = "the ContextBlock does not contract"
+ER_ROWS = EffectiveRankSettings().max_rows  # rows of a stream gathered for its effective rank
 
 
 class SolverSection(ComponentSection):
@@ -75,6 +81,10 @@ class SolverSection(ComponentSection):
     val_convergence_trials: int = Field(
         10, ge=0, le=1000, description="Sequential validation rollouts of the convergence check (spec §3.6); "
                                        "0 skips it.")
+    checkpoint_every: float = Field(
+        300, ge=0, le=7 * 24 * 3600,
+        description="Seconds of work between saves of a frozen rollout's progress and of the validation trials "
+                    "(a killed unit loses at most this much; finished solves are always saved).")
 
 
 class CVFPRecipeSettings(BaseModel):
@@ -135,7 +145,7 @@ class UnitRun:
     inputs: dict[str, torch.Tensor]  # the weights the token inputs read, as solved (`phase2.input_weights`)
     fast: bool  # Phase 2 trains on Phase 1's final contexts (phase2.train_contexts = "phase1")
     compared: int  # training positions of the phase1-vs-rollout comparison (0: none)
-    kept_file: Path  # Phase 1's first `keep` final contexts, beside the checkpoint
+    kept: Path  # the checkpoint folder, where each rank keeps its part of Phase 1's first `keep` contexts
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -146,7 +156,7 @@ class UnitRun:
         compared = min(p2.compare_tokens, data.train_ids.numel() - 1) if p2.compare_contexts else 0
         return cls(settings, model, cvfp, unit, solver, data.train_ids, data.val_ids, inputs,
                    fast=p2.train_contexts == "phase1", compared=compared,
-                   kept_file=unit.checkpoint.file(phase1_contexts.FILE))
+                   kept=unit.checkpoint.file(phase1_contexts.FILE).parent)
 
     @property
     def keep(self) -> int:
@@ -166,6 +176,7 @@ class Phase1Done:
 
     summary: dict[str, Any]  # PHASE1_KEYS, the stop and its target: what the checkpoint keeps of Phase 1
     phase2_start: TrainState | None = None  # where a resumed Phase 2 continues
+    checked: dict[str, Any] | None = None  # diagnostics and context agreement, once done (kept on resume)
 
 
 @dataclass
@@ -173,6 +184,7 @@ class Solved:
     """Both streams' frozen contexts (in the open stores) and how they were obtained."""
 
     plan: StorePlan
+    rows: dict[str, RowMap]  # the rows of each stream this rank's store holds
     train: SolveResult
     val: SolveResult
     agreement: dict[str, float] | None  # phase1 vs rollout contexts (phase2.compare_contexts)
@@ -207,21 +219,22 @@ class CVFPRecipe:
         run = UnitRun.start(self.settings, model, data, unit)
         phase1 = self._resume(run) or self._phase1(run)
         self._freeze(run)
-        with self._solves(run) as solved:
-            diagnosed = self._diagnose(run, solved)
+        with self._solves(run, phase1) as solved:
+            diagnosed = self._diagnose(run, phase1, solved)
             phase2 = self._phase2(run, phase1, solved, diagnosed)
         return self._record(run, phase1, solved, diagnosed, phase2)
 
     def _resume(self, run: UnitRun) -> Phase1Done | None:
-        """The checkpoint's weights, Phase-1 summary and Phase-2 state, or None when there is none that
-        fits (a damaged or missing file of kept contexts discards it: the unit starts over)."""
+        """The checkpoint's weights, Phase-1 summary, diagnostics and Phase-2 state, or None when there is
+        none that fits (damaged or missing files of kept contexts discard it: the unit starts over)."""
         unit, runner = run.unit, run.unit.runner
         expected = shapes(unit.checkpoint.model_state(run.module))
         saved = unit.checkpoint.load(lambda saved: check_checkpoint(run.module, expected, self.settings.phase2, saved))
         if saved is None:
             return None
-        if run.keep and not phase1_contexts.readable(run.kept_file, run.keep, run.model.context_dim, runner):
-            unit.message(f"warning: {run.kept_file} is missing or damaged; starting the unit over")
+        if run.keep and not phase1_contexts.readable(run.kept, run.keep, run.model.context_dim, runner):
+            unit.message(f"warning: Phase 1's contexts in {run.kept} are missing or damaged; starting the unit over")
+            runner.barrier()  # every rank has looked before rank 0 removes the folder
             if runner.rank == 0:
                 unit.checkpoint.discard()
             return None
@@ -229,19 +242,30 @@ class CVFPRecipe:
         phase2_start = None
         if "phase2" in saved.state:
             phase2_start = TrainState.from_checkpoint(saved.tensors["phase2"], saved.state["phase2"])
-        unit.message(f"resumed from checkpoint ({'phase 2' if phase2_start else 'phase 1 done'})")
-        return Phase1Done(saved.state["phase1"], phase2_start)
+        checked = saved.state.get("checked")
+        unit.message(f"resumed from checkpoint ({'phase 2' if phase2_start else saved.stage})")
+        return Phase1Done(saved.state["phase1"], phase2_start, checked if isinstance(checked, dict) else None)
 
     @staticmethod
     def _phase1(run: UnitRun) -> Phase1Done:
-        """Phase 1 and its summary, checkpointed with the first `run.keep` rows of its final contexts. The
-        rest of the [n, C] training contexts is needed only for the Train ER, so it is dropped here,
-        before any Phase-2 store exists."""
-        model, unit = run.model, run.unit
+        """Phase 1 and its summary, checkpointed with the first `run.keep` rows of its final contexts (each
+        rank its own part). The Train ER reads a sample of rows gathered from the ranks; the contexts are
+        dropped here, before any Phase-2 store exists."""
+        model, unit, runner = run.model, run.unit, run.unit.runner
+        n = run.train_ids.numel()
         started = time.perf_counter()
-        report = run.solver.fit(model, run.train_ids, unit.runner, unit.progress)
+        with memory_phase(runner, "phase1"):  # under ddp: the rank's time and waits of the whole phase
+            report = run.solver.fit(model, run.train_ids, runner, unit.progress)
         seconds = time.perf_counter() - started
-        train = EvalOutputs(seed=unit.seed, extras={"contexts": report.contexts, "context_width": model.context_dim})
+        picked = rank_rows(n, ER_ROWS, unit.seed)
+        if report.rows is None:  # the solver left the whole stream on every rank
+            sample, mine = report.contexts[picked.to(report.contexts.device)].cpu(), runner.shard(n)
+            kept = report.contexts[mine.start:max(mine.start, min(mine.stop, run.keep))]
+        else:
+            mine = report.rows
+            sample = gather(report.contexts, RowMap.of(n, mine), picked, runner)
+            kept = report.contexts[:max(0, min(mine.stop, run.keep) - mine.start)]
+        train = EvalOutputs(seed=unit.seed, extras={"contexts": sample, "context_width": model.context_dim})
         summary = {"iterations": report.iterations, "convergence_rate": report.convergence_rate,
                    "token_evaluations": report.token_evaluations, "seconds": seconds,
                    "train_er": unit.metrics(train).get("effective_rank", float("nan")),
@@ -251,10 +275,11 @@ class CVFPRecipe:
             unit.message(f"Phase 1 stopped at max_iterations ({report.iterations}) with "
                          f"{report.convergence_rate:.0%} of tokens converged (target "
                          f"{report.target_rate:.0%}); its contexts are not at a fixed point")
-        kept = report.contexts[:run.keep]
         del report, train
-        if unit.runner.rank == 0 and run.keep:
-            unit.checkpoint.write_stream(phase1_contexts.FILE, lambda handle: phase1_contexts.write(handle, kept))
+        if run.keep:
+            unit.checkpoint.write_stream(phase1_contexts.file_name(runner),
+                                         lambda handle: phase1_contexts.write(handle, kept, mine.start))
+            runner.barrier()  # every rank's part is on disk before the checkpoint that needs them
         unit.checkpoint.save("phase1", {"model": unit.checkpoint.model_state(run.module)}, {"phase1": summary})
         return Phase1Done(summary)
 
@@ -265,27 +290,39 @@ class CVFPRecipe:
             parameter.requires_grad_(False)
 
     @contextmanager
-    def _solves(self, run: UnitRun) -> Iterator[Solved]:
+    def _solves(self, run: UnitRun, phase1: Phase1Done) -> Iterator[Solved]:
         """The context stores, open while the caller runs diagnostics and Phase 2, holding both streams'
-        frozen contexts (the fast path's training contexts are Phase 1's, read back from the kept file);
-        the solves' warnings become one note each."""
+        frozen contexts: under ddp each rank's store holds only the rows its Phase-2 slices read. A
+        finished solve is read back from its checkpoint files, a started rollout continues; the fast
+        path's training contexts are Phase 1's, read back from the kept files. The solves' warnings
+        become one note each."""
         unit, runner, model, solver = run.unit, run.unit.runner, run.module, run.solver
-        sizes = {"train": run.train_ids.numel(), "val": run.val_ids.numel()}
-        plan = plan_stores(runner, sum(sizes.values()), run.model.context_dim, unit.scratch)
+        batch = resolve_batch(self.settings.phase2.batch_size, run.model, runner)
+        rows = {"train": store_rows(run.train_ids.numel(), batch, runner), "val": store_rows(run.val_ids.numel(),
+                                                                                            None, runner)}
+        if runner.world_size > 1 and not accepts(solver.solve, "where"):
+            rows = {"train": RowMap.whole(run.train_ids.numel()), "val": RowMap.whole(run.val_ids.numel())}
+            run.say(f"the solver does not take `where`: every rank stores the whole streams "
+                    f"({type(solver).__name__}.solve)")
+        sizes = {name: where.rows for name, where in rows.items()}
+        plan = plan_stores(runner, sizes, run.model.context_dim, unit.scratch)
         unit.message(plan.describe())
         seed_everything(unit.seed + 1)  # solves after Phase 1 see the same RNG on resume
         with context_stores(plan, sizes, run.model.context_dim, runner, unit.id, unit.scratch) as stores:
             started = time.perf_counter()
-            with warnings.catch_warnings(record=True) as caught, weights_as(model, run.inputs):  # OOM: the solver says
+            with warnings.catch_warnings(record=True) as caught, weights_as(model, run.inputs), \
+                    memory_phase(runner, "solves"):  # OOM: the solver says
                 warnings.simplefilter("always")
                 if run.fast:
-                    phase1_contexts.read_into(run.kept_file, stores["train"], runner)
+                    phase1_contexts.read_into(run.kept, stores["train"], rows["train"], runner)
                     train = SolveResult([stores["train"]], "phase1", 0, 0, time.perf_counter() - started)
                 else:
-                    train = solver.solve(model, run.train_ids, runner, out=stores["train"])
-                val = solver.solve(model, run.val_ids, runner, out=stores["val"])
-                agreement = self._agreement(run, stores["train"]) if run.compared else None
-            solved = Solved(plan, train, val, agreement, time.perf_counter() - started)
+                    train = self._solve(run, "train", run.train_ids, stores["train"], rows["train"])
+                val = self._solve(run, "val", run.val_ids, stores["val"], rows["val"])
+                checked = phase1.checked
+                agreement = (checked["agreement"] if checked is not None else
+                             self._agreement(run, stores["train"], rows["train"]) if run.compared else None)
+            solved = Solved(plan, rows, train, val, agreement, time.perf_counter() - started)
             notes = _solve_notes([str(w.message) for w in caught], {"train": train, "val": val})
             if run.fast:
                 notes.insert(0, "Phase-2 training contexts are F(P_{i-1}, x_i) of Phase 1's final contexts "
@@ -298,17 +335,48 @@ class CVFPRecipe:
                 run.say(note)
             yield solved
 
-    @staticmethod
-    def _diagnose(run: UnitRun, solved: Solved) -> Diagnosed:
+    def _solve(self, run: UnitRun, name: str, ids: torch.Tensor, store: torch.Tensor, where: RowMap) -> SolveResult:
+        """One stream's frozen solve into `store`: read back when a checkpoint holds it finished, else
+        solved (a started rollout continues where it was saved) and saved."""
+        unit, solver = run.unit, run.solver
+        saved = StoreCheckpoint(unit.checkpoint, name, store, where, unit.runner,
+                                self.settings.solver.checkpoint_every, unit.message)
+        done = saved.completed()
+        if done is not None:
+            unit.message(f"{name} contexts read back from the checkpoint ({done.method} solve)")
+            return done
+        keywords: dict[str, Any] = {}
+        if not where.is_whole:
+            keywords["where"] = where
+        if accepts(solver.solve, "progress"):
+            keywords["progress"] = saved
+        result = solver.solve(run.model, ids, unit.runner, out=store, **keywords)
+        saved.finish(result)
+        return result
+
+    def _diagnose(self, run: UnitRun, phase1: Phase1Done, solved: Solved) -> Diagnosed:
         """The seed's diagnostics of the frozen block, one note per flagged one; an identity block skips
-        Phase 2 where `solver.skip_phase2_if_identity` asks for it, as the reference did."""
-        s, unit = run.settings.solver, run.unit
-        trials = (f", {s.val_convergence_trials} sequential rollouts over the {run.val_ids.numel():,} validation "
-                  f"tokens (solver.val_convergence_trials)" if s.val_convergence_trials else "")
-        unit.message(f"diagnostics of the frozen block: identity check{trials}, context statistics")
-        with weights_as(run.module, run.inputs):
-            values = seed_diagnostics(run.model, run.val_ids, {"train": solved.train, "val": solved.val},
-                                      s.val_convergence_trials, unit.seed, unit.progress)
+        Phase 2 where `solver.skip_phase2_if_identity` asks for it, as the reference did. Checkpointed
+        with the context agreement, so a resumed unit does not run them again."""
+        s, unit, runner = run.settings.solver, run.unit, run.unit.runner
+        if phase1.checked is not None:
+            values = phase1.checked["diagnostics"]
+        else:
+            trials = (f", {s.val_convergence_trials} sequential rollouts over the {run.val_ids.numel():,} "
+                      f"validation tokens (solver.val_convergence_trials)" if s.val_convergence_trials else "")
+            unit.message(f"diagnostics of the frozen block: identity check{trials}, context statistics")
+            solves = {"train": solved.train, "val": solved.val}
+            stores = {name: result.layers[-1] for name, result in solves.items()}
+            sampled = {name: gather(stores[name], solved.rows[name], stats_rows(solved.rows[name].n, unit.seed),
+                                    runner) for name in solves}
+            progress = TrialsCheckpoint(unit.checkpoint, run.val_ids.numel(), run.model.context_dim,
+                                        s.val_convergence_trials, runner, s.checkpoint_every)
+            with weights_as(run.module, run.inputs), memory_phase(runner, "diagnostics"):
+                values = seed_diagnostics(run.model, run.val_ids, sampled, solves, s.val_convergence_trials,
+                                          unit.seed, unit.progress, progress)
+            phase1.checked = {"diagnostics": values, "agreement": solved.agreement}
+            unit.checkpoint.save("checked", {"model": unit.checkpoint.model_state(run.module)},
+                                 {"phase1": phase1.summary, "checked": phase1.checked})
         skip = s.skip_phase2_if_identity and values["identity"]["identity"]
         for note in diagnostic_warnings(values) + (["Phase 2 skipped (solver.skip_phase2_if_identity)"]
                                                    if skip else []):
@@ -318,23 +386,26 @@ class CVFPRecipe:
     @staticmethod
     def _phase2(run: UnitRun, phase1: Phase1Done, solved: Solved, diagnosed: Diagnosed) -> Phase2Done:
         """Phase 2 on the stored contexts (from `phase1.phase2_start` on resume), checkpointed after every
-        epoch; its validation outputs carry the val contexts for the metrics."""
-        unit, model, p2 = run.unit, run.model, run.settings.phase2
+        epoch; its validation outputs carry a sample of the val contexts for the metrics."""
+        unit, model, p2, runner = run.unit, run.model, run.settings.phase2, run.unit.runner
 
         def checkpoint(state: TrainState) -> None:
             tensors, json_state = state.to_checkpoint()
             unit.checkpoint.save("phase2", {"model": unit.checkpoint.model_state(run.module), "phase2": tensors},
-                                 {"phase1": phase1.summary, "phase2": json_state})
+                                 {"phase1": phase1.summary, "checked": phase1.checked, "phase2": json_state})
 
         started = time.perf_counter()
-        with out_of_memory(unit.id, "phase 2", solved.plan, solved.plan.fix("phase2.batch_size lower")):
+        with out_of_memory(unit.id, "phase 2", solved.plan, solved.plan.fix("phase2.batch_size lower")), \
+                memory_phase(runner, "phase2"):
             report = TrainReport(0, 0, [], EvalOutputs(), 0.0) if diagnosed.skip_phase2 else train_phase2(
-                model, Phase2Data(solved.train.layers[-1], run.train_ids, run.inputs),
-                Phase2Data(solved.val.layers[-1], run.val_ids, run.inputs), p2, unit.runner,
+                model, Phase2Data(solved.train.layers[-1], run.train_ids, run.inputs, solved.rows["train"]),
+                Phase2Data(solved.val.layers[-1], run.val_ids, run.inputs, solved.rows["val"]), p2, runner,
                 unit.progress, start=phase1.phase2_start, on_epoch_end=checkpoint)
         seconds = time.perf_counter() - started
-        # The val ER reads the store Phase 2 evaluated; a copy outlives the store (val streams are small).
-        report.val.extras = {"contexts": solved.val.layers[-1].to("cpu", torch.float32, copy=True),
+        # The val ER reads the rows the metric would sample, gathered: the store closes after this.
+        val_rows = solved.rows["val"]
+        report.val.extras = {"contexts": gather(solved.val.layers[-1], val_rows,
+                                                rank_rows(val_rows.n, ER_ROWS, unit.seed), runner),
                              "context_width": model.context_dim,
                              "convergence_rate": phase1.summary["convergence_rate"]}
         report.val.seed = unit.seed
@@ -373,18 +444,18 @@ class CVFPRecipe:
         return RecipeResult(val=report.val, record=record, columns=COLUMNS, notes=run.notes, flags=flags)
 
     @staticmethod
-    def _agreement(run: UnitRun, store: torch.Tensor) -> dict[str, float]:
+    def _agreement(run: UnitRun, store: torch.Tensor, where: RowMap) -> dict[str, float]:
         """Phase 1's final contexts against the sequential rollout on the first `run.compared` training
-        positions (spec §7 item 7's check, per unit). The fast path's store is P, so the rollout is solved
-        for those rows; the rollout path's store is the rollout, and P's first rows were kept in a file."""
+        positions (spec §7 item 7's check, per unit). P's first rows come from the kept files; the fast
+        path's rollout of those rows is solved here (by every rank: a few thousand tokens), the rollout
+        path's is gathered from the ranks' stores."""
         rows, ids, runner = run.compared, run.train_ids, run.unit.runner
+        previous = torch.empty(rows, store.shape[1])
+        phase1_contexts.read_into(run.kept, previous, RowMap(ids.numel(), ((0, rows),)), runner)
         if run.fast:
-            previous = store[:rows]
             rollout = run.solver.solve(run.model, ids[:rows], runner).layers[-1]
         else:
-            previous = torch.empty(rows, store.shape[1])
-            phase1_contexts.read_into(run.kept_file, previous, runner)
-            rollout = store[:rows]
+            rollout = gather(store, where, torch.arange(rows), runner)
         return context_agreement(run.model, Phase2Data(previous, ids, run.inputs), rollout, runner.device)
 
 

@@ -18,7 +18,8 @@ import torch
 from newllm_kit.errors import DataError
 from newllm_kit.protocols import Progress, Runner
 
-from .contract import Phase1Report, Solver, SolveResult
+from .contract import Phase1Report, Solver, SolveResult, accepts
+from .row_map import RowMap
 
 
 def split_ids(ids: torch.Tensor, boundaries: np.ndarray, split: int, splits: int) -> torch.Tensor:
@@ -45,7 +46,10 @@ class SplitModeSolver:
             reports.append(self.solver.fit(view, stream, runner, progress))
         self.splits = [{"tokens": r.tokens, "iterations": r.iterations, "convergence_rate": r.convergence_rate,
                         "converged": r.converged} for r in reports]
-        solved = self.solve(model, ids, runner)  # the merged block, from a zero context, no noise
+        n = int(ids.shape[0])  # the merged block, from a zero context, no noise; each ddp rank keeps its shard
+        shard = runner.shard(n) if runner.world_size > 1 and accepts(self.solver.solve, "where") else None
+        keywords: dict[str, Any] = {} if shard is None else {"where": RowMap.of(n, shard)}
+        solved = self.solve(model, ids, runner, None, **keywords)
         tokens = sum(r.tokens for r in reports)
         stops = [r.converged for r in reports]
         return Phase1Report(
@@ -58,10 +62,13 @@ class SplitModeSolver:
             extra={"splits": self.splits},
             target_rate=reports[0].target_rate,
             converged=None if None in stops else all(stops),
+            rows=shard,
         )
 
-    def solve(self, model: Any, ids: torch.Tensor, runner: Runner, out: torch.Tensor | None = None) -> SolveResult:
-        return self.solver.solve(model, ids, runner, out)
+    def solve(self, model: Any, ids: torch.Tensor, runner: Runner, out: torch.Tensor | None = None,
+              **keywords: Any) -> SolveResult:
+        """The wrapped solver's solve (with the recipe's `where`/`progress` where it takes them)."""
+        return self.solver.solve(model, ids, runner, out, **keywords)
 
 
 def phase1_solver(solver: Solver, model: Any, boundaries: np.ndarray) -> Solver:

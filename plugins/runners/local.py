@@ -53,8 +53,11 @@ class RunnerSettings(BaseModel):
     context_dtype: Literal["fp32", "bf16"] = Field(
         default="fp32", description="all: dtype of the Phase-2 context stores (Phase 1 stays fp32).")
     timeout_s: float = Field(
-        default=300, gt=0, le=7 * 24 * 3600,
-        description="ddp: seconds a collective may wait, so a dead rank fails the job.")
+        default=1800, gt=0, le=7 * 24 * 3600,
+        description="ddp: seconds a collective may wait before the job fails (so a dead rank cannot hang it). "
+                    "It must exceed the longest stretch one rank works between two collectives while another "
+                    "waits: with work balanced across ranks, one step's skew plus rank 0's checkpoint writes "
+                    "(context stores can be GBs at 5M tokens). 30 min, torch.distributed's own default for gloo.")
 
     @model_validator(mode="after")
     def _batch_range(self) -> RunnerSettings:
@@ -74,6 +77,7 @@ class CPURunner:
     resolved = "cpu"
     rank = 0
     world_size = 1
+    local_world_size = 1
 
     def __init__(self, settings: RunnerSettings | None = None) -> None:
         self.settings = settings or RunnerSettings()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from newllm_kit_plugins.cvfp.contract import Phase1Report
 from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
+from newllm_kit_plugins.cvfp.row_map import RowMap, gather
 from newllm_kit_plugins.runners.ddp import DDPRunner
 from newllm_kit_plugins.runners.local import RunnerSettings
 from torch import nn
@@ -79,7 +80,10 @@ def main(rank: int, fail_on_rank: int | None, out: str) -> None:
     runner.setup()
     try:
         report = fit(runner, fail_on_rank)
-        result = {"contexts": report.contexts.tolist(), "oom_events": runner.describe()["oom_events"]}
+        n = report.tokens  # each rank holds its shard: the whole stream is gathered row by row
+        rows = report.rows if report.rows is not None else range(n)
+        whole = gather(report.contexts, RowMap.of(n, rows), torch.arange(n), runner)
+        result = {"contexts": whole.tolist(), "oom_events": runner.describe()["oom_events"]}
         runner.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         runner.teardown()

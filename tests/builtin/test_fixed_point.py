@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from newllm_kit_plugins.cvfp import frozen_solve, jacobi_pass
 from newllm_kit_plugins.cvfp import phase1 as fixed_point
 from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, CVFPPhase1Solver
+from newllm_kit_plugins.cvfp.row_map import RowMap, batch_rows
 from newllm_kit_plugins.cvfp.spans import token_rows, token_span
+from newllm_kit_plugins.runners.ddp import contiguous_shard
 from pydantic import ValidationError
 from torch import nn
 
@@ -678,14 +680,22 @@ def test_solves_write_into_a_given_fp32_or_bf16_tensor(frozen_case: Any, method:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_window_of_rows_is_those_rows_of_the_whole_solve(frozen_case: Any, method: str) -> None:
-    """Ranks sharing a stream each write their own rows (Phase 1's iteration 0 under ddp)."""
+def test_the_rows_a_rank_holds_are_those_rows_of_the_whole_solve(frozen_case: Any, method: str) -> None:
+    """Ranks sharing a stream each write their own rows: a contiguous window (Phase 1's iteration 0
+    under ddp) or a rank's slices of every Phase-2 batch, spread over the stream."""
     model, ids, reference = frozen_case
-    for first, stop in [(0, 250), (200, 450), (517, 600)]:
-        out = torch.full((stop - first, model.context_dim), math.nan)
+    n = ids.numel()
+    windows = [RowMap.of(n, range(a, b)) for a, b in [(0, 250), (200, 450), (517, 600)]]
+    slices = [batch_rows(n, 64, lambda size, r=r: contiguous_shard(size, r, 3)) for r in range(3)]
+    for where in windows + slices:
+        out = torch.full((where.rows, model.context_dim), math.nan)
         with torch.no_grad(), frozen_solve.full_precision_matmuls():
-            frozen_solve.solve_frozen(model, ids, method, 1e-5, out=out, first=first)
-        assert (out.double() - reference[first:stop]).abs().max().item() <= 1e-5, (method, first)
+            frozen_solve.solve_frozen(model, ids, method, 1e-5, out=out, where=where)
+        want = torch.cat([reference[a:b] for a, b in where.spans])
+        assert (out.double() - want).abs().max().item() <= 1e-5, (method, where.spans[:2])
+        if method == "sequential":  # one rollout, whichever rows are kept: bit for bit
+            whole = frozen_solve.solve_frozen(model, ids, method, 1e-5).layers[-1]
+            assert torch.equal(out, torch.cat([whole[a:b] for a, b in where.spans]))
 
 
 @pytest.mark.parametrize(("num_input_tokens", "variant"),
@@ -724,7 +734,8 @@ def test_chunked_repairs_a_too_short_burn_in() -> None:
     reference = per_layer_rollout(model, ids, torch.float64)[-1]
     out = torch.empty(300, 8)
     with torch.no_grad():
-        solved = frozen_solve.chunked(model.context_block, frozen_solve.Tokens(model, ids), out, 0, window=1,
+        solved = frozen_solve.chunked(model.context_block, frozen_solve.Tokens(model, ids), out, RowMap.whole(300),
+                                      window=1,
                                       chunk=50, tolerance=1e-5)
     assert solved is not None
     evaluations, first_gap = solved
