@@ -186,8 +186,10 @@ def _pinned(runner: Placement) -> bool:
     return runner.device.type == "cuda" and cuda.backend().is_available()
 
 
-def allocate(plan: StorePlan, rows: int, width: int, runner: Placement, file: Path | None = None) -> torch.Tensor:
-    """One [rows, width] store as the plan says; `file` (kind disk) is created or overwritten."""
+def allocate(plan: StorePlan, rows: int, width: int, runner: Placement, file: Path | None = None,
+             reuse: bool = False) -> torch.Tensor:
+    """One [rows, width] store as the plan says; `file` (kind disk) is created or overwritten, or with
+    `reuse` opened as it is when it has the store's size (a resumed unit's saved store)."""
     dtype = DTYPES[plan.dtype]
     if plan.kind == "device":
         return torch.empty(rows, width, dtype=dtype, device=runner.device)
@@ -195,16 +197,19 @@ def allocate(plan: StorePlan, rows: int, width: int, runner: Placement, file: Pa
         return torch.empty(rows, width, dtype=dtype, pin_memory=_pinned(runner))
     if file is None:
         raise ValueError("a disk store needs a file")
-    try:
-        with open(file, "wb") as handle:  # reserve the blocks: a full disk fails here, not as SIGBUS mid-solve
-            size = rows * width * dtype.itemsize
-            if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(handle.fileno(), 0, size)
-            else:
-                handle.truncate(size)
-    except OSError as error:
-        raise UserError(f"{file}: cannot create the disk context store ({error.strerror or error}); free disk "
-                        f"space, or set runner.context_store to a memory") from error
+    size = rows * width * dtype.itemsize
+    if size == 0:  # a rank that holds none of a stream's rows (more ranks than positions)
+        return torch.empty(rows, width, dtype=dtype)
+    if not (reuse and file.is_file() and file.stat().st_size == size):
+        try:
+            with open(file, "wb") as handle:  # reserve the blocks: a full disk fails here, not as SIGBUS mid-solve
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(handle.fileno(), 0, size)
+                else:
+                    handle.truncate(size)
+        except OSError as error:
+            raise UserError(f"{file}: cannot create the disk context store ({error.strerror or error}); free disk "
+                            f"space, or set runner.context_store to a memory") from error
     array = np.memmap(file, dtype=FILE_TYPES[plan.dtype], mode="r+", shape=(rows, width))
     return torch.from_numpy(array).view(dtype)
 
@@ -217,16 +222,23 @@ def file_name(unit: str, stream: str, runner: Collectives, dtype: str) -> str:
 
 @contextmanager
 def context_stores(plan: StorePlan, sizes: dict[str, int], width: int, runner: Runner, unit: str,
-                   folder: Path) -> Iterator[dict[str, torch.Tensor]]:
-    """The stores of one unit by stream name; disk files are removed when the block ends, however it ends
-    (a killed process leaves them to the run's repair on the next start)."""
+                   folder: Path, kept: dict[str, Path] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The stores of one unit by stream name; disk files in `folder` are removed when the block ends,
+    however it ends (a killed process leaves them to the run's repair on the next start). A disk store
+    named in `kept` is that file instead (beside the unit's checkpoint, reused when it is there: the
+    saved solve), left for the checkpoint to remove."""
     disk = plan.kind == "disk"
-    files = {name: folder / file_name(unit, name, runner, plan.dtype) for name in sizes} if disk else {}
+    kept = kept if disk and kept else {}
+    files = {name: folder / file_name(unit, name, runner, plan.dtype) for name in sizes if name not in kept} \
+        if disk else {}
     try:
         if files:
             folder.mkdir(parents=True, exist_ok=True)
+        for file in kept.values():
+            file.parent.mkdir(parents=True, exist_ok=True)
         try:
-            stores = {name: allocate(plan, rows, width, runner, files.get(name)) for name, rows in sizes.items()}
+            stores = {name: allocate(plan, rows, width, runner, kept.get(name) or files.get(name),
+                                     reuse=name in kept) for name, rows in sizes.items()}
         except Exception as error:
             if not is_out_of_memory(error):
                 raise

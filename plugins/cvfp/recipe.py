@@ -61,7 +61,7 @@ from .phase2 import (
     weights_as,
 )
 from .row_map import RowMap, gather
-from .solve_checkpoint import StoreCheckpoint, TrialsCheckpoint
+from .solve_checkpoint import StoreCheckpoint, TrialsCheckpoint, rows_file
 from .split_phase1 import phase1_solver
 
 NON_CONTRACTING = "the ContextBlock does not contract"
@@ -308,7 +308,9 @@ class CVFPRecipe:
         plan = plan_stores(runner, sizes, run.model.context_dim, unit.scratch)
         unit.message(plan.describe())
         seed_everything(unit.seed + 1)  # solves after Phase 1 see the same RNG on resume
-        with context_stores(plan, sizes, run.model.context_dim, runner, unit.id, unit.scratch) as stores:
+        solved_here = ["val"] + ([] if run.fast else ["train"])  # a disk store of these is its saved file
+        kept = {name: unit.checkpoint.file(rows_file(name, runner)) for name in solved_here}
+        with context_stores(plan, sizes, run.model.context_dim, runner, unit.id, unit.scratch, kept) as stores:
             started = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught, weights_as(model, run.inputs), \
                     memory_phase(runner, "solves"):  # OOM: the solver says
@@ -317,8 +319,8 @@ class CVFPRecipe:
                     phase1_contexts.read_into(run.kept, stores["train"], rows["train"], runner)
                     train = SolveResult([stores["train"]], "phase1", 0, 0, time.perf_counter() - started)
                 else:
-                    train = self._solve(run, "train", run.train_ids, stores["train"], rows["train"])
-                val = self._solve(run, "val", run.val_ids, stores["val"], rows["val"])
+                    train = self._solve(run, "train", run.train_ids, stores["train"], rows["train"], plan)
+                val = self._solve(run, "val", run.val_ids, stores["val"], rows["val"], plan)
                 checked = phase1.checked
                 agreement = (checked["agreement"] if checked is not None else
                              self._agreement(run, stores["train"], rows["train"]) if run.compared else None)
@@ -335,12 +337,13 @@ class CVFPRecipe:
                 run.say(note)
             yield solved
 
-    def _solve(self, run: UnitRun, name: str, ids: torch.Tensor, store: torch.Tensor, where: RowMap) -> SolveResult:
+    def _solve(self, run: UnitRun, name: str, ids: torch.Tensor, store: torch.Tensor, where: RowMap,
+               plan: StorePlan) -> SolveResult:
         """One stream's frozen solve into `store`: read back when a checkpoint holds it finished, else
         solved (a started rollout continues where it was saved) and saved."""
         unit, solver = run.unit, run.solver
         saved = StoreCheckpoint(unit.checkpoint, name, store, where, unit.runner,
-                                self.settings.solver.checkpoint_every, unit.message)
+                                self.settings.solver.checkpoint_every, unit.message, in_place=plan.kind == "disk")
         done = saved.completed()
         if done is not None:
             unit.message(f"{name} contexts read back from the checkpoint ({done.method} solve)")

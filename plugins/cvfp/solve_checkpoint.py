@@ -6,7 +6,8 @@ validation trials tens of minutes; a killed unit must lose only the work since t
 its own files in `checkpoints/<unit>/` (the rank and world size in their names under ddp):
 
 * `solve-<stream>.rows`: the rank's store rows in local order, raw, in the store's dtype,
-  appended block by block and fsynced;
+  appended block by block and fsynced; a `disk` store is this file itself (memory-mapped), so
+  saving it is syncing it and nothing is written twice;
 * `solve-<stream>.json`: how many of those rows are final, the rollout's position and carried
   context (JSON floats: fp32 values round-trip exactly), and, once finished, the solve's summary;
   replaced atomically after the rows it counts are on disk, so rows past the count (a kill between
@@ -42,6 +43,11 @@ def _suffix(runner: Collectives) -> str:
     return f".rank{runner.rank}-of-{runner.world_size}" if runner.world_size > 1 else ""
 
 
+def rows_file(stream: str, runner: Collectives) -> str:
+    """The file of one stream's saved rows on this rank; a disk store is this file itself."""
+    return f"solve-{stream}{_suffix(runner)}.rows"
+
+
 def _raw(rows: torch.Tensor) -> bytes:
     return rows.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
@@ -70,10 +76,10 @@ class StoreCheckpoint:
     it done."""
 
     def __init__(self, checkpoint: Checkpointer, stream: str, store: torch.Tensor, where: RowMap,
-                 runner: Collectives, every_s: float, say: Any) -> None:
+                 runner: Collectives, every_s: float, say: Any, in_place: bool = False) -> None:
         self.checkpoint, self.store, self.where, self.every_s, self.say = checkpoint, store, where, every_s, say
-        name = f"solve-{stream}{_suffix(runner)}"
-        self.rows_name, self.state_name = f"{name}.rows", f"{name}.json"
+        self.in_place = in_place  # the store is a memory-mapped `rows_file`: saving is syncing it
+        self.rows_name, self.state_name = rows_file(stream, runner), f"solve-{stream}{_suffix(runner)}.json"
         spans = hashlib.sha256(json.dumps(where.spans).encode()).hexdigest()[:16]
         self.fits = {"version": VERSION, "n": where.n, "width": store.shape[1], "rows": where.rows,
                      "dtype": str(store.dtype).removeprefix("torch."), "spans": spans}
@@ -86,19 +92,21 @@ class StoreCheckpoint:
         rollout's rows loaded and its position kept for `resumed`. A file that does not fit is dropped."""
         state = self._state()
         if state is None:
-            self.checkpoint.file(self.rows_name).unlink(missing_ok=True)
+            if not self.in_place:
+                self.checkpoint.file(self.rows_name).unlink(missing_ok=True)
             return None
         rows = int(state["saved"])
-        try:
-            _read_rows(self.checkpoint.file(self.rows_name), self.store, rows)
-        except (OSError, ValueError) as error:
-            self.say(f"warning: {self.checkpoint.file(self.rows_name)} is unreadable ({error}); solving again")
-            self.checkpoint.file(self.state_name).unlink(missing_ok=True)
-            self.checkpoint.file(self.rows_name).unlink(missing_ok=True)
-            return None
+        if not self.in_place:  # a disk store already holds its rows: its file is the saved one
+            try:
+                _read_rows(self.checkpoint.file(self.rows_name), self.store, rows)
+            except (OSError, ValueError) as error:
+                self.say(f"warning: {self.checkpoint.file(self.rows_name)} is unreadable ({error}); solving again")
+                self.checkpoint.file(self.state_name).unlink(missing_ok=True)
+                self.checkpoint.file(self.rows_name).unlink(missing_ok=True)
+                return None
+            with open(self.checkpoint.file(self.rows_name), "r+b") as handle:  # rows past the record: a kill
+                handle.truncate(rows * self.store.shape[1] * self.store.element_size())
         self.saved = rows
-        with open(self.checkpoint.file(self.rows_name), "r+b") as handle:  # rows past the record: a kill
-            handle.truncate(rows * self.store.shape[1] * self.store.element_size())
         if state.get("result") is not None:
             r = state["result"]
             return SolveResult([self.store], r["method"], r["iterations"], r["token_evaluations"], r["seconds"],
@@ -143,7 +151,10 @@ class StoreCheckpoint:
 
     def _save(self, position: int, context: torch.Tensor | None, result: dict[str, Any] | None) -> None:
         done = self.where.held_before(position)
-        if done > self.saved:
+        if self.in_place:
+            with open(self.checkpoint.file(self.rows_name), "rb") as handle:  # the mapping's dirty pages
+                os.fsync(handle.fileno())
+        elif done > self.saved:
             self.checkpoint.append(self.rows_name, lambda handle: _write_rows(handle, self.store, self.saved, done))
         carry = None if context is None else [float(v) for v in context.reshape(-1).float().cpu()]
         state = {"fits": self.fits, "saved": done, "position": position, "carry": carry, "result": result}

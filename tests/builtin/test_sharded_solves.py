@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from newllm_kit_plugins.cvfp import frozen_solve, phase1_contexts
+from newllm_kit_plugins.cvfp.context_store import StorePlan, allocate
 from newllm_kit_plugins.cvfp.diagnostics import convergence_check
 from newllm_kit_plugins.cvfp.phase1 import CVFPPhase1Settings, initial_contexts, stream_shard
 from newllm_kit_plugins.cvfp.row_map import batch_rows, gather, redistribute
@@ -130,8 +131,10 @@ class Killed(Exception):
     pass
 
 
-def test_a_killed_rollout_resumes_from_its_last_save_bit_for_bit(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("disk", [False, True])
+def test_a_killed_rollout_resumes_from_its_last_save_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                disk: bool) -> None:
+    """A memory store is saved by appending its rows; a disk store is the saved file itself."""
     monkeypatch.setattr(frozen_solve, "BLOCK", 100)
     model, ids = real_model(2, "gradual-reduction", 2.0, n=1000)
     where = batch_rows(1000, 64, lambda size: contiguous_shard(size, 1, 2))
@@ -141,8 +144,13 @@ def test_a_killed_rollout_resumes_from_its_last_save_bit_for_bit(tmp_path: Path,
         want = torch.cat([whole[a:b] for a, b in where.spans])
 
         def attempt(kill_at: int | None) -> tuple[Any, torch.Tensor, int]:
-            store = torch.full((where.rows, whole.shape[1]), float("nan"))
-            saved = StoreCheckpoint(files, "train", store, where, CPURunner(), every_s=0, say=print)
+            if disk:
+                plan = StorePlan("disk", "fp32", 0, "")
+                store = allocate(plan, where.rows, whole.shape[1], CPURunner(), files.file("solve-train.rows"),
+                                 reuse=True)
+            else:
+                store = torch.full((where.rows, whole.shape[1]), float("nan"))
+            saved = StoreCheckpoint(files, "train", store, where, CPURunner(), every_s=0, say=print, in_place=disk)
             done = saved.completed()
             if done is not None:
                 return done, store, 0
@@ -161,13 +169,15 @@ def test_a_killed_rollout_resumes_from_its_last_save_bit_for_bit(tmp_path: Path,
 
         with pytest.raises(Killed):
             attempt(kill_at=500)
-        with open(files.file("solve-train.rows"), "ab") as handle:  # killed after appending, before the record
-            handle.write(b"\0" * 64)
+        if not disk:
+            with open(files.file("solve-train.rows"), "ab") as handle:  # killed after appending, before the record
+                handle.write(b"\0" * 64)
         _, store, start = attempt(kill_at=None)
         assert start == 400  # the last save before the kill: only the work after it is done again
         assert torch.equal(store, want)
         again, store, _ = attempt(kill_at=0)  # finished: read back, never solved again
         assert torch.equal(store, want) and again.method == "sequential" and again.extra["resumed"]
+    assert files.file("solve-train.rows").stat().st_size == want.numel() * 4  # the rows once, nothing twice
 
 
 def test_the_validation_trials_continue_after_the_last_saved_one(tmp_path: Path) -> None:
