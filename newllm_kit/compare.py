@@ -1,14 +1,17 @@
-"""`newllm-kit compare`: is one model (or sweep variant) better than another, beyond seed noise?
+"""`newllm-kit compare`: is one model (or sweep variant) better than another, beyond seed and
+document noise?
 
-For every pair at every training size: the difference of the means with a 95 % interval (paired
-by seed when both sides ran the same seeds, Welch otherwise) and a verdict in words; for the
-scaling fits, the difference in α with its interval. Sources whose data fingerprints differ are
-refused unless allowed, exactly as `scaling` refuses them.
+For every pair at every training size: the difference of the means with a 95 % interval and a
+verdict in words. val_ppl is compared on NLL (ln PPL; PPL and % are derived from it); where both
+sides saved per-document sums for the same validation documents, the interval adds the paired
+bootstrap over documents to the seed interval. Seeds are paired only where the design pairs them
+(`--by variant`: one model's variants, the same seeds), Welch otherwise. Several comparisons in one
+call get Holm's correction. For the scaling law: α per seed, a t-interval over seeds, the pooled
+fit beside it. Sources whose data fingerprints differ are refused unless allowed, as `scaling` does.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, replace
@@ -16,17 +19,20 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import DataError, UserError
-from .scaling import Fit, Point, check_comparable, fit_all, series
-from .scaling.points import _has_results, _read, _why_empty, positive_number
-from .stats import Difference, estimate_difference, paired, t_quantile, welch
+from . import bootstrap, documents
+from .errors import UserError
+from .result_sources import check_sources, load_records
+from .scaling import Fit, Point, fit_all, series
+from .stats import LEVEL, Difference, combine, estimate_difference, holm, paired, t_quantile, welch
 
 # Metrics that are shares (0…1): differences read in percentage points, not relative to a mean.
 SHARES = ("val_acc", "train_er", "val_er", "convergence_rate")
+DOCUMENTS = "_documents"  # a record's per-document sums, read beside it: never written out
 
 
 @dataclass(frozen=True)
@@ -37,98 +43,13 @@ class Comparison:
     mean_a: float
     mean_b: float
     difference: Difference
-    verdict: str
-
-
-def load_records(sources: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Results records from run directories, results.jsonl or results.csv files; a unit listed twice
-    (same model, variant, size and seed) is counted once, with a warning."""
-    records: list[dict[str, Any]] = []
-    warnings: list[str] = []
-    seen: set[tuple[str, int, Any]] = set()
-    for source in sources:
-        if source.is_dir() and not _has_results(source):
-            raise DataError(f"{source}: {_why_empty(source)}")
-        path = source / "results.jsonl" if source.is_dir() else source
-        text = _read(path)
-        rows = _jsonl(path, text) if path.suffix != ".csv" and text.lstrip()[:1] == "{" else _csv(path, text)
-        if not rows:
-            raise DataError(f"{path}: empty (no data rows)")
-        for row in rows:
-            row["source"] = str(path)
-            key = (series(row), int(row["samples"]), row.get("seed"))
-            if key in seen:
-                warnings.append(f"{path}: {key[0]} at {key[1]:,} samples, seed {key[2]}, is listed again; "
-                                f"counted once")
-                continue
-            seen.add(key)
-            records.append(row)
-    return records, warnings
-
-
-def _jsonl(path: Path, text: str) -> list[dict[str, Any]]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise DataError(f"{path}:{number}: not valid JSON") from None
-        except RecursionError:
-            raise DataError(f"{path}:{number}: not a results record (JSON nested too deeply)") from None
-        if not isinstance(row, dict) or not {"model", "samples", "train_tokens"} <= row.keys():
-            raise DataError(f"{path}:{number}: expected a results record with model, samples and train_tokens")
-        rows.append(_checked(row, f"{path}:{number}"))
-    return rows
-
-
-def _checked(row: dict[str, Any], where: str) -> dict[str, Any]:
-    """The fields a comparison does arithmetic on or sorts by have the types it needs: a one-line
-    DataError naming the record otherwise."""
-    samples, seed = row.get("samples"), row.get("seed")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
-        raise DataError(f"{where}: samples must be a positive whole number (got {str(samples)[:40]!r})")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise DataError(f"{where}: seed must be a whole number (got {str(seed)[:40]!r})")
-    positive_number(row.get("train_tokens"), "train_tokens", where)
-    return row
-
-
-def _csv(path: Path, text: str) -> list[dict[str, Any]]:
-    """A run's results.csv: numbers become numbers, empty cells are dropped."""
-    reader = csv.DictReader(text.splitlines(), strict=True)  # an unclosed quote is an error, not a swallowed table
-    try:
-        return _csv_rows(path, reader)
-    except csv.Error as error:  # a field over the csv module's limit, a NUL byte, broken quoting
-        raise DataError(f"{path}: line {reader.line_num + 1}: not a CSV table ({error}); give a run's "
-                        f"results.csv") from None
-
-
-def _csv_rows(path: Path, reader: csv.DictReader[str]) -> list[dict[str, Any]]:
-    missing = {"model", "samples", "train_tokens"} - set(reader.fieldnames or [])
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}; give a run's results.csv")
-    rows = []
-    for raw in reader:
-        row: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key is None or value in (None, ""):
-                continue
-            try:
-                row[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-            except ValueError:
-                row[key] = value
-        rows.append(_checked(row, f"{path}: row {reader.line_num}"))
-    return rows
-
-
-def check_sources(records: list[dict[str, Any]], allow_mixed: bool) -> list[str]:
-    """The fingerprint check of `scaling`: PPLs on different data are not comparable."""
-    points = [Point(series(r), float(r["train_tokens"]), 1.0,
-                    json.dumps(r["fingerprints"], sort_keys=True) if r.get("fingerprints") else None, r["source"])
-              for r in records]
-    return check_comparable(points, allow_mixed)
+    p: float | None  # two-sided, of "no difference"; None: no test
+    documents: int | None  # validation documents resampled (None: seeds only)
+    why_none: str  # "one seed" where no test was possible for want of seeds; α: how it was estimated
+    pooled: Difference | None = None  # α: the pooled fits' difference, beside the per-seed one
+    pooled_alphas: tuple[float, float] | None = None
+    p_holm: float | None = None
+    verdict: str = ""
 
 
 def _sides(record: dict[str, Any], by: str) -> tuple[str, str]:
@@ -156,12 +77,12 @@ def compare_records(records: list[dict[str, Any]], metric: str, by: str) -> list
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         context, side = _sides(r, by)
-        if _numeric(r.get(metric)) and math.isfinite(r[metric]):
+        if _numeric(r.get(metric)) and math.isfinite(r[metric]) and (metric != "val_ppl" or r[metric] > 0):
             groups.setdefault(context, {}).setdefault(side, []).append(r)
     out = []
     for context, sides in groups.items():
         for a, b in combinations(sides, 2):
-            out.append(_compare(context, a, b, sides[a], sides[b], metric))
+            out.append(_compare(context, a, b, sides[a], sides[b], metric, by))
     if not out:
         raise UserError(_nothing_to_compare(records, metric, by))
     return out
@@ -185,59 +106,179 @@ def _nothing_to_compare(records: list[dict[str, Any]], metric: str, by: str) -> 
 
 
 def _compare(context: str, a: str, b: str, left: list[dict[str, Any]], right: list[dict[str, Any]],
-             metric: str) -> Comparison:
-    seeds_a = {r.get("seed"): r[metric] for r in left}
-    seeds_b = {r.get("seed"): r[metric] for r in right}
-    same_seeds = len(seeds_a) == len(left) and seeds_a.keys() == seeds_b.keys() and None not in seeds_a
-    if same_seeds and len(seeds_a) > 1:
-        order = sorted(s for s in seeds_a if s is not None)
-        diff = paired([seeds_a[s] for s in order], [seeds_b[s] for s in order])
+             metric: str, by: str) -> Comparison:
+    """The seed part: paired by seed where the design pairs the two sides (`--by variant`, the same
+    seeds), Welch otherwise; for val_ppl on NLL, with the documents' share where both sides have it."""
+    nll = metric == "val_ppl"
+    values_a = {r.get("seed"): _scale(r[metric], nll) for r in left}
+    values_b = {r.get("seed"): _scale(r[metric], nll) for r in right}
+    same_seeds = len(values_a) == len(left) and values_a.keys() == values_b.keys() and None not in values_a
+    if by == "variant" and same_seeds and len(values_a) > 1:
+        order = sorted(s for s in values_a if s is not None)
+        diff = paired([values_a[s] for s in order], [values_b[s] for s in order])
     else:
-        diff = welch([r[metric] for r in left], [r[metric] for r in right])
-    if diff.low is None:  # a side with one value has no spread: no test was possible
+        diff = welch([_scale(r[metric], nll) for r in left], [_scale(r[metric], nll) for r in right])
+    mean_a = math.fsum(values_a.values()) / len(values_a) if same_seeds else \
+        math.fsum(_scale(r[metric], nll) for r in left) / len(left)
+    mean_b = math.fsum(_scale(r[metric], nll) for r in right) / len(right)
+    p, documents_count = diff.p, None
+    if nll and (sums := _shared_documents(left, right)) is not None:
+        diff, p = _with_documents(diff, sums)
+        documents_count = len(sums[2])
+    if diff.low is None:
         diff = replace(diff, method="none")
-    mean_a = sum(r[metric] for r in left) / len(left)
-    mean_b = sum(r[metric] for r in right) / len(right)
-    return Comparison(context, a, b, mean_a, mean_b, diff, verdict(a, b, mean_b, diff, metric))
+    spread = (diff.n_a > 1 and diff.n_b > 1) or documents_count is not None
+    return Comparison(context, a, b, mean_a, mean_b, diff, p, documents_count, "" if spread else "one seed")
 
 
-def verdict(a: str, b: str, mean_b: float, diff: Difference, metric: str) -> str:
-    """"A lower by 1.4% ± 0.9%: distinguishable" or "…: within noise"; shares in percentage points."""
-    share = metric in SHARES
-    scale, unit = (100.0, " points") if share else (100.0 / abs(mean_b) if mean_b else math.nan, "%")
-    direction = "lower" if diff.estimate < 0 else "higher"
-    text = f"{a} {direction} than {b} by {scale * abs(diff.estimate):.2f}{unit}"
+def _scale(value: float, nll: bool) -> float:
+    """What a metric is compared on: val_ppl as NLL (ln PPL, nats per token), others as they are."""
+    return math.log(value) if nll else value
+
+
+def _shared_documents(left: list[dict[str, Any]], right: list[dict[str, Any]]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Each side's per-document NLL sums averaged over its seeds, and the documents' scored tokens,
+    where every unit on both sides saved them for the same validation documents (same fingerprints,
+    same tokens per document); None otherwise."""
+    units = [*left, *right]
+    prints = {json.dumps(r.get("fingerprints"), sort_keys=True) for r in units}
+    if any(r.get(DOCUMENTS) is None for r in units) or len(prints) > 1:
+        return None
+    sums: list[np.ndarray] = [r[DOCUMENTS] for r in units]
+    tokens = sums[0][:, 2]
+    if any(s.shape != sums[0].shape or not np.array_equal(s[:, 2], tokens) for s in sums):
+        return None
+    mean_a = np.mean([s[:, 0] for s in sums[:len(left)]], axis=0)
+    mean_b = np.mean([s[:, 0] for s in sums[len(left):]], axis=0)
+    return mean_a, mean_b, tokens
+
+
+def _with_documents(seeds: Difference, sums: tuple[np.ndarray, np.ndarray, np.ndarray]
+                    ) -> tuple[Difference, float | None]:
+    """The seed interval widened by the paired document bootstrap's spread; with no seed interval (one
+    seed on a side, or no seed-to-seed variation), the bootstrap's percentile interval alone."""
+    replicates = bootstrap.mean_differences(*sums)
+    spread = float(np.std(replicates, ddof=1))
+    if seeds.se is not None:
+        combined = combine(seeds, spread)
+        return combined, combined.p
+    if spread == 0:
+        return replace(seeds, low=None, high=None, method="documents"), None
+    low, high = bootstrap.percentile_interval(replicates)
+    return replace(seeds, low=low, high=high, df=None, se=spread, method="documents"), bootstrap.p_value(replicates)
+
+
+def _judge(comparisons: list[Comparison], metric: str) -> list[Comparison]:
+    """Verdicts, with Holm's correction over every comparison that has a test."""
+    tested = [i for i, c in enumerate(comparisons) if c.p is not None]
+    adjusted = dict(zip(tested, holm([comparisons[i].p or 0.0 for i in tested]), strict=True))
+    out = []
+    for i, c in enumerate(comparisons):
+        c = replace(c, p_holm=adjusted.get(i))
+        out.append(replace(c, verdict=verdict(c, metric, len(tested))))
+    return out
+
+
+def verdict(c: Comparison, metric: str, tests: int) -> str:
+    """"A lower PPL than B by 1.40% (95% CI −2.31% … −0.52%): distinguishable", or "…: within noise";
+    val_ppl from NLL (% of PPL), shares in percentage points, other metrics in % of the second mean."""
+    diff = c.difference
+    if metric == "val_ppl":
+        ratio = math.exp(diff.estimate) - 1
+        text = f"{c.a} {'lower' if ratio < 0 else 'higher'} PPL than {c.b} by {100 * abs(ratio):.2f}%"
+        if diff.low is not None and diff.high is not None:
+            text += f" (95% CI {100 * math.expm1(diff.low):+.2f}% … {100 * math.expm1(diff.high):+.2f}%)"
+    else:
+        share = metric in SHARES
+        scale, unit = (100.0, " points") if share else (100.0 / abs(c.mean_b) if c.mean_b else math.nan, "%")
+        direction = "lower" if diff.estimate < 0 else "higher"
+        text = f"{c.a} {direction} than {c.b} by {scale * abs(diff.estimate):.2f}{unit}"
+        if diff.low is not None and diff.high is not None:
+            text += f" ± {scale * (diff.high - diff.low) / 2:.2f}{unit}"
     if diff.low is None or diff.high is None:
-        return f"{text}: no interval (one seed on a side; add experiment.seeds)"
-    half = scale * (diff.high - diff.low) / 2
-    return f"{text} ± {half:.2f}{unit}: {'distinguishable' if diff.excludes_zero else 'within noise'}"
+        if c.why_none == "one seed":
+            return f"{text}: no interval (one seed on a side; add experiment.seeds)"
+        return f"{text}: not enough variation to compare"
+    if not diff.excludes_zero:
+        return f"{text}: within noise"
+    if c.p_holm is not None and c.p_holm >= 1 - LEVEL:
+        return f"{text}: within noise after Holm's correction for {tests} comparisons"
+    return f"{text}: distinguishable"
 
 
 def compare_alphas(fits: list[Fit], records: list[dict[str, Any]], by: str) -> list[Comparison]:
-    """α of every pair of fits that share a context (the variant for --by model, the model for
-    --by variant) and both have an interval; each fit's standard error comes back from its interval."""
-    contexts: dict[str, dict[str, Fit]] = {}
-    names = {series(r): r for r in records}
-    for f in fits:
-        if f.alpha_ci is None or f.model not in names:
-            continue
-        r = names[f.model]
-        context, side = ((r.get("variant") or "", str(r["model"])) if by == "model"
-                         else (str(r["model"]), r.get("variant") or ""))
-        contexts.setdefault(context, {})[side] = f
+    """α of every pair of sides that share a context (the variant for --by model, the model for
+    --by variant): one slope of ln PPL on ln tokens per seed, then the t-interval over seeds (paired
+    by seed where the design pairs them); the pooled fit of all seeds' points beside it. With fewer
+    than two seeds' slopes a side, the pooled fits alone (their standard errors, Welch)."""
+    pooled = {f.model: f for f in fits}
+    contexts: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in records:
+        if series(r) in pooled and _numeric(r.get("val_ppl")) and r["val_ppl"] > 0:
+            context, side = ((r.get("variant") or "", str(r["model"])) if by == "model"
+                             else (str(r["model"]), r.get("variant") or ""))
+            contexts.setdefault(context, {}).setdefault(side, []).append(r)
     out = []
     for context, sides in contexts.items():
         for a, b in combinations(sides, 2):
-            fa, fb = sides[a], sides[b]
-            diff = replace(estimate_difference(fa.alpha, _alpha_se(fa), fa.points - 2, fb.alpha, _alpha_se(fb),
-                                               fb.points - 2), n_a=fa.points, n_b=fb.points)
-            assert diff.low is not None and diff.high is not None
-            word = "distinguishable" if diff.excludes_zero else "within noise"
-            text = (f"α({a}) − α({b}) = {diff.estimate:+.4f} (95% CI {diff.low:+.4f} … {diff.high:+.4f}): "
-                    f"{a if diff.estimate < 0 else b} scales more steeply, {word}")
-            out.append(Comparison(f"α (fit){' @' + context if context else ''}", a, b, fa.alpha, fb.alpha, diff,
-                                  text))
+            fa, fb = pooled[series(sides[a][0])], pooled[series(sides[b][0])]
+            slopes_a, slopes_b = _seed_slopes(sides[a]), _seed_slopes(sides[b])
+            pooled_diff = _pooled(fa, fb)
+            if len(slopes_a) > 1 and len(slopes_b) > 1:
+                if by == "variant" and slopes_a.keys() == slopes_b.keys():
+                    order = sorted(slopes_a)
+                    diff = paired([slopes_a[s] for s in order], [slopes_b[s] for s in order])
+                else:
+                    diff = welch(list(slopes_a.values()), list(slopes_b.values()))
+                mean_a = math.fsum(slopes_a.values()) / len(slopes_a)
+                mean_b = math.fsum(slopes_b.values()) / len(slopes_b)
+                how = f"one slope per seed, t over {len(slopes_a)}/{len(slopes_b)} seeds"
+            elif pooled_diff is not None:
+                diff, mean_a, mean_b, how = pooled_diff, fa.alpha, fb.alpha, "pooled fits"
+            else:
+                continue
+            if diff.low is None:
+                diff = replace(diff, method="none")
+            out.append(Comparison(f"α{' @' + context if context else ''}", a, b, mean_a, mean_b, diff, diff.p,
+                                  None, how, pooled=pooled_diff if how != "pooled fits" else None,
+                                  pooled_alphas=(fa.alpha, fb.alpha)))
     return out
+
+
+def _seed_slopes(records: list[dict[str, Any]]) -> dict[int, float]:
+    """α of each seed with at least two training sizes: the least-squares slope of ln PPL on ln tokens."""
+    by_seed: dict[int, list[tuple[float, float]]] = {}
+    for r in records:
+        point = (math.log(r["train_tokens"]), math.log(r["val_ppl"]))
+        by_seed.setdefault(r.get("seed") or 0, []).append(point)
+    return {seed: float(np.polyfit([x for x, _ in points], [y for _, y in points], 1)[0])
+            for seed, points in by_seed.items() if len({x for x, _ in points}) > 1}
+
+
+def _pooled(fa: Fit, fb: Fit) -> Difference | None:
+    """α(a) − α(b) of the pooled fits (every seed's points in one fit): Welch on their standard errors."""
+    if fa.alpha_ci is None or fb.alpha_ci is None:
+        return None
+    diff = estimate_difference(fa.alpha, _alpha_se(fa), fa.points - 2, fb.alpha, _alpha_se(fb), fb.points - 2)
+    return replace(diff, n_a=fa.points, n_b=fb.points, method="pooled fit")
+
+
+def _alpha_verdict(c: Comparison, tests: int) -> str:
+    d = c.difference
+    text = f"α({c.a}) − α({c.b}) = {d.estimate:+.4f}"
+    if d.low is None or d.high is None:
+        text += ": not enough variation to compare"
+    else:
+        word = "distinguishable" if d.excludes_zero else "within noise"
+        if d.excludes_zero and c.p_holm is not None and c.p_holm >= 1 - LEVEL:
+            word = f"within noise after Holm's correction for {tests} comparisons"
+        steeper = c.a if d.estimate < 0 else c.b
+        text += f" (95% CI {d.low:+.4f} … {d.high:+.4f}, {c.why_none}): {steeper} scales more steeply, {word}"
+    if c.pooled is not None and c.pooled.low is not None:
+        text += (f"; pooled fit (all seeds' points in one fit): {c.pooled.estimate:+.4f} "
+                 f"(95% CI {c.pooled.low:+.4f} … {c.pooled.high:+.4f})")
+    return text
 
 
 def _alpha_se(fit: Fit) -> float:
@@ -251,43 +292,82 @@ def compare(sources: list[Path], metric: str, by: str, allow_mixed: bool) -> dic
         raise UserError(f"--by: expected model or variant (got {by!r})")
     records, warnings = load_records(sources)
     warnings += check_sources(records, allow_mixed)
-    pairs = compare_records(records, metric, by)
+    if metric == "val_ppl":
+        warnings += _attach_documents(records)
+    pairs = _judge(compare_records(records, metric, by), metric)
     points = [Point(series(r), float(r["train_tokens"]), float(r["val_ppl"]), None, r["source"], r.get("seed"))
               for r in records if isinstance(r.get("val_ppl"), int | float) and math.isfinite(r["val_ppl"])]
     fittable = [p for p in points if len({q.tokens for q in points if q.model == p.model}) >= 2]
     # α belongs to the PPL scaling law: shown beside PPL comparisons only
     alphas = compare_alphas(fit_all(fittable, []).fits, records, by) if fittable and metric == "val_ppl" else []
+    tested = [i for i, c in enumerate(alphas) if c.p is not None]
+    adjusted = dict(zip(tested, holm([alphas[i].p or 0.0 for i in tested]), strict=True))
+    alphas = [replace(c, p_holm=adjusted.get(i)) for i, c in enumerate(alphas)]
+    alphas = [replace(c, verdict=_alpha_verdict(c, len(tested))) for c in alphas]
+    tests = sum(c.p is not None for c in pairs)
     return {"sources": sorted({r["source"] for r in records}), "metric": metric, "by": by,
+            "scale": "nll" if metric == "val_ppl" else metric,
+            "holm": {"comparisons": tests, "alpha": len(tested)},
             "comparisons": [_to_json(c) for c in pairs], "alpha": [_to_json(c) for c in alphas],
             "warnings": warnings}
 
 
+def _attach_documents(records: list[dict[str, Any]]) -> list[str]:
+    """Each record's per-document sums (`newllm_kit.documents`) under DOCUMENTS, where its run saved
+    them and they add up to the record; a one-line warning for each file that does not."""
+    warnings = []
+    for r in records:
+        folder = Path(r["source"]).parent
+        sums, warning = documents.read(folder, r)
+        if sums is not None:
+            r[DOCUMENTS] = sums
+        if warning:
+            warnings.append(warning)
+    return warnings
+
+
 def _to_json(c: Comparison) -> dict[str, Any]:
     d = c.difference
-    return {"context": c.context, "a": c.a, "b": c.b, "mean_a": c.mean_a, "mean_b": c.mean_b,
-            "difference": d.estimate, "ci": None if d.low is None else [d.low, d.high], "method": d.method,
-            "n_a": d.n_a, "n_b": d.n_b, "verdict": c.verdict}
+    out: dict[str, Any] = {
+        "context": c.context, "a": c.a, "b": c.b, "mean_a": c.mean_a, "mean_b": c.mean_b,
+        "difference": d.estimate, "ci": None if d.low is None else [d.low, d.high], "method": d.method,
+        "n_a": d.n_a, "n_b": d.n_b, "documents": c.documents, "p": c.p, "p_holm": c.p_holm, "verdict": c.verdict}
+    if c.pooled_alphas is not None:
+        p = c.pooled
+        out["pooled"] = {"alpha_a": c.pooled_alphas[0], "alpha_b": c.pooled_alphas[1],
+                         **({} if p is None else {"difference": p.estimate,
+                                                  "ci": None if p.low is None else [p.low, p.high]})}
+    return out
 
 
 def render(document: dict[str, Any], console: Console) -> None:
     console.print(escape(f"sources: {', '.join(document['sources'])}"))
+    nll = document["scale"] == "nll"
     # Headers name the sides by position, never by letters a model could be called; names fold onto
     # further lines instead of being cut, so two rows never look alike.
-    table = Table(title=f"{document['metric']}: first − second, 95% interval",
-                  caption="n: seeds (points for a fit); paired: by seed, where both sides ran the same seeds; "
-                          "welch: unequal variances; no test: a side has one seed, so no test was possible")
+    title = ("val_ppl, compared on NLL (nats per token; means shown as PPL)" if nll else document["metric"])
+    table = Table(title=f"{title}: first − second, 95% interval",
+                  caption="n: seeds (points for a fit); paired: by seed (--by variant, the same seeds); welch: "
+                          "unpaired seeds; +documents: with the paired bootstrap over validation documents; "
+                          "documents: the bootstrap alone (seed noise not measured); α: one slope per seed; "
+                          "no test: one seed on a side, or no variation")
     for column in ("Where", "First", "Second", "n", "Mean, first", "Mean, second", "First − second (95% CI)",
                    "Test"):
         text = column in ("Where", "First", "Second", "Test")
         table.add_column(column, justify="left" if text else "right", overflow="fold")
-    rows = document["comparisons"] + document["alpha"]
-    for c in rows:
+    for c in document["comparisons"] + document["alpha"]:
+        ppl = nll and not c["context"].startswith("α")
         ci = f"[{c['ci'][0]:.4g}, {c['ci'][1]:.4g}]" if c["ci"] else "—"
-        table.add_row(escape(c["context"]), escape(c["a"]), escape(c["b"]), f"{c['n_a']}/{c['n_b']}",
-                      f"{c['mean_a']:.4g}", f"{c['mean_b']:.4g}", f"{c['difference']:+.4g} {ci}",
-                      c["method"] if c["ci"] else "no test")
+        means = [f"{math.exp(m):.4g}" if ppl else f"{m:.4g}" for m in (c["mean_a"], c["mean_b"])]
+        table.add_row(escape(c["context"]), escape(c["a"]), escape(c["b"]), f"{c['n_a']}/{c['n_b']}", *means,
+                      f"{c['difference']:+.4g} {ci}", c["method"] if c["ci"] else "no test")
     console.print(table)
-    for c in rows:
+    for c in document["comparisons"] + document["alpha"]:
         console.print(f"{escape(c['context'])}: {escape(c['verdict'])}")
+    holm_counts = document["holm"]
+    if holm_counts["comparisons"] > 1 or holm_counts["alpha"] > 1:
+        console.print(f"Verdicts use Holm's correction over the {holm_counts['comparisons']} comparisons "
+                      f"(and, apart, the {holm_counts['alpha']} α comparisons) of this call; intervals are "
+                      f"each 95 %.")
     for warning in document["warnings"]:
         console.print(f"[yellow]warning: {escape(warning)}[/]")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, documents
 from .config import ExperimentConfig
 from .corpus import Stream, embedding_provenance, load_streams
 from .errors import DataError, PluginError, RunFailed
@@ -158,10 +158,11 @@ def _metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, 
     return {choice.component.name: float(choice.build().compute(outputs)) for choice in config.metrics}
 
 
-def check_outputs(recipe: str, outputs: Any, val_tokens: int) -> None:
+def check_outputs(recipe: str, outputs: Any, val_tokens: int, val_documents: int | None = None) -> None:
     """Refuse validation sums no metric could trust: every recipe scores positions 1 … n−1 of the
     validation stream exactly once, so `count` is n − 1, the NLL sum is finite and the hits are at
-    most the count. A recipe that evaluated nothing (the cvfp recipe when
+    most the count; per-document sums, where given, have one row per validation document
+    (`val_documents`) and add up to those totals. A recipe that evaluated nothing (the cvfp recipe when
     `solver.skip_phase2_if_identity` skips Phase 2) returns all three zero: its metrics are missing,
     not wrong."""
     where = f"recipe {recipe!r} returned validation outputs"
@@ -180,6 +181,9 @@ def check_outputs(recipe: str, outputs: Any, val_tokens: int) -> None:
         problem = f"with nll_sum = {nll!r}, not a finite number"
     elif not isinstance(correct, int | np.integer) or not 0 <= correct <= count:
         problem = f"with correct = {correct!r}, outside 0 … count ({count:,})"
+    if problem is None and outputs.documents is not None:
+        why = documents.problem(outputs.documents, nll, correct, count, val_documents)
+        problem = None if why is None else f"with per-document sums that do not fit: {why}"
     if problem is not None:
         raise RunFailed(f"{where} {problem}; fix the recipe")
 
@@ -196,7 +200,8 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
     recipe = config.recipes[recipe_name].build()
     data = UnitData(train_ids=corpus.train_ids(unit.samples).to(runner.device),
                     val_ids=corpus.val.ids.to(runner.device),
-                    train_documents=corpus.train.boundaries[:unit.samples], vocab_size=vocab_size)
+                    train_documents=corpus.train.boundaries[:unit.samples], vocab_size=vocab_size,
+                    val_documents=corpus.val.boundaries)
     logged = _Logged(progress, run, unit, attempt, runner.rank == 0)
     checkpoint = UnitCheckpoint(run, unit.id, runner, logged, (model.vocab_size, model.embedding_dim))
     context = UnitContext(id=unit.id, seed=schema.experiment.seed, runner=runner, progress=logged,
@@ -205,7 +210,7 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
     started = time.perf_counter()
     result = recipe.train(model, data, context)
     seconds = time.perf_counter() - started
-    check_outputs(recipe_name, result.val, data.val_ids.numel())
+    check_outputs(recipe_name, result.val, data.val_ids.numel(), len(corpus.val.boundaries))
     result.val.seed = schema.experiment.seed
     metrics = _metric_values(config, result.val)
     counts = model.param_counts()
@@ -230,6 +235,10 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         "embedding": embedding,
         "notes": result.notes,
     }
+    if result.val.documents is not None:  # every rank names the file; rank 0 writes it
+        record["val_documents"] = documents.path(unit.id)
+        if runner.rank == 0:
+            documents.write(run, unit.id, result.val.documents)
     bound = getattr(corpus.source, "best_token_ppl", None)
     if callable(bound):
         record["best_possible_ppl"] = float(bound(corpus.val.ids.numel(), corpus.val))

@@ -23,11 +23,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from .compare import check_sources, load_records
 from .config import read_toml
 from .errors import DataError, UserError
 from .experiment import Unit
 from .report import Shown, metric_columns, metric_key, recipe_columns
+from .result_sources import check_sources, load_records
 from .rundir import RunDir
 from .scaling import Point, fit_all, series
 from .scaling.points import _has_results, _why_empty

@@ -215,13 +215,19 @@ class EvalOutputs:
 
     Extras the built-in metrics read: "contexts" ([n, C] tensor, for effective_rank),
     "context_width" (int, its denominator) and "convergence_rate" (float). A metric whose extra is
-    absent returns NaN ("—" in the table)."""
+    absent returns NaN ("—" in the table).
+
+    `documents`, where the recipe knows the validation documents (`UnitData.val_documents`): the same
+    sums per document, [D, 3] float64 (NLL, hits, scored positions), each position counted in the
+    document of the token it predicts (`newllm_kit.documents`); they must add up to the totals. The
+    core saves them beside the record, and `compare` resamples them."""
 
     nll_sum: float = 0.0
     correct: int = 0
     count: int = 0
     seed: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    documents: np.ndarray | None = None
 
 
 class Metric(Protocol):
@@ -290,13 +296,14 @@ class Saved:
 @dataclass
 class UnitData:
     """A unit's token streams on `runner.device`: training ids (the first `samples` documents) and the
-    validation ids, shared by every unit of a run. `train_documents` are the [start, stop) spans of
-    the training documents in `train_ids`."""
+    validation ids, shared by every unit of a run. `train_documents` and `val_documents` are the
+    [start, stop) spans of the documents in `train_ids` and `val_ids` (None: not known)."""
 
     train_ids: torch.Tensor
     val_ids: torch.Tensor
     train_documents: np.ndarray  # [k, 2] int64: start, stop of each training document
     vocab_size: int
+    val_documents: np.ndarray | None = None  # [d, 2] int64, the same for the validation documents
 
 
 @dataclass

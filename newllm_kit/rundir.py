@@ -36,7 +36,7 @@ LOCK = ".lock"
 STORE_DIR = "store"  # a running unit's scratch folder (UnitContext.scratch): large temporary files
 ORPHANS = "results.orphans.jsonl"  # records a resume found but cannot use: kept, never deleted
 KIT_NAMES = ("config.resolved.toml", "overrides.txt", "meta.json", "results.jsonl", "results.csv", ORPHANS,
-             "summary.json", "metrics.jsonl", LOCK, "plots", "checkpoints", STORE_DIR, "variants")
+             "summary.json", "metrics.jsonl", LOCK, "plots", "checkpoints", STORE_DIR, "variants", "documents")
 
 # (stage, tensor groups by file name, JSON state) of one checkpoint
 Checkpoint = tuple[str, dict[str, dict[str, torch.Tensor]], dict[str, Any]]
@@ -352,7 +352,8 @@ class RunDir:
         temporaries, disk context stores (no unit is running), the checkpoints of finished units and
         an empty checkpoints/, and cut an unfinished last metrics line so the next append starts on a
         line of its own."""
-        for stray in [*self.path.glob(".*.tmp"), *self.path.glob("checkpoints/*/.*.tmp")]:
+        for stray in [*self.path.glob(".*.tmp"), *self.path.glob("checkpoints/*/.*.tmp"),
+                      *self.path.glob("documents/.*.tmp")]:
             self._remove(stray)
         self._remove(self.path / STORE_DIR)
         for unit_dir in self.path.glob("checkpoints/*"):

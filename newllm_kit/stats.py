@@ -1,6 +1,9 @@
 """Small-sample statistics for replicated runs: a mean with its t-interval, and the difference of
-two means (Welch's unequal-variance interval, or the paired interval when both sides ran the same
+two means (Welch's unequal-variance interval, or the paired interval when the design pairs the
 seeds). Seeds are few (3–5), so every interval uses Student's t, never a normal approximation.
+Two sides without any spread get no interval (never a zero-width one). `combine` adds a second,
+independent source of noise (the validation documents, `newllm_kit.bootstrap`) to a seed interval,
+and `holm` corrects the verdicts of several comparisons made at once.
 
 Pure functions over lists of floats; `compare`, the results table and the sweep plots share them.
 """
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 LEVEL = 0.95
 
@@ -37,7 +40,9 @@ class Interval:
 
 @dataclass(frozen=True)
 class Difference:
-    """`a − b` with its interval; `method` is "welch" or "paired", `df` the t degrees of freedom."""
+    """`a − b` with its interval; `method` is "welch" or "paired" (with "+documents" where `combine`
+    added the documents' share), `df` the t degrees of freedom and `se` the standard error. No
+    interval (`low` None) where a side has one value or neither side varies."""
 
     estimate: float
     low: float | None
@@ -46,6 +51,16 @@ class Difference:
     method: str
     n_a: int
     n_b: int
+    se: float | None = None
+
+    @property
+    def p(self) -> float | None:
+        """The two-sided p-value of "no difference" under the t-interval's assumptions."""
+        if self.se is None or self.df is None or self.low is None:
+            return None
+        from scipy import stats
+
+        return float(2 * stats.t.sf(abs(self.estimate) / self.se, self.df))
 
     @property
     def excludes_zero(self) -> bool:
@@ -96,11 +111,11 @@ def _welch_interval(estimate: float, sa: float, df_a: float, sb: float, df_b: fl
                     level: float) -> Difference:
     """`sa`, `sb`: the squared standard errors of the two sides."""
     se2 = sa + sb
-    if se2 == 0:  # identical replicates on both sides: no spread to scale by, the interval is the point
-        return Difference(estimate, estimate, estimate, math.inf, "welch", n_a, n_b)
+    if se2 == 0:  # identical replicates on both sides: nothing to scale a difference by
+        return Difference(estimate, None, None, None, "welch", n_a, n_b)
     df = se2**2 / (sa**2 / df_a + sb**2 / df_b)
     half = t_quantile(df, level) * math.sqrt(se2)
-    return Difference(estimate, estimate - half, estimate + half, df, "welch", n_a, n_b)
+    return Difference(estimate, estimate - half, estimate + half, df, "welch", n_a, n_b, math.sqrt(se2))
 
 
 def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Difference:
@@ -108,6 +123,40 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> Diff
     differences: the seed's shared share of the noise cancels, so this is tighter than Welch."""
     if len(a) != len(b) or not a:
         raise ValueError("paired needs two equally long, non-empty lists")
-    interval = t_interval([x - y for x, y in zip(a, b, strict=True)], level)
-    df = float(len(a) - 1) if len(a) > 1 else None
-    return Difference(interval.mean, interval.low, interval.high, df, "paired", len(a), len(b))
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    interval = t_interval(differences, level)
+    mean, var = _mean_var(differences)
+    if len(a) < 2 or var == 0:  # one pair, or the same difference every time: no spread to scale by
+        return Difference(mean, None, None, None, "paired", len(a), len(b))
+    return Difference(interval.mean, interval.low, interval.high, float(len(a) - 1), "paired", len(a), len(b),
+                      math.sqrt(var / len(a)))
+
+
+def combine(seeds: Difference, documents_se: float, level: float = LEVEL) -> Difference:
+    """`seeds`' interval widened by an independent source of noise with standard error `documents_se`
+    (the validation documents, measured by the bootstrap with many resamples, so its degrees of
+    freedom count as infinite): se² = se_seeds² + se_documents², with Welch–Satterthwaite degrees of
+    freedom. The documents' spread also holds a little of the seeds' (each document's score varies
+    by seed), so the interval errs on the wide side."""
+    if seeds.se is None or seeds.df is None:
+        raise ValueError("combine needs a seed interval")
+    se2 = seeds.se**2 + documents_se**2
+    if se2 == 0:
+        return replace(seeds, low=None, high=None, df=None, se=None, method=f"{seeds.method}+documents")
+    df = seeds.df * se2**2 / seeds.se**4 if seeds.se > 0 else math.inf
+    half = t_quantile(df, level) * math.sqrt(se2)
+    return replace(seeds, low=seeds.estimate - half, high=seeds.estimate + half, df=df, se=math.sqrt(se2),
+                   method=f"{seeds.method}+documents")
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values tested together: the k-th smallest is multiplied by
+    (m − k + 1), and the adjusted values never decrease in that order. Comparing each with α keeps
+    the chance of any false "distinguishable" at most α over all m."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted

@@ -67,11 +67,14 @@ def _history(value: Any) -> list[dict[str, Any]]:
     return rows
 
 
+NOT_JSON = ("extras", "documents")  # EvalOutputs fields outside the JSON state (documents: a tensor)
+
+
 def _best_val(value: Any) -> EvalOutputs | None:
     if value is None:
         return None
     data = _object(value, "best_val")
-    if set(data) != {f.name for f in fields(EvalOutputs)} - {"extras"}:
+    if set(data) != {f.name for f in fields(EvalOutputs)} - set(NOT_JSON):
         raise ValueError("best_val does not hold nll_sum, correct, count and seed")
     return EvalOutputs(nll_sum=_float(data, "nll_sum", low=0), correct=_int(data, "correct"),
                        count=_int(data, "count", 1), seed=_int(data, "seed", -2**63))
@@ -132,7 +135,9 @@ class TrainState:
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         best = None if self.best_val is None else {
-            f.name: getattr(self.best_val, f.name) for f in fields(EvalOutputs) if f.name != "extras"}
+            f.name: getattr(self.best_val, f.name) for f in fields(EvalOutputs) if f.name not in NOT_JSON}
+        if self.best_val is not None and self.best_val.documents is not None:  # per-document sums: exact float64
+            tensors["best_documents"] = torch.from_numpy(self.best_val.documents)
         data = {"epoch": self.epoch, "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
                 "counter": self.counter, "history": self.history, "seconds": self.seconds, "best_val": best,
                 "optimizer": {"param_groups": self.optimizer.get("param_groups", []), "state": scalars}}
@@ -144,7 +149,7 @@ class TrainState:
         and so does Adam's step count, where the optimizer keeps it). Raises ValueError naming the field
         for anything `to_checkpoint` cannot have written."""
         data = _object(data, "the training state")
-        unknown = sorted(k for k in tensors if k not in ("rng", "cuda_rng")
+        unknown = sorted(k for k in tensors if k not in ("rng", "cuda_rng", "best_documents")
                          and not k.startswith(("model/", "best/", "optimizer/")))
         if unknown:
             raise ValueError(f"unknown tensor {unknown[0]!r}")
@@ -152,11 +157,14 @@ class TrainState:
         def group(prefix: str) -> dict[str, torch.Tensor]:
             return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
+        best_val = _best_val(_get(data, "best_val"))
+        if best_val is not None and "best_documents" in tensors:
+            best_val.documents = tensors["best_documents"].cpu().double().numpy()
         return cls(epoch=_int(data, "epoch"), best_epoch=_int(data, "best_epoch"),
                    best_val_loss=_float(data, "best_val_loss", finite=False), counter=_int(data, "counter"),
                    history=_history(_get(data, "history")), model=group("model/"),
                    optimizer=_optimizer(_get(data, "optimizer"), tensors), best_weights=group("best/"),
-                   best_val=_best_val(_get(data, "best_val")),
+                   best_val=best_val,
                    rng=tensors["rng"].cpu() if "rng" in tensors else None,
                    cuda_rng=tensors["cuda_rng"].cpu() if "cuda_rng" in tensors else None,
                    seconds=_float(data, "seconds", low=0))

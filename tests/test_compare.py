@@ -1,5 +1,6 @@
-"""`newllm-kit compare`: paired or Welch differences with intervals, verdicts, α differences, and
-the same fingerprint refusal as `scaling`."""
+"""`newllm-kit compare`: val_ppl on NLL, Welch across models and paired seeds within one model's
+variants, zero spread as no interval, Holm's correction, α per seed beside the pooled fit, and the
+same fingerprint refusal as `scaling`. Per-document sums: tests/test_document_compare.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from test_cli import cli
 
 from newllm_kit.compare import compare
 from newllm_kit.errors import UserError
-from newllm_kit.stats import paired, welch
+from newllm_kit.stats import holm, welch
 
 PRINTS = {"corpus": "c1", "tokenizer": "t1", "split": "s1"}
 # val PPL per (model, documents, seed): B is A plus a small seed-independent gap
@@ -39,16 +40,33 @@ def run(tmp_path: Path) -> Path:
     return write_run(tmp_path / "run", [record(m, n, s, v) for (m, n, s), v in PPL.items()])
 
 
-def test_shared_seeds_are_paired_and_the_gap_is_found(run: Path) -> None:
+def logs(model: str, samples: int) -> list[float]:
+    return [float(np.log(PPL[(model, samples, s)])) for s in (1, 2, 3)]
+
+
+def test_models_are_unpaired_and_compared_on_nll(run: Path) -> None:
+    """Different architectures share no seed effect: Welch on NLL = ln PPL, whatever the seeds."""
     document = compare([run], "val_ppl", "model", False)
     first = document["comparisons"][0]
-    a = [PPL[("A", 100, s)] for s in (1, 2, 3)]
-    b = [PPL[("B", 100, s)] for s in (1, 2, 3)]
-    expected = paired(a, b)
-    assert (first["context"], first["a"], first["b"], first["method"]) == ("100 docs", "A", "B", "paired")
-    assert first["ci"] == pytest.approx([expected.low, expected.high])
-    assert first["verdict"].startswith("A lower than B by 2.") and first["verdict"].endswith(": distinguishable")
-    assert not welch(a, b).excludes_zero  # unpaired, the seed noise would hide the same gap
+    ref = stats.ttest_ind(logs("A", 100), logs("B", 100), equal_var=False).confidence_interval(0.95)
+    assert document["scale"] == "nll"
+    assert (first["context"], first["a"], first["b"], first["method"]) == ("100 docs", "A", "B", "welch")
+    assert first["mean_a"] == pytest.approx(np.mean(logs("A", 100)))
+    assert first["ci"] == pytest.approx([ref.low, ref.high], rel=1e-7)
+    assert first["verdict"].startswith("A lower PPL than B by 2.") and first["verdict"].endswith(": within noise")
+
+
+def test_variants_of_one_model_keep_their_seed_pairing(tmp_path: Path) -> None:
+    records = [record("A", 100, s, PPL[("A", 100, s)] * (1.02 if v == "hi" else 1.0) + s * 0.1 * (v == "hi"),
+                      variant=v) for v in ("lo", "hi") for s in (1, 2, 3)]
+    (only,) = compare([write_run(tmp_path / "r", records)], "val_ppl", "variant", False)["comparisons"]
+    lo = [np.log(r["val_ppl"]) for r in records if r["variant"] == "lo"]
+    hi = [np.log(r["val_ppl"]) for r in records if r["variant"] == "hi"]
+    ref = stats.ttest_rel(lo, hi).confidence_interval(0.95)
+    assert (only["context"], only["a"], only["b"], only["method"]) == ("A, 100 docs", "lo", "hi", "paired")
+    assert only["ci"] == pytest.approx([ref.low, ref.high], rel=1e-7)
+    assert only["verdict"].startswith("lo lower PPL than hi by 2.") and only["verdict"].endswith("distinguishable")
+    assert not welch(lo, hi).excludes_zero  # unpaired, the seed noise would hide the same gap
 
 
 def test_different_seeds_fall_back_to_welch_and_say_within_noise(tmp_path: Path) -> None:
@@ -64,21 +82,37 @@ def test_one_seed_gives_no_interval_and_says_how_to_get_one(tmp_path: Path) -> N
     assert only["ci"] is None and "add experiment.seeds" in only["verdict"]
 
 
-def test_alpha_difference_of_the_fits(run: Path) -> None:
-    """Each side's α and standard error from scipy's least squares on ln PPL against ln tokens, then
-    Welch's interval with Welch–Satterthwaite degrees of freedom, written out here."""
+@pytest.mark.parametrize("by", ["model", "variant"])
+def test_zero_spread_is_never_a_zero_width_interval(tmp_path: Path, by: str) -> None:
+    records = [record(m, 100, s, 300.0 if m == "A" else 310.0) for m in ("A", "B") for s in (1, 2, 3)]
+    if by == "variant":
+        records = [{**r, "model": "A", "variant": "lo" if r["model"] == "A" else "hi"} for r in records]
+    (only,) = compare([write_run(tmp_path / "r", records)], "val_ppl", by, False)["comparisons"]
+    assert only["ci"] is None and only["method"] == "none"
+    assert only["verdict"].endswith(": not enough variation to compare")
+
+
+def test_alpha_per_seed_with_a_t_interval_and_the_pooled_fit_beside_it(run: Path) -> None:
+    """One slope of ln PPL on ln tokens per seed (numpy's least squares), Welch over the seeds of two
+    models (scipy); and the pooled fits' difference, from scipy's linregress, beside it."""
     (alpha,) = compare([run], "val_ppl", "model", False)["alpha"]
+    slopes = {m: [np.polyfit(np.log([5000.0, 10000.0]), np.log([PPL[(m, 100, s)], PPL[(m, 200, s)]]), 1)[0]
+                  for s in (1, 2, 3)] for m in ("A", "B")}
+    ref = stats.ttest_ind(slopes["A"], slopes["B"], equal_var=False).confidence_interval(0.95)
+    assert alpha["a"] == "A" and alpha["b"] == "B" and alpha["n_a"] == alpha["n_b"] == 3
+    assert alpha["method"] == "welch"
+    assert alpha["difference"] == pytest.approx(np.mean(slopes["A"]) - np.mean(slopes["B"]), rel=1e-9)
+    assert alpha["ci"] == pytest.approx([ref.low, ref.high], rel=1e-7)
     fits = {m: stats.linregress(np.log([n * 50.0 for (k, n, _) in PPL if k == m]),
                                 np.log([v for (k, _, _), v in PPL.items() if k == m])) for m in ("A", "B")}
     se2 = fits["A"].stderr ** 2 + fits["B"].stderr ** 2
     df = se2**2 / (fits["A"].stderr ** 4 / 4 + fits["B"].stderr ** 4 / 4)  # 6 points − 2 parameters a side
     half = stats.t.ppf(0.975, df) * np.sqrt(se2)
-    expected = fits["A"].slope - fits["B"].slope
-    assert alpha["a"] == "A" and alpha["b"] == "B" and alpha["n_a"] == alpha["n_b"] == 6
-    assert (alpha["mean_a"], alpha["mean_b"]) == pytest.approx((fits["A"].slope, fits["B"].slope), rel=1e-9)
-    assert alpha["difference"] == pytest.approx(expected, rel=1e-9)
-    assert alpha["ci"] == pytest.approx([expected - half, expected + half], rel=1e-9)
-    assert alpha["verdict"].startswith(f"α(A) − α(B) = {expected:+.4f} (95% CI {expected - half:+.4f} … ")
+    pooled = fits["A"].slope - fits["B"].slope
+    assert (alpha["pooled"]["alpha_a"], alpha["pooled"]["alpha_b"]) == pytest.approx(
+        (fits["A"].slope, fits["B"].slope), rel=1e-9)
+    assert alpha["pooled"]["ci"] == pytest.approx([pooled - half, pooled + half], rel=1e-9)
+    assert "one slope per seed" in alpha["verdict"] and "pooled fit (all seeds' points in one fit)" in alpha["verdict"]
 
 
 def test_variants_are_compared_within_each_model(tmp_path: Path) -> None:
@@ -87,7 +121,22 @@ def test_variants_are_compared_within_each_model(tmp_path: Path) -> None:
     document = compare([write_run(tmp_path / "r", records)], "val_ppl", "variant", False)
     (only,) = document["comparisons"]
     assert (only["context"], only["a"], only["b"]) == ("A, 100 docs", "lo", "hi")
-    assert only["difference"] == pytest.approx(-5.0) and only["verdict"].endswith("distinguishable")
+    expected = np.mean([np.log(301.0 + k) - np.log(306.0 + k) for k in range(3)])
+    assert only["difference"] == pytest.approx(expected) and only["verdict"].endswith("distinguishable")
+
+
+def test_several_pairs_get_holms_correction_said_in_the_output(tmp_path: Path) -> None:
+    """Three models: three comparisons in one call; each verdict compares Holm's adjusted p-value."""
+    records = [record(m, 100, s, base + s * 3.0 + (0.4 * s * s if m == "C" else 0.0))
+               for m, base in (("A", 300.0), ("B", 306.0), ("C", 312.0)) for s in (1, 2, 3)]
+    document = compare([write_run(tmp_path / "r", records)], "val_ppl", "model", False)
+    p = [c["p"] for c in document["comparisons"]]
+    assert document["holm"]["comparisons"] == 3
+    assert [c["p_holm"] for c in document["comparisons"]] == pytest.approx(holm(p))
+    for c in document["comparisons"]:
+        lifted = c["ci"][0] > 0 or c["ci"][1] < 0
+        if lifted and c["p_holm"] >= 0.05:
+            assert c["verdict"].endswith("within noise after Holm's correction for 3 comparisons")
 
 
 def test_shares_are_compared_in_points(run: Path) -> None:
@@ -117,6 +166,6 @@ def test_cli_prints_one_json_document_and_a_csv_source_works(run: Path, tmp_path
         f"{m},{n},{s},{n * 50},{v}\n" for (m, n, s), v in PPL.items()))
     result = cli("compare", str(csv_file), "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["comparisons"][0]["method"] == "paired"
+    assert json.loads(result.stdout)["comparisons"][0]["method"] == "welch"
     text = cli("compare", str(run))
-    assert "A lower than B" in text.stdout and "distinguishable" in text.stdout
+    assert "A lower PPL than B" in text.stdout and "within noise" in text.stdout

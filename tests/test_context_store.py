@@ -156,7 +156,7 @@ def test_phase2_reads_a_disk_store_like_one_in_memory(tmp_path: Path) -> None:
 
 def test_running_out_of_memory_while_allocating_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                                             tmp_path: Path) -> None:
-    def no_memory(*args: Any) -> torch.Tensor:
+    def no_memory(*args: Any, **keywords: Any) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(context_store, "allocate", no_memory)

@@ -97,6 +97,8 @@ def convergence_check(model: Any, ids: torch.Tensor, trials: int, progress: Any 
     if saved is not None and (resumed := saved.resume(previous)) is not None:
         done, history = resumed
         start = previous[-1:].clone()
+        if progress is not None:
+            progress.message(f"{CONVERGENCE_PHASE}: continuing after trial {done} of {trials} (saved)")
     if progress is not None:
         progress.start(CONVERGENCE_PHASE, trials)
         for trial in range(done):

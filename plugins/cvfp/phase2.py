@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from newllm_kit.documents import DocumentSums
 from newllm_kit.errors import DataError
 from newllm_kit.protocols import EvalOutputs, MemoryPolicy, Progress, Runner
 from newllm_kit.training import (
@@ -113,6 +115,7 @@ class Phase2Data:
     ids: torch.Tensor
     input_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: RowMap | None = None  # the rows `contexts` holds, in order (None: all); a ddp rank's own
+    documents: np.ndarray | None = None  # [D, 2] spans of the stream's documents: evaluation sums them per document
 
     def held(self, start: int, stop: int) -> torch.Tensor:
         """Context rows [start, stop) of the stream, from wherever this rank holds them."""
@@ -171,35 +174,50 @@ def resolve_batch(requested: int | Literal["auto"], model: Model, runner: Memory
 
 
 def _pass(model: Model, data: Phase2Data, rows: range, runner: Runner, chunk: int,
-          grad_scale: float | None) -> tuple[float, int]:
+          grad_scale: float | None, documents: DocumentSums | None = None) -> tuple[float, int]:
     """NLL sum and hits over `rows` (`newllm_kit.training.loss_pass`), backpropagating loss × `grad_scale`
-    if given."""
+    if given; evaluation also adds them to `documents` per document."""
+    attempt: list[DocumentSums] = []  # this attempt's per-document sums: a retried pass starts them over
+
     def losses(micro: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        attempt[:] = [] if documents is None else [documents.empty()]
         for span in spans(rows, micro):
             contexts, tokens, targets = data.batch(model, span, runner.device)
             with runner.autocast():
                 weight, bias = model.output_head()
-                scored = head_cross_entropy(model.token_states(contexts, tokens), weight, bias, targets, chunk,
-                                            count_correct=grad_scale is None)
+                states = model.token_states(contexts, tokens)
+                if attempt:  # predicted tokens span.start + 1 … span.stop, by document
+                    positions = torch.arange(span.start + 1, span.stop + 1, device=targets.device)
+                    scored = attempt[0].score(states, weight, bias, targets, positions, chunk)
+                else:
+                    scored = head_cross_entropy(states, weight, bias, targets, chunk, count_correct=grad_scale is None)
             yield scored
 
-    return loss_pass(cast(nn.Module, model), runner, len(rows), losses, grad_scale, phase="phase2")
+    totals = loss_pass(cast(nn.Module, model), runner, len(rows), losses, grad_scale, phase="phase2")
+    if documents is not None:
+        documents.sums += attempt[0].sums
+    return totals
 
 
 @torch.no_grad()
 def evaluate(model: Model, data: Phase2Data, settings: Phase2Settings, runner: Runner) -> EvalOutputs:
-    """Summed NLL, top-1 hits and count over every position of `data`, in eval mode, summed over ranks."""
+    """Summed NLL, top-1 hits and count over every position of `data`, in eval mode, summed over ranks,
+    and the same per document of `data.documents` (exact: float64 NLL, whole counts). The totals are the
+    documents' sums (the stream is one document where they are not known)."""
     module = cast(nn.Module, model)
     was_training = module.training
     module.eval()
     mine = runner.shard(data.positions)
     pieces = spans(mine, resolve_batch(settings.eval_batch_size or settings.batch_size, model, runner))
-    sums = [(*_pass(model, data, rows, runner, settings.ce_chunk, None), len(rows)) for rows in pieces]
+    documents = DocumentSums.of(data.documents, data.ids.numel(), runner.device)
+    for rows in pieces:
+        _pass(model, data, rows, runner, settings.ce_chunk, None, documents)
     module.train(was_training)
-    totals = torch.tensor(sums, dtype=torch.float64).reshape(-1, 3).sum(0)  # exact: float64 and ints
-    if runner.world_size > 1:
-        totals = runner.all_reduce_sum(totals.to(runner.device)).cpu()
-    return EvalOutputs(nll_sum=float(totals[0]), correct=int(totals[1]), count=int(totals[2]))
+    if runner.world_size > 1:  # each rank scored its shard of the positions: [D, 3] float64, exact
+        documents.sums = runner.all_reduce_sum(documents.sums)
+    totals = documents.sums.sum(0).cpu()
+    return EvalOutputs(nll_sum=float(totals[0]), correct=int(totals[1]), count=int(totals[2]),
+                       documents=documents.result())
 
 
 def store_rows(n: int, batch: int | None, runner: Runner) -> RowMap:

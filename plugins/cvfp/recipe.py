@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -147,6 +148,7 @@ class UnitRun:
     compared: int  # training positions of the phase1-vs-rollout comparison (0: none)
     kept: Path  # the checkpoint folder, where each rank keeps its part of Phase 1's first `keep` contexts
     notes: list[str] = field(default_factory=list)
+    val_documents: np.ndarray | None = None  # spans of the validation documents: Phase 2 evaluates per document
 
     @classmethod
     def start(cls, settings: CVFPRecipeSettings, model: nn.Module, data: UnitData, unit: UnitContext) -> UnitRun:
@@ -156,7 +158,7 @@ class UnitRun:
         compared = min(p2.compare_tokens, data.train_ids.numel() - 1) if p2.compare_contexts else 0
         return cls(settings, model, cvfp, unit, solver, data.train_ids, data.val_ids, inputs,
                    fast=p2.train_contexts == "phase1", compared=compared,
-                   kept=unit.checkpoint.file(phase1_contexts.FILE).parent)
+                   kept=unit.checkpoint.file(phase1_contexts.FILE).parent, val_documents=data.val_documents)
 
     @property
     def keep(self) -> int:
@@ -402,7 +404,8 @@ class CVFPRecipe:
                 memory_phase(runner, "phase2"):
             report = TrainReport(0, 0, [], EvalOutputs(), 0.0) if diagnosed.skip_phase2 else train_phase2(
                 model, Phase2Data(solved.train.layers[-1], run.train_ids, run.inputs, solved.rows["train"]),
-                Phase2Data(solved.val.layers[-1], run.val_ids, run.inputs, solved.rows["val"]), p2, runner,
+                Phase2Data(solved.val.layers[-1], run.val_ids, run.inputs, solved.rows["val"], run.val_documents),
+                p2, runner,
                 unit.progress, start=phase1.phase2_start, on_epoch_end=checkpoint)
         seconds = time.perf_counter() - started
         # The val ER reads the rows the metric would sample, gathered: the store closes after this.

@@ -78,6 +78,7 @@ class StoreCheckpoint:
     def __init__(self, checkpoint: Checkpointer, stream: str, store: torch.Tensor, where: RowMap,
                  runner: Collectives, every_s: float, say: Any, in_place: bool = False) -> None:
         self.checkpoint, self.store, self.where, self.every_s, self.say = checkpoint, store, where, every_s, say
+        self.stream = stream
         self.in_place = in_place  # the store is a memory-mapped `rows_file`: saving is syncing it
         self.rows_name, self.state_name = rows_file(stream, runner), f"solve-{stream}{_suffix(runner)}.json"
         spans = hashlib.sha256(json.dumps(where.spans).encode()).hexdigest()[:16]
@@ -113,6 +114,7 @@ class StoreCheckpoint:
                                r["max_change"], r["gain"], {**r["extra"], "resumed": True})
         self.position = int(state["position"])
         self.carry = torch.tensor([state["carry"]], dtype=torch.float32)
+        self.say(f"{self.stream} rollout continues from position {self.position:,} of {self.where.n:,} (saved)")
         return None
 
     def _state(self) -> dict[str, Any] | None:

@@ -21,11 +21,13 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, cast
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from newllm_kit import hookimpl
+from newllm_kit.documents import DocumentSums
 from newllm_kit.errors import ConfigError, DataError
 from newllm_kit.protocols import (
     Column,
@@ -176,27 +178,37 @@ def _batches(ids: torch.Tensor, windows: Sequence[Window]) -> list[Batch]:
 
 
 def _pass(model: AutoregressiveModel, ids: torch.Tensor, windows: Sequence[Window], runner: Runner, chunk: int,
-          grad_scale: float | None, sample: ContextSample | None = None) -> tuple[float, int]:
+          grad_scale: float | None, sample: ContextSample | None = None, documents: DocumentSums | None = None
+          ) -> tuple[float, int]:
     """NLL sum and hits over the scored predictions of `windows` (`newllm_kit.training.loss_pass`),
-    backpropagating loss × `grad_scale` if given; the scored hidden states go to `sample` if given."""
+    backpropagating loss × `grad_scale` if given; the scored hidden states go to `sample` if given, and
+    the sums per document to `documents` if given."""
+    attempt: list[DocumentSums] = []  # this attempt's per-document sums: a retried pass starts them over
+
     def losses(micro: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        attempt[:] = [] if documents is None else [documents.empty()]
         for span in spans(range(len(windows)), micro):
             for batch in _batches(ids, windows[span.start:span.stop]):
                 with runner.autocast():
                     hidden = model.hidden(batch.inputs)[0]
                     states = hidden.flatten(0, 1) if batch.scored is None else hidden[batch.scored]
                     weight, bias = model.output_head()
-                    scored = head_cross_entropy(states, weight, bias, ids[batch.targets].long(), chunk,
-                                                count_correct=grad_scale is None)
+                    targets = ids[batch.targets].long()
+                    scored = (attempt[0].score(states, weight, bias, targets, batch.targets, chunk) if attempt
+                              else head_cross_entropy(states, weight, bias, targets, chunk,
+                                                      count_correct=grad_scale is None))
                 if sample is not None:
                     sample.add(batch.targets, states)
                 yield scored
 
-    return loss_pass(cast(nn.Module, model), runner, len(windows), losses, grad_scale, phase="lm")
+    totals = loss_pass(cast(nn.Module, model), runner, len(windows), losses, grad_scale, phase="lm")
+    if documents is not None:
+        documents.sums += attempt[0].sums
+    return totals
 
 
 def _recurrent_pass(model: AutoregressiveModel, ids: torch.Tensor, window: int, runner: Placement, chunk: int,
-                    sample: ContextSample) -> tuple[float, int, int]:
+                    sample: ContextSample, documents: DocumentSums) -> tuple[float, int, int]:
     """The whole stream in segments of `window` tokens, one after another, carrying the model's state."""
     nll, hits, count, state = 0.0, 0, 0, None
     for w in train_windows(ids.numel() - 1, window):
@@ -204,7 +216,7 @@ def _recurrent_pass(model: AutoregressiveModel, ids: torch.Tensor, window: int, 
         with runner.autocast():
             states, state = model.hidden(ids[None, w.start:w.start + w.length].long(), state)
             weight, bias = model.output_head()
-            loss, correct = head_cross_entropy(states[0], weight, bias, ids[targets].long(), chunk)
+            loss, correct = documents.score(states[0], weight, bias, ids[targets].long(), targets, chunk)
         sample.add(targets, states[0])
         nll, hits, count = nll + loss.item(), hits + int(correct.item()), count + w.length
     return nll, hits, count
@@ -212,33 +224,35 @@ def _recurrent_pass(model: AutoregressiveModel, ids: torch.Tensor, window: int, 
 
 @torch.no_grad()
 def evaluate(model: AutoregressiveModel, ids: torch.Tensor, runner: Runner, *, window: int, stride: int | None,
-             tokens: int, ce_chunk: int, seed: int = 0) -> EvalOutputs:
+             tokens: int, ce_chunk: int, seed: int = 0, documents: np.ndarray | None = None) -> EvalOutputs:
     """Summed NLL, hits and count (n − 1) over every position of the stream `ids`, summed over ranks, with
     a sample of the scored positions' hidden states as extras (see the module docstring for the rule).
     `window`: a recurrent model's segment; `stride`: an attention model's (None: block_size // 2);
-    `tokens`: an attention model's tokens per pass (whole windows, at least one)."""
+    `tokens`: an attention model's tokens per pass (whole windows, at least one); `documents`: the
+    stream's [D, 2] document spans, to sum per document as well (the totals are the documents' sums)."""
     module = cast(nn.Module, model)
     was_training, positions = module.training, ids.numel() - 1
     module.eval()
     sample = ContextSample(positions, model.embedding_dim, runner.device)
+    sums = DocumentSums.of(documents, ids.numel(), runner.device)
     if model.block_size is None:  # a sequential pass cannot be split over ranks: rank 0 runs it
-        sums = _recurrent_pass(model, ids, window, runner, ce_chunk, sample) if runner.rank == 0 else (0.0, 0, 0)
+        if runner.rank == 0:
+            _recurrent_pass(model, ids, window, runner, ce_chunk, sample, sums)
     else:
         windows = eval_windows(positions, model.block_size, stride or max(model.block_size // 2, 1))
         mine, batch = runner.shard(len(windows)), max(tokens // windows[0].length, 1)
-        parts = [_pass(model, ids, windows[s.start:s.stop], runner, ce_chunk, None, sample)
-                 for s in spans(mine, batch)]
-        scored = sum(w.length - w.skip for w in windows[mine.start:mine.stop])
-        sums = (sum(p[0] for p in parts), sum(p[1] for p in parts), scored)
+        for s in spans(mine, batch):
+            _pass(model, ids, windows[s.start:s.stop], runner, ce_chunk, None, sample, sums)
     module.train(was_training)
-    totals = torch.tensor(sums, dtype=torch.float64)
-    if runner.world_size > 1:
-        totals = runner.all_reduce_sum(totals.to(runner.device)).cpu()
+    if runner.world_size > 1:  # [D, 3] float64: exact over ranks
+        sums.sums = runner.all_reduce_sum(sums.sums)
         sample.rows = runner.all_reduce_sum(sample.rows)
+    totals = sums.sums.sum(0).cpu()
     if int(totals[2]) != positions:
         raise RuntimeError(f"lm evaluation scored {int(totals[2])} positions of {positions}")
     return EvalOutputs(nll_sum=float(totals[0]), correct=int(totals[1]), count=positions, seed=seed,
-                       extras={"contexts": sample.rows.cpu(), "context_width": model.embedding_dim})
+                       extras={"contexts": sample.rows.cpu(), "context_width": model.embedding_dim},
+                       documents=sums.result())
 
 
 def _optimizer(model: nn.Module, params: list[nn.Parameter], settings: LMSettings) -> torch.optim.AdamW:
@@ -367,7 +381,7 @@ class LMRecipe:
 
         def validate() -> EvalOutputs:
             return evaluate(lm_model, data.val_ids, runner, window=window, stride=stride, tokens=batch * window,
-                            ce_chunk=s.ce_chunk, seed=unit.seed)
+                            ce_chunk=s.ce_chunk, seed=unit.seed, documents=data.val_documents)
 
         def save(state: TrainState) -> None:
             tensors, json_state = state.to_checkpoint()

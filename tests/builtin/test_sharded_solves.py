@@ -191,6 +191,8 @@ def test_the_validation_trials_continue_after_the_last_saved_one(tmp_path: Path)
 
         def finish(self, phase: str) -> None: ...
 
+        def message(self, text: str) -> None: ...
+
         def advance(self, phase: str, **fields: Any) -> None:
             self.trials.append(fields["trial"])
             if fields["trial"] == self.at:
