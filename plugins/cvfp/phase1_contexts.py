@@ -28,6 +28,7 @@ from newllm_kit.errors import UserError
 from newllm_kit.protocols import Collectives
 
 from .row_map import RowMap, redistribute
+from .solve_checkpoint import rank_suffix
 
 FILE = "phase1-contexts.safetensors"
 KEY = "contexts"
@@ -37,9 +38,7 @@ SHARD = re.compile(r"phase1-contexts\.rank(\d+)-of-(\d+)\.safetensors")
 
 def file_name(runner: Collectives) -> str:
     """This rank's file: FILE over one process."""
-    if runner.world_size == 1:
-        return FILE
-    return f"phase1-contexts.rank{runner.rank}-of-{runner.world_size}.safetensors"
+    return f"phase1-contexts{rank_suffix(runner)}.safetensors"
 
 
 def write(handle: BinaryIO, contexts: torch.Tensor, first: int = 0) -> None:

@@ -39,13 +39,15 @@ VERSION = 1
 BLOCK_ROWS = 8192  # rows per write or read
 
 
-def _suffix(runner: Collectives) -> str:
+def rank_suffix(runner: Collectives) -> str:
+    """What a rank's own file names carry under ddp (`.rank1-of-2`): a resume with another number of
+    ranks finds none of them. Nothing over one process."""
     return f".rank{runner.rank}-of-{runner.world_size}" if runner.world_size > 1 else ""
 
 
 def rows_file(stream: str, runner: Collectives) -> str:
     """The file of one stream's saved rows on this rank; a disk store is this file itself."""
-    return f"solve-{stream}{_suffix(runner)}.rows"
+    return f"solve-{stream}{rank_suffix(runner)}.rows"
 
 
 def _raw(rows: torch.Tensor) -> bytes:
@@ -80,7 +82,7 @@ class StoreCheckpoint:
         self.checkpoint, self.store, self.where, self.every_s, self.say = checkpoint, store, where, every_s, say
         self.stream = stream
         self.in_place = in_place  # the store is a memory-mapped `rows_file`: saving is syncing it
-        self.rows_name, self.state_name = rows_file(stream, runner), f"solve-{stream}{_suffix(runner)}.json"
+        self.rows_name, self.state_name = rows_file(stream, runner), f"solve-{stream}{rank_suffix(runner)}.json"
         spans = hashlib.sha256(json.dumps(where.spans).encode()).hexdigest()[:16]
         self.fits = {"version": VERSION, "n": where.n, "width": store.shape[1], "rows": where.rows,
                      "dtype": str(store.dtype).removeprefix("torch."), "spans": spans}
@@ -178,7 +180,7 @@ class TrialsCheckpoint:
 
     def __init__(self, checkpoint: Checkpointer, n: int, width: int, trials: int, runner: Collectives,
                  every_s: float) -> None:
-        self.checkpoint, self.every_s, self.suffix = checkpoint, every_s, _suffix(runner)
+        self.checkpoint, self.every_s, self.suffix = checkpoint, every_s, rank_suffix(runner)
         self.state_name = f"trials{self.suffix}.json"
         self.fits = {"version": VERSION, "n": n, "width": width, "trials": trials}
         self.last = time.monotonic()
