@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from newllm_kit.errors import UserError
 from newllm_kit.protocols import Collectives
 
-from .row_map import RowMap, redistribute
+from .row_map import RowMap, per_rank, redistribute
 from .solve_checkpoint import rank_suffix
 
 FILE = "phase1-contexts.safetensors"
@@ -80,20 +80,15 @@ def readable(folder: Path, rows: int, width: int, runner: Collectives) -> bool:
     row once. Files of a job with another number of ranks are refused in one line (a UserError)."""
     shard = _shard(folder / file_name(runner), width)
     foreign = _foreign_world(folder, runner)
-    table = torch.zeros(runner.world_size, 3, dtype=torch.long, device=runner.device)
-    table[runner.rank] = torch.tensor([shard is not None, shard.start if shard else 0, shard.stop if shard else 0])
-    table[runner.rank, 0] += 2 * foreign  # bit 0: readable; the rest: another job's world size
-    if runner.world_size > 1:
-        table = runner.all_reduce_sum(table)
-    table = table.cpu()
-    other = int((table[:, 0] // 2).max())
+    table = per_rank([foreign, shard is not None, shard.start if shard else 0, shard.stop if shard else 0], runner)
+    other = max(row[0] for row in table)
     if other:
         raise UserError(f"{folder}: Phase 1's contexts were saved by a {other}-process job; resume with "
                         f"{other} processes (torchrun --nproc_per_node={other}), or delete that folder to train "
                         f"the unit again with {runner.world_size}")
-    if not bool((table[:, 0] % 2 == 1).all()):
+    if not all(row[1] for row in table):
         return False
-    covered = sorted((int(a), int(b)) for _, a, b in table.tolist() if b > a)
+    covered = sorted((a, b) for _, _, a, b in table if b > a)
     expected = 0
     for a, b in covered:
         if a != expected:

@@ -146,7 +146,7 @@ def redistribute(read: Callable[[int, int], torch.Tensor] | None, source: range,
     its `source` rows (a contiguous range; `read(a, b)` gives its rows [a, b) as a tensor) block by
     block, and every rank keeps the part of each block in `wanted`, written into `out` (its local
     store). Every rank takes part in every block, so no rank waits for another's long work."""
-    ranges = _all_ranges(source, runner)
+    ranges = [(a, b) for a, b in per_rank([source.start, source.stop], runner)]
     for owner, (first, last) in enumerate(ranges):
         for a in range(first, last, GATHER_ROWS):
             b = min(a + GATHER_ROWS, last)
@@ -160,11 +160,11 @@ def redistribute(read: Callable[[int, int], torch.Tensor] | None, source: range,
                 out[at:at + hi - lo] = block[lo - a:hi - a].to(out.device, out.dtype)
 
 
-def _all_ranges(source: range, runner: Collectives) -> list[tuple[int, int]]:
-    """Every rank's (start, stop) of `source`, by rank."""
+def per_rank(values: list[int], runner: Collectives) -> list[list[int]]:
+    """Every rank's few integers `values` (the same count on each), by rank: one sum of a table that
+    each rank fills in its own row."""
     if runner.world_size == 1:
-        return [(source.start, source.stop)]
-    table = torch.zeros(runner.world_size, 2, dtype=torch.long, device=runner.device)
-    table[runner.rank] = torch.tensor([source.start, source.stop], device=runner.device)
-    table = runner.all_reduce_sum(table).cpu()
-    return [(int(a), int(b)) for a, b in table]
+        return [list(values)]
+    table = torch.zeros(runner.world_size, len(values), dtype=torch.long, device=runner.device)
+    table[runner.rank] = torch.tensor(values, device=runner.device)
+    return [[int(v) for v in row] for row in runner.all_reduce_sum(table).cpu()]

@@ -184,6 +184,7 @@ class TrialsCheckpoint:
         self.state_name = f"trials{self.suffix}.json"
         self.fits = {"version": VERSION, "n": n, "width": width, "trials": trials}
         self.last = time.monotonic()
+        self.saved: int | None = None  # the trial whose rows file the published state names
 
     def _rows_name(self, done: int) -> str:
         return f"trials{self.suffix}-{done}.rows"
@@ -200,6 +201,7 @@ class TrialsCheckpoint:
             _read_rows(self.checkpoint.file(self._rows_name(done)), previous, previous.shape[0])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        self.saved = done
         return done, history
 
     def after(self, done: int, previous: torch.Tensor, history: list[float]) -> None:
@@ -210,6 +212,6 @@ class TrialsCheckpoint:
                                      lambda handle: _write_rows(handle, previous, 0, previous.shape[0]))
         state = {"fits": self.fits, "done": done, "history": history}
         self.checkpoint.write_stream(self.state_name, lambda handle: _write_json(handle, state))
-        for older in range(1, done):
-            self.checkpoint.file(self._rows_name(older)).unlink(missing_ok=True)
-        self.last = time.monotonic()
+        if self.saved is not None:  # the state no longer names it
+            self.checkpoint.file(self._rows_name(self.saved)).unlink(missing_ok=True)
+        self.saved, self.last = done, time.monotonic()
