@@ -366,8 +366,9 @@ def render(document: dict[str, Any], console: Console) -> None:
         console.print(f"{escape(c['context'])}: {escape(c['verdict'])}")
     holm_counts = document["holm"]
     if holm_counts["comparisons"] > 1 or holm_counts["alpha"] > 1:
-        console.print(f"Verdicts use Holm's correction over the {holm_counts['comparisons']} comparisons "
-                      f"(and, apart, the {holm_counts['alpha']} α comparisons) of this call; intervals are "
-                      f"each 95 %.")
+        groups = [f"the {count} {what}" for what, count in (("comparisons", holm_counts["comparisons"]),
+                                                             ("α comparisons", holm_counts["alpha"])) if count > 1]
+        console.print(f"Verdicts use Holm's correction over {' and, apart, '.join(groups)} of this call; "
+                      f"intervals are each 95 %.")
     for warning in document["warnings"]:
         console.print(f"[yellow]warning: {escape(warning)}[/]")
