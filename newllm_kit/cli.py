@@ -213,6 +213,15 @@ def run_command(
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Root folder for run directories.")] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest run of this experiment "
                                          "(or the run directory given as FILE), skipping finished units.")] = False,
+    launcher: Annotated[str | None, typer.Option("--launcher", metavar="NAME", help="Where the units run: "
+                                                 "sequential (this process), pool (local workers) or slurm; "
+                                                 "sets launcher.name.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", metavar="N", min=1,
+                                             help="Units at once for --launcher pool (sets launcher.jobs).")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Submit the units (--launcher slurm) and exit; follow "
+                                         "them with `newllm-kit status RUN_DIR`.")] = False,
+    unit: Annotated[str | None, typer.Option("--unit", metavar="ID", help="Run one unit of the run directory "
+                                             "FILE (what a launcher's job runs).")] = None,
     progress: Annotated[str, typer.Option("--progress", metavar="auto|plain|none",
                                           help="auto (rich on a terminal), plain, or none.")] = "auto",
     as_json: JsonOption = False,
@@ -220,23 +229,76 @@ def run_command(
     """Run every model × training size of an experiment: each unit by its recipe, metrics, scaling fit.
 
     Example: `newllm-kit run experiments/quickstart.toml`, then after a kill:
-    `newllm-kit run experiments/quickstart.toml --resume`
+    `newllm-kit run experiments/quickstart.toml --resume`; a grid on 2 local workers:
+    `newllm-kit run experiments/v2.toml --launcher pool --jobs 2`
     """
     from .run import execute
 
     if progress not in ("auto", "plain", "none"):
         raise UserError(f"--progress: expected auto, plain or none (got {progress!r})")
-    result = execute(file, set_ or [], out, resume, "none" if as_json and progress == "auto" else progress,
-                     plugins())
+    overrides = [*(set_ or []), *([f"launcher.name={_toml_value(launcher)}"] if launcher is not None else []),
+                 *([f"launcher.jobs={jobs}"] if jobs is not None else [])]
+    result = execute(file, overrides, out, resume, "none" if as_json and progress == "auto" else progress,
+                     plugins(), unit=unit, detach=detach)
     if result.pop("rank", 0) != 0:
         return  # under torchrun only rank 0 reports
-    result["plots"] = _plots_after_run(Path(result["run_dir"]))
+    if "submitted" in result:
+        if as_json:
+            _print_json(result)
+        else:
+            console.print(escape(f"submitted {result['submitted']}; follow with: newllm-kit status "
+                                 f"{result['run_dir']}"))
+        return
+    if unit is None:
+        result["plots"] = _plots_after_run(Path(result["run_dir"]))
     if as_json:
         _print_json(result)
     else:
         from .report import print_results
 
         print_results(console, result)
+
+
+@app.command("status", cls=Command)
+def status_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (`runs/<experiment>/<run>`).")],
+    as_json: JsonOption = False,
+) -> None:
+    """Each unit of a run: finished, running (claimed by which host and job, which phase), interrupted,
+    failed (with its error) or pending; read from the run directory. Rebuilds results.jsonl, results.csv
+    and summary.json from the finished units' records.
+
+    Example: `newllm-kit status runs/v2/20261207-…`
+    """
+    from .config import load_config
+    from .experiment import plan, publish
+    from .rundir import RunDir
+    from .status import status_document
+
+    run = RunDir.open(run_dir)
+    config = load_config(run.path / "config.resolved.toml", plugins().registry, [])
+    units = plan(config)
+    warnings: list[str] = []
+    try:
+        publish(run, config, units, warnings.append)
+    except UserError as error:  # e.g. a read-only copy: the tables stay as they are
+        warnings.append(f"warning: tables not rebuilt ({error})")
+    document = status_document(run, config, units)
+    document["warnings"] = warnings
+    if as_json:
+        _print_json(document)
+        return
+    for line in warnings:
+        print(line, file=sys.stderr)
+    table = Table(title=escape(f"{run.path} ({document['status'] or 'no status'})"))
+    for column in ("unit", "state", "detail"):
+        table.add_column(column)
+    colours = {"finished": "green", "running": "cyan", "failed": "red", "interrupted": "yellow"}
+    for entry in document["units"]:
+        colour = colours.get(entry["state"], "white")
+        table.add_row(escape(entry["unit"]), f"[{colour}]{entry['state']}", escape(entry["detail"]))
+    console.print(table)
+    console.print(", ".join(f"{n} {state}" for state, n in document["counts"].items()))
 
 
 def _plots_after_run(run_dir: Path) -> str:

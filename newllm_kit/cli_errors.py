@@ -39,7 +39,9 @@ _OS_HINTS = {
 # Signals that stop a command as Ctrl-C does: SIGTERM (what Slurm and Kubernetes send before SIGKILL),
 # SIGHUP (the terminal or ssh session closed) and SIGQUIT (Ctrl-\); their default would end the
 # process without recording how the run stopped.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name))
+# SIGUSR2: what a cluster scheduler sends before it preempts a job or its time runs out (Slurm's --signal).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR2")
+                     if hasattr(signal, name))
 
 
 def stop_on_signal(signum: int, frame: FrameType | None) -> None:

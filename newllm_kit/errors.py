@@ -37,8 +37,8 @@ class RunInterrupted(Exception):
 
     exit_code = 130
 
-    def __init__(self, run_dir: str, signal_name: str = "SIGINT") -> None:
-        super().__init__(f"interrupted ({signal_name}); finished units are kept, continue with "
-                         f"`newllm-kit run {run_dir}`")
+    def __init__(self, run_dir: str, signal_name: str = "SIGINT", unit: str | None = None) -> None:
+        again = f"newllm-kit run {run_dir}" + (f" --unit {unit}" if unit else "")
+        super().__init__(f"interrupted ({signal_name}); finished units are kept, continue with `{again}`")
         self.run_dir = run_dir
         self.signal_name = signal_name

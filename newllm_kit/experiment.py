@@ -16,6 +16,8 @@ import math
 import platform
 import random
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,17 +26,20 @@ import numpy as np
 import torch
 
 from . import __version__, documents
+from .claims import STALE_AFTER_S, Claimed, UnitClaim, describe, gone_because, read_claim, short_claim
 from .config import ExperimentConfig
 from .corpus import Stream, embedding_provenance, load_streams
-from .errors import DataError, PluginError, RunFailed
+from .errors import DataError, PluginError, RunFailed, UserError
 from .params import check_model_fits
 from .protocols import Collectives, EvalOutputs, Placement, Runner, UnitContext, UnitData
 from .report import metric_key
+from .result_records import UNITS_DIR, read_unit_records
 from .resume import PINNED, pin_fingerprints
-from .rundir import STORE_DIR, RunDir
+from .rundir import ORPHANS, STORE_DIR, RunDir
 from .scaling import Point, fit_all, report_to_json, series
 from .training import ppl, start_unit
 from .unit_checkpoint import UnitCheckpoint, share
+from .unit_files import CLAIM, META_CLAIM, METRICS, TABLES_CLAIM, claims_dir, unit_dir, write_failure, write_record
 
 VARIANTS_DIR = "variants"  # each sweep variant's resolved config, <name>.toml
 
@@ -189,7 +194,8 @@ def check_outputs(recipe: str, outputs: Any, val_tokens: int, val_documents: int
 
 
 def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: Runner, run: RunDir,
-             progress: Any, attempt: int) -> dict[str, Any]:
+             progress: Any, attempt: int, claim: UnitClaim | None = None, own_metrics: bool = False
+             ) -> dict[str, Any]:
     """Build the unit's model, hand it to its recipe, and make the results record from what comes back."""
     schema = config.schema
     start_unit(runner, unit.id)
@@ -202,10 +208,11 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
                     val_ids=corpus.val.ids.to(runner.device),
                     train_documents=corpus.train.boundaries[:unit.samples], vocab_size=vocab_size,
                     val_documents=corpus.val.boundaries)
-    logged = _Logged(progress, run, unit, attempt, runner.rank == 0)
+    metrics_file = run.path / UNITS_DIR / unit.id / METRICS if own_metrics else run.path / "metrics.jsonl"
+    logged = _Logged(progress, run, unit, attempt, runner.rank == 0, metrics_file, claim)
     checkpoint = UnitCheckpoint(run, unit.id, runner, logged, (model.vocab_size, model.embedding_dim))
     context = UnitContext(id=unit.id, seed=schema.experiment.seed, runner=runner, progress=logged,
-                          checkpoint=checkpoint, scratch=run.inside(run.path / STORE_DIR),
+                          checkpoint=checkpoint, scratch=run.inside(run.path / STORE_DIR / unit.id),
                           metrics=lambda outputs: _metric_values(config, outputs))
     started = time.perf_counter()
     result = recipe.train(model, data, context)
@@ -246,17 +253,22 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
 
 
 class _Logged:
-    """Progress that also appends every advance to metrics.jsonl (rank 0 only: one line per event)."""
+    """Progress that also appends every advance to the metrics lines (rank 0 only: one line per event)
+    and tells the unit's claim which phase runs, for `status`."""
 
-    def __init__(self, inner: Any, run: RunDir, unit: Unit, attempt: int, write: bool) -> None:
+    def __init__(self, inner: Any, run: RunDir, unit: Unit, attempt: int, write: bool, file: Path,
+                 claim: UnitClaim | None) -> None:
         self.inner, self.run, self.unit, self.attempt, self.write = inner, run, unit, attempt, write
+        self.file, self.claim = file, claim
 
     def start(self, phase: str, total: int | None) -> None:
+        if self.claim is not None:
+            self.claim.beat(phase)
         self.inner.start(phase, total)
 
     def advance(self, phase: str, **fields: float) -> None:
         if self.write:
-            self.run.log_metrics({"unit": self.unit.id, "phase": phase, "attempt": self.attempt, **fields})
+            self.run.log_metrics({"unit": self.unit.id, "phase": phase, "attempt": self.attempt, **fields}, self.file)
         self.inner.advance(phase, **fields)
 
     def finish(self, phase: str) -> None:
@@ -266,7 +278,7 @@ class _Logged:
         self.inner.message(text)
 
 
-def meta(config: ExperimentConfig, runner: Placement, plugins: list[dict[str, Any]]) -> dict[str, Any]:
+def meta(config: ExperimentConfig, runner: Any, plugins: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "newllm_kit": __version__,
         "python": platform.python_version(),
@@ -314,99 +326,257 @@ def csv_columns(config: ExperimentConfig, units: list[Unit], records: list[dict[
                                "val_ppl", "val_acc", *metrics, *declared]))
 
 
-def _publish(run: RunDir, config: ExperimentConfig, units: list[Unit], done: Done) -> None:
-    """results.jsonl, results.csv and summary.json of the finished units: one step, redone on every start."""
-    records = [done[u.key] for u in units if u.key in done]
-    run.write_results(records, csv_columns(config, units, records))
-    run.write_json("summary.json", {"results": records, "metrics": metric_info(config), "scaling": summarise(records)})
-
-
-def _finished(records: list[dict[str, Any]], config: ExperimentConfig) -> Done:
+def finished_units(run: RunDir, config: ExperimentConfig, units: list[Unit], warn: Callable[[str], None]) -> Done:
+    """The finished units' records, read from units/<id>/record.json. A record file the kit cannot read,
+    or one that belongs to another unit, is moved to results.orphans.jsonl with a warning, and its unit
+    runs again: nothing is deleted silently."""
+    by_id = {u.id: u for u in units}
     seed = config.schema.experiment.seed_list()[0]
-    return {record_key(r, seed): r for r in records}
+    done: Done = {}
+    for unit_id, (file, record, problem) in read_unit_records(run.path).items():
+        unit = by_id.get(unit_id)
+        why = (f"unreadable record ({problem})" if record is None else
+               "a record of a unit not in this run's plan" if unit is None else
+               "a record of another unit" if record_key(record, seed) != unit.key else None)
+        if why is None and unit is not None and record is not None:
+            done[unit.key] = record
+            continue
+        warn(f"warning: {file}: {why}; moved to {ORPHANS}, and its unit runs again")
+        try:
+            text = " ".join(file.read_text(encoding="utf-8", errors="replace").split())
+        except OSError:
+            text = ""
+        run.set_aside([text] if text else [])
+        run.inside(file).unlink(missing_ok=True)
+    return done
 
 
-def _start(config: ExperimentConfig, run: RunDir, units: list[Unit], progress: Any, meta_now: dict[str, Any]
-           ) -> tuple[int, list[dict[str, Any]]]:
-    """Rank 0, before any unit: repair what a killed process left, write each sweep variant's resolved
-    config, and mark the run running. Returns this process's attempt number (1, then +1 per resume)
-    and the finished records."""
+def publish(run: RunDir, config: ExperimentConfig, units: list[Unit], warn: Callable[[str], None]) -> Done:
+    """Rebuild results.jsonl, results.csv and summary.json from the unit records, under a short claim so
+    two processes finishing units at once cannot interleave; returns the finished records."""
+    with short_claim(claims_dir(run) / TABLES_CLAIM):
+        done = finished_units(run, config, units, warn)
+        records = [done[u.key] for u in units if u.key in done]
+        if records or (run.path / "results.jsonl").exists():
+            run.write_results(records, csv_columns(config, units, records))
+            run.write_json("summary.json", {"results": records, "metrics": metric_info(config),
+                                            "scaling": summarise(records)})
+    return done
+
+
+def busy_units(run: RunDir, units: list[Unit], stale_after_s: float) -> set[str]:
+    """Units whose claim a live process holds: their scratch files and checkpoints are in use."""
+    busy = set()
+    for unit in units:
+        file = run.path / UNITS_DIR / unit.id / CLAIM
+        try:
+            age = time.time() - file.stat().st_mtime
+        except OSError:  # no claim (or released this instant)
+            continue
+        if gone_because(read_claim(file), age, stale_after_s) is None:
+            busy.add(unit.id)
+    return busy
+
+
+def update_meta(run: RunDir, **fields: Any) -> dict[str, Any]:
+    """Rewrite meta.json with `fields` under its short claim (jobs of one run share the file)."""
+    with short_claim(claims_dir(run) / META_CLAIM):
+        recorded = run.read_json("meta.json")
+        merged = {**(recorded if isinstance(recorded, dict) else {}), **fields}
+        run.write_json("meta.json", merged)
+    return merged
+
+
+def start_run(config: ExperimentConfig, run: RunDir, units: list[Unit], progress: Any, meta_now: dict[str, Any]
+              ) -> tuple[int, Done]:
+    """Before any unit (by the process holding the run directory's lock): take over the records of an
+    older results.jsonl, repair what a killed process left, write each sweep variant's resolved config,
+    and mark the run running. Returns this start's attempt number (1, then +1 per resume) and the
+    finished records."""
     seed = config.schema.experiment.seed_list()[0]
-    records, set_aside = run.finished_records(lambda r: record_key(r, seed), {u.key for u in units},
-                                              progress.message)
-    done = _finished(records, config)
-    if records or set_aside:
-        _publish(run, config, units, done)
-    run.repair({u.id for u in units if u.key in done})
+    ids = {u.key: u.id for u in units}
+    legacy: list[dict[str, Any]] = []
+    set_aside = False
+    if not read_unit_records(run.path):  # a run written before records had files of their own
+        legacy, set_aside = run.finished_records(lambda r: record_key(r, seed), set(ids), progress.message)
+        for record in legacy:
+            write_record(run, ids[record_key(record, seed)], record)
+    done = finished_units(run, config, units, progress.message)
+    if legacy or set_aside or done:
+        done = publish(run, config, units, progress.message)
+    stale = stale_after(config)
+    run.repair({u.id for u in units if u.key in done}, busy_units(run, units, stale))
     if config.variants:
         run.inside(run.path / VARIANTS_DIR).mkdir(exist_ok=True)
         for variant in config.variants:
             run.write_text(f"{VARIANTS_DIR}/{variant.name}.toml", variant.config.resolved_toml())
-    previous, attempt, pinned = run.read_json("meta.json"), 1, {}
-    if isinstance(previous, dict):
-        attempt = previous["attempt"] + 1 if isinstance(previous.get("attempt"), int) else 2
-        pinned = {k: previous[k] for k in PINNED if isinstance(previous.get(k), dict)}
-    run.write_json("meta.json", {**meta_now, **pinned, "status": "running", "attempt": attempt})
-    return attempt, records
+    with short_claim(claims_dir(run) / META_CLAIM):
+        previous, attempt, pinned = run.read_json("meta.json"), 1, {}
+        if isinstance(previous, dict):
+            attempt = previous["attempt"] + 1 if isinstance(previous.get("attempt"), int) else 2
+            pinned = {k: previous[k] for k in PINNED if isinstance(previous.get(k), dict)}
+        run.write_json("meta.json", {**meta_now, **pinned, "status": "running", "attempt": attempt})
+    return attempt, done
+
+
+def stale_after(config: ExperimentConfig) -> float:
+    """`launcher.stale_after_s`: how old a claim's heartbeat may be before its unit is taken over."""
+    value = getattr(config.schema.launcher, "stale_after_s", STALE_AFTER_S)
+    return float(value)
+
+
+def find_unit(units: list[Unit], unit_id: str, run: RunDir) -> Unit:
+    match = next((u for u in units if u.id == unit_id), None)
+    if match is None:
+        shown = ", ".join(u.id for u in units[:6]) + (" …" if len(units) > 6 else "")
+        raise UserError(f"--unit {unit_id}: not a unit of {run.path} (its units: {shown}); see "
+                        f"`newllm-kit status {run.path}`")
+    return match
+
+
+def _claim(run: RunDir, unit: Unit, stale: float, progress: Any) -> UnitClaim | dict[str, Any]:
+    """Claim the unit for this process, or say who holds it."""
+    folder = unit_dir(run, unit.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return UnitClaim.take(folder / CLAIM, stale, progress.message)
+    except Claimed as held:
+        return held.holder
+
+
+class UnitBusy(UserError):
+    """A job found its unit claimed by a live process: nothing failed, the unit runs there."""
+
+
+def failure_line(error: BaseException) -> tuple[str, int]:
+    """What units/<id>/failed.json says: the one-line error a user sees, and the exit code."""
+    if isinstance(error, UserError | RunFailed):
+        return " ".join(str(error).split()), error.exit_code
+    text = str(error).strip().splitlines()
+    return f"internal error: {type(error).__name__}{': ' + text[0] if text else ''}", 1
 
 
 def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progress: Any,
-                   plugin_report: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run every unit not yet in results.jsonl; returns all records, in plan order. Rank 0 decides
-    which units are finished and the other ranks follow, so they cannot diverge."""
+                   plugin_report: list[dict[str, Any]], only: str | None = None) -> list[dict[str, Any]]:
+    """Run every unit not yet finished, in plan order; returns all finished records. With `only`, run
+    just that unit (a launcher's job: no lock on the run directory, its own claim, its own metrics
+    file) and return its record. Rank 0 decides and claims; the other ranks follow it."""
     units = plan(config)
-    attempt, finished = (_start(config, run, units, progress, meta(config, runner, plugin_report))
-                         if runner.rank == 0 else (0, []))
-    done = _finished(share(runner, finished), config)
-    progress.experiment(config.schema.experiment.name, len(units))
+    chosen = units if only is None else [find_unit(units, only, run)]
+    stale = stale_after(config)
+    attempt: int = 0
+    finished: Done = {}
+    if runner.rank == 0:
+        if only is None:
+            attempt, finished = start_run(config, run, units, progress, meta(config, runner, plugin_report))
+        else:
+            finished = finished_units(run, config, units, progress.message)
+            recorded = run.read_json("meta.json")
+            attempt = recorded.get("attempt", 1) if isinstance(recorded, dict) else 1
+    shared = share(runner, [attempt, [[u.id, finished[u.key]] for u in units if u.key in finished]])
+    attempt, by_id = shared[0], dict(shared[1])
+    done: Done = {u.key: by_id[u.id] for u in units if u.id in by_id}
+    progress.experiment(config.schema.experiment.name, len(chosen))
     corpora: dict[str, CorpusCache] = {}
-    corpus: CorpusCache | None = None
     pinned: dict[str, dict[str, str]] = {}  # variant -> the fingerprint set checked against meta.json
-    for i, unit in enumerate(units, start=1):
-        progress.begin_unit(unit.id, i, len(units))
+    elsewhere: list[str] = []  # units another live process holds
+    for i, unit in enumerate(chosen, start=1):
+        progress.begin_unit(unit.id, i, len(chosen))
         if unit.key in done:
             progress.end_unit(unit.id, "(already finished)")
             continue
-        unit_cfg = unit_config(config, unit)
-        corpus = _corpus(unit_cfg, run, runner, corpora)
-        if runner.rank == 0 and unit.variant not in pinned:
-            pinned[unit.variant] = pin_fingerprints(run, unit.variant, unit_fingerprints(unit_cfg, corpus))
+        claim = _claim(run, unit, stale, progress) if runner.rank == 0 else None
+        holder = share(runner, claim if isinstance(claim, dict) else None)
+        if holder is not None:
+            if only is not None:
+                raise UnitBusy(f"{unit.id}: claimed by {describe(holder)}, which is running it; see "
+                               f"`newllm-kit status {run.path}`")
+            progress.end_unit(unit.id, f"(running elsewhere: {describe(holder)})")
+            elsewhere.append(f"{unit.id} ({describe(holder)})")
+            continue
+        mine = claim if isinstance(claim, UnitClaim) else None
         try:
-            record = run_unit(unit_cfg, unit, corpus, runner, run, progress, attempt)
-        except RunFailed as error:  # name the unit, once, and record it as the one that failed
-            if runner.rank == 0:
-                _record_failed_unit(run, unit)
-            if str(error).startswith(f"{unit.id}:"):
-                raise
-            raise RunFailed(f"{unit.id}: {error}") from error
-        record["seed"] = unit.seed
-        if unit.variant:
-            record["variant"] = unit.variant
-            record["sweep"] = next(dict(v.changes) for v in config.variants if v.name == unit.variant)
+            record = _run_claimed(config, unit, run, runner, progress, attempt, mine, only is not None, corpora,
+                                  pinned)
+        except KeyboardInterrupt:
+            if mine is not None:
+                mine.release()
+            raise
+        except BaseException as error:
+            if mine is not None:
+                write_failure(run, unit.id, *failure_line(error))
+                mine.release()
+            if isinstance(error, RunFailed) and not str(error).startswith(f"{unit.id}:"):
+                raise RunFailed(f"{unit.id}: {error}") from error  # name the unit, once
+            raise
         done[unit.key] = record
-        if runner.rank == 0:
-            _publish(run, config, units, done)
+        if mine is not None:
+            if mine.lost is not None:
+                mine.release()
+                raise RunFailed(f"{unit.id}: its claim was taken over by {describe(mine.lost)} while it ran (its "
+                                f"heartbeat stalled); that process's record counts, this one is dropped")
+            write_record(run, unit.id, record)
             run.drop_checkpoint(unit.id)
+            mine.release()
+            done = publish(run, config, units, progress.message)
         runner.barrier()
         progress.end_unit(unit.id, f"val_ppl={record['val_ppl']:.2f} val_acc={record['val_acc']:.4f}")
     if runner.rank == 0:
+        done = publish(run, config, units, progress.message)
+        if elsewhere:
+            raise RunFailed(f"{len(elsewhere)} unit(s) are running in another process: {', '.join(elsewhere)}; "
+                            f"nothing of theirs was run here twice; watch them with `newllm-kit status {run.path}`")
+        if all(u.key in done for u in units):
+            finish_meta(config, run, units, done, meta(config, runner, plugin_report), attempt,
+                        repair=only is None)
+    if only is not None:
+        return [done[chosen[0].key]]
+    return [done[u.key] for u in units]
+
+
+def _run_claimed(config: ExperimentConfig, unit: Unit, run: RunDir, runner: Runner, progress: Any, attempt: int,
+                 claim: UnitClaim | None, as_job: bool, corpora: dict[str, CorpusCache],
+                 pinned: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """One claimed unit: its corpus, its pinned fingerprints, its recipe, and its record."""
+    unit_cfg = unit_config(config, unit)
+    if as_job and runner.rank == 0:
+        run.repair_unit(unit.id)
+    corpus = _corpus(unit_cfg, run, runner, corpora)
+    if runner.rank == 0 and unit.variant not in pinned:
+        with short_claim(claims_dir(run) / META_CLAIM):
+            pinned[unit.variant] = pin_fingerprints(run, unit.variant, unit_fingerprints(unit_cfg, corpus))
+    try:
+        record = run_unit(unit_cfg, unit, corpus, runner, run, progress, attempt, claim, as_job)
+    except RunFailed:
+        if runner.rank == 0:
+            update_meta(run, failed_unit=unit.id)  # the unit whose numbers were refused: it runs again
+        raise
+    finally:
+        with suppress(OSError):  # the unit's scratch folder, and store/ once no unit uses it
+            (run.path / STORE_DIR / unit.id).rmdir()
+            (run.path / STORE_DIR).rmdir()
+    record["seed"] = unit.seed
+    if unit.variant:
+        record["variant"] = unit.variant
+        record["sweep"] = next(dict(v.changes) for v in config.variants if v.name == unit.variant)
+    return record
+
+
+def finish_meta(config: ExperimentConfig, run: RunDir, units: list[Unit], done: Done, meta_now: dict[str, Any],
+                attempt: int, repair: bool) -> None:
+    """Every unit finished: meta.json says so (keeping the pinned fingerprints) and names each unit's
+    context store; the process that ran the whole run also removes what no resume needs any more."""
+    if repair:
         run.repair({u.id for u in units})  # nothing left to resume: no checkpoints/ either
-        stores = {u.id: done[u.key].get("context_store") for u in units}
+    stores = {u.id: done[u.key].get("context_store") for u in units}
+    with short_claim(claims_dir(run) / META_CLAIM):
         recorded = run.read_json("meta.json")
         kept = {k: recorded[k] for k in PINNED if isinstance(recorded, dict) and isinstance(recorded.get(k), dict)}
         if "fingerprints" not in kept:  # a run finished before sets were pinned: its records say
             kept["fingerprints"] = next(iter(done.values())).get("fingerprints")
-        run.write_json("meta.json", {**meta(config, runner, plugin_report), **kept, "status": "finished",
-                                     "attempt": attempt, "context_stores": stores})
-    return [done[u.key] for u in units]
-
-
-def _record_failed_unit(run: RunDir, unit: Unit) -> None:
-    """meta.json's `failed_unit`: the unit whose numbers were refused. Its record is not written, so
-    results.jsonl keeps the finished units only, and a resume runs that unit again."""
-    recorded = run.read_json("meta.json")
-    if isinstance(recorded, dict):
-        run.write_json("meta.json", {**recorded, "failed_unit": unit.id})
+        run.write_json("meta.json", {**meta_now, **kept, "status": "finished",
+                                     "attempt": recorded.get("attempt", attempt) if isinstance(recorded, dict)
+                                     else attempt, "context_stores": stores})
 
 
 def _corpus(config: ExperimentConfig, run: RunDir, runner: Collectives, corpora: dict[str, CorpusCache]
@@ -414,14 +584,30 @@ def _corpus(config: ExperimentConfig, run: RunDir, runner: Collectives, corpora:
     """The tokenised corpus of a unit's config, built once per distinct data and tokenizer settings
     (a sweep may change them). Rank 0 tokenises first and the others then read its cache: every rank
     gets the same tokenizer and streams, and no two processes train a tokenizer into the same file at once."""
-    resolved = config.resolved()
-    key = json.dumps([resolved["data"], resolved["tokenizer"], resolved["experiment"]["samples"]], sort_keys=True)
+    key = _corpus_key(config)
     if key not in corpora:
         cache_dir = run.path.parent / ".cache"
         corpus = CorpusCache(config, cache_dir) if runner.rank == 0 else None
         runner.barrier()
         corpora[key] = corpus or CorpusCache(config, cache_dir)
     return corpora[key]
+
+
+def _corpus_key(config: ExperimentConfig) -> str:
+    resolved = config.resolved()
+    return json.dumps([resolved["data"], resolved["tokenizer"], resolved["experiment"]["samples"]], sort_keys=True)
+
+
+def prepare_corpora(config: ExperimentConfig, run: RunDir, units: list[Unit]) -> None:
+    """Tokenise each distinct corpus of `units` once, before their jobs start: concurrent jobs then only
+    read the cache, and none tokenises into a file another is writing."""
+    seen: set[str] = set()
+    for unit in units:
+        unit_cfg = unit_config(config, unit)
+        key = _corpus_key(unit_cfg)
+        if key not in seen:
+            seen.add(key)
+            CorpusCache(unit_cfg, run.path.parent / ".cache")
 
 
 def unit_fingerprints(config: ExperimentConfig, corpus: CorpusCache) -> dict[str, str]:

@@ -197,6 +197,28 @@ def register_runners(register: Register) -> None:
 
 
 @hookspec
+def register_launchers(register: Register) -> None:
+    """Register launchers (kind `launcher`, TOML `[launcher] name = NAME`, or `run --launcher NAME`;
+    other keys: settings, besides the core's `stale_after_s`).
+
+    `factory(settings)` returns a `Launcher` (`newllm_kit.protocols.Launcher`): where the units of a
+    grid run, with `in_process: bool` (the core runs the units itself and never calls `launch`) and
+    `launch(request) -> str | None`, which starts every job of the `LaunchRequest` and, unless
+    detached, returns once all have ended. The built-ins: `sequential` (one after another in this
+    process), `pool` (local worker processes, one unit per GPU) and `slurm` (a job array through
+    submitit). A launcher starts each `UnitJob` as a process running `newllm-kit run RUN_DIR --unit
+    ID` (`newllm_kit.launch.job_command` builds the command line, under torchrun for a ddp runner);
+    the job claims its unit in the run directory, so a launcher needs no bookkeeping of its own.
+
+    Example::
+
+        @hookimpl
+        def register_launchers(register):
+            register("my_cluster", MyClusterLauncher, settings=MyClusterSettings)
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add commands to the `newllm-kit` CLI. `cli` is the Typer app.
 

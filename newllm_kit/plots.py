@@ -62,7 +62,7 @@ def write_plots(run_dir: Path, out: Path | None = None, allow_mixed: bool = Fals
     new_figure((1, 1), WHAT)  # says how to install matplotlib before any work
     records, _ = load_records([run_dir])
     check_sources(records, allow_mixed)  # results on different data share no axis
-    curves = read_curves(run_dir / "metrics.jsonl")
+    curves = run_curves(run_dir)
     seeded = _seeded(run_dir, records)
     written = []
     for r in records:
@@ -100,15 +100,23 @@ def _seeded(run_dir: Path, records: list[dict[str, Any]]) -> bool:
     return len({r.get("seed") for r in records}) > 1
 
 
-def read_curves(path: Path) -> dict[str, Curves]:
-    """metrics.jsonl as {unit: {phase: rows by step}}, phases in the order first logged; a step logged again
-    by a resumed attempt replaces the earlier row, and a line cut by a kill is skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read ({error})") from None
+def run_curves(run_dir: Path) -> dict[str, Curves]:
+    """A run's curves: its metrics.jsonl, then the metrics of units that ran as jobs."""
+    return read_curves(run_dir / "metrics.jsonl", *sorted(run_dir.glob("units/*/metrics.jsonl")))
+
+
+def read_curves(*paths: Path) -> dict[str, Curves]:
+    """metrics.jsonl files (a run's own, then its units' as jobs wrote them) as {unit: {phase: rows by
+    step}}, phases in the order first logged; a step logged again by a resumed attempt replaces the
+    earlier row, and a line cut by a kill is skipped."""
+    lines: list[str] = []
+    for path in paths:
+        try:
+            lines += path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: cannot read ({error})") from None
     steps: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
     for line in lines:
         try:

@@ -356,6 +356,43 @@ class Recipe(Protocol):
     def train(self, model: nn.Module, data: UnitData, unit: UnitContext) -> RecipeResult: ...
 
 
+@dataclass(frozen=True)
+class UnitJob:
+    """One unfinished unit of a run as a job: `newllm-kit <args>` runs it from the run directory alone
+    (`run RUN_DIR --unit ID`), so nothing but these strings travels to the job. `distributed`: its
+    runner is one process per device (ddp), so the launcher starts it under torchrun
+    (`newllm_kit.launch.job_command`)."""
+
+    unit: str
+    args: list[str]
+    distributed: bool = False
+
+
+@dataclass
+class LaunchRequest:
+    """What a launcher gets: the run directory (on a filesystem every job can reach), one job per
+    unfinished unit in plan order, and `say` for one-line progress. `detach`: submit and return
+    without waiting (a launcher that cannot must raise a UserError saying so)."""
+
+    run_dir: Path
+    jobs: list[UnitJob]
+    detach: bool
+    say: Callable[[str], None]
+
+
+class Launcher(Protocol):
+    """Where the units of a grid run. `in_process` (the `sequential` launcher): the core runs the units
+    itself, one after another, in this process (under torchrun too), and `launch` is not called.
+    Otherwise `launch` starts every job on an existing engine (a local process pool, a cluster
+    scheduler) and returns, unless detached, once every job has ended; the units' records, claims and
+    failures in the run directory say how each went, so a launcher reports nothing else. Returns one
+    line for the user about what it started (job ids), or None."""
+
+    in_process: bool
+
+    def launch(self, request: LaunchRequest) -> str | None: ...
+
+
 # What a factory registered for each kind must return (see `newllm_kit.hookspecs`).
 PROTOCOLS: dict[str, type] = {
     "architecture": Architecture,
@@ -365,6 +402,7 @@ PROTOCOLS: dict[str, type] = {
     "metric": Metric,
     "data_source": DataSource,
     "runner": Runner,
+    "launcher": Launcher,
 }
 
 

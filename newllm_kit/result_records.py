@@ -7,7 +7,12 @@ counts as a finished unit; a record that fails is set aside and its unit runs ag
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+UNITS_DIR = "units"  # units/<id>/record.json: each finished unit's record, the source of results.jsonl
+RECORD = "record.json"
 
 
 def _integer(value: Any, low: int) -> bool:
@@ -47,3 +52,29 @@ def record_problem(record: dict[str, Any]) -> str | None:
     if bad is None:
         return None
     return f"{bad} = {record[bad]!r}" if bad in record else f"no {bad}"
+
+
+def read_json_object(file: Path) -> dict[str, Any] | None:
+    """The JSON object in `file`, or None when it is missing, unreadable or no object."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_unit_records(run_path: Path) -> dict[str, tuple[Path, dict[str, Any] | None, str | None]]:
+    """Every unit record file of a run directory by unit id: its path, its record, and what makes it
+    unreadable (record None) or None."""
+    found: dict[str, tuple[Path, dict[str, Any] | None, str | None]] = {}
+    for file in sorted((run_path / UNITS_DIR).glob(f"*/{RECORD}")):
+        record = read_json_object(file)
+        problem = "not a JSON object" if record is None else record_problem(record)
+        found[file.parent.name] = (file, None if problem else record, problem)
+    return found
+
+
+def unit_records(run_path: Path) -> list[dict[str, Any]]:
+    """The readable unit records of a run directory: what its results.jsonl holds once rebuilt, read
+    directly so `scaling` and `compare` see every finished unit while other units still run."""
+    return [record for _, record, _ in read_unit_records(run_path).values() if record is not None]

@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import DataError
 from .scaling import Point, check_comparable, series
-from .scaling.points import _has_results, _read, _why_empty, positive_number
+from .scaling.points import _has_results, _read, _why_empty, positive_number, run_results_text
 
 
 def load_records(sources: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -24,7 +24,7 @@ def load_records(sources: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
         if source.is_dir() and not _has_results(source):
             raise DataError(f"{source}: {_why_empty(source)}")
         path = source / "results.jsonl" if source.is_dir() else source
-        text = _read(path)
+        text = run_results_text(source) if source.is_dir() else _read(path)
         rows = _jsonl(path, text) if path.suffix != ".csv" and text.lstrip()[:1] == "{" else _csv(path, text)
         if not rows:
             raise DataError(f"{path}: empty (no data rows)")

@@ -47,8 +47,7 @@ def pin_fingerprints(run: RunDir, variant: str, now: dict[str, str]) -> dict[str
 
 def check_resume_compatible(saved_file: Path, config: ExperimentConfig) -> None:
     """Refuse to mix results of two different configurations in one run directory."""
-    saved = _flatten(read_toml(saved_file))
-    now = _flatten(config.resolved())
+    saved, now = (_not_launcher(_flatten(table)) for table in (read_toml(saved_file), config.resolved()))
     differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differing:
         shown = ", ".join(differing[:8]) + (" …" if len(differing) > 8 else "")
@@ -67,6 +66,11 @@ def check_resume_compatible(saved_file: Path, config: ExperimentConfig) -> None:
             raise UserError(f"cannot resume: embedding.{key} differs from the run's meta.json ({recorded.get(key)!r} "
                             f"then, {now_embedding.get(key)!r} now), so Phase 2 would read another table; pin "
                             f"embedding.revision to the run's, or start a new run")
+
+
+def _not_launcher(flat: dict[str, Any]) -> dict[str, Any]:
+    """Settings that shape results: where units run (`[launcher]`) may change between starts."""
+    return {k: v for k, v in flat.items() if k != "launcher" and not k.startswith("launcher.")}
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,7 +37,8 @@ LOCK = ".lock"
 STORE_DIR = "store"  # a running unit's scratch folder (UnitContext.scratch): large temporary files
 ORPHANS = "results.orphans.jsonl"  # records a resume found but cannot use: kept, never deleted
 KIT_NAMES = ("config.resolved.toml", "overrides.txt", "meta.json", "results.jsonl", "results.csv", ORPHANS,
-             "summary.json", "metrics.jsonl", LOCK, "plots", "checkpoints", STORE_DIR, "variants", "documents")
+             "summary.json", "metrics.jsonl", LOCK, "plots", "checkpoints", STORE_DIR, "variants", "documents",
+             "units", "jobs")
 
 # (stage, tensor groups by file name, JSON state) of one checkpoint
 Checkpoint = tuple[str, dict[str, dict[str, torch.Tensor]], dict[str, Any]]
@@ -319,10 +321,10 @@ class RunDir:
             else:
                 warn(f"warning: {file}:{number}: {why}; moved to {ORPHANS}")
                 aside.append(line.strip())
-        self._set_aside(aside)
+        self.set_aside(aside)
         return records, bool(aside)
 
-    def _set_aside(self, lines: list[str]) -> None:
+    def set_aside(self, lines: list[str]) -> None:
         """Append `lines` to results.orphans.jsonl (once each: a resume killed before results.jsonl was
         rewritten finds them again)."""
         file = self.inside(self.path / ORPHANS)
@@ -341,27 +343,50 @@ class RunDir:
         writer.writerows(finite_json(records))  # a missing number is an empty cell, never "nan"
         self.write_text("results.csv", buffer.getvalue())
 
-    def log_metrics(self, record: dict[str, Any]) -> None:
-        """Append one per-iteration/per-epoch line; `repair` cuts a line a kill left unfinished."""
-        file = self.inside(self.path / "metrics.jsonl")
+    def log_metrics(self, record: dict[str, Any], file: Path | None = None) -> None:
+        """Append one per-iteration/per-epoch line to metrics.jsonl (or a unit's own `file`); `repair` cuts
+        a line a kill left unfinished."""
+        file = self.inside(file or self.path / "metrics.jsonl")
         with self._writing(file), open(file, "a", encoding="utf-8") as handle:
             handle.write(json_text(record) + "\n")
 
-    def repair(self, finished: set[str]) -> None:
+    def repair(self, finished: set[str], busy: set[str] | None = None) -> None:
         """Finish what a killed process left half done (records are rewritten by the caller): remove
-        temporaries, disk context stores (no unit is running), the checkpoints of finished units and
-        an empty checkpoints/, and cut an unfinished last metrics line so the next append starts on a
-        line of its own."""
-        for stray in [*self.path.glob(".*.tmp"), *self.path.glob("checkpoints/*/.*.tmp"),
-                      *self.path.glob("documents/.*.tmp")]:
+        temporaries, the scratch files (disk context stores) of units no live process holds (`busy`),
+        the checkpoints of finished units and an empty checkpoints/, and cut an unfinished last metrics
+        line so the next append starts on a line of its own."""
+        busy = busy or set()
+        for stray in [*self.path.glob(".*.tmp"), *self.path.glob("documents/.*.tmp")]:
             self._remove(stray)
-        self._remove(self.path / STORE_DIR)
+        for stray in self.path.glob("checkpoints/*/.*.tmp"):
+            if stray.parent.name not in busy:
+                self._remove(stray)
+        scratch = self.path / STORE_DIR
+        if not busy:
+            self._remove(scratch)
+        elif scratch.is_dir() and not scratch.is_symlink():
+            for entry in scratch.iterdir():
+                if entry.name not in busy:
+                    self._remove(entry)
         for unit_dir in self.path.glob("checkpoints/*"):
             if unit_dir.name in finished:
                 self._remove(unit_dir)
         with suppress(OSError):
             (self.path / "checkpoints").rmdir()  # only when empty
-        metrics = self.inside(self.path / "metrics.jsonl")
+        for metrics in [self.path / "metrics.jsonl",
+                        *(p for p in self.path.glob("units/*/metrics.jsonl") if p.parent.name not in busy)]:
+            self._cut_unfinished_line(metrics)
+
+    def repair_unit(self, unit: str) -> None:
+        """What a killed run of one unit left: its scratch files, its checkpoint's temporaries and an
+        unfinished last line of its metrics (the unit's claim is this process's, so nothing else uses them)."""
+        self._remove(self.path / STORE_DIR / unit)
+        for stray in self.path.glob(f"checkpoints/{glob_escape(unit)}/.*.tmp"):
+            self._remove(stray)
+        self._cut_unfinished_line(self.path / "units" / unit / "metrics.jsonl")
+
+    def _cut_unfinished_line(self, file: Path) -> None:
+        metrics = self.inside(file)
         if metrics.is_file():
             with self._writing(metrics), open(metrics, "rb+") as handle:
                 data = handle.read()

@@ -159,7 +159,7 @@ def test_sigterm_outside_a_run_is_one_line(with_plugin: Install) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["run", "experiments/v2.toml", "--outt", "x"], "error: no such option --outt (did you mean --out?)"),
+        (["run", "experiments/v2.toml", "--outt", "x"], "error: no such option --outt (did you mean --out or --unit?)"),
         (["--bogus"], "error: no such option --bogus; see `newllm-kit --help`"),
         (["run"], "error: missing argument 'FILE'; see `newllm-kit run --help`"),
         (["scaling", "--predict", "abc"], "error: invalid value for '--predict'"),

@@ -52,7 +52,8 @@ def _registry() -> Registry:
 
     for kind, name, model in [("architecture", "cvfp", ArchSettings), ("solver", "cvfp", SolverSettings),
                               ("data_source", "ultrachat", SolverSettings), ("tokenizer", "gpt2", None),
-                              ("embedding", "gpt2", None), ("runner", "auto", None), ("metric", "ppl", None),
+                              ("embedding", "gpt2", None), ("runner", "auto", None), ("launcher", "sequential", None),
+                              ("metric", "ppl", None),
                               ("metric", "accuracy", None), ("metric", "effective_rank", None),
                               ("metric", "convergence_rate", None)]:
         registry.add(Component(kind, name, factory, "test", model))

@@ -386,6 +386,7 @@ def finished(tmp_path: Path, plugins: Any, monkeypatch: pytest.MonkeyPatch) -> P
 def test_records_of_units_outside_the_plan_are_kept_in_orphans_with_a_warning(
         finished: Path, tmp_path: Path, plugins: Any, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.rmtree(finished / "units")  # a run written before each record had a file of its own
     results = finished / "results.jsonl"
     lines = results.read_text().splitlines()
     orphan, twin = json.dumps(_record("Z", 12, seed=7)), json.dumps(_record("A", 12, seed=7, val_ppl=99.0))
@@ -402,9 +403,11 @@ def test_records_of_units_outside_the_plan_are_kept_in_orphans_with_a_warning(
 
 @pytest.mark.parametrize("field,value", [("seed", "abc"), ("train_tokens", None), ("val_ppl", "x"),
                                          ("samples", True), ("columns", 3)])
-def test_a_tampered_record_is_named_by_line_kept_and_its_unit_recomputed(
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_tampered_record_is_named_kept_and_its_unit_recomputed(
         finished: Path, tmp_path: Path, plugins: Any, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str], field: str, value: Any) -> None:
+        capsys: pytest.CaptureFixture[str], field: str, value: Any, legacy: bool) -> None:
+    """The unit's record file (or, in a run written before records had files, its results.jsonl line)."""
     results = finished / "results.jsonl"
     lines = results.read_text().splitlines()
     record = json.loads(lines[1])
@@ -413,7 +416,13 @@ def test_a_tampered_record_is_named_by_line_kept_and_its_unit_recomputed(
     else:
         record[field] = value
     tampered = json.dumps(record)
-    results.write_text(f"{lines[0]}\n{tampered}\n")
+    if legacy:
+        shutil.rmtree(finished / "units")
+        results.write_text(f"{lines[0]}\n{tampered}\n")
+        where = f"{results}:2"
+    else:
+        (finished / "units" / "B-12" / "record.json").write_text(tampered)
+        where = str(finished / "units" / "B-12" / "record.json")
     ran: list[str] = []
 
     def run_unit(config: Any, unit: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -423,11 +432,22 @@ def test_a_tampered_record_is_named_by_line_kept_and_its_unit_recomputed(
     monkeypatch.setattr(experiment, "run_unit", run_unit)
     execute(finished, [], tmp_path, False, "plain", plugins)
     err = capsys.readouterr().err
-    assert re.search(rf"warning: {re.escape(str(results))}:2: unreadable record \((no )?{field}", err), err
+    assert re.search(rf"warning: {re.escape(where)}: unreadable record \((no )?{field}", err), err
     assert "Traceback" not in err
     assert ran == ["B-12"]
     assert (finished / "results.orphans.jsonl").read_text() == f"{tampered}\n"
     assert [json.loads(line)["model"] for line in results.read_text().splitlines()] == ["A", "B"]
+
+
+def test_a_damaged_results_table_is_rebuilt_from_the_unit_records(
+        finished: Path, tmp_path: Path, plugins: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """results.jsonl is a table made from units/<id>/record.json: damaging it loses nothing."""
+    results = finished / "results.jsonl"
+    before = results.read_text()
+    results.write_text("not json\n{}\n")
+    monkeypatch.setattr(experiment, "run_unit", lambda *a, **k: pytest.fail("a finished unit ran again"))
+    execute(finished, [], tmp_path, False, "plain", plugins)
+    assert results.read_text() == before
 
 
 # -- locks and full disks ----------------------------------------------------------------------------

@@ -25,7 +25,8 @@ CONTRACTS: list[type] = [
     *protocols.PROTOCOLS.values(), protocols.Placement, protocols.MemoryPolicy, protocols.Collectives,
     protocols.LanguageModel, protocols.Tokenizer, protocols.Progress,
     protocols.Checkpointer, protocols.Saved, protocols.EvalOutputs, protocols.UnitData, protocols.UnitContext,
-    protocols.Column, protocols.RecipeResult, lm.AutoregressiveModel, cvfp_contract.CVFPModel,
+    protocols.Column, protocols.RecipeResult, protocols.UnitJob, protocols.LaunchRequest,
+    lm.AutoregressiveModel, cvfp_contract.CVFPModel,
     cvfp_contract.ContextBlock, cvfp_contract.Solver, cvfp_contract.Phase1Report, cvfp_contract.SolveResult,
 ]
 # What each register_* hook's factory returns: the core's kinds, and the kind the cvfp recipe declares.

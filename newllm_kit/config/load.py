@@ -33,6 +33,7 @@ from .schema import (
     EmbeddingSection,
     ExperimentConfig,
     FileSchema,
+    LauncherSection,
     ModelSection,
     RunnerSection,
     TokenizerSection,
@@ -117,6 +118,8 @@ def _validated(path: Path, registry: Registry, data: dict[str, Any], overrides: 
                           schema.embedding, core(EmbeddingSection)),
         runner=_choose(path, registry, "runner", "runner", schema.runner.name, schema.runner,
                        core(RunnerSection)),
+        launcher=_choose(path, registry, "launcher", "launcher", schema.launcher.name, schema.launcher,
+                         core(LauncherSection)),
         models=models,
         metrics=metrics,
         recipes=_recipes(path, registry, model_recipes, tables),
@@ -202,7 +205,7 @@ def _check_components(config: ExperimentConfig) -> None:
     if isinstance(config.runner.component.factory, type):
         config.runner.require(config.runner.component.factory, PROTOCOLS["runner"], "is")
     tokenizer = config.tokenizer.build()
-    for choice in (config.data_source, config.embedding, *config.metrics):
+    for choice in (config.data_source, config.embedding, config.launcher, *config.metrics):
         choice.build()
     recipes = {name: choice.build() for name, choice in config.recipes.items()}
     for recipe in config.recipes.values():

@@ -132,6 +132,12 @@ class RunnerSection(_Open):
     name: str = Field("auto", description="Runner plugin name: auto picks gpu when CUDA is available.")
 
 
+class LauncherSection(_Open):
+    name: str = Field("sequential", description="Launcher plugin name: sequential (this process), pool or slurm.")
+    stale_after_s: float = Field(600.0, gt=0, description="A unit's claim whose heartbeat is older than this "
+                                 "(seconds) is taken over: its process is gone.")
+
+
 class ModelSection(_Open):
     label: str = Field(..., description="Name of this model in tables, fits and checkpoint names.")
     architecture: str = Field("cvfp", description="Architecture plugin name.")
@@ -149,6 +155,7 @@ class FileSchema(_Strict):
     tokenizer: TokenizerSection = Field(default_factory=lambda: TokenizerSection())
     embedding: EmbeddingSection = Field(default_factory=lambda: EmbeddingSection())
     runner: RunnerSection = Field(default_factory=lambda: RunnerSection())
+    launcher: LauncherSection = Field(default_factory=lambda: LauncherSection())
     models: list[ModelSection] = Field(..., min_length=1)
 
 
@@ -209,6 +216,7 @@ class ExperimentConfig:
     tokenizer: Choice
     embedding: Choice
     runner: Choice
+    launcher: Choice
     models: list[tuple[str, Choice]]
     metrics: list[Choice]
     recipes: dict[str, Choice] = field(default_factory=dict)  # by recipe name; settings: the tables it owns
@@ -219,9 +227,10 @@ class ExperimentConfig:
 
     def resolved(self) -> dict[str, Any]:
         """Every key with its value in force (defaults filled), as plain TOML-able data."""
-        out = self.schema.model_dump(mode="json", exclude={"data", "tokenizer", "embedding", "runner", "models"})
+        out = self.schema.model_dump(mode="json", exclude={"data", "tokenizer", "embedding", "runner", "launcher",
+                                                           "models"})
         sections = {"data": self.data_source, "tokenizer": self.tokenizer, "embedding": self.embedding,
-                    "runner": self.runner}
+                    "runner": self.runner, "launcher": self.launcher}
         for name, choice in sections.items():
             out[name] = _section_dict(getattr(self.schema, name), choice)
         for recipe in self.recipes.values():

@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..errors import DataError, UserError
+from ..result_records import unit_records
+from ..strict_json import json_text
 from ..user_files import read_bounded
 
 MAX_SOURCE_BYTES = 1 << 29  # 512 MiB: about 28M rows of a CSV table; a bound that /dev/zero cannot pass
@@ -182,7 +184,16 @@ def _status(run: Path) -> str | None:
 
 def _has_results(run: Path) -> bool:
     path = run / "results.jsonl"  # written once the first unit finishes, never empty after that
-    return path.is_file() and path.stat().st_size > 0
+    return (path.is_file() and path.stat().st_size > 0) or bool(unit_records(run))
+
+
+def run_results_text(run: Path) -> str:
+    """A run directory's finished records as results.jsonl text: from the unit record files where the
+    run has them (up to date while units still run elsewhere), else its results.jsonl."""
+    records = unit_records(run)
+    if records:
+        return "".join(json_text(record) + "\n" for record in records)
+    return _read(run / "results.jsonl")
 
 
 def _why_empty(run: Path) -> str:
@@ -230,7 +241,7 @@ def _load_source(source: Path, points: list[Point], warnings: list[str], done: s
         warnings.append(f"{path} was given twice; read once")
         return
     done.add(path.resolve())
-    text = _read(path)
+    text = run_results_text(source) if source.is_dir() else _read(path)
     is_jsonl = path.suffix in (".jsonl", ".json") or (path.suffix != ".csv" and text.lstrip()[:1] == "{")
     loaded = _load_jsonl(path, text) if is_jsonl else _load_csv(path, text)
     if not loaded:

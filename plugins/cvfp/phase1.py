@@ -83,8 +83,12 @@ class CVFPPhase1Settings(BaseModel):
     @model_validator(mode="after")
     def _budget_holds_the_minimum(self) -> Self:
         """A minimum written above the budget can never be reached: the run would stop at max_iterations.
-        Lowering only the budget is fine: the default minimum then ends where the budget does."""
-        if "min_iterations" in self.model_fields_set and self.min_iterations > self.max_iterations:
+        Lowering only the budget is fine: the default minimum then ends where the budget does. The
+        default written out (config.resolved.toml holds every value in force) is that same case, so
+        a run directory's config loads again."""
+        default = type(self).model_fields["min_iterations"].default
+        if "min_iterations" in self.model_fields_set and self.min_iterations != default \
+                and self.min_iterations > self.max_iterations:
             raise ValueError(f"min_iterations ({self.min_iterations}) is more than max_iterations "
                              f"({self.max_iterations}); raise max_iterations or lower min_iterations")
         return self

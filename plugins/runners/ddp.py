@@ -203,6 +203,7 @@ class DDPRunner:
     """A process group over torchrun's workers; rank 0 (`is_main`) writes the run directory."""
 
     name = "ddp"
+    launched_by_torchrun = True  # a launcher starts a unit of this runner under torchrun
 
     def __init__(self, settings: RunnerSettings | None = None, env: dict[str, str] | None = None) -> None:
         self.settings = settings or RunnerSettings()

@@ -1,0 +1,85 @@
+"""`newllm-kit status RUN_DIR`: how each unit of a run stands, read from the run directory alone (its
+unit records, claims, failures and checkpoints), never from a scheduler's accounting, so it says the
+same on a laptop, a login node or inside a job."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .claims import describe, gone_because, read_claim
+from .config import ExperimentConfig
+from .experiment import Unit, finished_units, stale_after
+from .result_records import UNITS_DIR, read_json_object
+from .rundir import RunDir
+from .unit_files import CLAIM, FAILED
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    unit: str
+    state: str  # finished | running | interrupted | failed | pending
+    detail: str
+
+
+def _checkpoint_stage(run: RunDir, unit: str) -> str | None:
+    try:
+        name = (run.path / "checkpoints" / unit / "LATEST").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return name.rsplit("-", 1)[0] or None
+
+
+def unit_statuses(run: RunDir, config: ExperimentConfig, units: list[Unit]) -> list[UnitStatus]:
+    """Each unit's state, in plan order:
+    finished (its record), running (a live claim: who, which phase, last heartbeat), interrupted (a
+    claim whose process is gone: it resumes from its checkpoint), failed (its last attempt's one-line
+    error) or pending."""
+    done = finished_units(run, config, units, lambda _: None)
+    stale = stale_after(config)
+    statuses = []
+    for unit in units:
+        folder = run.path / UNITS_DIR / unit.id
+        stage = _checkpoint_stage(run, unit.id)
+        resumes = f"; resumes from its {stage!r} checkpoint" if stage else ""
+        if unit.key in done:
+            record = done[unit.key]
+            statuses.append(UnitStatus(unit.id, "finished", f"val_ppl {_number(record.get('val_ppl'))}"))
+            continue
+        claim_file = folder / CLAIM
+        holder = read_claim(claim_file)
+        if claim_file.exists():
+            age = max(0.0, time.time() - claim_file.stat().st_mtime) if claim_file.exists() else 0.0
+            gone = gone_because(holder, age, stale)
+            who = describe(holder or {})
+            if gone is None:
+                beat = (holder or {}).get("heartbeat")
+                ago = f", heartbeat {time.time() - beat:.0f} s ago" if isinstance(beat, int | float) else ""
+                phase = (holder or {}).get("phase") or "starting"
+                statuses.append(UnitStatus(unit.id, "running", f"claimed by {who}, phase {phase}{ago}"))
+                continue
+            statuses.append(UnitStatus(unit.id, "interrupted", f"claimed by {who}, which is gone ({gone}){resumes}"))
+            continue
+        failure = read_json_object(folder / FAILED)
+        if failure is not None:
+            job = f", job {failure['job']}" if failure.get("job") else ""
+            where = f" (on {failure['host']}{job})" if failure.get("host") else ""
+            statuses.append(UnitStatus(unit.id, "failed", f"{failure.get('error', '?')}{where}{resumes}"))
+            continue
+        statuses.append(UnitStatus(unit.id, "pending", f"not started{resumes}" if not stage else resumes[2:]))
+    return statuses
+
+
+def _number(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, int | float) and not isinstance(value, bool) else "—"
+
+
+def status_document(run: RunDir, config: ExperimentConfig, units: list[Unit]) -> dict[str, Any]:
+    statuses = unit_statuses(run, config, units)
+    counts: dict[str, int] = {}
+    for status in statuses:
+        counts[status.state] = counts.get(status.state, 0) + 1
+    meta = run.read_json("meta.json")
+    return {"run_dir": str(run.path), "status": meta.get("status") if isinstance(meta, dict) else None,
+            "counts": counts, "units": [asdict(s) for s in statuses]}
