@@ -86,6 +86,17 @@ def gone_because(holder: dict[str, Any] | None, age_s: float, stale_after_s: flo
     return None
 
 
+def inspect(file: Path, stale_after_s: float) -> tuple[dict[str, Any] | None, str | None] | None:
+    """A unit's claim as others see it: (holder, why it is gone or None while it may still work), or
+    None when the unit has no claim."""
+    try:
+        age = time.time() - file.stat().st_mtime
+    except OSError:
+        return None
+    holder = read_claim(file)
+    return holder, gone_because(holder, age, stale_after_s)
+
+
 def describe(holder: dict[str, Any]) -> str:
     """`host h, pid p, job j` for messages and `status`."""
     job = f", job {holder['job']}" if holder.get("job") else ""

@@ -271,7 +271,7 @@ def status_command(
     Example: `newllm-kit status runs/v2/20261207-…`
     """
     from .config import load_config
-    from .experiment import plan, publish
+    from .experiment import adopt_results_jsonl, plan, publish
     from .rundir import RunDir
     from .status import status_document
 
@@ -280,6 +280,7 @@ def status_command(
     units = plan(config)
     warnings: list[str] = []
     try:
+        adopt_results_jsonl(run, config, units, warnings.append)
         publish(run, config, units, warnings.append)
     except UserError as error:  # e.g. a read-only copy: the tables stay as they are
         warnings.append(f"warning: tables not rebuilt ({error})")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import __version__, documents
-from .claims import STALE_AFTER_S, Claimed, UnitClaim, describe, gone_because, read_claim, short_claim
+from .claims import STALE_AFTER_S, Claimed, UnitClaim, describe, inspect, short_claim
 from .config import ExperimentConfig
 from .corpus import Stream, embedding_provenance, load_streams
 from .errors import DataError, PluginError, RunFailed, UserError
@@ -368,12 +368,8 @@ def busy_units(run: RunDir, units: list[Unit], stale_after_s: float) -> set[str]
     """Units whose claim a live process holds: their scratch files and checkpoints are in use."""
     busy = set()
     for unit in units:
-        file = run.path / UNITS_DIR / unit.id / CLAIM
-        try:
-            age = time.time() - file.stat().st_mtime
-        except OSError:  # no claim (or released this instant)
-            continue
-        if gone_because(read_claim(file), age, stale_after_s) is None:
+        claim = inspect(run.path / UNITS_DIR / unit.id / CLAIM, stale_after_s)
+        if claim is not None and claim[1] is None:
             busy.add(unit.id)
     return busy
 
@@ -387,22 +383,30 @@ def update_meta(run: RunDir, **fields: Any) -> dict[str, Any]:
     return merged
 
 
+def adopt_results_jsonl(run: RunDir, config: ExperimentConfig, units: list[Unit], warn: Callable[[str], None]
+                        ) -> bool:
+    """A run directory written before each unit's record had a file of its own: its results.jsonl
+    records become unit records (what no unit of the plan can use is set aside, as a resume always
+    did). Whether there was anything to take over."""
+    if read_unit_records(run.path):
+        return False
+    seed = config.schema.experiment.seed_list()[0]
+    ids = {u.key: u.id for u in units}
+    legacy, set_aside = run.finished_records(lambda r: record_key(r, seed), set(ids), warn)
+    for record in legacy:
+        write_record(run, ids[record_key(record, seed)], record)
+    return bool(legacy) or set_aside
+
+
 def start_run(config: ExperimentConfig, run: RunDir, units: list[Unit], progress: Any, meta_now: dict[str, Any]
               ) -> tuple[int, Done]:
     """Before any unit (by the process holding the run directory's lock): take over the records of an
     older results.jsonl, repair what a killed process left, write each sweep variant's resolved config,
     and mark the run running. Returns this start's attempt number (1, then +1 per resume) and the
     finished records."""
-    seed = config.schema.experiment.seed_list()[0]
-    ids = {u.key: u.id for u in units}
-    legacy: list[dict[str, Any]] = []
-    set_aside = False
-    if not read_unit_records(run.path):  # a run written before records had files of their own
-        legacy, set_aside = run.finished_records(lambda r: record_key(r, seed), set(ids), progress.message)
-        for record in legacy:
-            write_record(run, ids[record_key(record, seed)], record)
+    adopted = adopt_results_jsonl(run, config, units, progress.message)
     done = finished_units(run, config, units, progress.message)
-    if legacy or set_aside or done:
+    if adopted or done:
         done = publish(run, config, units, progress.message)
     stale = stale_after(config)
     run.repair({u.id for u in units if u.key in done}, busy_units(run, units, stale))

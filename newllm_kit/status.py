@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .claims import describe, gone_because, read_claim
+from .claims import describe, inspect
 from .config import ExperimentConfig
 from .experiment import Unit, finished_units, stale_after
 from .result_records import UNITS_DIR, read_json_object
@@ -47,11 +47,9 @@ def unit_statuses(run: RunDir, config: ExperimentConfig, units: list[Unit]) -> l
             record = done[unit.key]
             statuses.append(UnitStatus(unit.id, "finished", f"val_ppl {_number(record.get('val_ppl'))}"))
             continue
-        claim_file = folder / CLAIM
-        holder = read_claim(claim_file)
-        if claim_file.exists():
-            age = max(0.0, time.time() - claim_file.stat().st_mtime) if claim_file.exists() else 0.0
-            gone = gone_because(holder, age, stale)
+        claim = inspect(folder / CLAIM, stale)
+        if claim is not None:
+            holder, gone = claim
             who = describe(holder or {})
             if gone is None:
                 beat = (holder or {}).get("heartbeat")

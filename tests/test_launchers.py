@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,19 @@ def test_a_job_that_fails_before_its_unit_starts_is_failed_in_status(tmp_path: P
     assert by_unit["A-24"]["state"] == "pending"
 
 
+def test_status_of_a_run_written_before_unit_records_keeps_its_results(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = new_run_dir(tmp_path)
+    monkeypatch.setattr(experiment, "run_unit", _fake_unit(tmp_path / "ran.log"))
+    for unit in ("A-12", "B-24"):
+        execute(run_dir, [], tmp_path, False, "none", load_plugins(), unit=unit)
+    before = (run_dir / "results.jsonl").read_text()
+    shutil.rmtree(run_dir / "units")  # as an older newllm-kit left it: results.jsonl only
+    document = status(run_dir)
+    assert document["counts"] == {"finished": 2, "pending": 2}
+    assert (run_dir / "results.jsonl").read_text() == before
+
+
 def test_detach_needs_a_launcher_that_submits(tmp_path: Path) -> None:
     plugins = load_plugins()
     for launcher, says in [("sequential", "runs the units in this process"), ("pool", "children of this process")]:
@@ -308,11 +322,13 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def _phase(run_dir: Path, unit: str) -> str:
+def _in_phase2(run_dir: Path, unit: str, epochs: int = 3) -> bool:
+    """The unit's job has logged (and so checkpointed) `epochs` Phase-2 epochs."""
     try:
-        return str(json.loads((run_dir / "units" / unit / "claim.json").read_text()).get("phase", ""))
-    except (OSError, ValueError):
-        return ""
+        lines = (run_dir / "units" / unit / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    return sum('"phase": "phase2"' in line or '"phase":"phase2"' in line for line in lines) >= epochs
 
 
 @pytest.mark.slow
@@ -323,11 +339,15 @@ def test_a_timed_out_local_job_is_requeued_and_resumes_its_unit(tmp_path: Path,
 
     run_dir = new_run_dir(tmp_path, LONG, ["runner.threads=1"])
     executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
-    # Each attempt gets USR2 10 s in (15 s limit, 5 s notice), mid-Phase 2 at first: every attempt
-    # that has to stop stops there, hands submitit the task to requeue, and the next resumes.
-    executor.update_parameters(timeout_min=0.25, signal_delay_s=5)
+    # A 1-minute limit: the USR2 sent below is a time-out to submitit, which requeues the task once
+    # its checkpoint() has stopped the unit.
+    executor.update_parameters(timeout_min=1, signal_delay_s=1)
     job = executor.submit(UnitTask("A-200", ["run", str(run_dir), "--unit", "A-200", "--progress", "plain"], False,
                                    1))
+    _wait_for(lambda: _in_phase2(run_dir, "A-200"), 300, "3 Phase-2 epochs of the first attempt")
+    (unit_pid,) = _children(run_dir)
+    task_pid = int(Path(f"/proc/{unit_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+    os.kill(task_pid, signal.SIGUSR2)  # what the controller sends signal_delay_s before the limit
     _wait_for(lambda: (run_dir / "units" / "A-200" / "record.json").exists(), 300, "the requeued job to finish")
     _wait_for(job.done, 60, "the job to end")
     logs = job.stdout() + job.stderr()
@@ -374,7 +394,7 @@ def test_a_detached_slurm_grid_survives_preemption_and_status_follows_it(
     assert result.returncode == 0, result.stderr
     assert "follow with: newllm-kit status" in result.stdout
     run_dir = run_dir_under(tmp_path / "runs")
-    _wait_for(lambda: _phase(run_dir, "A-200") == "phase2", 300, "the job to reach Phase 2")
+    _wait_for(lambda: _in_phase2(run_dir, "A-200"), 300, "3 Phase-2 epochs of the job")
     running = status(run_dir)["units"][0]
     assert running["state"] == "running" and "job " in running["detail"] and "phase phase2" in running["detail"]
     job = json.loads((run_dir / "units" / "A-200" / "claim.json").read_text())["job"]
