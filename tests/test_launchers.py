@@ -273,6 +273,17 @@ def test_a_failed_unit_is_failed_in_status_and_in_the_exit_code(tmp_path: Path) 
     assert {state for unit, (state, _) in states.items() if unit not in failed} == {"finished"}
 
 
+@pytest.mark.slow
+def test_a_ddp_unit_runs_under_torchrun_inside_its_pool_job(tmp_path: Path) -> None:
+    one_unit = TINY.replace("samples = [12, 24]", "samples = [12]").split('[[models]]\nlabel = "B"')[0]
+    result = kit("run", str(write_tiny(tmp_path, one_unit)), "--set", 'runner.name="ddp"', "--launcher", "pool",
+                 "--jobs", "1", "--set", "launcher.ranks_per_unit=2", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    log = (run_dir_under(tmp_path / "runs") / "units" / "A-12" / "job.log").read_text()
+    assert "ddp rank 0/2" in log and "ddp rank 1/2" in log  # each rank's closing line
+    assert status(run_dir_under(tmp_path / "runs"))["counts"] == {"finished": 1}
+
+
 def _children(run_dir: Path) -> list[int]:
     """The pids of the unit jobs of `run_dir` now running."""
     found = subprocess.run(["pgrep", "-f", f"newllm_kit run {run_dir} --unit"], capture_output=True, text=True)
