@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from .protocols import LaunchRequest, UnitJob
 from .result_records import RECORD, UNITS_DIR
 from .resume import check_resume_compatible
 from .rundir import LOCK, RunDir, plain_name
-from .status import unit_statuses
+from .status import Watch, unit_statuses
 from .unit_checkpoint import share
 from .unit_files import write_failure
 
@@ -191,26 +190,11 @@ def _open_or_create(config: ExperimentConfig, existing: RunDir | None, out: Path
     return run, existing is None
 
 
-class _GridLines:
-    """Timestamped lines on stderr for a launched grid, each saying how many units have finished and,
-    once one has, when the rest should be done at the pace so far."""
-
-    def __init__(self, run: RunDir, total: int, quiet: bool) -> None:
-        self.run, self.total, self.quiet = run, total, quiet
-        self.started, self.before = time.monotonic(), self._finished()
-
-    def _finished(self) -> int:
-        return sum(1 for _ in (self.run.path / UNITS_DIR).glob(f"*/{RECORD}"))
+class _Submitting(NullProgress):
+    """A detached launch's progress: its lines on stderr, and no units to follow."""
 
     def message(self, text: str) -> None:
-        if self.quiet:
-            return
-        done = self._finished()
-        new, elapsed = done - self.before, time.monotonic() - self.started
-        left = self.total - done
-        eta = f", about {elapsed / new * left / 60:.1f} min to go" if new > 0 and left > 0 else ""
-        print(f"[{time.strftime('%H:%M:%S')}] {text} ({done}/{self.total} unit(s) finished{eta})", file=sys.stderr,
-              flush=True)
+        print(text, file=sys.stderr, flush=True)
 
 
 class _NoRunner:
@@ -229,7 +213,8 @@ def _launch(config: ExperimentConfig, existing: RunDir | None, out: Path, overri
     (no second coordinator); then read how each went from the run directory."""
     run, created = _open_or_create(config, existing, out, overrides, lock=True)
     units = plan(config)
-    progress = _GridLines(run, len(units), quiet=progress_mode == "none")
+    quiet = progress_mode == "none"
+    progress = (NullProgress() if quiet else _Submitting()) if detach else make_progress(progress_mode)
     name = config.launcher.component.name
     try:
         _, done = start_run(config, run, units, progress, meta(config, _NoRunner(config),
@@ -243,7 +228,9 @@ def _launch(config: ExperimentConfig, existing: RunDir | None, out: Path, overri
             run.inside(run.path / UNITS_DIR / job.unit).mkdir(parents=True, exist_ok=True)
         progress.message(f"{run.path}: {len(units) - len(jobs)} of {len(units)} unit(s) finished; launching "
                          f"{len(jobs)} with launcher {name!r}")
-        note = launcher.launch(LaunchRequest(run.path, jobs, detach, progress.message)) if jobs else None
+        progress.experiment(config.schema.experiment.name, len(jobs))
+        with Watch(run, [] if detach else [job.unit for job in jobs], progress):
+            note = launcher.launch(LaunchRequest(run.path, jobs, detach, progress.message)) if jobs else None
         if note:
             progress.message(f"launcher {name!r}: {note}")
         if detach and jobs:
@@ -275,4 +262,5 @@ def _launch(config: ExperimentConfig, existing: RunDir | None, out: Path, overri
             _discard_unstarted(run)
         raise
     finally:
+        progress.close()
         run.unlock()

@@ -1,17 +1,20 @@
 """`newllm-kit status RUN_DIR`: how each unit of a run stands, read from the run directory alone (its
 unit records, claims, failures and checkpoints), never from a scheduler's accounting, so it says the
-same on a laptop, a login node or inside a job."""
+same on a laptop, a login node or inside a job. `Watch` follows launched units the same way while
+they run."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass
+from types import TracebackType
 from typing import Any
 
 from .claims import describe, inspect
 from .config import ExperimentConfig
 from .experiment import Unit, finished_units, stale_after
-from .result_records import UNITS_DIR, read_json_object
+from .result_records import RECORD, UNITS_DIR, read_json_object
 from .rundir import RunDir
 from .unit_files import CLAIM, FAILED
 
@@ -81,3 +84,46 @@ def status_document(run: RunDir, config: ExperimentConfig, units: list[Unit]) ->
     meta = run.read_json("meta.json")
     return {"run_dir": str(run.path), "status": meta.get("status") if isinstance(meta, dict) else None,
             "counts": counts, "units": [asdict(s) for s in statuses]}
+
+
+class Watch:
+    """While launched units run in other processes: report each as it finishes (the progress display's
+    unit bar and ETA, or a plain line) or fails, polling the run directory every `interval` seconds."""
+
+    def __init__(self, run: RunDir, units: list[str], progress: Any, interval: float = 2.0) -> None:
+        self.run, self.progress, self.interval = run, progress, interval
+        self.waiting = list(units)
+        self.failures = {unit: self._failure_time(unit) for unit in units}  # earlier failures are old news
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="watch units", daemon=True)
+
+    def _failure_time(self, unit: str) -> Any:
+        failure = read_json_object(self.run.path / UNITS_DIR / unit / FAILED)
+        return None if failure is None else failure.get("time")
+
+    def poll(self) -> None:
+        for unit in list(self.waiting):
+            folder = self.run.path / UNITS_DIR / unit
+            record = read_json_object(folder / RECORD)
+            if record is not None:
+                self.waiting.remove(unit)
+                self.progress.end_unit(unit, f"val_ppl={_number(record.get('val_ppl'))}")
+                continue
+            failure = read_json_object(folder / FAILED)
+            if failure is not None and failure.get("time") != self.failures[unit]:
+                self.failures[unit] = failure.get("time")
+                self.progress.message(f"{unit}: failed: {failure.get('error', '?')}")
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def __enter__(self) -> Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()

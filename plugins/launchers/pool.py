@@ -98,7 +98,8 @@ class PoolLauncher:
             code = child.wait()
             with self._lock:
                 self._children.discard(child)
-            request.say(f"{job.unit}: {'done' if code == 0 else f'ended with exit code {code}; its log: {log}'}")
+            if code != 0:  # a unit that finished is reported from the run directory
+                request.say(f"{job.unit}: ended with exit code {code}; its log: {log}")
         finally:
             slots.put(env)
 

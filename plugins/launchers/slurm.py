@@ -212,8 +212,7 @@ class SlurmLauncher:
             text = " ".join(str(error).split())
             raise UserError(f"launcher \"slurm\": sbatch refused the job array ({text[:300]}); check the "
                             f"[launcher.slurm] keys") from None
-        note = f"{len(tasks)} unit(s) as Slurm job array(s) {', '.join(arrays)}"
-        request.say(f"submitted {note}; job logs in {request.run_dir / 'jobs'}")
+        note = f"{len(tasks)} unit(s) as Slurm job array(s) {', '.join(arrays)} (logs in {request.run_dir / 'jobs'})"
         if not request.detach:
             self._wait(arrays, request)
         return note
