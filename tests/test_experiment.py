@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -113,9 +114,7 @@ def test_results_records_hold_what_the_table_needs(finished: dict[str, Any]) -> 
         for key in ("train_tokens", "val_tokens", "val_ppl", "val_acc", "train_er", "val_er",
                     "phase1_iterations", "convergence_rate", "best_epoch", "params", "seconds", "fingerprints"):
             assert key in r, key
-        assert 2 <= r["phase1_iterations"] <= 4
         assert 0 < r["val_er"] <= 1 and 0 < r["train_er"] <= 1
-        assert 1 <= r["best_epoch"] <= 3
         assert r["val_ppl"] < 256  # far below the byte vocabulary: the model learnt something
         assert r["best_possible_ppl"] < r["val_ppl"]
         # the record says whether Phase 1 reached its target or ran out of iterations
@@ -126,6 +125,30 @@ def test_results_records_hold_what_the_table_needs(finished: dict[str, Any]) -> 
             assert r["phase1_iterations"] == 4
     assert records[1]["train_tokens"] > records[0]["train_tokens"]
     assert records[0]["val_tokens"] == records[1]["val_tokens"]  # one validation set for every size
+
+
+def test_each_record_agrees_with_the_metrics_lines_and_document_sums_it_came_from(
+        finished: dict[str, Any]) -> None:
+    """What a record says against what the run logged: Phase 1's passes and last rate, the best Phase-2
+    epoch (lowest validation loss: its PPL and accuracy are the record's), and the validation totals
+    of the per-document sums. A pass counted twice (`phase1_iterations` + 1 passed the range check
+    this replaces), another epoch's numbers or a document dropped from the sums fails here."""
+    run_dir = Path(finished["run_dir"])
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in read_results(run_dir):
+        unit = f"{r['model']}-{r['samples']}"
+        phase1 = [row for row in lines if row["unit"] == unit and row["phase"] == "phase1"]
+        assert [row["iteration"] for row in phase1] == list(range(r["phase1_iterations"]))
+        assert r["convergence_rate"] == phase1[-1]["rate"]
+        epochs = [row for row in lines if row["unit"] == unit and row["phase"] == "phase2"]
+        best = min(epochs, key=lambda row: row["val_loss"])
+        assert r["best_epoch"] == best["epoch"]
+        assert (r["val_ppl"], r["val_acc"]) == (best["val_ppl"], best["val_acc"])
+        sums = json.loads((run_dir / r["val_documents"]).read_text())
+        tokens = sum(sums["tokens"])
+        assert tokens == r["val_tokens"] - 1
+        assert math.isclose(r["val_ppl"], math.exp(sum(sums["nll"]) / tokens), rel_tol=1e-9)
+        assert r["val_acc"] == sum(sums["hits"]) / tokens
 
 
 def test_summary_has_a_scaling_fit_per_model(finished: dict[str, Any]) -> None:
