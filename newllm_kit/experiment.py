@@ -515,6 +515,7 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
             raise
         done[unit.key] = record
         if mine is not None:
+            mine.beat()  # reads the claim back: another process may have taken the unit over meanwhile
             if mine.lost is not None:
                 mine.release()
                 raise RunFailed(f"{unit.id}: its claim was taken over by {describe(mine.lost)} while it ran (its "

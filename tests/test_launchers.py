@@ -23,7 +23,7 @@ from test_experiment import TIMING_KEYS, TINY, write_tiny
 
 from newllm_kit import experiment
 from newllm_kit.config import load_config
-from newllm_kit.errors import UserError
+from newllm_kit.errors import RunFailed, UserError
 from newllm_kit.plots import run_curves
 from newllm_kit.plugins import load_plugins
 from newllm_kit.run import execute
@@ -208,6 +208,24 @@ def test_a_lowered_phase1_budget_reloads_from_the_resolved_config() -> None:
         CVFPPhase1Settings(min_iterations=6, max_iterations=4)
 
 
+def test_a_job_whose_claim_was_taken_over_drops_its_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its heartbeat stalled and another process took the unit: that process's record counts."""
+    run_dir = new_run_dir(tmp_path)
+    fake = _fake_unit(tmp_path / "ran.log")
+
+    def taken_over_meanwhile(config: Any, unit: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        record = fake(config, unit)
+        (run_dir / "units" / unit.id / "claim.json").write_text(json.dumps(
+            {"host": "node2", "pid": 7, "job": "9_1", "token": "theirs", "heartbeat": time.time()}))
+        return record
+
+    monkeypatch.setattr(experiment, "run_unit", taken_over_meanwhile)
+    with pytest.raises(RunFailed, match=r"A-12: its claim was taken over by host node2, pid 7, job 9_1 while it ran"):
+        execute(run_dir, [], tmp_path, False, "none", load_plugins(), unit="A-12")
+    assert not (run_dir / "units" / "A-12" / "record.json").exists()
+    assert json.loads((run_dir / "units" / "A-12" / "claim.json").read_text())["token"] == "theirs"
+
+
 def test_status_reads_each_unit_from_the_run_directory(tmp_path: Path) -> None:
     run_dir = new_run_dir(tmp_path)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -282,6 +300,24 @@ def test_a_ddp_unit_runs_under_torchrun_inside_its_pool_job(tmp_path: Path) -> N
     log = (run_dir_under(tmp_path / "runs") / "units" / "A-12" / "job.log").read_text()
     assert "ddp rank 0/2" in log and "ddp rank 1/2" in log  # each rank's closing line
     assert status(run_dir_under(tmp_path / "runs"))["counts"] == {"finished": 1}
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_pool_run_stops_its_jobs_and_releases_their_claims(tmp_path: Path) -> None:
+    two_long = LONG.replace("samples = [200]", "samples = [200, 210]")
+    coordinator = subprocess.Popen([sys.executable, "-m", "newllm_kit", "run", str(write_tiny(tmp_path, two_long)),
+                                    *ONE_THREAD, "--launcher", "pool", "--jobs", "2", "--out", str(tmp_path / "runs")],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: bool(list((tmp_path / "runs").glob("tiny/*/units/*/claim.json"))), 120, "a claimed unit")
+    run_dir = run_dir_under(tmp_path / "runs")
+    _wait_for(lambda: len(list(run_dir.glob("units/*/claim.json"))) == 2, 120, "both units claimed")
+    coordinator.send_signal(signal.SIGTERM)
+    _, err = coordinator.communicate(timeout=120)
+    assert coordinator.returncode == 130, err
+    assert "interrupted (SIGTERM)" in err.strip().splitlines()[-1]
+    assert _children(run_dir) == []  # no job left running
+    assert not list(run_dir.glob("units/*/claim.json"))  # each released its claim
+    assert {u["state"] for u in status(run_dir)["units"]} == {"pending"}
 
 
 def _children(run_dir: Path) -> list[int]:
