@@ -116,13 +116,6 @@ def _create(file: Path, holder: dict[str, Any]) -> bool:
     return True
 
 
-def _age_s(file: Path) -> float:
-    try:
-        return time.time() - file.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
 @contextmanager
 def short_claim(file: Path, wait_s: float = 300.0) -> Iterator[None]:
     """Hold `file` for a moment (rebuilding tables, updating meta.json): wait while another process
@@ -130,8 +123,11 @@ def short_claim(file: Path, wait_s: float = 300.0) -> Iterator[None]:
     mine = me()
     deadline = time.monotonic() + wait_s
     while not _create(file, mine):
-        holder = read_claim(file)
-        if gone_because(holder, _age_s(file), SHORT_STALE_S) is not None:
+        state = inspect(file, SHORT_STALE_S)
+        if state is None:  # released meanwhile
+            continue
+        holder, gone = state
+        if gone is not None:
             if read_claim(file) == holder:
                 with suppress(FileNotFoundError):
                     file.unlink()
@@ -173,8 +169,10 @@ class UnitClaim:
         """Claim the unit of `file`; raises Claimed when a live holder has it."""
         mine = me()
         while not _create(file, mine):
-            holder = read_claim(file)
-            why = gone_because(holder, _age_s(file), stale_after_s)
+            state = inspect(file, stale_after_s)
+            if state is None:  # released meanwhile
+                continue
+            holder, why = state
             if why is None:
                 if holder is None:  # created this instant, not yet written: look again
                     time.sleep(0.05)

@@ -394,10 +394,14 @@ class RunDir:
                     handle.truncate(data.rfind(b"\n") + 1)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def checkpoint_dir(self, unit: str) -> Path:
+    def unit_folder(self, parent: str, unit: str) -> Path:
+        """`parent/<unit>` inside the run directory, for a unit id that is one plain path component."""
         if not plain_name(unit):
             raise UserError(f"unit {unit!r}: not usable as a folder name (no '/', '\\', '..'); rename the model")
-        return self.inside(self.path / "checkpoints" / unit)
+        return self.inside(self.path / parent / unit)
+
+    def checkpoint_dir(self, unit: str) -> Path:
+        return self.unit_folder("checkpoints", unit)
 
     def save_checkpoint(self, unit: str, stage: str, tensors: dict[str, dict[str, torch.Tensor]],
                         state: dict[str, Any]) -> None:

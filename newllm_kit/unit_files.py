@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .claims import job_id
-from .errors import UserError
 from .result_records import RECORD, UNITS_DIR
-from .rundir import RunDir, plain_name
+from .rundir import RunDir
 from .strict_json import json_text
 
 FAILED = "failed.json"
@@ -27,9 +26,7 @@ META_CLAIM = ".meta.claim"  # held while meta.json is read and rewritten
 
 
 def unit_dir(run: RunDir, unit: str) -> Path:
-    if not plain_name(unit):
-        raise UserError(f"unit {unit!r}: not usable as a folder name (no '/', '\\', '..'); rename the model")
-    return run.inside(run.path / UNITS_DIR / unit)
+    return run.unit_folder(UNITS_DIR, unit)
 
 
 def claims_dir(run: RunDir) -> Path:
