@@ -409,6 +409,135 @@ def plot_command(
         console.print(escape(f"  {path.name}"))
 
 
+UnitOption = Annotated[str | None, typer.Option("--unit", metavar="ID",
+                                                 help="The unit whose kept model to use (default: the only one).")]
+WeightsOption = Annotated[str, typer.Option("--weights", metavar="best|final",
+                                            help="Which kept weights: the best epoch's (default) or the last's.")]
+
+
+def _weights(value: str) -> str:
+    if value not in ("best", "final"):
+        raise UserError(f"--weights {value}: choose best or final")
+    return value
+
+
+@app.command("sample", cls=Command)
+def sample_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (`runs/<experiment>/<run>`).")],
+    prompt: Annotated[str, typer.Option("--prompt", metavar="TEXT", help="Text the model continues.")],
+    unit: UnitOption = None,
+    tokens: Annotated[int, typer.Option("--tokens", metavar="N", help="Tokens to generate.")] = 100,
+    temperature: Annotated[float, typer.Option("--temperature", metavar="T",
+                                               help="Softmax temperature; 0 takes the most likely token.")] = 1.0,
+    top_k: Annotated[int | None, typer.Option("--top-k", metavar="K",
+                                              help="Draw among the K most likely tokens only.")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="S", help="Seed of the draws: the same text each time.")] = 0,
+    weights: WeightsOption = "best",
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="cpu, cuda, cuda:1 …")] = "cpu",
+    as_json: JsonOption = False,
+) -> None:
+    """Generate text from a kept model: the prompt, then one token at a time (CVFP: the sequential rollout
+    of the frozen ContextBlock and the TokenBlock, as Phase 2 trained them).
+
+    Example: `newllm-kit sample runs/quickstart/20261201-… --unit A-600 --prompt "The weather" --tokens 40`
+    """
+    from .kept_models import load_model
+    from .sampling import SampleSettings, sample
+
+    kept = load_model(run_dir, unit, _weights(weights), plugins().registry, _device(device))
+    result = sample(kept, prompt, SampleSettings(tokens, temperature, top_k, seed))
+    if as_json:
+        _print_json(result)
+        return
+    console.print(f"[dim]{escape(result['unit'])} ({escape(str(result['weights']))} weights), seed {seed}:[/dim]")
+    console.print(escape(prompt), end="", style="bold", soft_wrap=True)
+    console.print(escape(result["text"]), soft_wrap=True)
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    from . import cuda
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"--device {name}: not a device name ({error}); e.g. cpu, cuda, cuda:1") from error
+    if device.type == "cuda" and not cuda.backend().is_available():
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+@app.command("evaluate", cls=Command)
+def evaluate_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (`runs/<experiment>/<run>`).")],
+    unit: Annotated[str | None, typer.Option("--unit", metavar="ID",
+                                             help="One unit (default: every unit with a kept model).")] = None,
+    overrides: SetOption = None,
+    name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="Results go to evaluations/NAME.jsonl "
+                                             "(default: SOURCE-SCHEME-START-COUNT of the data).")] = None,
+    weights: WeightsOption = "best",
+    as_json: JsonOption = False,
+) -> None:
+    """The configured metrics of kept models on other data: `--set data.…` picks the source, the rows
+    (`data.val`) and the text scheme; the run's own validation by default. Results are appended to
+    RUN_DIR/evaluations/NAME.jsonl with the data's fingerprints.
+
+    Example: `newllm-kit evaluate runs/v2/20261201-… --set data.val.start=2000 --set data.val.count=200`
+    """
+    from .evaluation import evaluate_run
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    lines = evaluate_run(run_dir, unit, _weights(weights), overrides or [], plugins().registry, name, say)
+    if as_json:
+        _print_json({"run_dir": str(run_dir), "evaluations": lines})
+        return
+    table = Table(title=escape(f"{lines[0]['file']}"))
+    for column in ("unit", "weights", "tokens", *(k for k in lines[0]["metrics"])):
+        table.add_column(column, justify="left" if column in ("unit", "weights") else "right")
+    for line in lines:
+        table.add_row(escape(line["unit"]), line["weights"], f"{line['val_tokens']:,}",
+                      *(f"{v:.4f}" if isinstance(v, float) else str(v) for v in line["metrics"].values()))
+    console.print(table)
+
+
+@app.command("export", cls=Command)
+def export_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (`runs/<experiment>/<run>`).")],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="A new (or empty) folder for the export.")],
+    unit: UnitOption = None,
+    format_: Annotated[str, typer.Option("--format", metavar="FORMAT", help="hf: a Hugging Face transformers "
+                                         "model folder.")] = "hf",
+    weights: WeightsOption = "best",
+    as_json: JsonOption = False,
+) -> None:
+    """Export a kept model: `--format hf` writes a transformers folder (the transformer baseline as
+    GPT2LMHeadModel; CVFP and GRU as NewllmKitForCausalLM, loaded after `import newllm_kit`), checked
+    against the kit's logits before it is put in place.
+
+    Example: `newllm-kit export runs/quickstart/20261201-… --unit T-600 --format hf --out exports/t600`
+    """
+    from .hf_export import FORMATS, check_out, export_hf
+    from .kept_models import load_model
+
+    if format_ not in FORMATS:
+        raise UserError(f"--format {format_}: not an export format; choose one of: {', '.join(FORMATS)}")
+    check_out(out)
+    kept = load_model(run_dir, unit, _weights(weights), plugins().registry)
+    result = export_hf(kept, out, lambda text: print(text, file=sys.stderr))
+    if as_json:
+        _print_json(result)
+        return
+    console.print(escape(f"exported {result['unit']} ({weights} weights) as {result['model_class']} to {out}: "
+                         f"{', '.join(result['files'])}"), soft_wrap=True)
+    console.print(escape(f"tokenizer: {result['tokenizer']}"))
+    console.print(escape(f"checked: max |Δlogit| {result['max_abs_logit_diff']:.2g} against the kit on "
+                         f"{result['checked_tokens']} tokens"))
+    console.print(escape(f"load it with: {result['load']}"), soft_wrap=True)
+
+
 def _register_plugin_commands() -> None:
     loaded = plugins()
     for impl in loaded.manager.hook.register_commands.get_hookimpls():

@@ -400,6 +400,18 @@ def load_streams(
     return train, val, tokenizer, fingerprints
 
 
+def rows_stream(source: DataSource, scheme: str, tokenizer: Tokenizer, rows: range, cache_dir: Path) -> Stream:
+    """The stream of `rows` tokenised by an existing tokenizer (a kept model's), cached as a run's
+    streams are: what `newllm-kit evaluate` scores."""
+    size = source.size()
+    if len(rows) == 0 or rows.start < 0 or rows.stop > size:
+        raise DataError(f"data.val: rows {_show(rows)} are not inside the corpus's {size} rows; set data.val.start "
+                        f"and data.val.count within them")
+    text_scheme = get_scheme(scheme)
+    path = _stream_cache_path(Path(cache_dir), source.fingerprint(), text_scheme.name, tokenizer.fingerprint, rows)
+    return cached_stream(_texts(source, text_scheme, rows), tokenizer, text_scheme, path)
+
+
 def check_tokenizer_rows(rows: range, val_rows: range, corpus_rows: int | None) -> None:
     """The tokenizer's own training rows: inside the corpus and disjoint from validation."""
     if rows.start < val_rows.stop and val_rows.start < rows.stop:

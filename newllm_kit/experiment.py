@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from .claims import STALE_AFTER_S, Claimed, UnitClaim, describe, inspect, short_
 from .config import ExperimentConfig
 from .corpus import Stream, embedding_provenance, load_streams
 from .errors import DataError, PluginError, RunFailed, UserError
+from .kept_models import KeptFiles, keep
 from .params import check_model_fits
 from .protocols import Collectives, EvalOutputs, Placement, Runner, UnitContext, UnitData
 from .report import metric_key
@@ -37,32 +38,13 @@ from .result_records import UNITS_DIR, read_unit_records
 from .resume import PINNED, pin_fingerprints
 from .rundir import ORPHANS, STORE_DIR, RunDir
 from .scaling import Point, fit_all, report_to_json, series
+from .tracking import DISABLED, Tracking, UnitTracking
 from .training import ppl, start_unit
 from .unit_checkpoint import UnitCheckpoint, share
 from .unit_files import CLAIM, META_CLAIM, METRICS, TABLES_CLAIM, claims_dir, unit_dir, write_failure, write_record
+from .units import Unit
 
 VARIANTS_DIR = "variants"  # each sweep variant's resolved config, <name>.toml
-
-
-@dataclass(frozen=True)
-class Unit:
-    label: str
-    samples: int
-    index: int  # position of the model in [[models]]
-    seed: int = 42
-    variant: str = ""  # the sweep variant's name; "" without [sweep]
-    tag_seed: bool = False  # several seeds: the id names the seed
-
-    @property
-    def id(self) -> str:
-        """`A-300`, `A-300-s43` with several seeds, `lr-0.1-A-300` in a sweep. A single-seed run keeps
-        the plain id, so run directories written before seeds existed still resume."""
-        base = f"{self.variant}-{self.label}-{self.samples}" if self.variant else f"{self.label}-{self.samples}"
-        return f"{base}-s{self.seed}" if self.tag_seed else base
-
-    @property
-    def key(self) -> tuple[str, str, int, int]:
-        return self.variant, self.label, self.samples, self.seed
 
 
 def plan(config: ExperimentConfig) -> list[Unit]:
@@ -159,7 +141,7 @@ def metric_info(config: ExperimentConfig) -> list[dict[str, Any]]:
     return info
 
 
-def _metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, float]:
+def metric_values(config: ExperimentConfig, outputs: EvalOutputs) -> dict[str, float]:
     return {choice.component.name: float(choice.build().compute(outputs)) for choice in config.metrics}
 
 
@@ -194,9 +176,10 @@ def check_outputs(recipe: str, outputs: Any, val_tokens: int, val_documents: int
 
 
 def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: Runner, run: RunDir,
-             progress: Any, attempt: int, claim: UnitClaim | None = None, own_metrics: bool = False
-             ) -> dict[str, Any]:
-    """Build the unit's model, hand it to its recipe, and make the results record from what comes back."""
+             progress: Any, attempt: int, claim: UnitClaim | None = None, own_metrics: bool = False,
+             identity: dict[str, Any] | None = None, tracker: UnitTracking | None = None) -> dict[str, Any]:
+    """Build the unit's model, hand it to its recipe, make the results record from what comes back (with
+    the unit's `identity`: seed, sweep variant) and keep the trained model as `experiment.keep_models` says."""
     schema = config.schema
     start_unit(runner, unit.id)
     vocab_size = corpus.tokenizer.vocab_size
@@ -209,17 +192,17 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
                     train_documents=corpus.train.boundaries[:unit.samples], vocab_size=vocab_size,
                     val_documents=corpus.val.boundaries)
     metrics_file = run.path / UNITS_DIR / unit.id / METRICS if own_metrics else run.path / "metrics.jsonl"
-    logged = _Logged(progress, run, unit, attempt, runner.rank == 0, metrics_file, claim)
+    logged = _Logged(progress, run, unit, attempt, runner.rank == 0, metrics_file, claim, tracker)
     checkpoint = UnitCheckpoint(run, unit.id, runner, logged, (model.vocab_size, model.embedding_dim))
     context = UnitContext(id=unit.id, seed=schema.experiment.seed, runner=runner, progress=logged,
                           checkpoint=checkpoint, scratch=run.inside(run.path / STORE_DIR / unit.id),
-                          metrics=lambda outputs: _metric_values(config, outputs))
+                          metrics=lambda outputs: metric_values(config, outputs))
     started = time.perf_counter()
     result = recipe.train(model, data, context)
     seconds = time.perf_counter() - started
     check_outputs(recipe_name, result.val, data.val_ids.numel(), len(corpus.val.boundaries))
     result.val.seed = schema.experiment.seed
-    metrics = _metric_values(config, result.val)
+    metrics = metric_values(config, result.val)
     counts = model.param_counts()
     groups = model.param_groups()
     embedding = embedding_provenance(config.embedding)
@@ -249,17 +232,21 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
     bound = getattr(corpus.source, "best_token_ppl", None)
     if callable(bound):
         record["best_possible_ppl"] = float(bound(corpus.val.ids.numel(), corpus.val))
+    record.update(identity or {})
+    if runner.rank == 0:
+        files = KeptFiles(config, unit.index, recipe_name, corpus.tokenizer, record)
+        keep(run, unit.id, schema.experiment.keep_models, model, result, files, progress.message)
     return record
 
 
 class _Logged:
-    """Progress that also appends every advance to the metrics lines (rank 0 only: one line per event)
-    and tells the unit's claim which phase runs, for `status`."""
+    """Progress that also appends every advance to the metrics lines (rank 0 only: one line per event),
+    hands the same row to the unit's trackers, and tells the unit's claim which phase runs, for `status`."""
 
     def __init__(self, inner: Any, run: RunDir, unit: Unit, attempt: int, write: bool, file: Path,
-                 claim: UnitClaim | None) -> None:
+                 claim: UnitClaim | None, tracker: UnitTracking | None = None) -> None:
         self.inner, self.run, self.unit, self.attempt, self.write = inner, run, unit, attempt, write
-        self.file, self.claim = file, claim
+        self.file, self.claim, self.tracker = file, claim, tracker
 
     def start(self, phase: str, total: int | None) -> None:
         if self.claim is not None:
@@ -268,7 +255,10 @@ class _Logged:
 
     def advance(self, phase: str, **fields: float) -> None:
         if self.write:
-            self.run.log_metrics({"unit": self.unit.id, "phase": phase, "attempt": self.attempt, **fields}, self.file)
+            row = {"unit": self.unit.id, "phase": phase, "attempt": self.attempt, **fields}
+            self.run.log_metrics(row, self.file)
+            if self.tracker is not None:
+                self.tracker.log_metrics(row)
         self.inner.advance(phase, **fields)
 
     def finish(self, phase: str) -> None:
@@ -484,6 +474,7 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
     corpora: dict[str, CorpusCache] = {}
     pinned: dict[str, dict[str, str]] = {}  # variant -> the fingerprint set checked against meta.json
     elsewhere: list[str] = []  # units another live process holds
+    tracking = Tracking(config, run, runner.rank, progress.message)
     for i, unit in enumerate(chosen, start=1):
         progress.begin_unit(unit.id, i, len(chosen))
         if unit.key in done:
@@ -499,31 +490,33 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
             elsewhere.append(f"{unit.id} ({describe(holder)})")
             continue
         mine = claim if isinstance(claim, UnitClaim) else None
-        try:
-            record = _run_claimed(config, unit, run, runner, progress, attempt, mine, only is not None, corpora,
-                                  pinned)
-        except KeyboardInterrupt:
+        with tracking.unit(unit_config(config, unit), unit.id, attempt) as tracker:  # its exit: end(status)
+            try:
+                record = _run_claimed(config, unit, run, runner, progress, attempt, mine, only is not None,
+                                      corpora, pinned, tracker)
+            except KeyboardInterrupt:
+                if mine is not None:
+                    mine.release()
+                raise
+            except BaseException as error:
+                if mine is not None:
+                    write_failure(run, unit.id, *failure_line(error))
+                    mine.release()
+                if isinstance(error, RunFailed) and not str(error).startswith(f"{unit.id}:"):
+                    raise RunFailed(f"{unit.id}: {error}") from error  # name the unit, once
+                raise
+            done[unit.key] = record
             if mine is not None:
+                mine.beat()  # reads the claim back: another process may have taken the unit over meanwhile
+                if mine.lost is not None:
+                    mine.release()
+                    raise RunFailed(f"{unit.id}: its claim was taken over by {describe(mine.lost)} while it ran "
+                                    f"(its heartbeat stalled); that process's record counts, this one is dropped")
+                write_record(run, unit.id, record)
+                run.drop_checkpoint(unit.id)
                 mine.release()
-            raise
-        except BaseException as error:
-            if mine is not None:
-                write_failure(run, unit.id, *failure_line(error))
-                mine.release()
-            if isinstance(error, RunFailed) and not str(error).startswith(f"{unit.id}:"):
-                raise RunFailed(f"{unit.id}: {error}") from error  # name the unit, once
-            raise
-        done[unit.key] = record
-        if mine is not None:
-            mine.beat()  # reads the claim back: another process may have taken the unit over meanwhile
-            if mine.lost is not None:
-                mine.release()
-                raise RunFailed(f"{unit.id}: its claim was taken over by {describe(mine.lost)} while it ran (its "
-                                f"heartbeat stalled); that process's record counts, this one is dropped")
-            write_record(run, unit.id, record)
-            run.drop_checkpoint(unit.id)
-            mine.release()
-            done = publish(run, config, units, progress.message)
+                done = publish(run, config, units, progress.message)
+            tracker.finish(record)
         runner.barrier()
         progress.end_unit(unit.id, f"val_ppl={record['val_ppl']:.2f} val_acc={record['val_acc']:.4f}")
     if runner.rank == 0:
@@ -541,7 +534,7 @@ def run_experiment(config: ExperimentConfig, run: RunDir, runner: Runner, progre
 
 def _run_claimed(config: ExperimentConfig, unit: Unit, run: RunDir, runner: Runner, progress: Any, attempt: int,
                  claim: UnitClaim | None, as_job: bool, corpora: dict[str, CorpusCache],
-                 pinned: dict[str, dict[str, str]]) -> dict[str, Any]:
+                 pinned: dict[str, dict[str, str]], tracker: UnitTracking | None = None) -> dict[str, Any]:
     """One claimed unit: its corpus, its pinned fingerprints, its recipe, and its record."""
     unit_cfg = unit_config(config, unit)
     if as_job and runner.rank == 0:
@@ -550,8 +543,13 @@ def _run_claimed(config: ExperimentConfig, unit: Unit, run: RunDir, runner: Runn
     if runner.rank == 0 and unit.variant not in pinned:
         with short_claim(claims_dir(run) / META_CLAIM):
             pinned[unit.variant] = pin_fingerprints(run, unit.variant, unit_fingerprints(unit_cfg, corpus))
+    identity: dict[str, Any] = {"seed": unit.seed}
+    if unit.variant:
+        identity |= {"variant": unit.variant,
+                     "sweep": next(dict(v.changes) for v in config.variants if v.name == unit.variant)}
     try:
-        record = run_unit(unit_cfg, unit, corpus, runner, run, progress, attempt, claim, as_job)
+        record = run_unit(unit_cfg, unit, corpus, runner, run, progress, attempt, claim, as_job, identity,
+                          tracker=tracker)
     except RunFailed:
         if runner.rank == 0:
             update_meta(run, failed_unit=unit.id)  # the unit whose numbers were refused: it runs again
@@ -560,11 +558,7 @@ def _run_claimed(config: ExperimentConfig, unit: Unit, run: RunDir, runner: Runn
         with suppress(OSError):  # the unit's scratch folder, and store/ once no unit uses it
             (run.path / STORE_DIR / unit.id).rmdir()
             (run.path / STORE_DIR).rmdir()
-    record["seed"] = unit.seed
-    if unit.variant:
-        record["variant"] = unit.variant
-        record["sweep"] = next(dict(v.changes) for v in config.variants if v.name == unit.variant)
-    return record
+    return {**record, **identity}
 
 
 def finish_meta(config: ExperimentConfig, run: RunDir, units: list[Unit], done: Done, meta_now: dict[str, Any],
@@ -576,7 +570,8 @@ def finish_meta(config: ExperimentConfig, run: RunDir, units: list[Unit], done: 
     stores = {u.id: done[u.key].get("context_store") for u in units}
     with short_claim(claims_dir(run) / META_CLAIM):
         recorded = run.read_json("meta.json")
-        kept = {k: recorded[k] for k in PINNED if isinstance(recorded, dict) and isinstance(recorded.get(k), dict)}
+        kept = {k: recorded[k] for k in (*PINNED, DISABLED)  # this start's disabled trackers too
+                if isinstance(recorded, dict) and isinstance(recorded.get(k), dict)}
         if "fingerprints" not in kept:  # a run finished before sets were pinned: its records say
             kept["fingerprints"] = next(iter(done.values())).get("fingerprints")
         run.write_json("meta.json", {**meta_now, **kept, "status": "finished",

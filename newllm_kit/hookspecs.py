@@ -219,6 +219,29 @@ def register_launchers(register: Register) -> None:
 
 
 @hookspec
+def register_trackers(register: Register) -> None:
+    """Register experiment trackers (kind `tracker`, TOML `[tracking] backends = [NAME, …]`; settings: the
+    table `[tracking.NAME]`). The built-ins: `tensorboard`, `mlflow` and `wandb`.
+
+    `factory(settings)` returns a `Tracker` (`newllm_kit.protocols.Tracker`), built afresh for every unit
+    on rank 0: `start(run)` opens the unit's run (a `TrackedRun`: unit id, attempt, experiment, run
+    directory), `log_params(params)` gets the unit's resolved configuration as dotted keys,
+    `log_metrics(row, step)` every metrics.jsonl row as it is written, `log_record(record)` the unit's
+    results record, `log_artifacts(paths)` its plots, and `end(status)` says how the unit ended
+    ("finished", "failed", "interrupted"). Import the backend's package inside `start`, so the kit starts
+    fast, and give the tracker an optional `check()` that raises a UserError naming the install command
+    when it is missing. metrics.jsonl stays the record: the first exception from a tracker disables it
+    for the rest of the run, with one warning, and never fails the run.
+
+    Example::
+
+        @hookimpl
+        def register_trackers(register):
+            register("neptune", NeptuneTracker, settings=NeptuneSettings)
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add commands to the `newllm-kit` CLI. `cli` is the Typer app.
 

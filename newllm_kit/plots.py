@@ -25,7 +25,6 @@ from typing import Any
 
 from .config import read_toml
 from .errors import DataError, UserError
-from .experiment import Unit
 from .report import Shown, metric_columns, metric_key, recipe_columns
 from .result_sources import check_sources, load_records
 from .rundir import RunDir
@@ -34,6 +33,7 @@ from .scaling.points import _has_results, _why_empty
 from .scaling_plot import new_figure, save_png
 from .scaling_plot import plot as plot_scaling
 from .stats import t_interval
+from .units import Unit
 
 WHAT = "newllm-kit plot"
 LINESTYLES = ("-", "--", ":", "-.")
@@ -67,7 +67,7 @@ def write_plots(run_dir: Path, out: Path | None = None, allow_mixed: bool = Fals
     written = []
     for r in records:
         unit = unit_id(r, seeded)
-        written.append(_save(unit_figure(r, unit, curves.get(unit, {})), out / f"unit-{_file_name(unit)}.png"))
+        written.append(unit_plot(r, unit, curves.get(unit, {}), out))
     by_series: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_series.setdefault(series(r), []).append(r)
@@ -189,6 +189,12 @@ def _panels(figure: Any, count: int, empty: str = NO_CURVES) -> list[Any]:
 def _save(figure: Any, path: Path) -> Path:
     save_png(figure, path, WHAT)
     return path
+
+
+def unit_plot(record: dict[str, Any], unit: str, curves: Curves, out: Path) -> Path:
+    """`out/unit-<unit>.png`, the unit's figure: what `write_plots` draws, and what trackers get when the
+    unit finishes."""
+    return _save(unit_figure(record, unit, curves), out / f"unit-{_file_name(unit)}.png")
 
 
 def unit_figure(record: dict[str, Any], unit: str, curves: Curves) -> Any:

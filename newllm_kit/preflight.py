@@ -4,8 +4,9 @@ directory, and by `validate`, with one implementation.
 Two kinds of problem are found here: a split that cannot work whatever the corpus holds (training rows
 that overlap the validation rows, a tokenizer trained on validation rows) and a component that cannot
 load on this machine, where finding out is cheap and downloads nothing: the optional `check()` of the
-data source, the tokenizer and the embedding (a local path that does not exist, a hub download while
-offline). Every problem is named in one message, so a user fixes them all in one try.
+data source, the tokenizer, the embedding (a local path that does not exist, a hub download while
+offline) and each tracker in `[tracking] backends` (its package not installed). Every problem is named in
+one message, so a user fixes them all in one try.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from .config import ExperimentConfig
 from .corpus import Split, check_tokenizer_rows
-from .errors import DataError
+from .errors import DataError, UserError
 
 COMPONENTS = ("data_source", "tokenizer", "embedding")  # the ExperimentConfig choices that load files
 
@@ -51,6 +52,13 @@ def _component_problems(config: ExperimentConfig) -> list[str]:
             check()
         except DataError as error:
             found.append(str(error))
+    for index, name in enumerate(config.schema.tracking.backends):
+        check = getattr(config.trackers[name].build(), "check", None)
+        try:
+            if callable(check):
+                check()
+        except UserError as error:
+            found.append(f"tracking.backends.{index}: {error}")
     return found
 
 

@@ -156,7 +156,10 @@ class Runner(Placement, MemoryPolicy, Collectives, Protocol):
 @runtime_checkable
 class Tokenizer(Protocol):
     """Ids 0 … vocab_size − 1 for text and back; `fingerprint` identifies the vocabulary and rules
-    (what was trained, on what), so a cached token stream is never read with another tokenizer."""
+    (what was trained, on what), so a cached token stream is never read with another tokenizer.
+    Optional `serialise() -> str`: the tokenizer as `tokenizers` JSON whose sha256 is `fingerprint`,
+    which a kept model carries (`newllm_kit.kept_models`); without it, a kept model's tokenizer is
+    rebuilt from its settings and must give the same fingerprint."""
 
     vocab_size: int
     fingerprint: str
@@ -339,19 +342,55 @@ class RecipeResult:
     """What a recipe returns for one unit. The core computes the configured metrics from `val`,
     adds `record` (JSON-able: the recipe's own numbers) to the unit's results record, and shows
     `columns` of it in the table; `notes` are recorded (say each with `unit.message` when it arises);
-    `flags` mark a column's cell with * and a footnote ({record key: why})."""
+    `flags` mark a column's cell with * and a footnote ({record key: why}).
+
+    For the kept models (`experiment.keep_models`): the model as returned holds the weights `val` was
+    computed with (the best epoch's, where the recipe restored them); `final_weights` are the trained
+    parameters at the last epoch where they differ from those (None: the model ends on its last epoch
+    too); `ends_on_best` False says the model holds its last epoch's weights although `val` is an
+    earlier epoch's (nothing restored), so no "best" model exists; `kept_tensors` are tensors the
+    recipe's `decoder` and `evaluate` need beside the weights (see `Kept`)."""
 
     val: EvalOutputs
     record: dict[str, Any] = field(default_factory=dict)
     columns: list[Column] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     flags: dict[str, str] = field(default_factory=dict)
+    final_weights: dict[str, torch.Tensor] | None = None
+    ends_on_best: bool = True
+    kept_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Kept:
+    """What a kept model brings back besides its weights: the recipe's `kept_tensors` (on the model's
+    device) and the unit's results record (what it was trained and evaluated with, e.g. a batch size
+    resolved on its device)."""
+
+    tensors: dict[str, torch.Tensor]
+    record: dict[str, Any]
+
+
+class Decoder(Protocol):
+    """A kept model reading a stream token by token, for `sample` and the Hugging Face export."""
+
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[t] ids that follow those fed so far -> [t, V] float32 logits of the token after each."""
+        ...
 
 
 class Recipe(Protocol):
     """How one unit is trained and evaluated: a built model and its token streams in, validation
     sums out. Everything a recipe computes over the validation stream must score every position
-    1 … n−1 exactly once, so PPLs of different recipes on one run are comparable."""
+    1 … n−1 exactly once, so PPLs of different recipes on one run are comparable.
+
+    Optional, for kept models (`newllm-kit sample`, `evaluate`, `export`); a recipe without them
+    trains as before, and those commands say it cannot:
+
+    * `decoder(model, kept) -> Decoder`: the trained model reading a stream as its validation did;
+    * `evaluate(model, data, unit, kept) -> EvalOutputs`: the validation sums of `data.val_ids`
+      computed by the same code as the run's validation (a kept model's own validation stream gives
+      the record's numbers back)."""
 
     def train(self, model: nn.Module, data: UnitData, unit: UnitContext) -> RecipeResult: ...
 
@@ -393,6 +432,49 @@ class Launcher(Protocol):
     def launch(self, request: LaunchRequest) -> str | None: ...
 
 
+@dataclass(frozen=True)
+class TrackedRun:
+    """Which unit a tracker watches: its id (the tracker run's name), the run's start number (`attempt`,
+    as in metrics.jsonl), the experiment's name, and the run directory (`group`: its folder name, which
+    groups the units of one run). Defaults that write files put them under `inside(*parts)`."""
+
+    unit: str
+    attempt: int
+    experiment: str
+    group: str
+    run_dir: Path
+
+    def inside(self, *parts: str) -> Path:
+        """RUN_DIR/parts…, refused (UserError) where a link would lead it out of the run directory."""
+        from .rundir import RunDir
+
+        return RunDir(self.run_dir).inside(self.run_dir.joinpath(*parts))
+
+
+class Tracker(Protocol):
+    """One unit's run in an experiment tracker: a fresh object per unit, built and called on rank 0 only.
+    The core calls `start` once, then `log_params` once (the unit's resolved configuration as dotted keys:
+    `{"lm.epochs": 3, "models.0.label": "G"}`), `log_metrics` for every metrics.jsonl row as it is written
+    (the row itself, `step` counting the unit's rows from 0), `log_record` and `log_artifacts` once when the
+    unit finished (its results record; its PNG plots, where matplotlib is installed), and `end` once with
+    "finished", "failed" or "interrupted". Trackers observe, never decide: the first exception from any call
+    disables that backend for the rest of the run (one warning, listed in meta.json) and the run goes on.
+    Optional `check()`: raise a UserError when the backend cannot work here (its package is not installed);
+    `run` and `validate` call it before any data is read."""
+
+    def start(self, run: TrackedRun) -> None: ...
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, row: dict[str, Any], step: int) -> None: ...
+
+    def log_record(self, record: dict[str, Any]) -> None: ...
+
+    def log_artifacts(self, paths: list[Path]) -> None: ...
+
+    def end(self, status: str) -> None: ...
+
+
 # What a factory registered for each kind must return (see `newllm_kit.hookspecs`).
 PROTOCOLS: dict[str, type] = {
     "architecture": Architecture,
@@ -403,6 +485,7 @@ PROTOCOLS: dict[str, type] = {
     "data_source": DataSource,
     "runner": Runner,
     "launcher": Launcher,
+    "tracker": Tracker,
 }
 
 

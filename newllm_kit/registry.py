@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from .errors import PluginError
 
 # The core's kinds; a plugin may declare more (newllm_kit.plugins.registration_hooks).
-KINDS = ("architecture", "recipe", "tokenizer", "embedding", "metric", "data_source", "runner", "launcher")
+KINDS = ("architecture", "recipe", "tokenizer", "embedding", "metric", "data_source", "runner", "launcher",
+         "tracker")
 
 
 @contextmanager

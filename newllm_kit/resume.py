@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ExperimentConfig, read_toml
+from .config.reading import dotted_keys
 from .corpus import embedding_provenance
 from .errors import UserError
 from .rundir import RunDir
@@ -47,7 +48,7 @@ def pin_fingerprints(run: RunDir, variant: str, now: dict[str, str]) -> dict[str
 
 def check_resume_compatible(saved_file: Path, config: ExperimentConfig) -> None:
     """Refuse to mix results of two different configurations in one run directory."""
-    saved, now = (_not_launcher(_flatten(table)) for table in (read_toml(saved_file), config.resolved()))
+    saved, now = (_shaping_results(dotted_keys(table)) for table in (read_toml(saved_file), config.resolved()))
     differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if differing:
         shown = ", ".join(differing[:8]) + (" …" if len(differing) > 8 else "")
@@ -68,20 +69,11 @@ def check_resume_compatible(saved_file: Path, config: ExperimentConfig) -> None:
                             f"embedding.revision to the run's, or start a new run")
 
 
-def _not_launcher(flat: dict[str, Any]) -> dict[str, Any]:
-    """Settings that shape results: where units run (`[launcher]`) may change between starts."""
-    return {k: v for k, v in flat.items() if k != "launcher" and not k.startswith("launcher.")}
+FREE_BETWEEN_STARTS = ("launcher", "tracking", "experiment.keep_models")
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}.{i}"))
-        return out
-    return {prefix: value}
+def _shaping_results(flat: dict[str, Any]) -> dict[str, Any]:
+    """Settings that shape results: where units run (`[launcher]`), who watches them (`[tracking]`) and
+    which trained models are kept may change between starts."""
+    return {k: v for k, v in flat.items()
+            if not any(k == free or k.startswith(f"{free}.") for free in FREE_BETWEEN_STARTS)}

@@ -34,7 +34,7 @@ from .progress import NullProgress, make_progress
 from .protocols import LaunchRequest, UnitJob
 from .result_records import RECORD, UNITS_DIR
 from .resume import check_resume_compatible
-from .rundir import LOCK, RunDir, plain_name
+from .rundir import LOCK, TRACKER_FILES, RunDir, plain_name
 from .status import Watch, unit_statuses
 from .unit_checkpoint import share
 from .unit_files import write_failure
@@ -62,8 +62,8 @@ def _mark(run: RunDir, status: str, **fields: str) -> None:
             pass  # e.g. the disk is full: the error already on its way says so
 
 
-# What a new run directory holds before its first unit computes anything.
-UNSTARTED = {"config.resolved.toml", "overrides.txt", "meta.json", LOCK, VARIANTS_DIR, "units"}
+# What a new run directory holds before its first unit computes anything (its trackers may have started).
+UNSTARTED = {"config.resolved.toml", "overrides.txt", "meta.json", LOCK, VARIANTS_DIR, "units", *TRACKER_FILES}
 
 
 def _discard_unstarted(run: RunDir) -> None:

@@ -36,9 +36,11 @@ from .strict_json import finite_json, json_text
 LOCK = ".lock"
 STORE_DIR = "store"  # a running unit's scratch folder (UnitContext.scratch): large temporary files
 ORPHANS = "results.orphans.jsonl"  # records a resume found but cannot use: kept, never deleted
+TRACKER_FILES = ("tensorboard", "mlflow.db", "mlflow-artifacts", "wandb")  # the built-in trackers' defaults
 KIT_NAMES = ("config.resolved.toml", "overrides.txt", "meta.json", "results.jsonl", "results.csv", ORPHANS,
              "summary.json", "metrics.jsonl", LOCK, "plots", "checkpoints", STORE_DIR, "variants", "documents",
-             "units", "jobs")
+             "units", "jobs", "models", "evaluations", *TRACKER_FILES)
+SHALLOW = ("wandb",)  # checked as a whole only: W&B itself links each run's service log to ~/.cache/wandb
 
 # (stage, tensor groups by file name, JSON state) of one checkpoint
 Checkpoint = tuple[str, dict[str, dict[str, torch.Tensor]], dict[str, Any]]
@@ -166,7 +168,7 @@ class RunDir:
         for name in KIT_NAMES:
             top = self.path / name
             paths = [top]
-            if top.is_dir() and not top.is_symlink():
+            if top.is_dir() and not top.is_symlink() and name not in SHALLOW:
                 for folder, dirs, files in os.walk(top):  # does not descend into linked folders
                     paths += [Path(folder) / entry for entry in (*dirs, *files)]
             for path in paths:
@@ -211,6 +213,25 @@ class RunDir:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+
+    def publish_folder(self, folder: Path, files: dict[str, bytes]) -> None:
+        """Write `files` (name -> bytes) as `folder` inside the run, whole or not at all: each fsynced into
+        a hidden sibling, which is then renamed over `folder` (an earlier one is replaced)."""
+        folder = self.inside(folder)
+        tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+        with self._writing(tmp):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            for leftover in (tmp, old):
+                self._remove(leftover)
+            tmp.mkdir()
+            for name, data in files.items():
+                _write_synced(tmp / name, data)
+            _fsync_dir(tmp)
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            _fsync_dir(folder.parent)
+            self._remove(old)
 
     def write_json(self, name: str, data: Any) -> None:
         self.write_text(name, json_text(data, indent=2) + "\n")

@@ -106,6 +106,8 @@ class TrainReport:
     val: EvalOutputs  # at the best epoch
     seconds: float
     batch_size: int = 0  # items (positions or windows) per step as run ("auto" resolved)
+    final_weights: dict[str, torch.Tensor] | None = None  # the last epoch's, where the best epoch's were restored
+    ends_on_best: bool = True  # False: the module holds the last epoch's weights, but `val` is an earlier epoch's
 
 
 class StopDecision(NamedTuple):
@@ -279,8 +281,11 @@ def train_epochs(module: nn.Module, params: list[nn.Parameter], optimizer: torch
         if decision.stop:
             break
     progress.finish(phase)
-    if restore_best and state.best_weights:
+    final = None
+    if restore_best and state.best_weights and state.best_epoch != state.epoch:
+        final = trainable_copy(module, params)
         module.load_state_dict(state.best_weights, strict=False)
     assert state.best_val is not None, f"{phase} ran no epoch"
     return TrainReport(best_epoch=state.best_epoch, epochs_run=state.epoch, history=list(state.history),
-                       val=replace(state.best_val), seconds=state.seconds)
+                       val=replace(state.best_val), seconds=state.seconds, final_weights=final,
+                       ends_on_best=restore_best or state.best_epoch == state.epoch)

@@ -163,3 +163,34 @@ def make_gpt2_model_dir(directory: Path, vocab_size: int, n_embd: int) -> Path:
         model = GPT2LMHeadModel(config)
     model.save_pretrained(str(directory))
     return directory
+
+
+def synthetic_experiment(name: str, samples: str = "[12, 24]", freeze: bool = True, experiment_keys: str = ""
+                         ) -> str:
+    """The head of a tiny experiment: the seeded synthetic source (400 documents of 20 words, validation
+    rows 300-311), the bytes tokenizer, a random table and one CPU thread; tables and models follow.
+    `experiment_keys`: more lines of its [experiment] table."""
+    return f"""
+[experiment]
+name = "{name}"
+samples = {samples}
+seed = 7
+{experiment_keys}
+
+[data]
+source = "synthetic"
+words_per_doc = 20
+docs = 400
+val = {{ start = 300, count = 12 }}
+
+[tokenizer]
+name = "bytes"
+
+[embedding]
+source = "random"
+freeze = {str(freeze).lower()}
+
+[runner]
+name = "cpu"
+threads = 1
+"""

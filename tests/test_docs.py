@@ -25,7 +25,8 @@ CONTRACTS: list[type] = [
     *protocols.PROTOCOLS.values(), protocols.Placement, protocols.MemoryPolicy, protocols.Collectives,
     protocols.LanguageModel, protocols.Tokenizer, protocols.Progress,
     protocols.Checkpointer, protocols.Saved, protocols.EvalOutputs, protocols.UnitData, protocols.UnitContext,
-    protocols.Column, protocols.RecipeResult, protocols.UnitJob, protocols.LaunchRequest,
+    protocols.Column, protocols.RecipeResult, protocols.Kept, protocols.Decoder, protocols.UnitJob,
+    protocols.LaunchRequest, protocols.TrackedRun,
     lm.AutoregressiveModel, cvfp_contract.CVFPModel,
     cvfp_contract.ContextBlock, cvfp_contract.Solver, cvfp_contract.Phase1Report, cvfp_contract.SolveResult,
 ]

@@ -37,6 +37,7 @@ from .schema import (
     ModelSection,
     RunnerSection,
     TokenizerSection,
+    TrackingSection,
     Variant,
 )
 from .sweeps import parse_sweep, variant_names
@@ -125,6 +126,7 @@ def _validated(path: Path, registry: Registry, data: dict[str, Any], overrides: 
         recipes=_recipes(path, registry, model_recipes, tables),
         model_recipes=model_recipes,
         overrides=overrides,
+        trackers=_trackers(path, registry, schema.tracking),
     )
     _check_components(config)
     return config
@@ -145,6 +147,37 @@ def _choose(path: Path, registry: Registry, kind: str, key: str, name: str, sect
         valid = sorted(set(component.settings.model_fields) | core)
         raise format_error(path, error, key, valid, component.settings) from None
     return Choice(key, component, settings, f"{path}: {key}")
+
+
+def _trackers(path: Path, registry: Registry, section: TrackingSection) -> dict[str, Choice]:
+    """Each tracker in `backends` and each `[tracking.NAME]` table (a table may wait for its backend to be
+    listed, e.g. by `--set`), its settings validated by the tracker's model: defaults where it has no table."""
+    names, tables = list(section.backends), dict(section.model_extra or {})
+    trackers: dict[str, Choice] = {}
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ConfigError(f"{path}: tracking.backends.{index}: {name!r} is listed twice")
+    for name in [*names, *(table for table in tables if table not in names)]:
+        key = f"tracking.{name}"
+        where = f"{path}: tracking.backends.{names.index(name)}" if name in names else f"{path}: {key}"
+        table = tables.get(name, {})
+        if not isinstance(table, dict):
+            valid = ["backends", *sorted(registry.components.get("tracker", {}))]
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{path}: {key}: unknown key; {hint} ([tracking.NAME] tables hold a tracker's settings)")
+        component = registry.get("tracker", name, where=where)
+        settings = None
+        if component.settings is not None:
+            try:
+                settings = strict_validate(component.settings, table)
+            except ValidationError as error:
+                raise format_error(path, error, key, sorted(component.settings.model_fields),
+                                   component.settings) from None
+        elif table:
+            raise ConfigError(f"{path}: {key}.{sorted(table)[0]}: unknown key (tracker {name!r} takes no settings)")
+        trackers[name] = Choice(key, component, settings, f"{path}: {key}")
+    return trackers
 
 
 def _default_recipe(path: Path, index: int, architecture: Choice) -> str:
@@ -205,7 +238,7 @@ def _check_components(config: ExperimentConfig) -> None:
     if isinstance(config.runner.component.factory, type):
         config.runner.require(config.runner.component.factory, PROTOCOLS["runner"], "is")
     tokenizer = config.tokenizer.build()
-    for choice in (config.data_source, config.embedding, config.launcher, *config.metrics):
+    for choice in (config.data_source, config.embedding, config.launcher, *config.metrics, *config.trackers.values()):
         choice.build()
     recipes = {name: choice.build() for name, choice in config.recipes.items()}
     for recipe in config.recipes.values():

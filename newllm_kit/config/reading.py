@@ -87,3 +87,19 @@ def set_key(data: dict[str, Any], parts: list[str], value: Any, what: str) -> No
                 node = node.setdefault(part, {})
         else:
             raise ConfigError(f"{what}: {'.'.join(parts[:depth])} is a value, not a table")
+
+
+def dotted_keys(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys (`{"lm": {"epochs": 3}}` → `{"lm.epochs": 3}`), an array of tables by
+    index (`models.0.label`), other values as they are: how `--set` names a key."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(dotted_keys(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(dotted_keys(v, f"{prefix}.{i}"))
+        return out
+    return {prefix: value}

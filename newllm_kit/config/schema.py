@@ -50,6 +50,9 @@ class ExperimentSection(_Strict):
     metrics: list[str] = Field(
         ["ppl", "accuracy", "effective_rank", "convergence_rate"], description="Metric plugins to report."
     )
+    keep_models: Literal["best", "final", "both", "none"] = Field(
+        "best", description="Trained models kept per unit in models/<unit>/best and/or final: the weights the "
+                            "validation numbers were computed with, those of the last epoch, both, or none.")
 
     @field_validator("name")
     @classmethod
@@ -138,6 +141,13 @@ class LauncherSection(_Open):
                                  "(seconds) is taken over: its process is gone.")
 
 
+class TrackingSection(_Open):
+    """`[tracking]`: the trackers that watch each unit; every other key is a `[tracking.NAME]` table of
+    that tracker's settings."""
+
+    backends: list[str] = Field([], description="Tracker plugins that log each unit: tensorboard, mlflow, wandb.")
+
+
 class ModelSection(_Open):
     label: str = Field(..., description="Name of this model in tables, fits and checkpoint names.")
     architecture: str = Field("cvfp", description="Architecture plugin name.")
@@ -156,6 +166,7 @@ class FileSchema(_Strict):
     embedding: EmbeddingSection = Field(default_factory=lambda: EmbeddingSection())
     runner: RunnerSection = Field(default_factory=lambda: RunnerSection())
     launcher: LauncherSection = Field(default_factory=lambda: LauncherSection())
+    tracking: TrackingSection = Field(default_factory=lambda: TrackingSection())
     models: list[ModelSection] = Field(..., min_length=1)
 
 
@@ -224,15 +235,19 @@ class ExperimentConfig:
     overrides: list[str] = field(default_factory=list)
     sweep: Sweep | None = None
     variants: list[Variant] = field(default_factory=list)  # one per sweep combination; empty without [sweep]
+    trackers: dict[str, Choice] = field(default_factory=dict)  # every [tracking.NAME] table and each backend
 
     def resolved(self) -> dict[str, Any]:
         """Every key with its value in force (defaults filled), as plain TOML-able data."""
         out = self.schema.model_dump(mode="json", exclude={"data", "tokenizer", "embedding", "runner", "launcher",
-                                                           "models"})
+                                                           "tracking", "models"})
         sections = {"data": self.data_source, "tokenizer": self.tokenizer, "embedding": self.embedding,
                     "runner": self.runner, "launcher": self.launcher}
         for name, choice in sections.items():
             out[name] = _section_dict(getattr(self.schema, name), choice)
+        out["tracking"] = {"backends": list(self.schema.tracking.backends),
+                           **{name: _settings_dict(choice) for name, choice in self.trackers.items()
+                              if choice.settings is not None}}
         for recipe in self.recipes.values():
             if recipe.settings is not None:
                 for table in type(recipe.settings).model_fields:

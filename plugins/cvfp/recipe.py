@@ -42,7 +42,7 @@ from newllm_kit import hookimpl, hookspec
 from newllm_kit.config import ComponentSection
 from newllm_kit.errors import RunFailed
 from newllm_kit.experiment import seed_everything
-from newllm_kit.protocols import Column, EvalOutputs, RecipeResult, UnitContext, UnitData
+from newllm_kit.protocols import Column, EvalOutputs, Kept, RecipeResult, UnitContext, UnitData
 from newllm_kit.training import TrainReport, TrainState, memory_phase
 
 from ..metrics import EffectiveRankSettings, rank_rows
@@ -50,6 +50,7 @@ from . import phase1_contexts
 from .checkpoint_fit import check_checkpoint, shapes
 from .context_store import StorePlan, context_stores, is_out_of_memory, out_of_memory_message, plan_stores
 from .contract import CVFPModel, Phase1Report, Solver, SolveResult, accepts
+from .decode import INPUT_PREFIX, CVFPDecoder
 from .diagnostics import diagnostic_warnings, seed_diagnostics, stats_rows
 from .phase2 import (
     Phase2Data,
@@ -60,6 +61,9 @@ from .phase2 import (
     store_rows,
     train_phase2,
     weights_as,
+)
+from .phase2 import (
+    evaluate as evaluate_phase2,
 )
 from .row_map import RowMap, gather
 from .solve_checkpoint import StoreCheckpoint, TrialsCheckpoint, rows_file
@@ -447,7 +451,35 @@ class CVFPRecipe:
             flags["phase1_iterations"] = (f"Phase 1 stopped at max_iterations before reaching its target of "
                                           f"{summary['target_rate']:.0%} converged tokens (had "
                                           f"{summary['convergence_rate']:.0%})")
-        return RecipeResult(val=report.val, record=record, columns=COLUMNS, notes=run.notes, flags=flags)
+        return RecipeResult(val=report.val, record=record, columns=COLUMNS, notes=run.notes, flags=flags,
+                            final_weights=report.final_weights, ends_on_best=report.ends_on_best,
+                            kept_tensors={INPUT_PREFIX + k: v for k, v in run.inputs.items()})
+
+    def decoder(self, model: nn.Module, kept: Kept) -> CVFPDecoder:
+        """The kept model reading a stream by sequential rollout (`newllm_kit_plugins.cvfp.decode`)."""
+        return CVFPDecoder(model, kept.tensors)
+
+    def evaluate(self, model: nn.Module, data: UnitData, unit: UnitContext, kept: Kept) -> EvalOutputs:
+        """The run's validation of a kept model on `data.val_ids`: the frozen solve by the unit's solver
+        into a context store, then Phase 2's evaluation, with the val ER's sample of contexts."""
+        cvfp, runner = cast(CVFPModel, model), unit.runner
+        inputs = {k.removeprefix(INPUT_PREFIX): v.to(runner.device) for k, v in kept.tensors.items()
+                  if k.startswith(INPUT_PREFIX)}
+        solver = phase1_solver(self.settings.solver.build(), model, data.train_documents)
+        where = store_rows(data.val_ids.numel(), None, runner)
+        plan = plan_stores(runner, {"val": where.rows}, cvfp.context_dim, unit.scratch)
+        with context_stores(plan, {"val": where.rows}, cvfp.context_dim, runner, unit.id, unit.scratch) as stores:
+            seed_everything(unit.seed + 1)
+            keywords: dict[str, Any] = {} if where.is_whole else {"where": where}
+            with weights_as(model, inputs):
+                solver.solve(cvfp, data.val_ids, runner, out=stores["val"], **keywords)
+            val = evaluate_phase2(cvfp, Phase2Data(stores["val"], data.val_ids, inputs, where, data.val_documents),
+                                  self.settings.phase2, runner)
+            val.extras = {"contexts": gather(stores["val"], where, rank_rows(where.n, ER_ROWS, unit.seed), runner),
+                          "context_width": cvfp.context_dim,
+                          "convergence_rate": kept.record.get("convergence_rate", float("nan"))}
+        val.seed = unit.seed
+        return val
 
     @staticmethod
     def _agreement(run: UnitRun, store: torch.Tensor, where: RowMap) -> dict[str, float]:

@@ -32,6 +32,7 @@ from newllm_kit.errors import ConfigError, DataError
 from newllm_kit.protocols import (
     Column,
     EvalOutputs,
+    Kept,
     Placement,
     RecipeResult,
     Runner,
@@ -49,6 +50,7 @@ from newllm_kit.training import (
 )
 
 from .contract import AutoregressiveModel
+from .decode import LMDecoder
 
 RECURRENT_WINDOW = 128  # tokens per training window of a recurrent model when [lm] window is unset
 MAX_CONTEXT_ROWS = 10_000  # hidden states kept for the effective-rank metric, taken evenly over the stream
@@ -405,7 +407,22 @@ class LMRecipe:
                   "window": window, "eval_stride": stride, "steps": report.epochs_run * steps_per_epoch,
                   "history": report.history}
         return RecipeResult(val=val, record=record, notes=notes,
-                            columns=[Column("best_epoch", "Best epoch"), Column("epochs_run", "Epochs")])
+                            columns=[Column("best_epoch", "Best epoch"), Column("epochs_run", "Epochs")],
+                            final_weights=report.final_weights, ends_on_best=report.ends_on_best)
+
+    def decoder(self, model: nn.Module, kept: Kept) -> LMDecoder:
+        """The kept model reading a stream as it is sampled (`newllm_kit_plugins.lm.decode`)."""
+        return LMDecoder(model)
+
+    def evaluate(self, model: nn.Module, data: UnitData, unit: UnitContext, kept: Kept) -> EvalOutputs:
+        """The run's validation of a kept model on `data.val_ids`, with the windows and the batch it ran."""
+        lm_model = cast(AutoregressiveModel, model)
+        window, stride = self._plan(lm_model)
+        batch = kept.record.get("lm_batch_size")
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            batch = self.settings.batch_size if isinstance(self.settings.batch_size, int) else 1
+        return evaluate(lm_model, data.val_ids, unit.runner, window=window, stride=stride, tokens=batch * window,
+                        ce_chunk=self.settings.ce_chunk, seed=unit.seed, documents=data.val_documents)
 
 
 @hookimpl

@@ -46,6 +46,10 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._backend.decode(list(ids), skip_special_tokens=False))
 
+    def serialise(self) -> str:
+        """The `tokenizers` JSON a kept model carries (its sha256 is the fingerprint)."""
+        return str(self._backend.to_str())
+
 
 class GPT2TokenizerFactory:
     """The `gpt2` tokenizer: nothing to train, `train_texts` are ignored."""

@@ -74,8 +74,13 @@ class BPETokenizer:
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_str(serialised)
+        self._serialised = serialised
         self.vocab_size = self._tokenizer.get_vocab_size()
         self.fingerprint = hashlib.sha256(serialised.encode("utf-8")).hexdigest()
+
+    def serialise(self) -> str:
+        """The `tokenizers` JSON a kept model carries (its sha256 is the fingerprint)."""
+        return self._serialised
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
