@@ -8,6 +8,8 @@ bootstrap over documents to the seed interval. Seeds are paired only where the d
 (`--by variant`: one model's variants, the same seeds), Welch otherwise. Several comparisons in one
 call get Holm's correction. For the scaling law: α per seed, a t-interval over seeds, the pooled
 fit beside it. Sources whose data fingerprints differ are refused unless allowed, as `scaling` does.
+Each comparison also carries each side's mean training FLOPs (`newllm_kit.flops`) and their ratio:
+the compute behind a verdict at matched data (`plot` draws PPL against FLOPs, the compute-matched view).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.table import Table
 
 from . import bootstrap, documents
 from .errors import UserError
+from .flops import flops_text, train_flops
 from .result_sources import check_sources, load_records
 from .scaling import Fit, Point, fit_all, series
 from .stats import LEVEL, Difference, combine, estimate_difference, holm, paired, t_quantile, welch
@@ -50,6 +53,7 @@ class Comparison:
     pooled_alphas: tuple[float, float] | None = None
     p_holm: float | None = None
     verdict: str = ""
+    flops: tuple[float, float] | None = None  # each side's mean training FLOPs, where every unit recorded them
 
 
 def _sides(record: dict[str, Any], by: str) -> tuple[str, str]:
@@ -128,7 +132,15 @@ def _compare(context: str, a: str, b: str, left: list[dict[str, Any]], right: li
     if diff.low is None:
         diff = replace(diff, method="none")
     spread = (diff.n_a > 1 and diff.n_b > 1) or documents_count is not None
-    return Comparison(context, a, b, mean_a, mean_b, diff, p, documents_count, "" if spread else "one seed")
+    flops_a, flops_b = _mean_flops(left), _mean_flops(right)
+    return Comparison(context, a, b, mean_a, mean_b, diff, p, documents_count, "" if spread else "one seed",
+                      flops=None if flops_a is None or flops_b is None else (flops_a, flops_b))
+
+
+def _mean_flops(records: list[dict[str, Any]]) -> float | None:
+    """A side's mean training FLOPs over its units; None where any unit has none (an older run)."""
+    counted = [f for f in map(train_flops, records) if f is not None]
+    return math.fsum(counted) / len(counted) if counted and len(counted) == len(records) else None
 
 
 def _scale(value: float, nll: bool) -> float:
@@ -331,13 +343,22 @@ def _to_json(c: Comparison) -> dict[str, Any]:
     out: dict[str, Any] = {
         "context": c.context, "a": c.a, "b": c.b, "mean_a": c.mean_a, "mean_b": c.mean_b,
         "difference": d.estimate, "ci": None if d.low is None else [d.low, d.high], "method": d.method,
-        "n_a": d.n_a, "n_b": d.n_b, "documents": c.documents, "p": c.p, "p_holm": c.p_holm, "verdict": c.verdict}
+        "n_a": d.n_a, "n_b": d.n_b, "documents": c.documents, "p": c.p, "p_holm": c.p_holm, "verdict": c.verdict,
+        "flops_a": None if c.flops is None else c.flops[0], "flops_b": None if c.flops is None else c.flops[1]}
     if c.pooled_alphas is not None:
         p = c.pooled
         out["pooled"] = {"alpha_a": c.pooled_alphas[0], "alpha_b": c.pooled_alphas[1],
                          **({} if p is None else {"difference": p.estimate,
                                                   "ci": None if p.low is None else [p.low, p.high]})}
     return out
+
+
+def _flops_cell(c: dict[str, Any]) -> str:
+    """"3.21e12 / 1.39e12 (2.31×)": the compute each side spent at this training size, and its ratio."""
+    a, b = c.get("flops_a"), c.get("flops_b")
+    if a is None or b is None:
+        return "—"
+    return f"{flops_text(a)} / {flops_text(b)} ({a / b:.3g}×)"
 
 
 def render(document: dict[str, Any], console: Console) -> None:
@@ -350,9 +371,10 @@ def render(document: dict[str, Any], console: Console) -> None:
                   caption="n: seeds (points for a fit); paired: by seed (--by variant, the same seeds); welch: "
                           "unpaired seeds; +documents: with the paired bootstrap over validation documents; "
                           "documents: the bootstrap alone (seed noise not measured); α: one slope per seed; "
-                          "no test: one seed on a side, or no variation")
+                          "no test: one seed on a side, or no variation; FLOPs: each side's mean training "
+                          "FLOPs and first ÷ second (— where a run did not record them)")
     for column in ("Where", "First", "Second", "n", "Mean, first", "Mean, second", "First − second (95% CI)",
-                   "Test"):
+                   "Test", "FLOPs, first / second"):
         text = column in ("Where", "First", "Second", "Test")
         table.add_column(column, justify="left" if text else "right", overflow="fold")
     for c in document["comparisons"] + document["alpha"]:
@@ -360,7 +382,7 @@ def render(document: dict[str, Any], console: Console) -> None:
         ci = f"[{c['ci'][0]:.4g}, {c['ci'][1]:.4g}]" if c["ci"] else "—"
         means = [f"{math.exp(m):.4g}" if ppl else f"{m:.4g}" for m in (c["mean_a"], c["mean_b"])]
         table.add_row(escape(c["context"]), escape(c["a"]), escape(c["b"]), f"{c['n_a']}/{c['n_b']}", *means,
-                      f"{c['difference']:+.4g} {ci}", c["method"] if c["ci"] else "no test")
+                      f"{c['difference']:+.4g} {ci}", c["method"] if c["ci"] else "no test", _flops_cell(c))
     console.print(table)
     for c in document["comparisons"] + document["alpha"]:
         console.print(f"{escape(c['context'])}: {escape(c['verdict'])}")

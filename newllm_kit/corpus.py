@@ -264,32 +264,47 @@ class Split:
 
     train: range
     val: range
+    dev: range | None = None  # the development rows early stopping reads instead of validation
 
     @classmethod
-    def of(cls, train_start: int, train_count: int, val_start: int, val_count: int) -> Split:
-        return cls(range(train_start, train_start + train_count), range(val_start, val_start + val_count))
+    def of(cls, train_start: int, train_count: int, val_start: int, val_count: int,
+           dev: tuple[int, int] | None = None) -> Split:
+        """Rows from (start, count) pairs; `dev` is the development split's, where there is one."""
+        return cls(range(train_start, train_start + train_count), range(val_start, val_start + val_count),
+                   None if dev is None else range(dev[0], dev[0] + dev[1]))
 
     def check(self, corpus_rows: int | None) -> None:
-        for what, rows in (("training", self.train), ("validation", self.val)):
+        named = [("training", "experiment.samples", self.train), ("validation", "data.val", self.val)]
+        named += [("development", "data.dev", self.dev)] if self.dev is not None else []
+        for what, _, rows in named:
             if len(rows) == 0 or rows.step != 1 or rows.start < 0:
                 raise DataError(f"data: {what} rows {rows} must be a non-empty run of rows from ≥ 0")
         if self.train.start < self.val.stop and self.val.start < self.train.stop:
             raise DataError(f"data: training rows {_show(self.train)} overlap validation rows "
                             f"{_show(self.val)}; move data.val.start past {self.train.stop - 1} "
                             f"or train on fewer samples")
-        needed = max(self.train.stop, self.val.stop)
+        if self.dev is not None:
+            for what, key, rows in named[:2]:
+                if self.dev.start < rows.stop and rows.start < self.dev.stop:
+                    raise DataError(f"data: development rows {_show(self.dev)} overlap {what} rows {_show(rows)} "
+                                    f"({key}); move data.dev.start so the three splits are disjoint")
+        needed = max(rows.stop for _, _, rows in named)
         if corpus_rows is not None and needed > corpus_rows:
-            raise DataError(f"data: rows up to {needed - 1} requested (training {_show(self.train)}, "
-                            f"validation {_show(self.val)}) but the corpus has {corpus_rows} rows; "
-                            f"lower experiment.samples or data.val.start/count")
+            raise DataError(f"data: rows up to {needed - 1} requested ("
+                            + ", ".join(f"{what} {_show(rows)}" for what, _, rows in named)
+                            + f") but the corpus has {corpus_rows} rows; lower experiment.samples or "
+                            f"data.val{'/data.dev' if self.dev is not None else ''} start/count")
 
     def fingerprint(self, scheme: str, corpus: str, tokenizer_rows: range | None = None) -> str:
         """Independent of the training size: every size trains on a prefix from `train.start`, and a
-        tokenizer trained on its own rows (`tokenizer_rows`) on the same rows whatever the sizes."""
+        tokenizer trained on its own rows (`tokenizer_rows`) on the same rows whatever the sizes. The
+        development rows count where there are some (a split without them keeps its old fingerprint)."""
         payload: dict[str, Any] = {"train_start": self.train.start, "val": [self.val.start, self.val.stop],
                                    "scheme": scheme, "corpus": corpus}
         if tokenizer_rows is not None:
             payload["tokenizer_rows"] = [tokenizer_rows.start, tokenizer_rows.stop]
+        if self.dev is not None:
+            payload["dev"] = [self.dev.start, self.dev.stop]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -360,6 +375,7 @@ def load_streams(
     train_rows: range,
     val_rows: range,
     cache_dir: Path,
+    dev_rows: range | None = None,
 ) -> tuple[Stream, Stream, Tokenizer, dict[str, str]]:
     """Read, tokenise and cache the training and validation streams of one experiment.
 
@@ -370,7 +386,7 @@ def load_streams(
     `tokenizer`, `scheme` and `split` (which then includes the tokenizer's rows).
     """
     text_scheme = get_scheme(scheme)
-    split = Split(train_rows, val_rows)
+    split = Split(train_rows, val_rows, dev_rows)
     size = source.size()
     split.check(size)
     corpus = source.fingerprint()
@@ -378,6 +394,8 @@ def load_streams(
     tokenizer_rows: range | None = getattr(tokenizer_factory, "train_rows", None)
     if tokenizer_rows is not None:
         check_tokenizer_rows(tokenizer_rows, val_rows, size)
+        if dev_rows is not None:
+            check_tokenizer_rows(tokenizer_rows, dev_rows, size, "development")
     tokenizer_texts = train_texts if tokenizer_rows is None else _texts(source, text_scheme, tokenizer_rows)
     tokenizer = tokenizer_factory.load(tokenizer_texts, Path(cache_dir))
     missing = missing_members(tokenizer, Tokenizer)
@@ -400,22 +418,23 @@ def load_streams(
     return train, val, tokenizer, fingerprints
 
 
-def rows_stream(source: DataSource, scheme: str, tokenizer: Tokenizer, rows: range, cache_dir: Path) -> Stream:
-    """The stream of `rows` tokenised by an existing tokenizer (a kept model's), cached as a run's
-    streams are: what `newllm-kit evaluate` scores."""
+def rows_stream(source: DataSource, scheme: str, tokenizer: Tokenizer, rows: range, cache_dir: Path,
+                key: str = "data.val") -> Stream:
+    """The stream of `rows` (the rows of `key`) tokenised by an existing tokenizer, cached as a run's
+    streams are: a run's development stream, and what `newllm-kit evaluate` scores."""
     size = source.size()
     if len(rows) == 0 or rows.start < 0 or rows.stop > size:
-        raise DataError(f"data.val: rows {_show(rows)} are not inside the corpus's {size} rows; set data.val.start "
-                        f"and data.val.count within them")
+        raise DataError(f"{key}: rows {_show(rows)} are not inside the corpus's {size} rows; set {key}.start "
+                        f"and {key}.count within them")
     text_scheme = get_scheme(scheme)
     path = _stream_cache_path(Path(cache_dir), source.fingerprint(), text_scheme.name, tokenizer.fingerprint, rows)
     return cached_stream(_texts(source, text_scheme, rows), tokenizer, text_scheme, path)
 
 
-def check_tokenizer_rows(rows: range, val_rows: range, corpus_rows: int | None) -> None:
-    """The tokenizer's own training rows: inside the corpus and disjoint from validation."""
+def check_tokenizer_rows(rows: range, val_rows: range, corpus_rows: int | None, what: str = "validation") -> None:
+    """The tokenizer's own training rows: inside the corpus and disjoint from validation (and development)."""
     if rows.start < val_rows.stop and val_rows.start < rows.stop:
-        raise DataError(f"tokenizer.train_rows {_show(rows)} overlap validation rows {_show(val_rows)}; set "
+        raise DataError(f"tokenizer.train_rows {_show(rows)} overlap {what} rows {_show(val_rows)}; set "
                         f"tokenizer.train_rows = {{ start = ..., count = ... }} outside them")
     if corpus_rows is not None and rows.stop > corpus_rows:
         raise DataError(f"tokenizer.train_rows {_show(rows)} reach past the corpus's {corpus_rows} rows; lower "

@@ -28,7 +28,7 @@ import torch
 from . import __version__, documents
 from .claims import STALE_AFTER_S, Claimed, UnitClaim, describe, inspect, short_claim
 from .config import ExperimentConfig
-from .corpus import Stream, embedding_provenance, load_streams
+from .corpus import Stream, embedding_provenance, load_streams, rows_stream
 from .errors import DataError, PluginError, RunFailed, UserError
 from .kept_models import KeptFiles, keep
 from .params import check_model_fits
@@ -88,13 +88,17 @@ class CorpusCache:
         largest = max(schema.experiment.samples)
         train_rows = range(schema.data.train_start, schema.data.train_start + largest)
         val_rows = range(schema.data.val.start, schema.data.val.start + schema.data.val.count)
+        dev = schema.data.dev
+        dev_rows = None if dev is None else range(dev.start, dev.start + dev.count)
         self.train, self.val, self.tokenizer, self.fingerprints = load_streams(
-            source, schema.data.text, config.tokenizer.build(), train_rows, val_rows, cache_dir
+            source, schema.data.text, config.tokenizer.build(), train_rows, val_rows, cache_dir, dev_rows
         )
+        self.dev = None if dev_rows is None else rows_stream(source, schema.data.text, self.tokenizer, dev_rows,
+                                                             cache_dir, "data.dev")
         self.source = source
-        if len(self.val.ids) < 2:
-            raise DataError(f"{config.path}: data.val: the validation rows hold {len(self.val.ids)} token(s); "
-                            f"need at least 2")
+        for key, stream in (("val", self.val), ("dev", self.dev)):
+            if stream is not None and len(stream.ids) < 2:
+                raise DataError(f"{config.path}: data.{key}: its rows hold {len(stream.ids)} token(s); need at least 2")
 
     def train_ids(self, samples: int) -> torch.Tensor:
         ids = _prefix(self.train, samples)
@@ -190,7 +194,9 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
     data = UnitData(train_ids=corpus.train_ids(unit.samples).to(runner.device),
                     val_ids=corpus.val.ids.to(runner.device),
                     train_documents=corpus.train.boundaries[:unit.samples], vocab_size=vocab_size,
-                    val_documents=corpus.val.boundaries)
+                    val_documents=corpus.val.boundaries,
+                    dev_ids=None if corpus.dev is None else corpus.dev.ids.to(runner.device),
+                    dev_documents=None if corpus.dev is None else corpus.dev.boundaries)
     metrics_file = run.path / UNITS_DIR / unit.id / METRICS if own_metrics else run.path / "metrics.jsonl"
     logged = _Logged(progress, run, unit, attempt, runner.rank == 0, metrics_file, claim, tracker)
     checkpoint = UnitCheckpoint(run, unit.id, runner, logged, (model.vocab_size, model.embedding_dim))
@@ -212,6 +218,8 @@ def run_unit(config: ExperimentConfig, unit: Unit, corpus: CorpusCache, runner: 
         "samples": unit.samples,
         "train_tokens": int(data.train_ids.numel()),
         "val_tokens": int(data.val_ids.numel()),
+        **({} if data.dev_ids is None else {"dev_tokens": int(data.dev_ids.numel())}),
+        "early_stopping": "val" if data.dev_ids is None else "dev",
         "recipe": recipe_name,
         "val_ppl": metrics.get("ppl", ppl(result.val.nll_sum / result.val.count) if result.val.count else math.nan),
         "val_acc": metrics.get("accuracy", result.val.correct / result.val.count if result.val.count else math.nan),
@@ -613,5 +621,6 @@ def prepare_corpora(config: ExperimentConfig, run: RunDir, units: list[Unit]) ->
 def unit_fingerprints(config: ExperimentConfig, corpus: CorpusCache) -> dict[str, str]:
     """What a unit of this run trains and scores on: corpus, tokenizer, scheme, split, embedding
     table, and the sha256 of the training and validation token ids."""
+    dev = {} if corpus.dev is None else {"dev_ids": corpus.dev.sha256}
     return {**corpus.fingerprints, "embedding": embedding_provenance(config.embedding)["sha256"],
-            "train_ids": corpus.train.sha256, "val_ids": corpus.val.sha256}
+            "train_ids": corpus.train.sha256, "val_ids": corpus.val.sha256, **dev}

@@ -7,6 +7,10 @@
   rate measures, e.g. a first pass compared with its own starting point) as a caption;
 - `model-<model>.png`: the same curves of every size and seed of one model (or sweep variant), overlaid;
 - `scaling.png`: validation PPL against training tokens with each fit and its band (scaling_plot's figure);
+- `scaling-flops.png`: validation PPL against training FLOPs (`newllm_kit.flops`), log-log, every unit a dot
+  and each model's sizes joined through their means over seeds: the compute-matched view beside the
+  data-matched one (no fit: the FLOPs of a size vary with the iterations and epochs it ran). Drawn where
+  some record has FLOPs; a unit without them (an older run) is left out and the figure says how many;
 - `sweep-<key>.png`: for a sweep, val PPL, the configured validation metrics and the recipes' averaged
   columns against each swept key, mean ± 95 % interval.
 
@@ -25,12 +29,13 @@ from typing import Any
 
 from .config import read_toml
 from .errors import DataError, UserError
+from .flops import flops_text, train_flops
 from .report import Shown, metric_columns, metric_key, recipe_columns
 from .result_sources import check_sources, load_records
 from .rundir import RunDir
 from .scaling import Point, fit_all, series
 from .scaling.points import _has_results, _why_empty
-from .scaling_plot import new_figure, save_png
+from .scaling_plot import log_limits, log_ticks, new_figure, save_png
 from .scaling_plot import plot as plot_scaling
 from .stats import t_interval
 from .units import Unit
@@ -79,6 +84,8 @@ def write_plots(run_dir: Path, out: Path | None = None, allow_mixed: bool = Fals
     if fittable:
         plot_scaling(fit_all(fittable, []), fittable, out / "scaling.png")
         written.append(out / "scaling.png")
+    if any(train_flops(r) is not None and _number(r.get("val_ppl")) for r in records):
+        written.append(_save(flops_figure(records, run_dir.name), out / "scaling-flops.png"))
     keys = list(dict.fromkeys(k for r in records for k in r.get("sweep", {})))
     metrics = sweep_metrics(run_dir, records)
     for key in keys:
@@ -244,17 +251,25 @@ def _iteration_panel(ax: Any, phase: str, rows: list[dict[str, Any]], target: An
     ax.legend(handles=handles, loc="center right", fontsize=8)
 
 
+def held_out(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """The stream an epoch phase early-stopped on, as its rows name it: ("dev", "development") where the
+    run had a development split, else ("val", "validation")."""
+    return ("dev", "development") if any("dev_loss" in r for r in rows) else ("val", "validation")
+
+
 def _epoch_panel(ax: Any, phase: str, rows: list[dict[str, Any]], best_epoch: Any) -> None:
-    """Train and validation loss per epoch, `best_epoch` (None: not this phase's) starred."""
+    """Train and held-out (validation or development) loss per epoch, `best_epoch` (None: not this
+    phase's) starred."""
+    key, name = held_out(rows)
     ax.plot(*_xy(rows, "epoch", "train_loss"), "-o", ms=3, color="C2", label="train")
-    ax.plot(*_xy(rows, "epoch", "val_loss"), "-o", ms=3, color="C3", label="validation")
+    ax.plot(*_xy(rows, "epoch", f"{key}_loss"), "-o", ms=3, color="C3", label=name)
     best = next((r for r in rows if best_epoch is not None and r.get("epoch") == best_epoch
-                 and _number(r.get("val_loss"))), None)
+                 and _number(r.get(f"{key}_loss"))), None)
     if best is not None:
-        ppl = f": val PPL {best['val_ppl']:.1f}" if _number(best.get("val_ppl")) else ""
-        ax.plot([best["epoch"]], [best["val_loss"]], "*", ms=14, color="C3", mec="black",
+        ppl = f": {key} PPL {best[f'{key}_ppl']:.1f}" if _number(best.get(f"{key}_ppl")) else ""
+        ax.plot([best["epoch"]], [best[f"{key}_loss"]], "*", ms=14, color="C3", mec="black",
                 label=f"best epoch ({best['epoch']}{ppl})")
-    ax.set(xlabel=f"{phase} epoch", ylabel=LOSS_LABEL, title=f"{phase}: train and validation loss")
+    ax.set(xlabel=f"{phase} epoch", ylabel=LOSS_LABEL, title=f"{phase}: train and {name} loss")
     ax.legend(fontsize=8)
 
 
@@ -287,11 +302,12 @@ def model_figure(name: str, group: list[dict[str, Any]], curves: dict[str, Curve
                 scale = 100.0 if quantity == "rate" else 1.0
                 ax.plot(*_xy(rows, "iteration", quantity, scale), style, marker="o", ms=3, color=color, label=label)
                 continue
-            ax.plot(*_xy(rows, "epoch", "val_loss"), style, marker="o", ms=3, color=color, label=label)
+            key = held_out(rows)[0]
+            ax.plot(*_xy(rows, "epoch", f"{key}_loss"), style, marker="o", ms=3, color=color, label=label)
             ax.plot(*_xy(rows, "epoch", "train_loss"), style, color=color, alpha=0.35, linewidth=1)
             best = next((row for row in rows if row.get("epoch") == r.get("best_epoch")), None)
-            if phase == best_phase and best is not None and _number(best.get("val_loss")):
-                ax.plot([best["epoch"]], [best["val_loss"]], "*", ms=11, color=color, mec="black")
+            if phase == best_phase and best is not None and _number(best.get(f"{key}_loss")):
+                ax.plot([best["epoch"]], [best[f"{key}_loss"]], "*", ms=11, color=color, mec="black")
     for ax, (phase, quantity) in zip(axes, quantities, strict=True):
         if quantity == "loss":
             ax.set(xlabel=f"{phase} iteration", ylabel="loss", title=f"{phase}: loss")
@@ -299,11 +315,45 @@ def model_figure(name: str, group: list[dict[str, Any]], curves: dict[str, Curve
             ax.set(xlabel=f"{phase} iteration", ylabel=RATE_LABEL, ylim=(0, 105), title=f"{phase}: share converged")
         else:
             ax.set(xlabel=f"{phase} epoch", ylabel=LOSS_LABEL,
-                   title=f"{phase}: validation (bold), train (faint), ★ best")
+                   title=f"{phase}: early-stopping loss (bold), train (faint), ★ best")
     if axes:
         axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
     figure.suptitle(f"Training curves of model {name}: every size" + (" and seed" if seeded else ""), fontsize=11)
     _rate_caption(figure, group, phases)
+    return figure
+
+
+def flops_figure(records: list[dict[str, Any]], name: str) -> Any:
+    """Validation PPL against training FLOPs, log-log: a dot per unit, each model's (or variant's) sizes
+    joined in order of compute through the means over their seeds."""
+    figure = new_figure((8.5, 5), WHAT)
+    ax = figure.add_subplot()
+    drawn = [r for r in records if train_flops(r) is not None and _number(r.get("val_ppl")) and r["val_ppl"] > 0]
+    by_series: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for r in drawn:
+        by_series.setdefault(series(r), {}).setdefault(r["samples"], []).append((train_flops(r) or 0.0, r["val_ppl"]))
+    for i, (label, sizes) in enumerate(by_series.items()):
+        color, points = f"C{i % 10}", [p for group in sizes.values() for p in group]
+        ax.plot([x for x, _ in points], [y for _, y in points], MARKERS[i % len(MARKERS)], ms=5, color=color,
+                alpha=0.6, label=label)
+        means = sorted((math.fsum(x for x, _ in g) / len(g), math.fsum(y for _, y in g) / len(g))
+                       for g in sizes.values())
+        ax.plot([x for x, _ in means], [y for _, y in means], "-", color=color)
+    xs, ys = [train_flops(r) or 0.0 for r in drawn], [float(r["val_ppl"]) for r in drawn]
+    (x_lo, x_hi), (y_lo, y_hi) = log_limits(xs), log_limits(ys)
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs (newllm_kit.flops: matmuls, 3× forward per "
+                                              "training token)", ylabel="validation PPL", xlim=(x_lo, x_hi),
+           ylim=(y_lo, y_hi))
+    ax.set_xticks(ticks := log_ticks(x_lo, x_hi), [flops_text(t) for t in ticks])
+    ax.set_yticks(ticks := log_ticks(y_lo, y_hi), [f"{t:,g}" for t in ticks])
+    ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
+    left_out = len(records) - len(drawn)
+    if left_out:
+        ax.set_title(f"{left_out} unit(s) without recorded FLOPs or PPL left out", fontsize=8, color="0.35")
+    figure.suptitle(f"Validation PPL vs training FLOPs (each size: dots per seed, line through the means): {name}",
+                    fontsize=11)
     return figure
 
 

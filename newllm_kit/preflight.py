@@ -22,11 +22,12 @@ COMPONENTS = ("data_source", "tokenizer", "embedding")  # the ExperimentConfig c
 
 def _split_problems(config: ExperimentConfig) -> list[str]:
     schema = config.schema
-    val = schema.data.val
-    split = Split.of(schema.data.train_start, max(schema.experiment.samples), val.start, val.count)
+    val, dev = schema.data.val, schema.data.dev
+    split = Split.of(schema.data.train_start, max(schema.experiment.samples), val.start, val.count,
+                     None if dev is None else (dev.start, dev.count))
     found = []
     for check in (lambda: split.check(None),
-                  lambda: _tokenizer_rows(config.tokenizer.build(), split.val)):
+                  lambda: _tokenizer_rows(config.tokenizer.build(), split)):
         try:
             check()
         except DataError as error:
@@ -34,10 +35,12 @@ def _split_problems(config: ExperimentConfig) -> list[str]:
     return found
 
 
-def _tokenizer_rows(factory: Any, val_rows: range) -> None:
+def _tokenizer_rows(factory: Any, split: Split) -> None:
     rows = getattr(factory, "train_rows", None)
     if isinstance(rows, range):
-        check_tokenizer_rows(rows, val_rows, None)
+        check_tokenizer_rows(rows, split.val, None)
+        if split.dev is not None:
+            check_tokenizer_rows(rows, split.dev, None, "development")
 
 
 def _component_problems(config: ExperimentConfig) -> list[str]:

@@ -300,13 +300,19 @@ class Saved:
 class UnitData:
     """A unit's token streams on `runner.device`: training ids (the first `samples` documents) and the
     validation ids, shared by every unit of a run. `train_documents` and `val_documents` are the
-    [start, stop) spans of the documents in `train_ids` and `val_ids` (None: not known)."""
+    [start, stop) spans of the documents in `train_ids` and `val_ids` (None: not known).
+
+    `dev_ids` (with `dev_documents`), where `[data] dev` is set: the development stream. A recipe then
+    early-stops (and restores its best epoch) on it and scores `val_ids` once, with the weights it
+    ends on; without it, early stopping reads the validation stream (the seed's protocol)."""
 
     train_ids: torch.Tensor
     val_ids: torch.Tensor
     train_documents: np.ndarray  # [k, 2] int64: start, stop of each training document
     vocab_size: int
     val_documents: np.ndarray | None = None  # [d, 2] int64, the same for the validation documents
+    dev_ids: torch.Tensor | None = None
+    dev_documents: np.ndarray | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .flops import flops_text, train_flops
 from .scaling import doubling_text, series
 from .stats import Interval, t_interval
 
@@ -27,6 +28,9 @@ METRIC_KEYS = {"ppl": "val_ppl", "accuracy": "val_acc", "effective_rank": "val_e
 # What a result without its metrics' description (an older caller) shows: the two every record has.
 DEFAULT_METRICS = [{"name": "ppl", "key": "val_ppl", "unit": "perplexity", "direction": "min"},
                    {"name": "accuracy", "key": "val_acc", "unit": "fraction", "direction": "max"}]
+# Every row's training FLOPs (`newllm_kit.flops`) beside its tokens, whatever its recipe declares: compute
+# next to data. Recipes declare the same key as a column for results.csv; the table shows it once.
+FLOPS_KEY, FLOPS_HEADER = "train_flops", "FLOPs"
 
 
 def metric_key(name: str) -> str:
@@ -73,7 +77,8 @@ def recipe_columns(records: list[dict[str, Any]]) -> list[Shown]:
     found: dict[str, Shown] = {}
     for r in records:
         for key, header, percent, mean in r.get("columns", []):
-            found.setdefault(key, Shown(key, header, bool(percent), bool(mean)))
+            if key != FLOPS_KEY:  # the table's own FLOPs column
+                found.setdefault(key, Shown(key, header, bool(percent), bool(mean)))
     return list(found.values())
 
 
@@ -146,8 +151,11 @@ def _print_means(console: Console, result: dict[str, Any], columns: list[Shown])
             values = [float(r[column.key]) for r in group
                       if isinstance(r.get(column.key), int | float) and r[column.key] == r[column.key]]
             cells.append(_mean_cell(t_interval(values), 100.0 if column.percent else 1.0) if values else "—")
-        rows.append((name, f"{samples:,}", f"{group[0]['train_tokens']:,}", str(len(group)), *cells))
-    headers = ["Model", "Samples", "Tokens", "n", *(c.mean_header for c in averaged)]
+        counted = [f for f in map(train_flops, group) if f is not None]
+        mean_flops = sum(counted) / len(counted) if len(counted) == len(group) else None
+        rows.append((name, f"{samples:,}", f"{group[0]['train_tokens']:,}", flops_text(mean_flops), str(len(group)),
+                     *cells))
+    headers = ["Model", "Samples", "Tokens", FLOPS_HEADER, "n", *(c.mean_header for c in averaged)]
     for table in _table(result, headers, rows, console.width,
                         "mean ± 95% t-interval half-width over n seeds; each seed's values are in results.csv"):
         console.print(table)
@@ -158,20 +166,35 @@ def _unit_name(record: dict[str, Any], seeded: bool) -> str:
 
 
 def print_results(console: Console, result: dict[str, Any]) -> None:
-    """The results table: the configured metrics, then the recipes' columns; a flagged cell has a * and a
-    footnote. With several seeds per unit, their means and intervals instead."""
+    """The results table: each unit's size (documents, tokens) and training FLOPs (— where its record has
+    none), the configured metrics, then the recipes' columns; a flagged cell has a * and a footnote. With
+    several seeds per unit, their means and intervals instead (FLOPs: the mean over the seeds)."""
     records = result["results"]
     columns = metric_columns(result.get("metrics") or DEFAULT_METRICS) + recipe_columns(records)
     if any(len(group) > 1 for group in replicate_groups(records).values()):
         _print_means(console, result, columns)
         _print_notes(console, result)
         return
-    rows = [(series(r), f"{r['samples']:,}", f"{r['train_tokens']:,}",
+    rows = [(series(r), f"{r['samples']:,}", f"{r['train_tokens']:,}", flops_text(train_flops(r)),
              *(_cell(r.get(c.key), c) + ("*" if c.key in r.get("flags", {}) else "") for c in columns))
             for r in records]
-    for table in _table(result, ["Model", "Samples", "Tokens", *(c.header for c in columns)], rows, console.width):
+    headers = ["Model", "Samples", "Tokens", FLOPS_HEADER, *(c.header for c in columns)]
+    for table in _table(result, headers, rows, console.width):
         console.print(table)
     _print_notes(console, result)
+
+
+def selection_footer(records: list[dict[str, Any]]) -> str:
+    """Which rows chose each unit's epoch, under every results table: the validation rows themselves
+    (the seed's protocol: its PPLs are slightly optimistic) or a development split."""
+    ways = {r.get("early_stopping", "val") for r in records}
+    if ways == {"dev"}:
+        return ("epochs selected on the development rows ([data] dev); the validation rows were scored once, "
+                "at the end")
+    if ways == {"val"}:
+        return ("epochs selected on the validation rows themselves (the seed's protocol: these PPLs are slightly "
+                "optimistic; set [data] dev for a development split)")
+    return "epochs selected on the development rows in some units and on the validation rows in others"
 
 
 def _print_notes(console: Console, result: dict[str, Any]) -> None:
@@ -181,6 +204,7 @@ def _print_notes(console: Console, result: dict[str, Any]) -> None:
     for r in records:
         for why in r.get("flags", {}).values():
             console.print(escape(f"* {_unit_name(r, seeded)}: {why}"))
+    console.print(escape(selection_footer(records)))
     bounds = {r["model"]: r["best_possible_ppl"] for r in records if "best_possible_ppl" in r}
     if bounds:
         best = next(iter(bounds.values()))

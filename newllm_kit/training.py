@@ -239,13 +239,14 @@ def train_epochs(module: nn.Module, params: list[nn.Parameter], optimizer: torch
                  epochs: int, patience: int, restore_best: bool, phase: str,
                  run_epoch: Callable[[int], tuple[float, int]], evaluate: Callable[[], EvalOutputs],
                  progress: Progress, start: TrainState | None = None,
-                 on_epoch_end: Callable[[TrainState], None] | None = None) -> TrainReport:
+                 on_epoch_end: Callable[[TrainState], None] | None = None, stream: str = "val") -> TrainReport:
     """The epoch loop every recipe shares (spec §4.4): train, evaluate, early-stop on a strictly lower
     validation loss with `patience`, checkpoint, and end on the best epoch's weights if `restore_best`.
 
     `run_epoch(epoch)` trains one epoch and returns its summed training NLL and the positions it
     scored; `evaluate()` scores the validation stream. `on_epoch_end` gets a self-contained
-    `TrainState` after each epoch; `start=` it to continue bit-identically (weights, optimizer, RNG)."""
+    `TrainState` after each epoch; `start=` it to continue bit-identically (weights, optimizer, RNG).
+    `stream` names what `evaluate` scores in the logged rows: "val", or "dev" for a development split."""
     state = TrainState() if start is None else replace(start, history=list(start.history))
     if start is not None:
         module.load_state_dict(start.model, strict=False)
@@ -265,8 +266,8 @@ def train_epochs(module: nn.Module, params: list[nn.Parameter], optimizer: torch
         decision = early_stop_update(state.best_val_loss, state.counter, val_loss, patience)
         train_loss = train_nll / max(positions, 1)
         seconds = time.perf_counter() - started
-        row = {"epoch": epoch, "train_loss": train_loss, "train_ppl": ppl(train_loss), "val_loss": val_loss,
-               "val_ppl": ppl(val_loss), "val_acc": outputs.correct / outputs.count, "seconds": seconds}
+        row = {"epoch": epoch, "train_loss": train_loss, "train_ppl": ppl(train_loss), f"{stream}_loss": val_loss,
+               f"{stream}_ppl": ppl(val_loss), f"{stream}_acc": outputs.correct / outputs.count, "seconds": seconds}
         state.history.append(row)
         state.epoch, state.counter, state.best_val_loss = epoch, decision.counter, decision.best
         state.seconds += seconds

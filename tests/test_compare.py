@@ -1,6 +1,7 @@
 """`newllm-kit compare`: val_ppl on NLL, Welch across models and paired seeds within one model's
 variants, zero spread as no interval, Holm's correction, α per seed beside the pooled fit, and the
-same fingerprint refusal as `scaling`. Per-document sums: tests/test_document_compare.py."""
+same fingerprint refusal as `scaling`, and each side's training FLOPs. Per-document sums:
+tests/test_document_compare.py."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rich.console import Console
 from scipy import stats
 from test_cli import cli
 
-from newllm_kit.compare import compare
+from newllm_kit.compare import compare, render
 from newllm_kit.errors import UserError
 from newllm_kit.stats import holm, welch
 
@@ -169,3 +171,18 @@ def test_cli_prints_one_json_document_and_a_csv_source_works(run: Path, tmp_path
     assert json.loads(result.stdout)["comparisons"][0]["method"] == "welch"
     text = cli("compare", str(run))
     assert "A lower PPL than B" in text.stdout and "within noise" in text.stdout
+
+
+def test_each_side_says_its_mean_training_flops_and_an_older_run_none(tmp_path: Path) -> None:
+    flops = {"A": 2e12, "B": 1e12}
+    counted = write_run(tmp_path / "counted", [record(m, n, s, v, train_flops=flops[m] * (1 + s / 10))
+                                                for (m, n, s), v in PPL.items()])
+    document = compare([counted], "val_ppl", "model", False)
+    first = document["comparisons"][0]
+    assert (first["flops_a"], first["flops_b"]) == (pytest.approx(2.4e12), pytest.approx(1.2e12))
+    console = Console(record=True, width=250, color_system=None)
+    render(document, console)
+    assert "2.40e12 / 1.20e12 (2×)" in console.export_text()
+    old = compare([write_run(tmp_path / "old", [record(m, n, s, v) for (m, n, s), v in PPL.items()])],
+                  "val_ppl", "model", False)
+    assert (old["comparisons"][0]["flops_a"], old["comparisons"][0]["flops_b"]) == (None, None)

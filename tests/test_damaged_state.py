@@ -175,7 +175,8 @@ def lm_saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
 def _lm_check(saved: Saved) -> None:
     settings, model = recipe(epochs=2).settings, tiny_transformer()
     params = [p for p in model.param_groups()["train"] if p.requires_grad]
-    lm_recipe._checkpoint_fits(model, params, lm_recipe._optimizer(model, params, settings), 8, settings)(saved)
+    lm_recipe._checkpoint_fits(model, params, lm_recipe._optimizer(model, params, settings), 8, settings,
+                               carried=False)(saved)
 
 
 LM_DAMAGE: dict[str, Callable[[Saved], Any]] = {
@@ -185,6 +186,7 @@ LM_DAMAGE: dict[str, Callable[[Saved], Any]] = {
     "batch_size true": lambda s: s.state["lm"].__setitem__("batch_size", True),
     "batch_size not configured": lambda s: s.state["lm"].__setitem__("batch_size", 5),
     "window a string": lambda s: s.state["lm"].__setitem__("window", "8"),
+    "a carried state": lambda s: s.state["lm"].__setitem__("state", "carried"),
     "lm not an object": lambda s: s.state.__setitem__("lm", [4, 8]),
     "no lm": lambda s: s.state.pop("lm"), "no train tensors": lambda s: s.tensors.pop("train"),
     "epoch 999": lambda s: s.state["train"].__setitem__("epoch", 999),

@@ -11,7 +11,7 @@ CVFP = Path(__file__).parents[1] / "plugins" / "cvfp"
 PACKAGE = "newllm_kit_plugins.cvfp"
 LAYERS = [
     {"recipe"},
-    {"decode", "phase1", "gradual_decrease", "split_phase1", "phase2", "checkpoint_fit"},
+    {"decode", "flops", "phase1", "gradual_decrease", "split_phase1", "phase2", "checkpoint_fit"},
     {"jacobi_pass", "frozen_solve", "context_store", "phase1_contexts", "diagnostics", "spans",
      "solve_checkpoint"},
     {"model", "contract", "row_map"},

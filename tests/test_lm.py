@@ -87,6 +87,9 @@ class MemoryCheckpoint:
     def write_stream(self, name: str, write: Callable[[BinaryIO], None]) -> None:
         raise NotImplementedError
 
+    def append(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        raise NotImplementedError
+
     def discard(self) -> None:
         self.saved = None
 
@@ -233,7 +236,8 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
     def without_seconds(record: dict[str, Any]) -> dict[str, Any]:
-        return {**record, "history": [{k: v for k, v in row.items() if k != "seconds"} for row in record["history"]]}
+        return {**{k: v for k, v in record.items() if k != "seconds"},
+                "history": [{k: v for k, v in row.items() if k != "seconds"} for row in record["history"]]}
 
     assert without_seconds(resumed.record) == without_seconds(whole.record)
     assert resumed.val.nll_sum == whole.val.nll_sum
@@ -248,7 +252,8 @@ def test_a_checkpoint_of_another_model_is_ignored(tmp_path: Path) -> None:
 
     def fits(model: nn.Module, window: int) -> Callable[[Saved], None]:
         params = [p for p in model.parameters() if p.requires_grad]
-        return lm._checkpoint_fits(model, params, lm._optimizer(model, params, settings), window, settings)
+        return lm._checkpoint_fits(model, params, lm._optimizer(model, params, settings), window, settings,
+                                   carried=False)
 
     assert checkpoint.load(fits(tiny_transformer(), window=8)) is not None
     assert checkpoint.load(fits(tiny_transformer(n_layer=3), window=8)) is None
@@ -285,6 +290,110 @@ def test_ranks_in_lock_step_match_one_process(tmp_path: Path, build: Callable[..
         torch.testing.assert_close(results[r].val.extras["contexts"], expected.val.extras["contexts"])
         for (name, a), (_, b) in zip(single.state_dict().items(), models[r].state_dict().items(), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize(("positions", "lanes", "window"), [(1, 4, 8), (9, 4, 2), (10, 3, 1), (50, 7, 3),
+                                                            (100, 3, 8), (199, 5, 8)])
+def test_lanes_train_every_position_once_in_stream_order(positions: int, lanes: int, window: int) -> None:
+    steps = lm.lane_windows(positions, lanes, window)
+    count = len(steps[0])
+    assert 1 <= count <= lanes and all(len(step) == count for step in steps)
+    trained: list[int] = []
+    for lane in range(count):
+        run = [step[lane] for step in steps]
+        assert all(0 <= w.length <= window for w in run)
+        for before, after in itertools.pairwise(run):  # each window continues its lane's previous one
+            assert after.start == before.start + before.length or after.length == 0
+        trained += [p for w in run for p in range(w.start + 1, w.start + w.length + 1)]
+    assert trained == list(range(1, positions + 1))  # lane after lane, each in stream order: every position once
+
+
+class RecordingGRU(gru.GRUModel):
+    """A GRU that keeps the ids, the state passed in and the state returned of every training call."""
+
+    def __init__(self, cfg: GRUSettings, vocab_size: int) -> None:
+        super().__init__(cfg, vocab_size)
+        self.calls: list[tuple[torch.Tensor, Any, torch.Tensor]] = []
+
+    def hidden(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out, new = super().hidden(ids, state)
+        if self.training:
+            self.calls.append((ids, state, new))
+        return out, new
+
+
+def recording_gru() -> RecordingGRU:
+    torch.manual_seed(0)
+    model = RecordingGRU(GRUSettings(embedding_dim=16, hidden_size=24, layers=2), VOCAB)
+    model.set_embedding(torch.randn(VOCAB, 16) * 0.5, freeze=True)
+    return model
+
+
+def test_a_recurrent_state_is_carried_across_windows_and_emptied_each_epoch(tmp_path: Path) -> None:
+    train, data = pattern_stream(101), data_for(pattern_stream(101), pattern_stream(30))
+    model = recording_gru()
+    recipe(epochs=2, patience=5, window=8, batch_size=3).train(model, data, unit_for(tmp_path))
+    steps = lm.lane_windows(100, 3, 8)  # lanes of 34, 34 and 32 predictions: the last one padded at the end
+    assert len(steps) == 5 and len(model.calls) == 2 * len(steps)
+    for k, (ids, state, _) in enumerate(model.calls):
+        for row, w in zip(ids, steps[k % len(steps)], strict=True):  # window k of every lane, in lane order
+            assert torch.equal(row[:w.length], train[w.start:w.start + w.length])
+        if k % len(steps) == 0:
+            assert state is None  # an epoch starts where the stream starts
+        else:  # the previous window's final state, cut from its graph
+            assert torch.equal(state, model.calls[k - 1][2]) and not state.requires_grad
+
+    reset = recording_gru()
+    recipe(epochs=1, window=8, batch_size=3, state="reset").train(reset, data, unit_for(tmp_path))
+    assert sum(len(ids) for ids, _, _ in reset.calls) == 13  # independent windows, each from an empty state
+    assert all(state is None for _, state, _ in reset.calls)
+
+
+def test_a_carried_state_is_kept_per_micro_batch_of_lanes(tmp_path: Path) -> None:
+    data = data_for(pattern_stream(150), pattern_stream(40, phase=2))
+    whole, one_lane_at_a_time = tiny_gru().double(), tiny_gru().double()
+    recipe(epochs=2, window=8, batch_size=4).train(whole, data, unit_for(tmp_path))
+    unit = unit_for(tmp_path)
+    unit.runner = OneWindowRunner()
+    recipe(epochs=2, window=8, batch_size=4).train(one_lane_at_a_time, data, unit)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), one_lane_at_a_time.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_a_carried_state_resumes_bit_identically(tmp_path: Path) -> None:
+    data = data_for(pattern_stream(160), pattern_stream(40, phase=3))
+    settings = {"epochs": 3, "patience": 10, "window": 8, "learning_rate": 5e-3}
+    whole_model = tiny_gru(seed=4, dropout=0.1)
+    whole = recipe(**settings).train(whole_model, data, unit_for(tmp_path, seed=4))
+
+    checkpoint = MemoryCheckpoint(kill_after=2)
+    with pytest.raises(Killed):
+        recipe(**settings).train(tiny_gru(seed=4, dropout=0.1), data, unit_for(tmp_path, 4, checkpoint))
+    checkpoint.kill_after = None
+    resumed_model = tiny_gru(seed=4, dropout=0.1)
+    resumed = recipe(**settings).train(resumed_model, data, unit_for(tmp_path, 4, checkpoint))
+
+    for (name, a), (_, b) in zip(whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    drop = "seconds"
+    assert [{k: v for k, v in row.items() if k != drop} for row in resumed.record["history"]] == \
+        [{k: v for k, v in row.items() if k != drop} for row in whole.record["history"]]
+    assert resumed.val.nll_sum == whole.val.nll_sum
+
+    params = [p for p in resumed_model.parameters() if p.requires_grad]
+    s = recipe(**settings).settings
+    fits = lm._checkpoint_fits(resumed_model, params, lm._optimizer(resumed_model, params, s), 8, s, carried=False)
+    assert checkpoint.load(fits) is None  # trained with a carried state: not a checkpoint of independent windows
+
+
+def test_a_carried_state_refuses_shuffled_windows_in_one_line(tmp_path: Path) -> None:
+    data = data_for(pattern_stream(60), pattern_stream(30))
+    with pytest.raises(ConfigError, match=r'^lm.order = "shuffled" would break the state lm.state = "carried" '
+                                          r'carries .*; leave lm.order out, or set lm.state = "reset"$') as error:
+        recipe(order="shuffled").train(tiny_gru(), data, unit_for(tmp_path))
+    assert "\n" not in str(error.value)
+    recipe(epochs=1, order="shuffled", state="reset").train(tiny_gru(), data, unit_for(tmp_path))
+    recipe(epochs=1, order="shuffled").train(tiny_transformer(), data, unit_for(tmp_path))  # no state to carry
 
 
 @pytest.mark.parametrize(("build", "counts"), [(TransformerArchitecture, TRANSFORMER_TRAINABLE),
@@ -348,6 +457,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     assert rates[:4] == [0.25, 0.5, 0.75, 1.0]
     assert rates[4] == 1.0 and all(a >= b for a, b in itertools.pairwise(rates[4:]))
     assert lm.learning_rate_at(20, 20, settings) == pytest.approx(0.1)
+    assert lm.warmup_steps(400, LMSettings()) == 20  # unset: 5 % of the run's steps
 
 
 def test_plugins_register_their_components() -> None:

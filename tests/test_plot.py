@@ -12,7 +12,7 @@ import pytest
 from test_cli import cli
 
 from newllm_kit.errors import DataError, UserError
-from newllm_kit.plots import model_figure, read_curves, sweep_metrics, unit_figure, write_plots
+from newllm_kit.plots import flops_figure, model_figure, read_curves, sweep_metrics, unit_figure, write_plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EPOCHS = (1, 2, 3)
@@ -133,9 +133,9 @@ def test_the_model_figure_has_a_panel_per_phase_and_quantity(tmp_path: Path) -> 
     curves = curves_of([*cvfp_rows("A-100"), *cvfp_rows("A-200"), *epoch_rows("LM-100", "lm")], tmp_path)
     cvfp = model_figure("A", [record("A", n, 0, 300.0) for n in (100, 200)], curves, False)
     assert panel_titles(cvfp) == ["phase1: loss", "phase1: share converged",
-                                  "phase2: validation (bold), train (faint), ★ best"]
+                                  "phase2: early-stopping loss (bold), train (faint), ★ best"]
     lm = model_figure("LM", [record("LM", 100, 0, 280.0, recipe="lm")], curves, False)
-    assert panel_titles(lm) == ["lm: validation (bold), train (faint), ★ best"]
+    assert panel_titles(lm) == ["lm: early-stopping loss (bold), train (faint), ★ best"]
 
 
 def test_a_sweep_plots_val_ppl_the_configured_metrics_and_the_recipes_averaged_columns(tmp_path: Path) -> None:
@@ -200,3 +200,19 @@ def test_cli_writes_to_out_and_lists_the_files(tmp_path: Path) -> None:
     assert "7 PNG files in" in result.stdout and "unit-A-100.png" in result.stdout
     assert (tmp_path / "png" / "scaling.png").read_bytes()[:8] == PNG
 
+
+
+def test_ppl_against_training_flops_is_drawn_log_log_where_records_have_them(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    run = fake_run(tmp_path / "run", [1])
+    records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    assert "scaling-flops.png" not in [p.name for p in write_plots(run, tmp_path / "old")]  # an older run: none
+    for r in records[1:]:  # the first unit stands for one recorded before FLOPs were counted
+        r["flops"] = {"total": r["samples"] * (3e9 if r["model"] == "A" else 5e9)}
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = {p.name: p for p in write_plots(run)}
+    assert written["scaling-flops.png"].read_bytes()[:8] == PNG
+    (ax,) = flops_figure(records, "run").axes
+    assert (ax.get_xscale(), ax.get_yscale()) == ("log", "log") and "FLOPs" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["A", "B"]
+    assert ax.get_title() == "1 unit(s) without recorded FLOPs or PPL left out"

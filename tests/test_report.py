@@ -1,4 +1,4 @@
-"""The end-of-run table keeps every number whole on an 80-column terminal."""
+"""The end-of-run table keeps every number whole on an 80-column terminal and says every row's training FLOPs."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_a_custom_metric_shows_its_unit_and_direction_and_other_recipes_columns_
     text = console.export_text()
     assert all(word in text for word in ("bits_per_token", "(bits)", "↓", "Train", "Epochs"))
     row = next(line.split() for line in text.splitlines() if line.startswith("T "))
-    assert row[3:] == ["4.00", "60.0%", "2.00", "—", "3", "4"]
+    assert row[3:] == ["—", "4.00", "60.0%", "2.00", "—", "3", "4"]  # no FLOPs recorded: —
 
 
 def test_a_fit_where_more_data_raises_ppl_says_higher() -> None:
@@ -80,3 +80,40 @@ def test_a_fit_where_more_data_raises_ppl_says_higher() -> None:
     text = console.export_text()
     assert "2× data → 18.9% higher PPL" in text and "2× data → 18.8% lower PPL" in text
     assert "→ -" not in text
+
+
+def test_every_row_says_its_training_flops_beside_its_tokens_and_an_older_record_a_dash() -> None:
+    base = {"samples": 10, "train_tokens": 100, "val_ppl": 8.0, "val_acc": 0.5}
+    records = [{**base, "model": "A", "flops": {"phase1": 2e12, "phase2": 1.214e12, "eval": 1e11, "total": 3.214e12},
+                "train_flops": 3.214e12, "columns": [["train_flops", "FLOPs", False, False]]},
+               {**base, "model": "T", "flops": {"train": 9.5e11, "eval": 1e10, "total": 9.5e11}},  # total alone
+               {**base, "model": "OLD"}]  # written before FLOPs were counted
+    console = Console(record=True, width=120, color_system=None)
+    print_results(console, {"experiment": "b", "run_dir": "r", "results": records, "metrics": METRICS[:2]})
+    lines = console.export_text().splitlines()
+    assert lines[1].split()[:4] == ["Model", "Samples", "Tokens", "FLOPs"] and lines[1].count("FLOPs") == 1
+    rows = {line.split()[0]: line.split() for line in lines[3:6]}
+    assert (rows["A"][3], rows["T"][3], rows["OLD"][3]) == ("3.21e12", "9.50e11", "—")
+
+
+def test_the_seed_means_table_shows_the_mean_flops() -> None:
+    records = [{"model": "A", "samples": 10, "seed": s, "train_tokens": 100, "val_ppl": 8.0 + s, "val_acc": 0.5,
+                "train_flops": f} for s, f in ((1, 3e12), (2, 5e12))]
+    console = Console(record=True, width=120, color_system=None)
+    print_results(console, {"experiment": "b", "run_dir": "r", "results": records, "metrics": METRICS[:2]})
+    row = next(line.split() for line in console.export_text().splitlines() if line.startswith("A "))
+    assert row[:5] == ["A", "10", "100", "4.00e12", "2"]
+
+
+def test_the_footer_says_which_rows_chose_the_epochs() -> None:
+    base = {"samples": 300, "train_tokens": 26_983, "val_ppl": 274.0, "val_acc": 0.1, "model": "A"}
+
+    def footer(*ways: str | None) -> str:
+        records = [{**base, **({} if way is None else {"early_stopping": way})} for way in ways]
+        console = Console(record=True, width=200, color_system=None)
+        print_results(console, {"experiment": "e", "run_dir": "runs/e/x", "results": records})
+        return " ".join(console.export_text().split())
+
+    assert "epochs selected on the validation rows themselves (the seed's protocol" in footer(None, "val")
+    assert "epochs selected on the development rows ([data] dev)" in footer("dev")
+    assert "in some units and on the validation rows in others" in footer("dev", None)

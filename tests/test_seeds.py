@@ -15,6 +15,7 @@ from rich.console import Console
 from newllm_kit.config import load_config
 from newllm_kit.errors import ConfigError
 from newllm_kit.experiment import plan, record_key
+from newllm_kit.flops import flops_text
 from newllm_kit.plugins import load_plugins
 from newllm_kit.registry import Registry
 from newllm_kit.report import print_results
@@ -129,9 +130,11 @@ def test_the_table_shows_mean_interval_and_n(two_seeds: dict[str, Any]) -> None:
     assert interval.half_width is not None
     assert f"{interval.mean:.1f} ± {interval.half_width:.1f}" in text
     header = next(line for line in text.splitlines() if "Val PPL" in line)
-    assert header.split()[:4] == ["Model", "Samples", "Tokens", "n"] and "Val ER % ↑" in header
+    assert header.split()[:5] == ["Model", "Samples", "Tokens", "FLOPs", "n"] and "Val ER % ↑" in header
     row = next(line for line in text.splitlines() if line.startswith("A "))
-    assert row.split()[:4] == ["A", "12", f"{two_seeds['results'][0]['train_tokens']:,}", "2"]
+    a12 = [r for r in two_seeds["results"] if (r["model"], r["samples"]) == ("A", 12)]
+    flops = flops_text(sum(r["train_flops"] for r in a12) / len(a12))
+    assert row.split()[:5] == ["A", "12", f"{a12[0]['train_tokens']:,}", flops, "2"]
     assert "over n seeds" in text and "plots: somewhere/plots" in text
 
 

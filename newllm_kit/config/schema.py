@@ -97,6 +97,11 @@ class ValRows(_Strict):
     count: int = Field(50, ge=1, le=ROWS_MAX, description="Number of validation rows.")
 
 
+class DevRows(_Strict):
+    start: int = Field(..., ge=0, le=ROWS_MAX, description="First development row of the corpus.")
+    count: int = Field(..., ge=1, le=ROWS_MAX, description="Number of development rows.")
+
+
 class DataSection(_Open):
     source: str = Field("ultrachat", description="Data-source plugin name.")
     text: Literal["first_turn", "first_turn_128", "all_turns", "all_turns_space_512"] = Field(
@@ -104,6 +109,9 @@ class DataSection(_Open):
     )
     train_start: int = Field(0, ge=0, le=ROWS_MAX, description="First training row; training = k rows from here.")
     val: ValRows = Field(default_factory=lambda: ValRows())
+    dev: DevRows | None = Field(None, description="Development rows (disjoint from training and validation): "
+                                "when set, every recipe early-stops on them and scores the validation rows once, "
+                                "at the end; unset, early stopping reads the validation rows (the seed's protocol).")
 
 
 class TokenizerSection(_Open):

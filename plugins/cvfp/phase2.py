@@ -238,9 +238,10 @@ def phase2_optimizer(model: Model, settings: Phase2Settings) -> tuple[list[nn.Pa
 
 def train_phase2(model: Model, train: Phase2Data, val: Phase2Data, settings: Phase2Settings, runner: Runner,
                  progress: Progress, *, start: TrainState | None = None,
-                 on_epoch_end: Callable[[TrainState], None] | None = None) -> TrainReport:
+                 on_epoch_end: Callable[[TrainState], None] | None = None, stream: str = "val") -> TrainReport:
     """Train `model.param_groups()["phase2"]` on frozen contexts with the shared epoch loop
-    (`newllm_kit.training.train_epochs`): early stopping on validation loss, a resumable state per epoch."""
+    (`newllm_kit.training.train_epochs`): early stopping on the loss of `val` (the validation stream, or
+    the development one: `stream` names it in the logged rows), a resumable state per epoch."""
     if train.positions < 1 or val.positions < 1:
         raise DataError("phase 2 needs at least 2 tokens in both the training and the validation stream")
     module = cast(nn.Module, model)
@@ -263,5 +264,5 @@ def train_phase2(model: Model, train: Phase2Data, val: Phase2Data, settings: Pha
     report = train_epochs(module, params, optimizer, epochs=settings.epochs, patience=settings.patience,
                           restore_best=settings.restore_best, phase="phase2", run_epoch=run_epoch,
                           evaluate=lambda: evaluate(model, val, settings, runner), progress=progress,
-                          start=start, on_epoch_end=on_epoch_end)
+                          start=start, on_epoch_end=on_epoch_end, stream=stream)
     return replace(report, batch_size=batch_size)

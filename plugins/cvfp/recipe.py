@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -43,7 +43,7 @@ from newllm_kit.config import ComponentSection
 from newllm_kit.errors import RunFailed
 from newllm_kit.experiment import seed_everything
 from newllm_kit.protocols import Column, EvalOutputs, Kept, RecipeResult, UnitContext, UnitData
-from newllm_kit.training import TrainReport, TrainState, memory_phase
+from newllm_kit.training import TrainReport, TrainState, memory_phase, ppl
 
 from ..metrics import EffectiveRankSettings, rank_rows
 from . import phase1_contexts
@@ -52,6 +52,7 @@ from .context_store import StorePlan, context_stores, is_out_of_memory, out_of_m
 from .contract import CVFPModel, Phase1Report, Solver, SolveResult, accepts
 from .decode import INPUT_PREFIX, CVFPDecoder
 from .diagnostics import diagnostic_warnings, seed_diagnostics, stats_rows
+from .flops import phase1_flops, unit_flops
 from .phase2 import (
     Phase2Data,
     Phase2Settings,
@@ -102,7 +103,7 @@ class CVFPRecipeSettings(BaseModel):
 
 
 COLUMNS = [Column("train_er", "Train ER", percent=True, mean=True), Column("phase1_iterations", "Phase-1 it."),
-           Column("best_epoch", "Best epoch")]
+           Column("best_epoch", "Best epoch"), Column("train_flops", "FLOPs")]
 
 
 def _stopped_by(report: Phase1Report) -> str | None:
@@ -153,6 +154,9 @@ class UnitRun:
     kept: Path  # the checkpoint folder, where each rank keeps its part of Phase 1's first `keep` contexts
     notes: list[str] = field(default_factory=list)
     val_documents: np.ndarray | None = None  # spans of the validation documents: Phase 2 evaluates per document
+    dev_ids: torch.Tensor | None = None  # the development stream Phase 2 early-stops on, where there is one
+    dev_documents: np.ndarray | None = None
+    selected: EvalOutputs | None = None  # Phase 2's best epoch on the development stream, where it read one
 
     @classmethod
     def start(cls, settings: CVFPRecipeSettings, model: nn.Module, data: UnitData, unit: UnitContext) -> UnitRun:
@@ -162,7 +166,13 @@ class UnitRun:
         compared = min(p2.compare_tokens, data.train_ids.numel() - 1) if p2.compare_contexts else 0
         return cls(settings, model, cvfp, unit, solver, data.train_ids, data.val_ids, inputs,
                    fast=p2.train_contexts == "phase1", compared=compared,
-                   kept=unit.checkpoint.file(phase1_contexts.FILE).parent, val_documents=data.val_documents)
+                   kept=unit.checkpoint.file(phase1_contexts.FILE).parent, val_documents=data.val_documents,
+                   dev_ids=data.dev_ids, dev_documents=data.dev_documents)
+
+    @property
+    def streams(self) -> dict[str, torch.Tensor]:
+        """The streams solved frozen for Phase 2: training, validation and (where set) development."""
+        return {"train": self.train_ids, "val": self.val_ids, **({} if self.dev_ids is None else {"dev": self.dev_ids})}
 
     @property
     def keep(self) -> int:
@@ -195,6 +205,7 @@ class Solved:
     val: SolveResult
     agreement: dict[str, float] | None  # phase1 vs rollout contexts (phase2.compare_contexts)
     seconds: float
+    dev: SolveResult | None = None
 
 
 @dataclass
@@ -274,6 +285,7 @@ class CVFPRecipe:
         train = EvalOutputs(seed=unit.seed, extras={"contexts": sample, "context_width": model.context_dim})
         summary = {"iterations": report.iterations, "convergence_rate": report.convergence_rate,
                    "token_evaluations": report.token_evaluations, "seconds": seconds,
+                   "flops": phase1_flops(model, report),
                    "train_er": unit.metrics(train).get("effective_rank", float("nan")),
                    "stopped_by": _stopped_by(report), "target_rate": report.target_rate,
                    "rate_note": report.rate_note}
@@ -304,17 +316,17 @@ class CVFPRecipe:
         become one note each."""
         unit, runner, model, solver = run.unit, run.unit.runner, run.module, run.solver
         batch = resolve_batch(self.settings.phase2.batch_size, run.model, runner)
-        rows = {"train": store_rows(run.train_ids.numel(), batch, runner), "val": store_rows(run.val_ids.numel(),
-                                                                                            None, runner)}
+        rows = {name: store_rows(ids.numel(), batch if name == "train" else None, runner)
+                for name, ids in run.streams.items()}
         if runner.world_size > 1 and not accepts(solver.solve, "where"):
-            rows = {"train": RowMap.whole(run.train_ids.numel()), "val": RowMap.whole(run.val_ids.numel())}
+            rows = {name: RowMap.whole(ids.numel()) for name, ids in run.streams.items()}
             run.say(f"the solver does not take `where`: every rank stores the whole streams "
                     f"({type(solver).__name__}.solve)")
         sizes = {name: where.rows for name, where in rows.items()}
         plan = plan_stores(runner, sizes, run.model.context_dim, unit.scratch)
         unit.message(plan.describe())
         seed_everything(unit.seed + 1)  # solves after Phase 1 see the same RNG on resume
-        solved_here = ["val"] + ([] if run.fast else ["train"])  # a disk store of these is its saved file
+        solved_here = [name for name in rows if name != "train" or not run.fast]  # a disk store of these: its file
         kept = {name: unit.checkpoint.file(rows_file(name, runner)) for name in solved_here}
         with context_stores(plan, sizes, run.model.context_dim, runner, unit.id, unit.scratch, kept) as stores:
             started = time.perf_counter()
@@ -327,11 +339,14 @@ class CVFPRecipe:
                 else:
                     train = self._solve(run, "train", run.train_ids, stores["train"], rows["train"], plan)
                 val = self._solve(run, "val", run.val_ids, stores["val"], rows["val"], plan)
+                dev = None if run.dev_ids is None else self._solve(run, "dev", run.dev_ids, stores["dev"],
+                                                                   rows["dev"], plan)
                 checked = phase1.checked
                 agreement = (checked["agreement"] if checked is not None else
                              self._agreement(run, stores["train"], rows["train"]) if run.compared else None)
-            solved = Solved(plan, rows, train, val, agreement, time.perf_counter() - started)
-            notes = _solve_notes([str(w.message) for w in caught], {"train": train, "val": val})
+            solved = Solved(plan, rows, train, val, agreement, time.perf_counter() - started, dev)
+            notes = _solve_notes([str(w.message) for w in caught],
+                                 {"train": train, "val": val, **({} if dev is None else {"dev": dev})})
             if run.fast:
                 notes.insert(0, "Phase-2 training contexts are F(P_{i-1}, x_i) of Phase 1's final contexts "
                                 "(phase2.train_contexts = \"phase1\"): no rollout over the training stream")
@@ -404,13 +419,18 @@ class CVFPRecipe:
                                  {"phase1": phase1.summary, "checked": phase1.checked, "phase2": json_state})
 
         started = time.perf_counter()
+        val = Phase2Data(solved.val.layers[-1], run.val_ids, run.inputs, solved.rows["val"], run.val_documents)
+        selection = val if solved.dev is None else Phase2Data(solved.dev.layers[-1], cast(torch.Tensor, run.dev_ids),
+                                                              run.inputs, solved.rows["dev"], run.dev_documents)
         with out_of_memory(unit.id, "phase 2", solved.plan, solved.plan.fix("phase2.batch_size lower")), \
                 memory_phase(runner, "phase2"):
             report = TrainReport(0, 0, [], EvalOutputs(), 0.0) if diagnosed.skip_phase2 else train_phase2(
                 model, Phase2Data(solved.train.layers[-1], run.train_ids, run.inputs, solved.rows["train"]),
-                Phase2Data(solved.val.layers[-1], run.val_ids, run.inputs, solved.rows["val"], run.val_documents),
-                p2, runner,
-                unit.progress, start=phase1.phase2_start, on_epoch_end=checkpoint)
+                selection, p2, runner, unit.progress, start=phase1.phase2_start, on_epoch_end=checkpoint,
+                stream="val" if solved.dev is None else "dev")
+            if solved.dev is not None and not diagnosed.skip_phase2:  # early stopping read dev: val once, now
+                run.selected = report.val
+                report = replace(report, val=evaluate_phase2(model, val, p2, runner))
         seconds = time.perf_counter() - started
         # The val ER reads the rows the metric would sample, gathered: the store closes after this.
         val_rows = solved.rows["val"]
@@ -439,6 +459,8 @@ class CVFPRecipe:
             "epochs_run": report.epochs_run,
             "solve": {"method": solved.train.method, "gain": solved.train.gain, "iterations": solved.train.iterations},
             "seconds": {"phase1": summary["seconds"], "solve": solved.seconds, "phase2": phase2.seconds},
+            **unit_flops(run.model, summary.get("flops"), {"train": solved.train, "val": solved.val, "dev": solved.dev},
+                         report.epochs_run, {name: ids.numel() for name, ids in run.streams.items()}),
             "context_store": solved.plan.to_json(),
             "diagnostics": diagnosed.values,
             "phase2_skipped": diagnosed.skip_phase2,
@@ -446,6 +468,9 @@ class CVFPRecipe:
             "train_contexts": run.settings.phase2.train_contexts,
             "context_agreement": solved.agreement,
         }
+        if run.selected is not None:  # what selected the epoch; `val` is the validation split's, scored once
+            loss = run.selected.nll_sum / run.selected.count
+            record |= {"dev_loss": loss, "dev_ppl": ppl(loss)}
         flags = {}
         if summary.get("stopped_by") == "max_iterations":
             flags["phase1_iterations"] = (f"Phase 1 stopped at max_iterations before reaching its target of "

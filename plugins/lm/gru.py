@@ -50,7 +50,9 @@ class GRUSettings(PresetSettings):
     hidden_size: int = Field(default=1024, ge=1, le=MAX_WIDTH, description="Width of each GRU layer's state.")
     layers: int = Field(default=2, ge=1, le=1024, description="Stacked GRU layers.")
     dropout: float = Field(default=0.0, ge=0, lt=1,
-                           description="Dropout on the embeddings, between GRU layers and on the output.")
+                           description="Dropout on the embeddings, between GRU layers and on the output; 0: at "
+                                       "the baselines' size 0.1 only slowed training (README, \"Baselines\"); "
+                                       "raise it for a model much larger than its data.")
 
 
 class GRUModel(nn.Module):
@@ -104,6 +106,14 @@ class GRUModel(nn.Module):
         counts = {"embedding": count(self.embedding), "gru": count(self.rnn), "projection": count(self.proj),
                   "norms": count(self.embed_norm) + count(self.norm), "head": 0}
         return {**counts, "total": sum(counts.values())}
+
+    def flops_per_token(self, context: int) -> int:
+        """Forward matmul FLOPs of one token (`newllm_kit.flops`): each layer's three gates read its input
+        and its state, 2·3·hidden·(input + hidden); the projection 2·hidden·E where there is one; the tied
+        head 2·E·V. A recurrent model's cost does not depend on `context`."""
+        gates = sum(p.numel() for name, p in self.rnn.named_parameters() if name.startswith("weight_"))
+        projection = 0 if self.proj is None else self.proj.weight.numel()
+        return 2 * (gates + projection) + 2 * self.embedding_dim * self.vocab_size
 
 
 class GRUArchitecture:

@@ -26,6 +26,7 @@ from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from newllm_kit import hookimpl
+from newllm_kit.flops import linear_flops
 from newllm_kit.params import load_table
 from newllm_kit.presets import PresetSettings
 
@@ -52,7 +53,10 @@ class TransformerSettings(PresetSettings):
     block_size: int = Field(default=1024, ge=1, le=1 << 24, description="Longest context, in tokens.")
     mlp_width: int | None = Field(default=None, ge=1, le=MAX_WIDTH,
                                   description="Hidden width of each MLP (None: 4 × n_embd).")
-    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on embeddings, attention and residuals.")
+    dropout: float = Field(default=0.0, ge=0, lt=1,
+                           description="Dropout on embeddings, attention and residuals; 0: at the baselines' size "
+                                       "0.1 only slowed training (README, \"Baselines\"); raise it for a model "
+                                       "much larger than its data.")
     bias: bool = Field(default=True, description="Biases in the Linear layers and LayerNorms (GPT-2: true).")
 
     @model_validator(mode="after")
@@ -168,6 +172,13 @@ class TransformerModel(nn.Module):
         counts = {"embedding": count(self.embedding), "positions": count(self.positions),
                   "blocks": count(self.blocks, self.norm), "head": 0}
         return {**counts, "total": sum(counts.values())}
+
+    def flops_per_token(self, context: int) -> int:
+        """Forward matmul FLOPs of one token reading `context` tokens (`newllm_kit.flops`): 2 × every Linear
+        weight of the blocks; per layer 2·2·context·n_embd for the attention scores and their weighted sum
+        over all `context` keys (nanoGPT's count, not the causal half); the tied head 2·n_embd·V."""
+        attention = 4 * self.config.n_layer * context * self.embedding_dim
+        return linear_flops(self.blocks) + attention + 2 * self.embedding_dim * self.vocab_size
 
 
 class TransformerArchitecture:
