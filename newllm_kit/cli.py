@@ -52,7 +52,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON documen
 
 # Commands that read result files and never build a component: loading the plugins (torch with them,
 # ~2 s) would only slow them down, so their command lines skip it.
-READS_FILES_ONLY = {"scaling", "compare", "plot"}
+READS_FILES_ONLY = {"scaling", "compare", "plot", "select"}
 
 
 def plugins() -> Plugins:
@@ -382,6 +382,28 @@ def compare_command(
     from .compare import compare, render
 
     document = compare(list(sources), metric, by, allow_mixed)
+    if as_json:
+        _print_json(document)
+    else:
+        render(document, console)
+
+
+@app.command("select", cls=Command)
+def select_command(
+    sources: Annotated[list[Path], typer.Argument(
+        metavar="RUN_OR_FILE", help="Run directories or results.jsonl files of a sweep with a development split.")],
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="Combine sources whose corpus, tokenizer "
+                                              "or splits differ.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """A sweep's setting chosen on the development rows: per model and size, the variant with the lowest
+    mean dev NLL over seeds, and its validation PPL (scored once) with a 95% interval and its FLOPs.
+
+    Example: `newllm-kit select runs/baselines/20261207-…`
+    """
+    from .selection import render, select_sources
+
+    document = select_sources(list(sources), allow_mixed)
     if as_json:
         _print_json(document)
     else:

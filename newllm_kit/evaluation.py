@@ -23,7 +23,7 @@ from .config import load_config
 from .corpus import rows_stream
 from .errors import DataError, RunFailed, UserError
 from .experiment import check_outputs, metric_values
-from .kept_models import KeptModel, kept_units, load_model
+from .kept_models import KeptModel, kept_units, load_model, model_folder
 from .progress import NullProgress
 from .protocols import Saved, UnitContext, UnitData
 from .registry import Registry
@@ -79,14 +79,13 @@ def _tokenizer(kept: KeptModel, config: Any, overrides: list[str]) -> Any:
 def evaluate_unit(run: RunDir, unit: str, which: str, overrides: list[str], registry: Registry,
                   name: str | None, say: Any) -> dict[str, Any]:
     """Score one unit's kept model and append its line to `evaluations/<name>.jsonl`."""
-    probe = load_config(run.path / "config.resolved.toml", registry, [])
-    runner = probe.runner.build()
+    config = load_config(model_folder(run.path, unit, which) / "config.toml", registry, overrides)
+    runner = config.runner.build()  # `--set runner.…` says where it runs
     runner.setup()
     scratch = run.inside(run.path / EVALUATIONS_DIR / f".scratch-{unit}")
     try:
         kept = load_model(run.path, unit, which, registry, runner.device)
         evaluate = kept.require("evaluate", "evaluate")
-        config = load_config(kept.folder / "config.toml", registry, overrides)
         tokenizer = _tokenizer(kept, config, overrides)
         data = config.schema.data
         rows = range(data.val.start, data.val.start + data.val.count)

@@ -337,3 +337,19 @@ def test_keep_writes_what_keep_models_asks_and_never_a_best_model_that_is_not_on
                     "that the validation numbers are; kept as \"final\" only"]
     assert sorted(p.name for p in (run.path / "models").iterdir()) == ["G-24", "G-25"]
     assert [p.name for p in (run.path / "models" / "G-25").iterdir()] == ["final"]
+
+
+def test_evaluate_runs_where_set_runner_says(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from newllm_kit_plugins.runners import local
+
+    built: list[int] = []
+    original = local.CPURunner.__init__
+
+    def recording(self: Any, settings: Any = None) -> None:
+        original(self, settings)
+        built.append(self.settings.threads)
+
+    monkeypatch.setattr(local.CPURunner, "__init__", recording)
+    (line,) = evaluate_run(run_dir, "G-24", "best", ["runner.threads=2"], load_plugins().registry, "threads", print)
+    assert built and built[-1] == 2
+    assert math.isclose(line["val_ppl"], record(run_dir, "G-24")["val_ppl"], rel_tol=1e-9)
