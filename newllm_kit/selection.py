@@ -1,7 +1,9 @@
 """`newllm-kit select`: a sweep's setting chosen on the development rows, and what it scores on validation.
 
 The rule: for each model and training size, the sweep variant with the lowest mean development NLL
-(ln `dev_ppl`) over its seeds; ties go to the earlier variant. The validation numbers of the chosen
+(ln `dev_ppl`) over its seeds; ties go to the first variant by name, and a model whose variants all
+score the same (one the swept keys do not reach, such as CVFP under `lm.learning_rate`) is reported
+once, as "all equal". The validation numbers of the chosen
 variant are then reported (mean PPL over seeds with a 95 % t-interval on NLL, mean training FLOPs):
 they were scored once, never looked at by the choice. Without a development split there is nothing
 to choose on that the reported number does not also depend on, so the command refuses.
@@ -22,6 +24,8 @@ from .errors import UserError
 from .flops import flops_text, train_flops
 from .result_sources import check_sources, load_records
 from .stats import t_interval
+
+ALL_EQUAL = "all equal"  # every variant of the model scored the same: the sweep does not reach it
 
 
 @dataclass(frozen=True)
@@ -59,14 +63,17 @@ def select(records: list[dict[str, Any]]) -> list[Choice]:
         groups.setdefault((r["model"], int(r["samples"])), {}).setdefault(str(r["variant"]), []).append(r)
     choices = []
     for (model, samples), variants in groups.items():
-        dev = {name: sum(_nll(r, "dev_ppl") for r in rs) / len(rs) for name, rs in variants.items()}
+        dev = {name: sum(_nll(r, "dev_ppl") for r in rs) / len(rs) for name, rs in sorted(variants.items())}
         best = min(dev, key=lambda name: dev[name])  # min keeps the first of equal values
         chosen = variants[best]
+        if len(set(dev.values())) == 1 and len(dev) > 1:
+            best = ALL_EQUAL
         interval = t_interval([_nll(r, "val_ppl") for r in chosen])
         half = interval.half_width
         flops = [train_flops(r) for r in chosen]
         choices.append(Choice(
-            model, samples, best, dict(chosen[0].get("sweep", {})), len(chosen), math.exp(dev[best]),
+            model, samples, best, {} if best == ALL_EQUAL else dict(chosen[0].get("sweep", {})), len(chosen),
+            math.exp(dev[chosen[0]["variant"]]),
             math.exp(interval.mean), None if half is None else math.exp(interval.mean - half),
             None if half is None else math.exp(interval.mean + half),
             None if None in flops else sum(f or 0.0 for f in flops) / len(flops),

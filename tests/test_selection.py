@@ -40,7 +40,7 @@ def test_the_lowest_mean_dev_nll_wins_and_its_validation_numbers_are_reported() 
     assert math.isclose(choice.others["lr3"], 120.0)
 
 
-def test_each_model_and_size_is_chosen_on_its_own_and_ties_keep_the_earlier_variant() -> None:
+def test_each_model_and_size_is_chosen_on_its_own_and_a_model_the_sweep_does_not_reach_is_all_equal() -> None:
     records = [record(m, v, s, dev, 10.0 + dev, samples=n, flops=None if m == "C" else 2e12)
                for m, n, best in (("T", 300, "lr1"), ("T", 600, "lr3"), ("G", 300, "lr3"))
                for v, dev in (("lr1", 5.0 if best == "lr1" else 6.0), ("lr3", 5.0 if best == "lr3" else 6.0))
@@ -48,7 +48,8 @@ def test_each_model_and_size_is_chosen_on_its_own_and_ties_keep_the_earlier_vari
     records += [record("C", v, s, 7.0, 9.0, flops=None) for v in ("lr1", "lr3") for s in (1, 2)]
     chosen = {(c.model, c.samples): c for c in select(records)}
     assert {k: c.variant for k, c in chosen.items()} == {("T", 300): "lr1", ("T", 600): "lr3", ("G", 300): "lr3",
-                                                          ("C", 300): "lr1"}
+                                                          ("C", 300): "all equal"}
+    assert chosen[("C", 300)].sweep == {} and chosen[("T", 600)].sweep == {"lm.learning_rate": 0.003}
     assert chosen[("C", 300)].flops is None and chosen[("T", 300)].flops == 2e12
     assert math.isclose(chosen[("C", 300)].val_ppl, 9.0)
 
@@ -70,3 +71,10 @@ def test_the_command_prints_one_json_document(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (selected,) = json.loads(result.stdout)["selected"]
     assert selected["variant"] == "lr1" and math.isclose(selected["val_ppl"], math.sqrt(8.0 * 9.0))
+
+
+def test_a_tie_between_some_variants_goes_to_the_first_by_name() -> None:
+    records = [record("T", v, 1, dev, 7.0) for v, dev in (("lr3", 5.0), ("lr1", 5.0))]
+    records += [{**record("T", "lr1", 1, 6.0, 7.0), "variant": "lr9", "sweep": {"lm.learning_rate": 0.009}}]
+    (choice,) = select(records)
+    assert choice.variant == "lr1" and set(choice.others) == {"lr1", "lr3", "lr9"}
