@@ -409,13 +409,15 @@ class Lane:
 
     def lm_run(self) -> Future[CliRun]:
         """experiments/baselines.toml without its CVFP models and their recipe's tables (the kit refuses a
-        table no model uses): the Transformer and the GRU on the quick-start's data."""
+        table no model uses), its learning-rate sweep and its extra seeds: the Transformer and the GRU on
+        the quick-start's data, one unit each."""
         s = self.sizes
         experiment = tomllib.loads(BASELINES.read_text())
         models = [m for m in experiment["models"] if m.get("architecture") in ("transformer", "gru")]
         file = self.root / "lm.toml"
         if not file.exists():
-            kept = {k: v for k, v in experiment.items() if k not in CVFP_TABLES}
+            kept = {k: v for k, v in experiment.items() if k not in (*CVFP_TABLES, "sweep")}
+            kept["experiment"] = {k: v for k, v in kept["experiment"].items() if k != "seeds"}
             file.write_text(tomli_w.dumps({**kept, "models": models}))
         overrides: dict[str, Any] = {"experiment.samples": [s.lm_samples], "lm.epochs": s.lm_epochs,
                                      "lm.patience": s.lm_epochs, "runner.name": "gpu" if self.cuda else "cpu",
