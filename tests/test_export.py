@@ -264,7 +264,7 @@ heavy = [m for m in ("torch", "transformers") if m in sys.modules]
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 report = {"kit_modules": kit_modules, "heavy": heavy, "units": {}}
-for unit, case in torch.load(sys.argv[1]).items():
+for unit, case in torch.load(sys.argv[1], weights_only=True).items():
     model, info = AutoModelForCausalLM.from_pretrained(case["folder"], output_loading_info=True)
     with torch.no_grad():
         logits = model(case["ids"][None]).logits[0]
