@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 FIXTURE_GPT2_VOCAB = 600  # tokens in make_gpt2_tokenizer_dir's tokenizer, <|endoftext|> included
 
 # (subject, the user's situation, two pieces of advice)
@@ -194,3 +196,17 @@ freeze = {str(freeze).lower()}
 name = "cpu"
 threads = 1
 """
+
+
+def synthetic_ids(rows: range, docs: int = 400, words_per_doc: int = 20) -> np.ndarray:
+    """The `bytes` ids of these rows of the synthetic source (by default synthetic_experiment's), built
+    here from the documents' text as a stream stores them: little-endian int32, documents back to back."""
+    from newllm_kit_plugins.data.synthetic import Synthetic, SyntheticSettings
+
+    documents = Synthetic(SyntheticSettings(docs=docs, words_per_doc=words_per_doc)).all_documents()
+    return np.frombuffer(b"".join(documents[row][0].encode("utf-8") for row in rows), dtype=np.uint8).astype("<i4")
+
+
+def ids_sha256(ids: np.ndarray) -> str:
+    """What meta.json records for a stream: the sha256 of its ids as written (int32, little-endian)."""
+    return hashlib.sha256(ids.astype("<i4").tobytes()).hexdigest()

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fixtures import ids_sha256, synthetic_ids
 from test_experiment import read_results, without_timings, write_tiny
 
 from newllm_kit.corpus import build_stream, cached_stream, get_scheme, read_stream
@@ -200,11 +201,12 @@ def stream_files(cache: Path) -> list[Path]:
 @pytest.mark.slow
 def test_a_run_records_the_token_hashes_in_meta_json(tiny_run: dict[str, Any]) -> None:
     meta = json.loads((Path(tiny_run["run_dir"]) / "meta.json").read_text())
-    hashes = {line.split()[0] for f in (Path(tiny_run["tmp"]) / "runs" / "tiny" / ".cache").glob("*.sha256")
-              for line in f.read_text().splitlines()}
-    components = {"corpus", "tokenizer", "scheme", "split", "embedding", "train_ids", "val_ids"}
-    assert components <= meta["fingerprints"].keys()
-    assert {meta["fingerprints"]["train_ids"], meta["fingerprints"]["val_ids"]} <= hashes
+    assert {"corpus", "tokenizer", "scheme", "split", "embedding"} <= meta["fingerprints"].keys()
+    pinned = (meta["fingerprints"]["train_ids"], meta["fingerprints"]["val_ids"])
+    assert pinned == (ids_sha256(synthetic_ids(range(12))), ids_sha256(synthetic_ids(range(300, 312))))
+    cache = Path(tiny_run["tmp"]) / "runs" / "tiny" / ".cache"
+    on_disk = {hashlib.sha256(p.read_bytes()).hexdigest() for p in stream_files(cache)}
+    assert set(pinned) == on_disk  # the cached streams hold exactly those tokens
 
 
 @pytest.mark.slow

@@ -143,7 +143,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(runs: dict[str, Any]) -> None:
     assert_close(runs["ddp"], runs["single"])
-    assert all(r["val_ppl"] < 300 for r in runs["ddp"])  # the models learnt something (vocabulary 300)
     assert [r["context_store"]["kind"] for r in runs["ddp"]] == ["disk"] * 4
     assert not (_run_dir(runs["ddp_out"]) / "store").exists()  # every rank removed its files
 

@@ -125,9 +125,11 @@ def test_every_collective_of_the_runner_is_timed_in_the_phase_it_runs_in(monkeyp
     assert runner.local._phase == "default"
     assert calls == ["all_reduce", "all_gather", "all_reduce", "broadcast", "barrier"]
 
+    before = ddp_runner.peak_rss_bytes()
     timings = runner.timings()
+    after = ddp_runner.peak_rss_bytes()  # a peak never falls: the timings' one lies between the two reads
     assert (timings["rank"], timings["world_size"], timings["local_world_size"]) == (1, 2, 1)
-    assert timings["peak_rss_bytes"] > 10 * 2**20  # this process, with torch loaded
+    assert before <= timings["peak_rss_bytes"] <= after
     assert {name: entry["collectives"] for name, entry in timings["phases"].items()} == {
         "phase1": 2, "phase2": 2, "other": 1}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures import synthetic_experiment
+from fixtures import ids_sha256, synthetic_experiment, synthetic_ids
 from test_kept_models import MIXED
 
 from newllm_kit.config import load_config
@@ -45,7 +45,7 @@ def epoch_rows(run_dir: Path, unit: str) -> list[dict[str, Any]]:
 def test_every_recipe_selects_its_epoch_on_the_development_rows(run_dir: Path) -> None:
     for unit in UNITS:
         r, rows = record(run_dir, unit), epoch_rows(run_dir, unit)
-        assert r["early_stopping"] == "dev" and r["dev_tokens"] > 1
+        assert r["early_stopping"] == "dev" and r["dev_tokens"] == synthetic_ids(range(330, 340)).size
         assert rows and all("dev_loss" in row and "val_loss" not in row for row in rows)
         losses = [row["dev_loss"] for row in rows]
         assert r["best_epoch"] == 1 + losses.index(min(losses)), unit
@@ -62,7 +62,9 @@ def test_the_validation_rows_are_scored_once_by_the_weights_the_unit_ends_on(run
 
 def test_the_development_rows_are_pinned_with_the_run(run_dir: Path) -> None:
     fingerprints = json.loads((run_dir / "meta.json").read_text())["fingerprints"]
-    assert {"dev_ids", "val_ids", "train_ids"} <= set(fingerprints)
+    assert {key: fingerprints[key] for key in ("train_ids", "dev_ids", "val_ids")} == {
+        "train_ids": ids_sha256(synthetic_ids(range(24))), "dev_ids": ids_sha256(synthetic_ids(range(330, 340))),
+        "val_ids": ids_sha256(synthetic_ids(range(300, 312)))}
 
 
 def test_without_dev_rows_early_stopping_reads_validation_and_says_so(tmp_path: Path) -> None:

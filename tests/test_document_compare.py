@@ -5,6 +5,7 @@ back only when it adds up to the record; `compare` resamples the documents of un
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from newllm_kit_plugins.cvfp.phase2 import Phase2Data, Phase2Settings, _pass, evaluate
+from scipy import stats as scipy_stats
 from test_compare import record
 from test_phase2 import VAL, CPURunner, ThreadRank, TinyModel
 from thread_ranks import run_ranks
@@ -119,7 +121,20 @@ def test_compare_adds_the_document_bootstrap_to_the_seed_interval(tmp_path: Path
     seeds_only = compare([_run_with_documents(tmp_path / "s", {"A": [1, 2, 3], "B": [1, 2, 3]}, 0.02, damage=True)],
                          "val_ppl", "model", False)
     assert only["method"] == "welch+documents" and only["documents"] == 60
-    assert only["ci"][0] < only["difference"] < only["ci"][1]
+    # the reference: Welch on the seeds' NLL (scipy), widened by the spread of the paired document bootstrap
+    # of the seed-averaged sums, with Welch–Satterthwaite degrees of freedom (documents: infinite)
+    records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    nll = {m: [math.log(r["val_ppl"]) for r in records if r["model"] == m] for m in "AB"}
+    seeds = scipy_stats.ttest_ind(nll["A"], nll["B"], equal_var=False)
+    difference = float(np.mean(nll["A"]) - np.mean(nll["B"]))
+    seeds_se = difference / seeds.statistic
+    sums = {m: [json.loads((run / f"documents/{m}-100-s{s}.json").read_text()) for s in (1, 2, 3)] for m in "AB"}
+    replicates = bootstrap.mean_differences(*(np.mean([row["nll"] for row in sums[m]], axis=0) for m in "AB"),
+                                            np.array(sums["A"][0]["tokens"], dtype=float))
+    se2 = seeds_se**2 + np.var(replicates, ddof=1)
+    half = scipy_stats.t.ppf(0.975, seeds.df * se2**2 / seeds_se**4) * math.sqrt(se2)
+    assert only["difference"] == pytest.approx(difference, rel=1e-12)
+    assert only["ci"] == pytest.approx([difference - half, difference + half], rel=1e-9)
     (fallback,) = seeds_only["comparisons"]
     assert fallback["method"] == "welch" and fallback["documents"] is None
     assert any("do not match the record" in w and "seeds only" in w for w in seeds_only["warnings"])

@@ -108,23 +108,33 @@ def test_run_directory_has_every_artifact(finished: dict[str, Any]) -> None:
 
 
 def test_results_records_hold_what_the_table_needs(finished: dict[str, Any]) -> None:
+    """Token counts, the synthetic source's PPL bound and the stream hashes, each against the rows' bytes
+    rebuilt here: a prefix of the wrong length, the validation stream's count or hash in a training field
+    (meta.json pins the training stream of the largest size) or a bound over the wrong number of
+    documents fails. The metrics are checked against the run's own lines below and, through
+    `evaluate`, in test_kept_models."""
+    from fixtures import ids_sha256, synthetic_ids
+    from newllm_kit_plugins.data.synthetic import Synthetic, SyntheticSettings
+
     records = read_results(Path(finished["run_dir"]))
     assert [(r["model"], r["samples"]) for r in records] == [("A", 12), ("A", 24), ("B", 12), ("B", 24)]
+    val = synthetic_ids(range(300, 312))
+    document_entropy = Synthetic(SyntheticSettings(docs=400, words_per_doc=20)).document_entropy_nats()
     for r in records:
         for key in ("train_tokens", "val_tokens", "val_ppl", "val_acc", "train_er", "val_er",
                     "phase1_iterations", "convergence_rate", "best_epoch", "params", "seconds", "fingerprints"):
             assert key in r, key
-        assert 0 < r["val_er"] <= 1 and 0 < r["train_er"] <= 1
-        assert r["val_ppl"] < 256  # far below the byte vocabulary: the model learnt something
-        assert r["best_possible_ppl"] < r["val_ppl"]
+        assert r["train_tokens"] == synthetic_ids(range(r["samples"])).size
+        assert r["val_tokens"] == val.size
+        assert math.isclose(r["best_possible_ppl"], math.exp(12 * document_entropy / val.size), rel_tol=1e-12)
         # the record says whether Phase 1 reached its target or ran out of iterations
         assert r["phase1_target_rate"] == 0.95
         expected = "converged" if r["convergence_rate"] >= 0.95 else "max_iterations"
         assert r["phase1_stopped_by"] == expected
         if expected == "max_iterations":
             assert r["phase1_iterations"] == 4
-    assert records[1]["train_tokens"] > records[0]["train_tokens"]
-    assert records[0]["val_tokens"] == records[1]["val_tokens"]  # one validation set for every size
+    pinned = json.loads((Path(finished["run_dir"]) / "meta.json").read_text())["fingerprints"]
+    assert (pinned["train_ids"], pinned["val_ids"]) == (ids_sha256(synthetic_ids(range(24))), ids_sha256(val))
 
 
 def test_each_record_agrees_with_the_metrics_lines_and_document_sums_it_came_from(
@@ -241,7 +251,9 @@ def test_v2_file_runs_its_real_code_path_offline_on_local_copies(tmp_path: Path)
         make_gpt2_model_dir,
         make_gpt2_tokenizer_dir,
         make_ultrachat_parquet,
+        ultrachat_rows,
     )
+    from transformers import AutoTokenizer
 
     data = make_ultrachat_parquet(tmp_path / "ultrachat", 70)
     tokenizer = make_gpt2_tokenizer_dir(tmp_path / "tokenizer")
@@ -257,8 +269,11 @@ def test_v2_file_runs_its_real_code_path_offline_on_local_copies(tmp_path: Path)
                      load_plugins())
     records = result["results"]
     assert [(r["model"], r["samples"]) for r in records] == [("A", 20), ("A", 40), ("B", 20), ("B", 40)]
-    # an untrained random GPT-2 table (std 0.02) tied to the head keeps logits near uniform: PPL ≈ vocab
-    assert all(1 < r["val_ppl"] < 1.5 * FIXTURE_GPT2_VOCAB for r in records)
+    # the streams are the rows' first turns, each encoded on its own by transformers' own loader of the folder
+    encode = AutoTokenizer.from_pretrained(tokenizer)
+    lengths = [len(encode(row["messages"][0]["content"])["input_ids"]) for row in ultrachat_rows(70)]
+    assert [(r["train_tokens"], r["val_tokens"]) for r in records] == [
+        (sum(lengths[:n]), sum(lengths[50:60])) for n in (20, 40)] * 2
     assert records[0]["params"]["embedding"] == FIXTURE_GPT2_VOCAB * 32 + 2 * 32
     meta = json.loads((Path(result["run_dir"]) / "meta.json").read_text())
     assert meta["fingerprints"]["scheme"] == "first_turn"

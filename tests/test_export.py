@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, P
 
 from newllm_kit import cli
 from newllm_kit.errors import UserError
-from newllm_kit.hf_export import gpt2_config, gpt2_model, gpt2_state_dict, write_tokenizer
+from newllm_kit.hf_export import PROBE_TEXT, PROBE_TOKENS, gpt2_config, gpt2_model, gpt2_state_dict, write_tokenizer
 from newllm_kit.hf_model import NewllmKitForCausalLM
 from newllm_kit.kept_models import KeptModel, load_model
 from newllm_kit.plugins import load_plugins
@@ -97,7 +97,8 @@ def gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # -- the folder and the command ----------------------------------------------------------------------
 
-def test_each_architecture_exports_a_checked_transformers_folder(exported: dict[str, dict[str, Any]]) -> None:
+def test_each_architecture_exports_a_checked_transformers_folder(run_dir: Path,
+                                                                exported: dict[str, dict[str, Any]]) -> None:
     for unit, document in exported.items():
         folder = Path(document["out"])
         assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= \
@@ -105,7 +106,15 @@ def test_each_architecture_exports_a_checked_transformers_folder(exported: dict[
         model_type = json.loads((folder / "config.json").read_text())["model_type"]
         assert (model_type, document["model_class"]) == (
             ("gpt2", "GPT2LMHeadModel") if unit.startswith("T") else ("newllm-kit", "NewllmKitForCausalLM")), unit
-        assert document["max_abs_logit_diff"] <= TOLERANCE and document["checked_tokens"] > 0
+        # the check: the probe text's bytes cycled to 64 positions (the transformer's block at most), through
+        # the folder as transformers loads it and through the kit's decoder
+        probe = list(PROBE_TEXT.encode())
+        ids = torch.tensor((probe * 2)[:BLOCK if unit.startswith("T") else PROBE_TOKENS])
+        hf = AutoModelForCausalLM.from_pretrained(folder)
+        with torch.no_grad():
+            measured = gap(hf(ids[None]).logits[0], kit_logits(kept(run_dir, unit), ids))
+        assert document["checked_tokens"] == ids.numel()
+        assert document["max_abs_logit_diff"] == pytest.approx(measured, rel=1e-6, abs=1e-9) and measured <= TOLERANCE
         assert ("import newllm_kit; " in document["load"]) == (model_type == "newllm-kit")
         assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no hidden leftovers
 
@@ -126,11 +135,20 @@ def test_export_refuses_a_used_folder_and_an_unknown_format_in_one_line(run_dir:
 def test_a_failed_export_leaves_nothing(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from newllm_kit import hf_export
 
-    monkeypatch.setattr(hf_export, "CHECK_TOLERANCE", -1.0)  # every check fails, after everything was written
+    written = hf_export.gpt2_model
+
+    def shifted(*args: Any, **kwargs: Any) -> Any:
+        """The GPT-2 written with its final LayerNorm's bias off by 0.05 (a new tensor: the model holds the
+        kit's own tensors), so its logits are not the kit's."""
+        model = written(*args, **kwargs)
+        model.transformer.ln_f.bias = torch.nn.Parameter(model.transformer.ln_f.bias.detach() + 0.05)
+        return model
+
+    monkeypatch.setattr(hf_export, "gpt2_model", shifted)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(RuntimeError, match="export check"):
-        hf_export.export_hf(kept(run_dir, "A-24"), empty)
+    with pytest.raises(RuntimeError, match=r"export check: .* differ from the kit's by \S+ \(> 0\.0001\) on 32 tokens"):
+        hf_export.export_hf(kept(run_dir, "T-24"), empty)
     assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not list(empty.iterdir())
 
 

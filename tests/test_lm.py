@@ -455,7 +455,8 @@ def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
     settings = LMSettings(learning_rate=1.0, warmup_steps=4, min_lr_ratio=0.1)
     rates = [lm.learning_rate_at(step, 20, settings) for step in range(20)]
     assert rates[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert rates[4] == 1.0 and all(a >= b for a, b in itertools.pairwise(rates[4:]))
+    # then half a cosine from 1.0 down to the floor 0.1, over the 16 steps after the warm-up
+    assert rates[4:] == pytest.approx([0.1 + 0.45 * (1 + math.cos(math.pi * k / 16)) for k in range(16)], rel=1e-12)
     assert lm.learning_rate_at(20, 20, settings) == pytest.approx(0.1)
     assert lm.warmup_steps(400, LMSettings()) == 20  # unset: 5 % of the run's steps
 

@@ -442,7 +442,9 @@ def test_plot_ticks_are_round_numbers_inside_the_axis(lo: float, hi: float, tick
 
 def test_plot_limits_keep_points_off_the_frame_and_labels_are_plain(tmp_path: Path) -> None:
     lo, hi = scaling_plot.log_limits([181.5, 185.6])
-    assert lo < 181.5 and hi > 185.6 and hi / lo >= 1.5  # two close points sit inside, not in the corners
+    # two close points sit inside, not in the corners: widened to a 1.5× span about their geometric
+    # centre, then padded by 10 % of that span on each side
+    assert (hi / lo, lo * hi) == (pytest.approx(1.5**1.2, rel=1e-12), pytest.approx(181.5 * 185.6, rel=1e-12))
     lo, hi = scaling_plot.log_limits([100.0, 1000.0])
     assert lo == pytest.approx(100 / 10**0.1) and hi == pytest.approx(1000 * 10**0.1)
     assert [scaling_plot.tokens_label(t) for t in (500, 30_000, 1e6, 2.5e6)] == ["500", "30k", "1M", "2.5M"]

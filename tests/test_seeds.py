@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from rich.console import Console
+from scipy import stats as scipy_stats
 
 from newllm_kit.config import load_config
 from newllm_kit.errors import ConfigError
@@ -144,7 +146,11 @@ def test_seeds_give_scaling_an_interval_from_two_sizes_and_one_seed_keeps_the_wa
     noise = {1: 1.00, 2: 1.03, 3: 0.98}
     points = [Point("A", t, 5000 * t**-0.3 * noise[s], None, "results.jsonl", s) for t in (1e4, 2e4) for s in noise]
     (fit,) = fit_all(points, []).fits
-    assert fit.alpha_ci is not None and fit.alpha_ci[0] < -0.3 < fit.alpha_ci[1]
+    # the pooled OLS of ln PPL on ln tokens over the 6 points, its t-interval from scipy's standard error
+    reference = scipy_stats.linregress(np.log([p.tokens for p in points]), np.log([p.ppl for p in points]))
+    half = scipy_stats.t.ppf(0.975, 4) * reference.stderr
+    assert fit.alpha == pytest.approx(reference.slope, abs=1e-12) == pytest.approx(-0.3, abs=1e-12)
+    assert fit.alpha_ci == pytest.approx((reference.slope - half, reference.slope + half), rel=1e-9)
     assert (fit.points, fit.sizes, fit.seeds) == (6, 2, 3)
     assert any("seed noise only" in w for w in fit.warnings)
     assert report_to_json(fit_all(points, []))["fits"][0]["seeds"] == 3

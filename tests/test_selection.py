@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scipy import stats as scipy_stats
 
 from newllm_kit.errors import UserError
 from newllm_kit.selection import select
@@ -35,8 +36,11 @@ def test_the_lowest_mean_dev_nll_wins_and_its_validation_numbers_are_reported() 
     assert (choice.variant, choice.seeds, choice.sweep) == ("lr1", 2, {"lm.learning_rate": 0.001})
     assert math.isclose(choice.dev_ppl, math.sqrt(50.0 * 250.0))
     assert math.isclose(choice.val_ppl, math.sqrt(80.0 * 90.0))
-    assert choice.val_low is not None and choice.val_high is not None
-    assert choice.val_low < choice.val_ppl < choice.val_high
+    # the t-interval of the mean validation NLL over the 2 seeds (scipy's), as PPL
+    nll = [math.log(80.0), math.log(90.0)]
+    low, high = scipy_stats.t.interval(0.95, 1, loc=sum(nll) / 2, scale=scipy_stats.sem(nll))
+    assert (choice.val_low, choice.val_high) == (pytest.approx(math.exp(low), rel=1e-12),
+                                                 pytest.approx(math.exp(high), rel=1e-12))
     assert math.isclose(choice.others["lr3"], 120.0)
 
 

@@ -39,6 +39,7 @@ from newllm_kit_plugins.tokens.gpt2 import (
 from newllm_kit_plugins.tokens.random_embedding import RandomEmbedding, RandomEmbeddingSettings
 from newllm_kit_plugins.tokens.simple import BytesFactory, BytesTokenizer
 from pydantic import ValidationError
+from scipy.special import entr
 
 from newllm_kit import corpus
 from newllm_kit.corpus import Split, build_stream, load_streams
@@ -497,13 +498,16 @@ def test_synthetic_documents_are_seeded_and_stable_across_corpus_sizes() -> None
 
 
 def test_synthetic_token_bounds(tmp_path: Path) -> None:
+    """Both bounds from the chain's definition, recomputed here: h = Σ_s π(s)·H(next word | s), and a
+    document of 30 words holds H(π) for its first (order 1) word plus h for each of the other 29."""
     source = Synthetic(SyntheticSettings(docs=60, words_per_doc=30))
     _, val, _, _ = load_streams(source, "first_turn", BytesFactory(), range(0, 40), range(40, 60), tmp_path)
-    h = source.entropy_rate_nats()
-    assert source.best_token_ppl_for(20 * 30, len(val)) == pytest.approx(math.exp(h * 600 / len(val)))
-    exact = source.best_token_ppl(len(val), val)
-    assert exact == pytest.approx(math.exp(20 * source.document_entropy_nats() / len(val)))
-    assert 1.0 < exact < source.best_ppl_per_word()  # a word is several byte tokens
+    chain = source.chain
+    h = float(chain.stationary @ entr(chain.probs).sum(axis=1))
+    document = float(entr(chain.stationary).sum()) + 29 * h
+    assert len(val.boundaries) == 20  # the validation documents
+    assert source.best_token_ppl_for(20 * 30, len(val)) == pytest.approx(math.exp(h * 600 / len(val)), rel=1e-10)
+    assert source.best_token_ppl(len(val), val) == pytest.approx(math.exp(20 * document / len(val)), rel=1e-10)
 
 
 def test_synthetic_settings_are_checked() -> None:

@@ -8,6 +8,8 @@ import copy
 import itertools
 import math
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -22,6 +24,7 @@ from newllm_kit_plugins.cvfp.spans import token_rows, token_span
 from newllm_kit_plugins.runners.ddp import contiguous_shard
 from pydantic import ValidationError
 from torch import nn
+from torch.func import jvp
 
 from newllm_kit.errors import RunFailed, UserError
 
@@ -221,7 +224,8 @@ def naive_phase1(model: TinyModel, ids: torch.Tensor, s: CVFPPhase1Settings, see
             cvfp = ((o - p) ** 2).mean()
             div = -torch.linalg.norm(o - o.mean(0, keepdim=True)) / n
             loss = (1 - s.dist_reg_weight) * cvfp + s.dist_reg_weight * div
-            loss.backward()
+            if torch.isfinite(loss):  # a non-finite loss is dropped (nonfinite = "skip")
+                loss.backward()
             stats = [(loss.item(), cvfp.item(), div.item(), n)]
             outputs = [o.detach()]
         else:
@@ -232,7 +236,8 @@ def naive_phase1(model: TinyModel, ids: torch.Tensor, s: CVFPPhase1Settings, see
                 cvfp = ((o - p[a:a + s.batch_size]) ** 2).mean()
                 div = -torch.linalg.norm(o - o.mean(0, keepdim=True)) / o.shape[0]
                 loss = (1 - s.dist_reg_weight) * cvfp + s.dist_reg_weight * div
-                (loss / len(starts)).backward()
+                if torch.isfinite(loss):  # dropped, but still counted in the mean over chunks
+                    (loss / len(starts)).backward()
                 stats.append((loss.item(), cvfp.item(), div.item(), o.shape[0]))
                 outputs.append(o.detach())
         torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -468,13 +473,22 @@ def test_nonfinite_loss_stops_naming_phase_iteration_and_chunk() -> None:
 
 
 def test_nonfinite_skip_drops_the_chunk_and_keeps_training() -> None:
+    """`skip` drops only the non-finite chunk's gradient: chunk 0 still trains (its loss still divided by
+    both chunks), the NaN outputs are written and spread a row per pass, and a NaN row never counts as
+    converged. So the run equals the naive reference that leaves that chunk's backward out."""
     model, ids = _poisoned()
-    before = [p.detach().clone() for p in model.parameters()]
-    report = fit(model, ids, batch_size=8, init="random", nonfinite="skip", max_iterations=3)
-    assert report.iterations == 3 and math.isnan(report.history[0]["loss"])
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    changed = [not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)]
-    assert any(changed)  # chunk 0 still trained
+    reference = copy.deepcopy(model)
+    keys: dict[str, Any] = dict(batch_size=8, init="random", nonfinite="skip", max_iterations=3)
+    report = fit(model, ids, **keys)
+    contexts, history = naive_phase1(reference, ids, CVFPPhase1Settings(**keys), seed=1)
+    assert report.iterations == 3 and len(report.history) == len(history) == 2
+    assert torch.isnan(report.contexts).any(dim=1).tolist() == [i in (10, 11) for i in range(16)]
+    torch.testing.assert_close(report.contexts, contexts, atol=1e-5, rtol=1e-5, equal_nan=True)
+    for mine, theirs in zip(report.history, history, strict=True):
+        for key, value in theirs.items():
+            assert mine[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
 
 
 def test_fit_trains_only_phase1_parameters_of_the_real_model() -> None:
@@ -608,6 +622,87 @@ def per_layer_rollout(model: Any, ids: torch.Tensor, dtype: torch.dtype = torch.
     return [torch.cat(layer) for layer in zip(*layers, strict=True)]
 
 
+@contextlib.contextmanager
+def recorded_steps(block: Any) -> Iterator[list[torch.Tensor]]:
+    """Every final-layer output the block's `step` computes, in call order: the F evaluations a solve
+    really made (one per row of each output), counted independently of what the solve reports."""
+    outputs: list[torch.Tensor] = []
+    step = block.step
+
+    def recording(context: torch.Tensor, projected: torch.Tensor) -> list[torch.Tensor]:
+        layers = step(context, projected)
+        outputs.append(layers[-1].detach().clone())
+        return cast(list[torch.Tensor], layers)
+
+    block.step = recording
+    try:
+        yield outputs
+    finally:
+        del block.step
+
+
+# `estimate_gain`'s defaults: 8 windows, 16 warm-up steps and 32 measured steps, two rows per window each.
+GAIN_WINDOWS, GAIN_WARMUP, GAIN_STEPS = 8, 16, 32
+GAIN_CALLS = [GAIN_WINDOWS] * GAIN_WARMUP + [2 * GAIN_WINDOWS] * GAIN_STEPS
+
+
+@dataclass(frozen=True)
+class ExactGain:
+    gain: float
+    scale: float
+
+
+def _final_layer(block: Any, projected: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda context: block.step(context, projected)[-1]
+
+
+def jvp_gain(model: Any, ids: torch.Tensor) -> ExactGain:
+    """ρ as `estimate_gain` defines it (power iteration along the stream in evenly spaced windows from a
+    zero context, the same seeded start direction, geometric-mean growth over the last 3/4 of the steps,
+    worst window) and the largest context norm seen, with exact Jacobian-vector products in float64
+    instead of finite differences of fp32 rollouts. Rows are independent, so the windows share a batch."""
+    block = copy.deepcopy(model.context_block).double()
+    n, width, span = ids.shape[0], model.context_dim, GAIN_WARMUP + GAIN_STEPS
+    last = max(n - span, 0)
+    starts = torch.tensor(sorted({round(w * last / (GAIN_WINDOWS - 1)) for w in range(GAIN_WINDOWS)}))
+    positions = (starts.unsqueeze(1) + torch.arange(span)).clamp(max=n - 1)
+    with torch.no_grad():
+        projected = block.project_tokens(token_rows(model, ids, positions.flatten()).double())
+        projected = projected.view(len(starts), span, -1)
+        context = torch.zeros(len(starts), width, dtype=torch.float64)
+        for t in range(GAIN_WARMUP):
+            context = block.step(context, projected[:, t])[-1]
+    scale = context.norm(dim=1).max().item()
+    tangent = torch.randn(len(starts), width, generator=torch.Generator().manual_seed(0)).double()
+    tangent, logs = tangent / tangent.norm(dim=1, keepdim=True), []
+    with warnings.catch_warnings():  # forward AD's first use scripts its decompositions
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", DeprecationWarning)
+        for t in range(GAIN_WARMUP, span):
+            context, image = cast(tuple[torch.Tensor, torch.Tensor],
+                                  jvp(_final_layer(block, projected[:, t]), (context,), (tangent,)))
+            growth = image.norm(dim=1, keepdim=True)
+            if t >= GAIN_WARMUP + GAIN_STEPS // 4:
+                logs.append(growth.log())
+            tangent, scale = image / growth, max(scale, context.norm(dim=1).max().item())
+    return ExactGain(torch.cat(logs, dim=1).mean(1).exp().max().item(), scale)
+
+
+def jacobi_stop(changes: list[float], tolerance: float, n: int) -> int | None:
+    """The sweep after which `jacobi`'s documented rule stops, from every sweep's max change Δ: Δ = 0, or
+    Δ < tolerance with r (geometric-mean ratio of Δ over up to 8 sweeps back) ≥ 1 or Δ·r/(1 − r) below
+    the tolerance; at sweep n + 1 in any case. None if no sweep in `changes` satisfies it."""
+    for sweep, change in enumerate(changes, start=1):
+        if change == 0 or sweep == n + 1:
+            return sweep
+        if sweep > 1 and change < tolerance:
+            back = min(8, sweep - 1)
+            earlier = changes[sweep - 1 - back]
+            ratio = (change / earlier) ** (1 / back) if earlier > 0 else 0.0
+            if ratio >= 1 or change * ratio / (1 - ratio) < tolerance:
+                return sweep
+    return None
+
+
 def real_model(num_input_tokens: int, variant: str, damp: float, n: int = 600) -> tuple[Any, torch.Tensor]:
     """A small cvfp model whose context path is damped so the block contracts, and n random ids."""
     cvfp = pytest.importorskip("newllm_kit_plugins.cvfp.model")
@@ -655,13 +750,42 @@ def test_every_method_meets_its_tolerance_against_float64(frozen_case: Any, meth
     block = model.context_block
     first = block.step(torch.zeros(1, model.context_dim), block.project_tokens(model.token_inputs(ids[:1])))
     torch.testing.assert_close(contexts[0], first[-1][0].detach(), atol=1e-6, rtol=1e-6)  # from a zero context
-    if method in ("auto", "chunked"):
-        assert result.gain is not None and 0 < result.gain < 1
-        window, chunk = result.extra["window"], result.extra["chunk"]
-        assert window >= 1 and result.max_change is not None  # the measured burn-in error
-        assert result.token_evaluations < 3 * ids.shape[0] * (1 + window / chunk)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_reports_the_work_it_did(frozen_case: Any, method: str) -> None:
+    """Gain, burn-in, sweeps, first gap and evaluation count are those of the F evaluations the solve
+    made (recorded call by call) under the documented rules, and the gain is the exact-JVP one."""
+    model, ids, _ = frozen_case
+    n, tolerance = ids.shape[0], 1e-5
+    solver = CVFPPhase1Solver(CVFPPhase1Settings(solve=method, solve_tolerance=tolerance))
+    with recorded_steps(model.context_block) as outputs:
+        result = solver.solve(model, ids, CPURunner())
+    rows = [o.shape[0] for o in outputs]
+    assert result.token_evaluations == sum(rows)
+    if method == "sequential":
+        assert rows == [1] * n and result.iterations == n and result.gain is None and result.max_change is None
+        return
+    assert rows[:len(GAIN_CALLS)] == GAIN_CALLS
+    exact = jvp_gain(model, ids)
+    assert result.gain == pytest.approx(exact.gain, rel=1e-2)  # finite differences of 0.1 % vs exact JVPs
+    assert result.extra["scale"] == pytest.approx(exact.scale, rel=1e-5)
+    work, produced = rows[len(GAIN_CALLS):], outputs[len(GAIN_CALLS):]
     if method == "jacobi":
-        assert 1 < result.iterations < ids.shape[0]
+        assert work == [n] * len(work)  # whole-stream sweeps (n < BLOCK)
+        previous = [torch.zeros(n, model.context_dim), *produced[:-1]]
+        changes = [(new - old).abs().max().item() for old, new in zip(previous, produced, strict=True)]
+        assert result.iterations == len(work) == jacobi_stop(changes, tolerance, n)
+        assert result.max_change == changes[-1]
+        return
+    window, chunk = result.extra["window"], result.extra["chunk"]
+    assert window == math.ceil(math.log(tolerance / (4 * result.extra["scale"])) / math.log(result.gain))
+    chunks, steps = -(-n // chunk), window + chunk
+    assert result.iterations == steps
+    assert work[:steps] == [chunks] * steps  # every chunk, W tokens early, rolled as one batch
+    assert work[steps] == chunks - 1 and all(r < chunks for r in work[steps:])  # all but the last run on
+    stored = produced[window][1:]  # each later chunk's first own row, from its burn-in
+    assert result.max_change == result.extra["burn_in_error"] == (produced[steps] - stored).abs().max().item()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -728,20 +852,36 @@ def test_token_rows_gather_the_rows_of_the_whole_stream(num_input_tokens: int) -
                                    rtol=0, atol=0)
 
 
+def rollout_from(block: Any, projected: torch.Tensor, width: int, start: int, stop: int) -> torch.Tensor:
+    """c_{stop−1} of the rollout that enters position max(start, 0) with a zero context."""
+    context = projected.new_zeros(1, width)
+    for i in range(max(start, 0), stop):
+        context = block.step(context, projected[i:i + 1])[-1]
+    return context[0]
+
+
 def test_chunked_repairs_a_too_short_burn_in() -> None:
-    """With W = 1 every chunk start is wrong at first; running each row on into the next chunk fixes it."""
+    """With W = 1 every chunk start is wrong at first; running each row on into the next chunk fixes it.
+    The first gap is chunk j − 1's row at position 50·j against chunk j's own 1-token burn-in there."""
     model, ids = tiny(n=300, **WELL_CONDITIONED)
     reference = per_layer_rollout(model, ids, torch.float64)[-1]
     out = torch.empty(300, 8)
-    with torch.no_grad():
+    with torch.no_grad(), recorded_steps(model.context_block) as outputs:
         solved = frozen_solve.chunked(model.context_block, frozen_solve.Tokens(model, ids), out, RowMap.whole(300),
-                                      window=1,
-                                      chunk=50, tolerance=1e-5)
+                                      window=1, chunk=50, tolerance=1e-5)
     assert solved is not None
     evaluations, first_gap = solved
-    assert first_gap > 1e-3  # the measured burn-in error
     assert (out.double() - reference).abs().max().item() <= 1e-5
-    assert evaluations > 6 * 51  # the run-on cost something
+    rows = [o.shape[0] for o in outputs]
+    assert rows[:51] == [6] * 51 and rows[51] == 5  # 6 chunks × (1 + 50) steps, then 5 rows run on
+    assert evaluations == sum(rows)
+    block: Any = copy.deepcopy(model.context_block).double()
+    with torch.no_grad():
+        projected = block.project_tokens(model.token_inputs(ids).double())
+        gaps = [(rollout_from(block, projected, 8, 50 * (j - 1) - 1, 50 * j + 1)
+                 - rollout_from(block, projected, 8, 50 * j - 1, 50 * j + 1)).abs().max().item() for j in range(1, 6)]
+    assert min(gaps) > 1e-3  # every chunk start is wrong at first
+    assert first_gap == pytest.approx(max(gaps), rel=1e-3)
 
 
 def _non_contracting() -> tuple[TinyModel, torch.Tensor]:
@@ -763,10 +903,12 @@ def test_auto_falls_back_to_sequential_on_a_non_contracting_block() -> None:
 def test_explicit_jacobi_on_a_non_contracting_block_warns_and_rolls_out_once() -> None:
     """Jacobi from zero needs n sweeps (n² evaluations) where ρ ≥ 1: the sequential rollout is cheaper and exact."""
     model, ids = _non_contracting()
-    with pytest.warns(RuntimeWarning, match="does not contract"):
+    with pytest.warns(RuntimeWarning, match="does not contract"), recorded_steps(model.context_block) as outputs:
         result = CVFPPhase1Solver(CVFPPhase1Settings(solve="jacobi")).solve(model, ids, CPURunner())
     assert result.method == "sequential" and result.iterations == ids.shape[0]
-    assert result.token_evaluations < 4 * ids.shape[0]  # the gain estimate plus one pass, not n sweeps (n²)
+    rows = [o.shape[0] for o in outputs]
+    assert rows == GAIN_CALLS + [1] * ids.shape[0]  # the gain estimate and one rollout, not n sweeps (n²)
+    assert result.token_evaluations == sum(rows)
     torch.testing.assert_close(result.layers[0].double(), per_layer_rollout(model, ids, torch.float64)[0],
                                atol=1e-4, rtol=1e-5)
 
@@ -783,12 +925,17 @@ def test_auto_uses_the_rollout_for_short_streams_and_iteration_zero_does_not_war
 
 
 def test_gain_estimate_tracks_the_contraction() -> None:
-    for damp, low, high in [(0.2, 0.05, 0.4), (0.5, 0.3, 0.7), (2.0, 1.0, 3.0)]:
+    """The finite-difference estimate equals the exact-JVP power iteration along the same windows, from
+    a contracting block to an expanding one, and counts its own evaluations."""
+    for damp in (0.2, 0.5, 2.0):
         model, ids = tiny(n=300, damp=damp)
-        with torch.no_grad():
+        with torch.no_grad(), recorded_steps(model.context_block) as outputs:
             gain = frozen_solve.estimate_gain(model.context_block, frozen_solve.Tokens(model, ids), 4)
-        assert low < gain.gain < high, (damp, gain)
+        exact = jvp_gain(model, ids)
+        assert gain.gain == pytest.approx(exact.gain, rel=5e-3), (damp, gain, exact)
+        assert gain.scale == pytest.approx(exact.scale, rel=1e-5)
         assert gain.scale == pytest.approx(2.0, rel=1e-3)  # LayerNorm output of width 4: norm √4
+        assert [o.shape[0] for o in outputs] == GAIN_CALLS and gain.evaluations == sum(GAIN_CALLS)
     expected = math.ceil(math.log(1e-5 / (4 * 2.0)) / math.log(0.5))  # ρ^W · scale ≤ tolerance / 4
     assert frozen_solve.burn_in(frozen_solve.Gain(0.5, 2.0, 0), 1e-5) == expected
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,12 +48,22 @@ def test_effective_rank_of_rank_one_matrix_is_one() -> None:
     assert effective_rank(matrix) == pytest.approx(1.0, abs=1e-4)
 
 
+def numpy_effective_rank(matrix: torch.Tensor) -> float:
+    """exp of the Shannon entropy of the singular values (not their squares) normalised to sum 1."""
+    s = np.linalg.svd(matrix.numpy(), compute_uv=False)
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
 def test_effective_rank_is_uncentred_and_scale_free() -> None:
     g = torch.Generator().manual_seed(1)
     matrix = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    assert effective_rank(matrix) == pytest.approx(numpy_effective_rank(matrix), rel=1e-8)
     assert effective_rank(matrix * 7.5) == pytest.approx(effective_rank(matrix), rel=1e-9)
     shifted = matrix + 20.0  # a common mean direction dominates the uncentred spectrum
-    assert effective_rank(shifted) < 0.5 * effective_rank(matrix)
+    assert effective_rank(shifted) == pytest.approx(numpy_effective_rank(shifted), rel=1e-8)
+    centred = numpy_effective_rank(shifted - shifted.mean(0))
+    assert numpy_effective_rank(shifted) < 0.5 * centred  # so the data tells uncentred from centred
     assert effective_rank(torch.zeros(4, 3)) == 0.0
     with pytest.raises(ValueError, match="non-empty"):
         effective_rank(torch.zeros(0, 3))
@@ -92,11 +103,11 @@ def test_metrics_register_through_the_entry_point(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("NEWLLM_KIT_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv("NEWLLM_KIT_PLUGINS", "metrics")
     registry = load_plugins().registry
-    expected = {"ppl": "min", "accuracy": "max", "effective_rank": "max", "convergence_rate": "max"}
+    expected = {"ppl": ("min", "perplexity"), "accuracy": ("max", "fraction"),
+                "effective_rank": ("max", "fraction of width"), "convergence_rate": ("max", "fraction of tokens")}
     assert set(registry.names("metric")) == set(expected)
-    for name, direction in expected.items():
+    for name, (direction, unit) in expected.items():
         component = registry.get("metric", name)
         metric = component.factory(component.settings() if component.settings else None)
-        assert (metric.name, metric.direction) == (name, direction)
-        assert isinstance(metric.unit, str) and metric.unit
+        assert (metric.name, metric.direction, metric.unit) == (name, direction, unit)
     assert registry.get("metric", "effective_rank").settings is EffectiveRankSettings
