@@ -65,7 +65,7 @@ def clean(tmp_path: Path) -> tuple[Path, list[int], str]:
 def test_the_hash_of_the_ids_is_recorded_beside_them_in_sha256sum_format(clean: tuple[Path, list[int], str]) -> None:
     path, ids, digest = clean
     ids_file, bounds_file, record = files(path)
-    assert digest == hashlib.sha256(np.asarray(ids, dtype="<i4").tobytes()).hexdigest()
+    assert digest == ids_sha256(np.asarray(ids))
     assert record.read_text().splitlines() == [
         f"{digest}  {ids_file.name}", f"{hashlib.sha256(bounds_file.read_bytes()).hexdigest()}  {bounds_file.name}"]
 
