@@ -218,19 +218,26 @@ def test_early_stopping_ends_on_the_best_weights(tmp_path: Path) -> None:
     assert again.nll_sum == pytest.approx(result.val.nll_sum, rel=1e-6)
 
 
+def killed_and_resumed(build: Callable[..., nn.Module], settings: dict[str, Any], data: UnitData, tmp_path: Path
+                       ) -> tuple[nn.Module, Any, nn.Module, Any, MemoryCheckpoint]:
+    """The same unit (seed 4, dropout 0.1) trained whole, and killed after its second checkpoint then
+    resumed on a model the core rebuilds with the unit's seed: each model and result, and the checkpoint."""
+    whole_model = build(seed=4, dropout=0.1)
+    whole = recipe(**settings).train(whole_model, data, unit_for(tmp_path, seed=4))
+    checkpoint = MemoryCheckpoint(kill_after=2)
+    with pytest.raises(Killed):
+        recipe(**settings).train(build(seed=4, dropout=0.1), data, unit_for(tmp_path, 4, checkpoint))
+    checkpoint.kill_after = None
+    resumed_model = build(seed=4, dropout=0.1)
+    resumed = recipe(**settings).train(resumed_model, data, unit_for(tmp_path, 4, checkpoint))
+    return whole_model, whole, resumed_model, resumed, checkpoint
+
+
 def test_resume_after_a_kill_is_bit_identical(tmp_path: Path) -> None:
     data = data_for(pattern_stream(300), pattern_stream(60, phase=3))
     settings = {"epochs": 3, "patience": 10, "order": "shuffled", "learning_rate": 5e-3}
 
-    whole_model = tiny_transformer(seed=4, dropout=0.1)
-    whole = recipe(**settings).train(whole_model, data, unit_for(tmp_path, seed=4))
-
-    checkpoint = MemoryCheckpoint(kill_after=2)
-    with pytest.raises(Killed):
-        recipe(**settings).train(tiny_transformer(seed=4, dropout=0.1), data, unit_for(tmp_path, 4, checkpoint))
-    checkpoint.kill_after = None
-    resumed_model = tiny_transformer(seed=4, dropout=0.1)  # the core rebuilds the model with the unit's seed
-    resumed = recipe(**settings).train(resumed_model, data, unit_for(tmp_path, 4, checkpoint))
+    whole_model, whole, resumed_model, resumed, _ = killed_and_resumed(tiny_transformer, settings, data, tmp_path)
 
     for (name, a), (_, b) in zip(whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -363,15 +370,7 @@ def test_a_carried_state_is_kept_per_micro_batch_of_lanes(tmp_path: Path) -> Non
 def test_a_carried_state_resumes_bit_identically(tmp_path: Path) -> None:
     data = data_for(pattern_stream(160), pattern_stream(40, phase=3))
     settings = {"epochs": 3, "patience": 10, "window": 8, "learning_rate": 5e-3}
-    whole_model = tiny_gru(seed=4, dropout=0.1)
-    whole = recipe(**settings).train(whole_model, data, unit_for(tmp_path, seed=4))
-
-    checkpoint = MemoryCheckpoint(kill_after=2)
-    with pytest.raises(Killed):
-        recipe(**settings).train(tiny_gru(seed=4, dropout=0.1), data, unit_for(tmp_path, 4, checkpoint))
-    checkpoint.kill_after = None
-    resumed_model = tiny_gru(seed=4, dropout=0.1)
-    resumed = recipe(**settings).train(resumed_model, data, unit_for(tmp_path, 4, checkpoint))
+    whole_model, whole, resumed_model, resumed, checkpoint = killed_and_resumed(tiny_gru, settings, data, tmp_path)
 
     for (name, a), (_, b) in zip(whole_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from conftest import load_case
 from fixtures import synthetic_experiment
+from test_recipe_outputs import main
 
-from newllm_kit import cli
 from newllm_kit.config import load_config
 from newllm_kit.plugins import Plugins, load_plugins
 from newllm_kit.resume import check_resume_compatible
@@ -362,16 +362,6 @@ def test_only_rank_0_tracks(tmp_path: Path, plugins: Plugins, fakes: ModuleType)
 
 
 # -- configuration -------------------------------------------------------------------------------------------
-
-def main(argv: list[str], plugins: Plugins, monkeypatch: pytest.MonkeyPatch) -> int:
-    """`newllm-kit ARGV` in this process with these plugins; its exit code."""
-    monkeypatch.setattr(sys, "argv", ["newllm-kit", *argv])
-    monkeypatch.setitem(cli._state, "plugins", plugins)
-    with pytest.raises(SystemExit) as stopped:
-        cli.main()
-        raise SystemExit(0)
-    return int(stopped.value.code or 0)
-
 
 def test_a_tracker_whose_package_is_missing_is_one_line_at_validation_with_the_install_command(
         tmp_path: Path, plugins: Plugins, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
